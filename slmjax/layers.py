@@ -1,0 +1,135 @@
+"""Building blocks shared by dense and MoE models: norms, rotary embeddings, attention, the dense FFN.
+
+Dimension letters used in tensor names (nanodo style):
+  B batch, T query time, S key time, D d_model, N query heads, K kv heads, G query heads per kv head (N = K * G),
+  H head_dim, F ffn width, V vocab.
+Parameters carry logical axis names (`sharding_names` metadata) that `slmjax.sharding` maps onto a device mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slmjax.config import ModelConfig
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def make_param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype: str,
+               fan_in: int | None = None, init: str = 'normal', std: float | None = None) -> nnx.Param:
+  """A parameter initialised with truncated-normal std (default 1/sqrt(fan_in)), ones or zeros.
+
+  `names` are the logical axis names of the parameter's dimensions; `fan_in` defaults to shape[0].
+  """
+  if init == 'ones':
+    value = jnp.ones(shape, dtype_of(dtype))
+  elif init == 'zeros':
+    value = jnp.zeros(shape, dtype_of(dtype))
+  else:
+    std = std if std is not None else (fan_in if fan_in is not None else shape[0]) ** -0.5
+    value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, dtype_of(dtype))
+  return nnx.Param(value, sharding_names=names, eager_sharding=False)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (scale only) or LayerNorm (scale and bias), statistics in float32."""
+
+  def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.kind, self.eps = cfg.norm, cfg.norm_eps
+    self.scale_D = make_param(rngs, (dim,), ('norm',), cfg.param_dtype, init='ones')
+    if cfg.norm == 'layernorm':
+      self.bias_D = make_param(rngs, (dim,), ('norm',), cfg.param_dtype, init='zeros')
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    x32_BTD = x_BTD.astype(jnp.float32)
+    if self.kind == 'layernorm':
+      x32_BTD = x32_BTD - x32_BTD.mean(-1, keepdims=True)
+    y_BTD = x32_BTD * jax.lax.rsqrt(jnp.mean(x32_BTD * x32_BTD, -1, keepdims=True) + self.eps)
+    y_BTD = y_BTD * self.scale_D[...].astype(jnp.float32)
+    if self.kind == 'layernorm':
+      y_BTD = y_BTD + self.bias_D[...].astype(jnp.float32)
+    return y_BTD.astype(x_BTD.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of shape [T, H/2] for rotary embeddings (Su et al. 2021), half-split layout as in Llama."""
+  inv_freq = theta ** -(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles_TH = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles_TH), jnp.sin(angles_TH)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_TH: jax.Array, sin_TH: jax.Array) -> jax.Array:
+  """Rotate pairs (x[i], x[i + H/2]) by the position angle; computed in float32."""
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  cos, sin = cos_TH[None, :, None, :], sin_TH[None, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head attention with rotary embeddings and grouped-query attention (K kv heads)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
+    self.cfg = cfg
+    self.w_q_DNH = make_param(rngs, (D, N, H), ('embed', 'q_heads', 'head_dim'), cfg.param_dtype, fan_in=D)
+    self.w_k_DKH = make_param(rngs, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg.param_dtype, fan_in=D)
+    self.w_v_DKH = make_param(rngs, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg.param_dtype, fan_in=D)
+    self.w_o_NHD = make_param(rngs, (N, H, D), ('q_heads', 'head_dim', 'embed'), cfg.param_dtype, fan_in=N * H)
+
+  def __call__(self, x_BTD: jax.Array, cos_TH: jax.Array, sin_TH: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+    B, T, _ = x_BTD.shape
+    K, G, H = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
+    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.w_q_DNH[...].astype(dt))
+    k_BSKH = jnp.einsum('BSD,DKH->BSKH', x_BTD, self.w_k_DKH[...].astype(dt))
+    v_BSKH = jnp.einsum('BSD,DKH->BSKH', x_BTD, self.w_v_DKH[...].astype(dt))
+    q_BTNH = apply_rope(q_BTNH, cos_TH, sin_TH)
+    k_BSKH = apply_rope(k_BSKH, cos_TH, sin_TH)
+    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH).astype(jnp.float32) * H ** -0.5
+    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+    logits_BKGTS = jnp.where(causal_TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
+    out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
+    out_BTNH = out_BTKGH.reshape(B, T, K * G, H)
+    return jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.w_o_NHD[...].astype(dt))
+
+
+def activate(gate_F: jax.Array | None, up_F: jax.Array, activation: str) -> jax.Array:
+  """SwiGLU = silu(gate) * up, GeGLU = gelu(gate) * up (Shazeer 2020); plain GELU ignores the gate."""
+  if activation == 'swiglu':
+    return jax.nn.silu(gate_F) * up_F
+  if activation == 'geglu':
+    return jax.nn.gelu(gate_F, approximate=True) * up_F
+  return jax.nn.gelu(up_F, approximate=True)
+
+
+def is_gated(activation: str) -> bool:
+  return activation in ('swiglu', 'geglu')
+
+
+class DenseFFN(nnx.Module):
+  """Position-wise feed-forward block of width `d_ff`: gated (SwiGLU/GeGLU, three matrices) or GELU (two)."""
+
+  def __init__(self, cfg: ModelConfig, d_ff: int, rngs: nnx.Rngs):
+    D, F = cfg.d_model, d_ff
+    self.cfg = cfg
+    if is_gated(cfg.activation):
+      self.w_gate_DF = make_param(rngs, (D, F), ('embed', 'mlp'), cfg.param_dtype)
+    self.w_up_DF = make_param(rngs, (D, F), ('embed', 'mlp'), cfg.param_dtype)
+    self.w_down_FD = make_param(rngs, (F, D), ('mlp', 'embed'), cfg.param_dtype)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    dt = dtype_of(self.cfg.dtype)
+    up_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, self.w_up_DF[...].astype(dt))
+    gate_BTF = None
+    if is_gated(self.cfg.activation):
+      gate_BTF = jnp.einsum('BTD,DF->BTF', x_BTD, self.w_gate_DF[...].astype(dt))
+    h_BTF = activate(gate_BTF, up_BTF, self.cfg.activation)
+    return jnp.einsum('BTF,FD->BTD', h_BTF, self.w_down_FD[...].astype(dt))

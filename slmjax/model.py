@@ -1,0 +1,96 @@
+"""The Transformer: pre-norm blocks of one shared attention design plus a dense or routed-expert FFN.
+
+Dimension letters: B batch, T time, D d_model, V vocab, E experts, H head_dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slmjax.config import ModelConfig
+from slmjax.layers import Attention, DenseFFN, Norm, dtype_of, make_param, rope_tables
+from slmjax.moe import MoEFFN
+
+MOE_METRICS = ('lb_loss', 'z_loss', 'drop_fraction', 'router_entropy')
+
+
+class Block(nnx.Module):
+  """x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense or MoE according to `cfg.is_moe_layer(layer)`."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg.d_model, cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.ffn_norm = Norm(cfg.d_model, cfg, rngs)
+    self.is_moe = cfg.is_moe_layer(layer)
+    self.ffn = MoEFFN(cfg, rngs) if self.is_moe else DenseFFN(cfg, cfg.ffn_size, rngs)
+
+  def __call__(self, x_BTD, cos_TH, sin_TH) -> tuple[jax.Array, dict | None]:
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
+    if self.is_moe:
+      y_BTD, extras = self.ffn(self.ffn_norm(x_BTD))
+      return x_BTD + y_BTD, extras
+    return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model. `__call__(tokens_BT)` returns float32 logits_BTV and an extras dict.
+
+  extras: `aux_loss` (lb_loss_weight * lb_loss + z_loss_weight * z_loss, already weighted), the per-layer
+  means `lb_loss`, `z_loss`, `drop_fraction`, `router_entropy` over MoE layers (zeros for a dense model), and
+  `moe_layers`: one dict per MoE layer with its `expert_load` [E], `drop_fraction`, `router_entropy`,
+  `lb_loss`, `z_loss`. Losses are averaged over MoE layers so their weights do not depend on depth.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    # GPT-2 style std 0.02: tied logits start O(1) whatever d_model is.
+    self.embed_VD = make_param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), cfg.param_dtype, std=0.02)
+    self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
+    self.final_norm = Norm(cfg.d_model, cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head_DV = make_param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.param_dtype)
+
+  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+    return jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dtype_of(self.cfg.dtype))
+
+  def __call__(self, tokens_BT: jax.Array) -> tuple[jax.Array, dict]:
+    return self.forward_embeddings(self.embed(tokens_BT))
+
+  def forward_embeddings(self, x_BTD: jax.Array) -> tuple[jax.Array, dict]:
+    """The model after the embedding lookup (lets tests differentiate with respect to input embeddings)."""
+    cfg = self.cfg
+    T = x_BTD.shape[1]
+    if T > cfg.max_seq_len:
+      raise ValueError(f'sequence length {T} exceeds max_seq_len={cfg.max_seq_len}')
+    cos_TH, sin_TH = rope_tables(T, cfg.head_size, cfg.rope_theta)
+    layer_extras = []
+    for block in self.blocks:
+      x_BTD, extras = block(x_BTD, cos_TH, sin_TH)
+      if extras is not None:
+        layer_extras.append(extras)
+    x_BTD = self.final_norm(x_BTD)
+    dt = dtype_of(cfg.dtype)
+    if cfg.tie_embeddings:
+      logits_BTV = jnp.einsum('BTD,VD->BTV', x_BTD, self.embed_VD[...].astype(dt))
+    else:
+      logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, self.lm_head_DV[...].astype(dt))
+    return logits_BTV.astype(jnp.float32), summarize_extras(cfg, layer_extras)
+
+
+def summarize_extras(cfg: ModelConfig, layer_extras: list[dict]) -> dict:
+  """Average the per-layer router metrics and weight the auxiliary losses."""
+  zero = jnp.zeros((), jnp.float32)
+  means = {k: (jnp.mean(jnp.stack([e[k] for e in layer_extras])) if layer_extras else zero) for k in MOE_METRICS}
+  aux = cfg.lb_loss_weight * means['lb_loss'] + cfg.z_loss_weight * means['z_loss'] if layer_extras else zero
+  return {'aux_loss': aux, **means, 'moe_layers': layer_extras}
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """The model with ShapeDtypeStruct leaves: its full parameter tree, no memory allocated."""
+  return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))

@@ -1,0 +1,121 @@
+"""Top-k router, its auxiliary losses, and the routed expert FFN.
+
+Dimension letters: X tokens (flattened batch x time), G groups, S tokens per group, A assignments per token
+(top_k), E experts, D d_model, F expert width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slmjax.config import ModelConfig
+from slmjax.dispatch import ExpertWeights, get_dispatch
+from slmjax.layers import DenseFFN, dtype_of, is_gated, make_param
+
+
+class Routing(NamedTuple):
+  gates_XA: jax.Array  # float32 weight of each chosen expert
+  experts_XA: jax.Array  # int32 index of each chosen expert
+  probs_XE: jax.Array  # float32 softmax over all experts (for the load-balancing loss and entropy)
+  logits_XE: jax.Array  # float32 raw router logits (for the z-loss)
+
+
+def route(logits_XE: jax.Array, top_k: int, variant: str, renormalize: bool) -> Routing:
+  """Pick top_k experts per token.
+
+  softmax_topk: softmax over all experts, keep the k largest probabilities (renormalised to sum to 1 if asked);
+  topk_softmax: keep the k largest logits, softmax over those k (Mixtral).
+  """
+  logits_XE = logits_XE.astype(jnp.float32)
+  probs_XE = jax.nn.softmax(logits_XE, axis=-1)
+  if variant == 'softmax_topk':
+    gates_XA, experts_XA = jax.lax.top_k(probs_XE, top_k)
+    if renormalize:
+      gates_XA = gates_XA / jnp.sum(gates_XA, axis=-1, keepdims=True)
+  elif variant == 'topk_softmax':
+    top_logits_XA, experts_XA = jax.lax.top_k(logits_XE, top_k)
+    gates_XA = jax.nn.softmax(top_logits_XA, axis=-1)
+  else:
+    raise ValueError(f'unknown router variant {variant!r}')
+  return Routing(gates_XA, experts_XA.astype(jnp.int32), probs_XE, logits_XE)
+
+
+def load_balancing_loss(probs_XE: jax.Array, experts_XA: jax.Array) -> jax.Array:
+  """Switch Transformer loss E * sum_e f_e * P_e (Fedus et al. 2021, eq. 4), generalised to top-k.
+
+  f_e is the fraction of all X*k token-expert assignments (before capacity drops) that go to expert e, so
+  sum_e f_e = 1; P_e is the mean router probability of expert e. A perfectly uniform router scores 1.0.
+  """
+  E = probs_XE.shape[-1]
+  f_E = expert_load(experts_XA, E)
+  return E * jnp.sum(f_E * jnp.mean(probs_XE, axis=0))
+
+
+def z_loss(logits_XE: jax.Array) -> jax.Array:
+  """Router z-loss of ST-MoE (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2."""
+  return jnp.mean(jax.nn.logsumexp(logits_XE, axis=-1) ** 2)
+
+
+def expert_load(experts_XA: jax.Array, n_experts: int) -> jax.Array:
+  """Fraction of token-expert assignments routed to each expert (sums to 1)."""
+  counts_E = jnp.sum(jax.nn.one_hot(experts_XA, n_experts, dtype=jnp.float32), axis=(0, 1))
+  return counts_E / experts_XA.size
+
+
+def router_entropy(probs_XE: jax.Array) -> jax.Array:
+  """Mean entropy (nats) of the router's distribution over experts; log(E) is uniform, 0 is one-hot."""
+  return jnp.mean(-jnp.sum(probs_XE * jnp.log(jnp.clip(probs_XE, 1e-30)), axis=-1))
+
+
+def group_size_for(n_tokens: int, group_size: int) -> int:
+  """Largest S <= group_size that divides n_tokens (so tokens split into whole groups without padding)."""
+  size = min(group_size, n_tokens)
+  return size if n_tokens % size == 0 else math.gcd(n_tokens, size)
+
+
+class MoEFFN(nnx.Module):
+  """Routed expert FFN: a router picks top_k of n_experts per token; optional always-on shared experts."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, E, F = cfg.d_model, cfg.n_experts, cfg.expert_size
+    self.cfg = cfg
+    self.w_router_DE = make_param(rngs, (D, E), ('embed', 'expert'), 'float32')
+    if is_gated(cfg.activation):
+      self.w_gate_EDF = make_param(rngs, (E, D, F), ('expert', 'embed', 'mlp'), cfg.param_dtype, fan_in=D)
+    self.w_up_EDF = make_param(rngs, (E, D, F), ('expert', 'embed', 'mlp'), cfg.param_dtype, fan_in=D)
+    self.w_down_EFD = make_param(rngs, (E, F, D), ('expert', 'mlp', 'embed'), cfg.param_dtype, fan_in=F)
+    # n shared experts of width Fs are exactly one dense FFN of width n * Fs (hidden units are independent).
+    self.shared = (DenseFFN(cfg, cfg.n_shared_experts * cfg.shared_size, rngs)
+                   if cfg.n_shared_experts else None)
+
+  def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+    B, T, D = x_BTD.shape
+    x_XD = x_BTD.reshape(B * T, D)
+    logits_XE = jnp.einsum('XD,DE->XE', x_XD.astype(jnp.float32), self.w_router_DE[...])
+    routing = route(logits_XE, cfg.top_k, cfg.router, cfg.router_renormalize)
+    S = group_size_for(B * T, cfg.group_size)
+    G = B * T // S
+    weights = ExpertWeights(
+        self.w_gate_EDF[...].astype(dt) if is_gated(cfg.activation) else None,
+        self.w_up_EDF[...].astype(dt), self.w_down_EFD[...].astype(dt))
+    y_GSD, kept_GSA = get_dispatch(cfg.dispatch)(
+        x_XD.reshape(G, S, D), routing.gates_XA.reshape(G, S, -1), routing.experts_XA.reshape(G, S, -1),
+        weights, cfg.capacity(S), cfg.activation)
+    y_BTD = y_GSD.reshape(B, T, D).astype(x_BTD.dtype)
+    if self.shared is not None:
+      y_BTD = y_BTD + self.shared(x_BTD)
+    extras = {
+        'lb_loss': load_balancing_loss(routing.probs_XE, routing.experts_XA),
+        'z_loss': z_loss(routing.logits_XE),
+        'expert_load': expert_load(routing.experts_XA, cfg.n_experts),
+        'drop_fraction': 1.0 - jnp.mean(kept_GSA.astype(jnp.float32)),
+        'router_entropy': router_entropy(routing.probs_XE),
+    }
+    return y_BTD, extras
