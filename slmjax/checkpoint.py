@@ -1,0 +1,55 @@
+"""Checkpoints of a training run with orbax: model parameters, optimizer state, step and data-iterator state.
+
+Each save is one orbax step directory, written under a temporary name and renamed when complete, so a run killed
+at any moment (even `kill -9` during a save) leaves only whole checkpoints; leftovers are cleaned on the next start.
+Saves are synchronous: when `save` returns, the checkpoint is on disk (a later NaN can never overwrite it,
+because the training loop only saves after checking that every step since the last save was finite).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Save / restore `(params, opt_state)` pytrees plus JSON data-iterator state and metadata, by step."""
+
+  def __init__(self, directory: str | os.PathLike, keep: int = 2):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                           enable_async_checkpointing=False)
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'data', 'meta'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, params, opt_state, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({'params': params, 'opt_state': opt_state}),
+        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave({**meta, 'step': step})))
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, params_like, opt_state_like) -> tuple[Any, Any, dict, dict]:
+    """Restore into the structure, shapes, dtypes and shardings of `params_like` / `opt_state_like`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'params': params_like, 'opt_state': opt_state_like})
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    state = restored['state']
+    return state['params'], state['opt_state'], restored['data'], restored['meta']
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

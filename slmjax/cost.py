@@ -1,0 +1,82 @@
+"""Measured cost: the machine's matmul peak, step time, tokens/s, achieved FLOP/s and model FLOP utilisation.
+
+Peaks are measured on the running device, never looked up: a square float32 matmul (2 n^3 FLOPs) timed several
+times, the median kept. MFU = achieved FLOP/s / measured peak, with achieved FLOP/s = tokens/s x training FLOPs
+per token from `slmjax.counting.train_flops_per_token` (6 N_matmul_active + causal attention; PaLM appendix B).
+On a shared or throttled machine both numbers move; report the peak next to every MFU.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def block(tree: Any) -> Any:
+  """Wait until every array in `tree` is computed (JAX dispatch is asynchronous)."""
+  return jax.block_until_ready(tree)
+
+
+def time_fn(fn: Callable, *args, warmup: int = 2, repeats: int = 10) -> dict[str, float]:
+  """Median / min / mean seconds of `fn(*args)` over `repeats` calls, after `warmup` (compile) calls."""
+  for _ in range(warmup):
+    block(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    block(fn(*args))
+    times.append(time.perf_counter() - start)
+  return {'median_s': statistics.median(times), 'min_s': min(times), 'mean_s': statistics.fmean(times)}
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_peak_flops(n: int = 2048, dtype: str = 'float32', repeats: int = 10) -> float:
+  """FLOP/s of an n x n @ n x n matmul on the default device (median of `repeats`; cached per process)."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (n, n), jnp.dtype(dtype))
+  b = jax.random.normal(k2, (n, n), jnp.dtype(dtype))
+  matmul = jax.jit(jnp.matmul)
+  return 2 * n ** 3 / time_fn(matmul, a, b, warmup=2, repeats=repeats)['median_s']
+
+
+def time_train_step(step_fn: Callable, params, opt_state, batch, warmup: int = 2, repeats: int = 10
+                    ) -> tuple[dict[str, float], Any, Any]:
+  """Seconds per call of a (donating) train step `step_fn(params, opt_state, batch) -> (params, opt_state, m)`.
+
+  The state is threaded through the calls (donated buffers cannot be reused), and returned so the caller can
+  keep using it.
+  """
+  times = []
+  for i in range(warmup + repeats):
+    start = time.perf_counter()
+    params, opt_state, metrics = block(step_fn(params, opt_state, batch))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  stats = {'median_s': statistics.median(times), 'min_s': min(times), 'mean_s': statistics.fmean(times)}
+  return stats, params, opt_state
+
+
+def throughput(tokens_per_step: int, step_time_s: float, flops_per_token: float,
+               peak_flops: float | None = None) -> dict[str, float]:
+  """tokens/s, achieved FLOP/s and (given a measured peak) MFU for one step time."""
+  tokens_per_s = tokens_per_step / step_time_s
+  row = {'step_time_s': step_time_s, 'tokens_per_s': tokens_per_s,
+         'achieved_flops_per_s': tokens_per_s * flops_per_token}
+  if peak_flops:
+    row.update(peak_flops_per_s=peak_flops, mfu=row['achieved_flops_per_s'] / peak_flops)
+  return row
+
+
+def compiled_memory(jitted: Callable, *args) -> dict[str, int] | None:
+  """Bytes the compiled program needs (arguments, outputs, temporaries), where the backend reports it."""
+  analysis = jitted.lower(*args).compile().memory_analysis()
+  if analysis is None:
+    return None
+  names = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes', 'alias_size_in_bytes',
+           'generated_code_size_in_bytes')
+  return {name: int(getattr(analysis, name)) for name in names if hasattr(analysis, name)}
