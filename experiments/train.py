@@ -1,0 +1,61 @@
+"""Train one dense or MoE model on real text, offline by default; rerun the same command to resume.
+
+  python experiments/train.py --arch=dense --steps=500 --out=runs/dense
+  python experiments/train.py --arch=moe --experts=8 --k=2 --steps=500 --out=runs/moe
+  python experiments/train.py --out=runs/dense --steps=1000      # continues runs/dense to step 1000
+
+The output directory holds config.json, metrics.jsonl (one JSON object per logged step), summary.json and
+checkpoints/. Default data: the Python standard library source (see slmjax/data.py and README "Training").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags, logging
+
+from slmjax import cli, cost, train, train_cli
+
+flags.DEFINE_string('out', None, 'Run directory (created; resumed if it holds this run). Default: runs/<arch>.')
+flags.DEFINE_boolean('mfu', True, 'Measure the matmul peak of this machine and report model FLOP utilisation.')
+flags.DEFINE_boolean('json', False, 'Print the final metrics as one JSON object.')
+cli.define_model_flags()
+train_cli.define_train_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  model_cfg = cli.model_config_from_flags()
+  train_cfg = train_cli.train_config_from_flags()
+  out = FLAGS.out or os.path.join('runs', FLAGS.arch)
+  try:
+    summary = train.train(model_cfg, train_cfg, out)
+  except train.NonFiniteLossError as e:
+    print(f'{os.path.basename(sys.argv[0])}: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  if FLAGS.mfu and summary.get('step_time_s'):
+    peak = cost.matmul_peak_flops()
+    summary.update(cost.throughput(train_cfg.tokens_per_step, summary['step_time_s'],
+                                   summary['train_flops_per_token'], peak))
+  if FLAGS.json:
+    print(json.dumps(summary))
+    return
+  line = f'done: step {summary["step"]}, train loss {summary["train_loss"]:.4f}'
+  if 'eval_bpb' in summary:
+    line += f', held-out {summary["eval_bpb"]:.3f} bits/byte (unigram {summary["unigram_eval_loss"] / 0.6931471805599453:.3f})'
+  elif 'eval_loss' in summary:
+    line += f', held-out loss {summary["eval_loss"]:.4f} (unigram {summary["unigram_eval_loss"]:.4f})'
+  if 'tokens_per_s' in summary:
+    line += f', {summary["tokens_per_s"]:,.0f} tokens/s'
+  if 'mfu' in summary:
+    line += f', MFU {summary["mfu"]:.1%} of a measured {summary["peak_flops_per_s"] / 1e9:.1f} GFLOP/s matmul peak'
+  print(line)
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,393 @@
+"""Training: AdamW with warmup + cosine decay, the loss, jitted train/eval steps and the resumable loop.
+
+The train step is a pure function `(params, opt_state, batch_BT1) -> (params, opt_state, metrics)` over the
+`nnx.split` parameter state (the graph definition is closed over), jitted with donated state buffers; it knows
+nothing about where the model came from, so callers can add shardings (`make_train_step(..., in_shardings=...)`).
+`train()` runs a whole experiment in an output directory and resumes from the latest checkpoint there.
+
+Dimension letters: B batch, T sequence length, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax
+import optax
+from flax import nnx
+
+from slmjax import cost
+from slmjax.config import ModelConfig
+from slmjax.model import create_model
+
+# TrainConfig fields that may differ when resuming a run (duration and bookkeeping, not the experiment).
+RESUMABLE_FIELDS = ('steps', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'log_every')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run: optimisation, data, evaluation and checkpoint cadence. `batch_size` is global."""
+
+  steps: int = 1000
+  batch_size: int = 32
+  seq_len: int = 256
+  lr: float = 3e-3  # peak learning rate, reached after `warmup` steps, then cosine decay to lr * min_lr_ratio
+  warmup: int = 100
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1  # decoupled (AdamW); matrices only, never norm gains or biases
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0  # global-norm clipping; 0 disables it
+  data: str = 'stdlib'  # see slmjax.data
+  eval_fraction: float = 0.05  # fraction of documents held out
+  seed: int = 0  # model initialisation and data order
+  eval_every: int = 100  # 0 = only at the end
+  eval_batches: int = 8
+  checkpoint_every: int = 500  # 0 = only at the end
+  keep_checkpoints: int = 2
+  log_every: int = 10
+
+  def __post_init__(self):
+    for name in ('steps', 'batch_size', 'seq_len', 'eval_batches', 'log_every', 'keep_checkpoints'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+    for name in ('warmup', 'eval_every', 'checkpoint_every', 'seed'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 0:
+        raise ValueError(f'{name} must be a non-negative integer, got {value!r}')
+    if self.warmup >= self.steps:
+      raise ValueError(f'warmup={self.warmup} must be smaller than steps={self.steps}')
+    if not self.lr > 0:
+      raise ValueError(f'lr must be positive, got {self.lr}')
+    if not 0 <= self.min_lr_ratio <= 1:
+      raise ValueError(f'min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}')
+    if self.weight_decay < 0 or self.grad_clip < 0:
+      raise ValueError('weight_decay and grad_clip must be >= 0')
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ValueError(f'b1={self.b1} and b2={self.b2} must be in [0, 1)')
+    if not 0 < self.eval_fraction < 1:
+      raise ValueError(f'eval_fraction must be in (0, 1), got {self.eval_fraction}')
+    if not self.data:
+      raise ValueError('data must name a corpus, path or glob')
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.batch_size * self.seq_len
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: dict[str, Any]) -> 'TrainConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+      raise ValueError(f'unknown TrainConfig fields {unknown}; known fields: {sorted(known)}')
+    return cls(**data)
+
+  def replace(self, **changes) -> 'TrainConfig':
+    return dataclasses.replace(self, **changes)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or infinite loss or gradient; the run stopped without saving."""
+
+
+# Optimiser.
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `steps`."""
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps, cfg.lr * cfg.min_lr_ratio)
+
+
+def decay_mask(params):
+  """Weight decay on matrices and embeddings only: 1-D parameters are norm gains and biases."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
+  return optax.chain(clip, optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                                       mask=decay_mask))
+
+
+def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig):
+  """A fresh model split into (graphdef, params), the optimizer and its state: `(graphdef, params, tx, opt)`."""
+  graphdef, params = nnx.split(create_model(model_cfg, train_cfg.seed), nnx.Param)
+  tx = make_optimizer(train_cfg)
+  return graphdef, params, tx, tx.init(params)
+
+
+# Loss and steps.
+def loss_fn(model, batch_BT1: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Next-token cross-entropy + the model's weighted aux loss (lb_loss_weight * lb + z_loss_weight * z)."""
+  inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+  logits_BTV, extras = model(inputs_BT)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+  loss = ce + extras['aux_loss']
+  metrics = {'loss': loss, 'ce': ce}
+  if extras['moe_layers']:
+    metrics.update({k: extras[k] for k in ('aux_loss', 'lb_loss', 'z_loss', 'drop_fraction', 'router_entropy')})
+    # Balance: the busiest expert's share over the uniform share (1 = perfectly balanced), worst MoE layer.
+    loads_LE = jnp.stack([layer['expert_load'] for layer in extras['moe_layers']])
+    metrics['expert_load_max_over_mean'] = jnp.max(loads_LE) * loads_LE.shape[-1]
+  return loss, metrics
+
+
+def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+  """The pure (unjitted) train step `(params, opt_state, batch_BT1) -> (params, opt_state, metrics)`."""
+  def step(params, opt_state, batch_BT1):
+    def loss_of(p):
+      return loss_fn(nnx.merge(graphdef, p), batch_BT1)
+    (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, metrics
+  return step
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, **jit_kwargs) -> Callable:
+  """The jitted train step; params and opt_state buffers are donated (reuse the returned ones)."""
+  return jax.jit(train_step_fn(graphdef, tx), donate_argnums=(0, 1), **jit_kwargs)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, **jit_kwargs) -> Callable:
+  """Jitted `(params, batch_BT1) -> mean cross-entropy` (no aux loss: comparable across architectures)."""
+  def step(params, batch_BT1):
+    return loss_fn(nnx.merge(graphdef, params), batch_BT1)[1]['ce']
+  return jax.jit(step, **jit_kwargs)
+
+
+def evaluate(eval_step: Callable, params, batches_NBT1: np.ndarray) -> float:
+  """Mean held-out cross-entropy (nats/token) over the fixed eval batches."""
+  return float(np.mean(jax.device_get([eval_step(params, b) for b in batches_NBT1])))
+
+
+# The run directory: config.json, metrics.jsonl, summary.json and checkpoints/.
+def check_out_dir(out_dir: pathlib.Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict | None:
+  """config.json of the run already in `out_dir` (None if there is none); ValueError if it cannot be resumed."""
+  if not out_dir.exists():
+    return None
+  if not out_dir.is_dir():
+    raise ValueError(f'out dir {out_dir} exists and is not a directory')
+  config_path = out_dir / 'config.json'
+  if not config_path.exists():
+    if any(out_dir.iterdir()):
+      raise ValueError(f'out dir {out_dir} is not empty and holds no run (no config.json); choose another')
+    return None
+  previous = json.loads(config_path.read_text())
+  new_model = json.loads(json.dumps(model_cfg.to_dict()))
+  changed = [f'{k} {previous["model"].get(k)!r} -> {v!r}' for k, v in new_model.items() if previous['model'].get(k) != v]
+  if changed:
+    raise ValueError(f'out dir {out_dir} holds a run with a different architecture ({", ".join(changed)}); '
+                     f'use another --out')
+  new_train = json.loads(json.dumps(train_cfg.to_dict()))
+  changed = [f'{k} {previous["train"].get(k)!r} -> {v!r}' for k, v in new_train.items()
+             if k not in RESUMABLE_FIELDS and previous['train'].get(k) != v]
+  if changed:
+    raise ValueError(f'out dir {out_dir} holds a run with other training settings ({", ".join(changed)}); '
+                     f'only {", ".join(RESUMABLE_FIELDS)} may change when resuming')
+  return previous
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+  """Write JSON atomically (temporary file, then rename)."""
+  tmp = path.with_name(f'.{path.name}.tmp')
+  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+  os.replace(tmp, path)
+
+
+class MetricsLog:
+  """metrics.jsonl, one JSON object per line; on (re)start, lines past the restored step are dropped."""
+
+  def __init__(self, path: pathlib.Path, start_step: int):
+    self.path = path
+    if path.exists():
+      keep = [line for line in path.read_text().splitlines()
+              if line.strip() and start_step and json.loads(line).get('step', 0) <= start_step]
+      tmp = path.with_name(f'.{path.name}.tmp')
+      tmp.write_text(''.join(line + '\n' for line in keep))
+      os.replace(tmp, path)
+
+  def write(self, row: dict) -> None:
+    with self.path.open('a') as f:
+      f.write(json.dumps(row) + '\n')
+
+  def last(self, key: str) -> dict:
+    """The last row that has `key` ({} if none)."""
+    rows = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+    return next((r for r in reversed(rows) if key in r), {})
+
+
+def _format_time(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def progress_line(row: dict, steps: int, eta_s: float | None) -> str:
+  parts = [f'step {row["step"]:>{len(str(steps))}}/{steps}']
+  if 'train_loss' in row:
+    parts.append(f'loss {row["train_loss"]:.4f}')
+  if 'eval_loss' in row:
+    parts.append(f'eval {row["eval_loss"]:.4f}' + (f' ({row["eval_bpb"]:.3f} bpb)' if 'eval_bpb' in row else ''))
+  if 'tokens_per_s' in row:
+    parts.append(f'{row["tokens_per_s"] / 1e3:.1f}k tok/s')
+  if eta_s is not None:
+    parts.append(f'ETA {_format_time(eta_s)}')
+  return ' | '.join(parts)
+
+
+# The loop.
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.PathLike, *,
+          stop_at_step: int | None = None, peak_flops: float | None = None,
+          log: Callable[[str], None] | None = print, place_batch: Callable | None = None) -> dict[str, Any]:
+  """Train one model in `out_dir`, resuming from its latest checkpoint; returns the final metrics.
+
+  Every input is checked before anything is written. `stop_at_step` ends this call early (checkpointed) as
+  if the job were interrupted; calling again continues. `peak_flops` (e.g. `cost.matmul_peak_flops()`) adds MFU.
+  `place_batch` turns a process-local numpy batch into a (sharded) global array; needed with several processes.
+  Raises NonFiniteLossError if a loss, gradient or parameter is not finite (the last good checkpoint is kept).
+  """
+  from slmjax import checkpoint, counting, data  # local: the step builders above need neither grain nor orbax
+  out = pathlib.Path(out_dir)
+  if train_cfg.seq_len > model_cfg.max_seq_len:
+    raise ValueError(f'seq_len={train_cfg.seq_len} exceeds the model max_seq_len={model_cfg.max_seq_len}')
+  if stop_at_step is not None and stop_at_step <= 0:
+    raise ValueError(f'stop_at_step must be positive, got {stop_at_step}')
+  if jax.process_count() > 1 and place_batch is None:
+    raise ValueError('training with several processes needs place_batch (global arrays from local batches)')
+  previous = check_out_dir(out, model_cfg, train_cfg)
+  corpus = data.load_corpus(train_cfg.data, train_cfg.eval_fraction)
+  if corpus.max_token >= model_cfg.vocab_size:
+    raise ValueError(f'data {train_cfg.data!r} has token id {corpus.max_token} >= vocab_size={model_cfg.vocab_size}')
+  if previous and previous['data']['data_fingerprint'] != corpus.fingerprint:
+    raise ValueError(f'data {train_cfg.data!r} changed since the run in {out} started (other content)')
+  B, T = train_cfg.batch_size, train_cfg.seq_len
+  ds = data.train_dataset(corpus.train_N, T, B, train_cfg.seed, jax.process_index(), jax.process_count())
+  eval_NBT1 = data.eval_batches(corpus.eval_N, T, B, train_cfg.eval_batches)
+
+  # Every check passed: from here on the run directory is written.
+  out.mkdir(parents=True, exist_ok=True)
+  counts = counting.analytic_counts(model_cfg)
+  flops_per_token = counting.train_flops_per_token(model_cfg, T, counts)
+  unigram_loss = corpus.unigram_loss()
+  write_json(out / 'config.json', {
+      'model': model_cfg.to_dict(), 'train': train_cfg.to_dict(), 'data': corpus.summary(),
+      'counts': counting.summary(model_cfg, T, counts), 'unigram_eval_loss': unigram_loss,
+      'devices': [d.device_kind for d in jax.devices()], 'process_count': jax.process_count(),
+      'versions': {m.__name__: m.__version__ for m in (jax, optax, flax)}})
+  graphdef, params, tx, opt_state = init_state(model_cfg, train_cfg)
+  iterator = data.train_iterator(ds)
+  ckpt = checkpoint.Checkpointer(out / 'checkpoints', keep=train_cfg.keep_checkpoints)
+  try:
+    start = ckpt.latest_step() or 0
+    if start > train_cfg.steps:
+      raise ValueError(f'the run in {out} is already at step {start}, past steps={train_cfg.steps}')
+    if start == train_cfg.steps and (out / 'summary.json').exists():
+      return json.loads((out / 'summary.json').read_text())
+    if start:
+      params, opt_state, data_state, _ = ckpt.restore(start, params, opt_state)
+      iterator.set_state(data_state)
+      if log:
+        log(f'resuming {out} from step {start}')
+    metrics_log = MetricsLog(out / 'metrics.jsonl', start)
+    train_step, eval_step = make_train_step(graphdef, tx), make_eval_step(graphdef)
+    schedule, tokens_per_step = lr_schedule(train_cfg), train_cfg.tokens_per_step
+    eval_row = lambda p: _eval_row(evaluate(eval_step, p, eval_NBT1), corpus.tokenizer == 'bytes')
+    if start == 0 and train_cfg.eval_every:
+      _emit(metrics_log, log, {'step': 0, 'tokens': 0, **eval_row(params)}, train_cfg.steps, None)
+
+    target = min(train_cfg.steps, stop_at_step or train_cfg.steps)
+    step, pending, row, last_eval = start, [], {}, {}
+    timed_steps, timed_s, interval_steps, interval_start = 0, 0.0, 0, None
+    while step < target:
+      batch = next(iterator)
+      params, opt_state, metrics = train_step(params, opt_state, place_batch(batch) if place_batch else batch)
+      step += 1
+      pending.append(metrics)
+      if interval_start is None:  # the first step compiles: time from its end
+        jax.block_until_ready(metrics)
+        interval_start = time.perf_counter()
+      else:
+        interval_steps += 1
+      do_eval = step == train_cfg.steps or (train_cfg.eval_every and step % train_cfg.eval_every == 0)
+      do_save = step == target or (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0)
+      if not (do_eval or do_save or step % train_cfg.log_every == 0):
+        continue
+      host = jax.device_get(pending)
+      elapsed = time.perf_counter() - interval_start
+      _check_finite(host, step, params if do_save else None, metrics_log, ckpt)
+      timed_steps, timed_s = timed_steps + interval_steps, timed_s + elapsed
+      row = {'step': step, 'tokens': step * tokens_per_step, **_mean_metrics(host), 'lr': float(schedule(step - 1))}
+      if interval_steps:
+        row.update(step_time_s=elapsed / interval_steps, tokens_per_s=interval_steps * tokens_per_step / elapsed)
+      if do_eval:
+        last_eval = eval_row(params)
+        row.update(last_eval)
+      _emit(metrics_log, log, row, train_cfg.steps, (target - step) * timed_s / timed_steps if timed_steps else None)
+      if do_save:
+        ckpt.save(step, params, opt_state, iterator.get_state(), {'tokens': step * tokens_per_step})
+      pending, interval_steps, interval_start = [], 0, time.perf_counter()
+
+    if step == start:  # nothing left to train (e.g. killed after the last save): report from the log
+      row, last_eval = metrics_log.last('train_loss'), (eval_row(params) if step == train_cfg.steps else {})
+    summary = {'step': step, 'tokens': step * tokens_per_step, 'complete': step >= train_cfg.steps,
+               'train_loss': row.get('train_loss'), **last_eval, 'unigram_eval_loss': unigram_loss,
+               'total_params': counts.total, 'active_params': counts.active,
+               'train_flops_per_token': flops_per_token, 'timed_steps': timed_steps}
+    if timed_steps:
+      summary.update(cost.throughput(tokens_per_step, timed_s / timed_steps, flops_per_token, peak_flops))
+    if summary['complete']:
+      write_json(out / 'summary.json', summary)
+    return summary
+  finally:
+    ckpt.close()
+
+
+def _check_finite(host: list[dict], step: int, params, metrics_log: MetricsLog, ckpt) -> None:
+  """Raise NonFiniteLossError (after logging it) unless every loss, gradient norm and parameter is finite."""
+  problem = None
+  for i, m in enumerate(host):
+    if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
+      problem = f'step {step - len(host) + 1 + i}: loss {float(m["loss"])}, gradient norm {float(m["grad_norm"])}'
+      break
+  if problem is None and params is not None and not all_finite(params):
+    problem = f'step {step}: parameters are not finite'
+  if problem:
+    message = (f'{problem}; stopped without saving; the last good checkpoint is step {ckpt.latest_step()} in '
+               f'{ckpt.directory}')
+    metrics_log.write({'step': step, 'error': message})
+    raise NonFiniteLossError(message)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _emit(metrics_log: MetricsLog, log, row: dict, steps: int, eta_s: float | None) -> None:
+  metrics_log.write(row)
+  if log:
+    log(progress_line(row, steps, eta_s))
+
+
+def _eval_row(eval_loss: float, byte_level: bool) -> dict[str, float]:
+  return {'eval_loss': eval_loss, **({'eval_bpb': eval_loss / math.log(2)} if byte_level else {})}
+
+
+def _mean_metrics(host: list[dict]) -> dict[str, float]:
+  """Average per-step metrics over a logging interval, renamed for metrics.jsonl."""
+  names = {'ce': 'train_loss', 'loss': 'train_total_loss'}
+  row = {names.get(k, k): float(np.mean([m[k] for m in host])) for k in host[0]}
+  if 'aux_loss' not in row:  # dense: the total is the cross-entropy
+    row.pop('train_total_loss')
+  return row
