@@ -1,0 +1,42 @@
+"""Plots are drawn from results rows alone, written atomically, and readable (one legend entry per arch)."""
+
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from slmjax import plots
+
+
+def synthetic_rows():
+  rows = []
+  for arch, n_experts, offset in (('dense', 0, 0.0), ('moe', 8, -0.1)):
+    for total in (1e5, 3e5, 1e6, 3e6):
+      active = total if arch == 'dense' else total / 3
+      rows.append({'arch': arch, 'n_experts': n_experts, 'top_k': 2, 'total_params': total, 'active_params': active,
+                   'train_flops': 6 * active * 1e6, 'eval_loss': 1.5 + 30 * total ** -0.3 + offset,
+                   'weight_bytes': 4 * total, 'step_time_s': active * 1e-7})
+  return rows
+
+
+def test_rows_group_by_architecture():
+  groups = plots.group_rows(synthetic_rows())
+  assert list(groups) == ['dense', 'moe E=8 k=2']
+  law = plots.fit_group(groups['dense'], 'total_params', n_bootstrap=0)
+  assert law.alpha == pytest.approx(0.3, abs=0.02)
+
+
+def test_plot_all_writes_pngs(tmp_path):
+  paths = plots.plot_all(synthetic_rows(), str(tmp_path))
+  assert sorted(os.path.basename(p) for p in paths) == ['cost.png', 'scaling.png']
+  for path in paths:
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 600
+    assert np.std(image) > 0.01  # not blank
+  assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]
+
+
+def test_plot_all_refuses_no_rows(tmp_path):
+  with pytest.raises(ValueError, match='no finished runs'):
+    plots.plot_all([], str(tmp_path))
