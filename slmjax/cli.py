@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from slmjax.config import ACTIVATIONS, DISPATCHES, DTYPES, NORMS, ROUTERS, ModelConfig
 
@@ -79,6 +79,8 @@ def run(main: Callable[[list[str]], None]) -> None:
     sys.exit(2)
 
   def guarded(argv):
+    if not FLAGS['verbosity'].present:  # orbax and grain log every save at INFO; keep the terminal readable
+      logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
       fail(f'unexpected positional arguments {argv[1:]}; every option is a --flag')
     try:

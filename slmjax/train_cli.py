@@ -38,8 +38,11 @@ def define_train_flags() -> None:
   flags.DEFINE_integer('log_every', d.log_every, 'Write a metrics line every n steps.')
 
 
-def train_config_from_flags() -> TrainConfig:
-  """Build and validate the TrainConfig the flags describe (raises ValueError on nonsense)."""
+def train_config_from_flags(**overrides) -> TrainConfig:
+  """Build and validate the TrainConfig the flags describe (raises ValueError on nonsense).
+
+  `overrides` replace flag values before validation (the sweep sets steps and warmup per ladder point).
+  """
   f = FLAGS
   steps = f.steps
   if f.tokens is not None:
@@ -48,8 +51,9 @@ def train_config_from_flags() -> TrainConfig:
     if f.tokens <= 0 or f.batch_size <= 0 or f.seq_len <= 0:
       raise ValueError(f'--tokens={f.tokens}, --batch_size={f.batch_size} and --seq_len={f.seq_len} must be positive')
     steps = math.ceil(f.tokens / (f.batch_size * f.seq_len))
-  return TrainConfig(
+  values = dict(
       steps=steps, batch_size=f.batch_size, seq_len=f.seq_len, lr=f.lr, warmup=f.warmup,
       min_lr_ratio=f.min_lr_ratio, weight_decay=f.weight_decay, grad_clip=f.grad_clip, data=f.data,
       eval_fraction=f.eval_fraction, seed=f.seed, eval_every=f.eval_every, eval_batches=f.eval_batches,
       checkpoint_every=f.checkpoint_every, keep_checkpoints=f.keep_checkpoints, log_every=f.log_every)
+  return TrainConfig(**{**values, **overrides})

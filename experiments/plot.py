@@ -1,0 +1,33 @@
+"""Redraw the scaling and cost plots, the table and the fits from finished sweeps (no training).
+
+  python experiments/plot.py --results=runs
+  python experiments/plot.py --results=runs_dense,runs_moe --out=figures
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from slmjax import cli, plots, report, results
+
+flags.DEFINE_list('results', ['runs'], 'Directories holding results.jsonl (comma-separated).')
+flags.DEFINE_string('out', None, 'Where to write the PNGs; default the first --results directory.')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  rows = results.read_many(FLAGS.results)
+  out = FLAGS.out or FLAGS.results[0]
+  os.makedirs(out, exist_ok=True)
+  print(report.table(rows))
+  fits = report.fit_all(rows)
+  print('\n' + report.fits_text(rows, fits))
+  for path in plots.plot_all(rows, out, fits):
+    print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,77 @@
+"""Train a ladder of dense or MoE models and compare their scaling curves.
+
+  python experiments/sweep.py --arch=dense                      # default CPU ladder, ~10-15 min on 2 cores
+  python experiments/sweep.py --arch=moe --experts=8 --k=2      # the matched MoE ladder, same --out
+  python experiments/sweep.py --arch=moe --ladder=32x2,64x2,128x4 --match=total --tokens_per_param=20
+
+Writes <out>/results.jsonl (one row per finished run), <out>/<run_id>/ (checkpoints, metrics), and
+<out>/scaling.png, <out>/cost.png over every run in <out>. Rerun the same command to resume after an interruption.
+Size flags (--d_model, --n_layers, --n_heads, --d_ff, --d_expert) come from the ladder; other architecture and
+training flags are shared with train.py and count.py.
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import flags
+
+from slmjax import cli, plots, report, results, sweep, train_cli
+
+cli.define_model_flags()
+train_cli.define_train_flags()
+flags.DEFINE_string('ladder', 'cpu', f'Named ladder ({", ".join(sweep.LADDERS)}) or sizes D x L, e.g. 32x2,64x2.')
+flags.DEFINE_enum('match', 'active', list(sweep.MATCHES), 'What an MoE rung holds equal to its dense rung.')
+flags.DEFINE_float('tokens_per_param', None, 'Token budget per model as a multiple of its active non-embedding '
+                   'parameters (instead of --tokens).')
+flags.DEFINE_list('seeds', ['0'], 'Seeds; every size is trained once per seed.')
+flags.DEFINE_string('out', 'runs', 'Output directory, shared by sweeps of both architectures.')
+flags.DEFINE_boolean('plot', True, 'Draw the plots at the end.')
+FLAGS = flags.FLAGS
+FLAGS.set_default('tokens', 2_000_000)
+FLAGS.set_default('seq_len', 128)
+FLAGS.set_default('batch_size', 16)
+FLAGS.set_default('checkpoint_every', 50)
+FLAGS.set_default('eval_every', 0)
+FLAGS.set_default('eval_batches', 16)
+FLAGS.set_default('log_every', 25)
+LADDER_FLAGS = ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'd_expert', 'steps')
+
+
+def sweep_points() -> tuple[list, sweep.Budget]:
+  for name in LADDER_FLAGS:
+    if FLAGS[name].present:
+      raise ValueError(f'--{name} is set by the sweep (ladder sizes and token budget); use --ladder=DxL,... '
+                       f'or --tokens / --tokens_per_param instead')
+  budget = sweep.Budget(tokens=None if FLAGS.tokens_per_param else FLAGS.tokens,
+                        tokens_per_param=FLAGS.tokens_per_param)
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    raise ValueError(f'--seeds={",".join(FLAGS.seeds)} must be a comma-separated list of integers') from None
+  template = cli.model_config_from_flags()
+  configs = sweep.ladder(template, sweep.parse_sizes(FLAGS.ladder), template.n_experts, FLAGS.k, FLAGS.match)
+  points = []
+  for model_cfg in configs:
+    steps = sweep.steps_for(budget, model_cfg, FLAGS.batch_size, FLAGS.seq_len)
+    for seed in seeds:
+      points.append((model_cfg, train_cli.train_config_from_flags(
+          steps=steps, warmup=min(FLAGS.warmup, steps // 10), seed=seed)))
+  return points, budget
+
+
+def main(argv):
+  del argv
+  points, budget = sweep_points()
+  writer = jax.process_index() == 0
+  sweep.run_sweep(points, budget, FLAGS.out, is_writer=writer)
+  rows = results.read_rows(FLAGS.out)
+  print('\n' + report.table(rows))
+  fits = report.fit_all(rows)
+  print('\n' + report.fits_text(rows, fits))
+  if FLAGS.plot and writer:
+    for path in plots.plot_all(rows, FLAGS.out, fits):
+      print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,47 @@
+"""Text report of a sweep: one table row per run, fitted scaling laws, and MoE effective parameter counts."""
+
+from __future__ import annotations
+
+from slmjax import plots, scaling
+
+FIT_AXES = ('total_params', 'active_params', 'train_flops')
+
+
+def fit_all(rows: list[dict], n_bootstrap: int = 100) -> dict:
+  """{(arch label, x key): PowerLaw} for every architecture with at least 3 sizes."""
+  fits = {}
+  for label, group in plots.group_rows(rows).items():
+    for key in FIT_AXES:
+      law = plots.fit_group(group, key, n_bootstrap)
+      if law is not None:
+        fits[(label, key)] = law
+  return fits
+
+
+def table(rows: list[dict]) -> str:
+  header = (f'{"arch":<14}{"d_model":>8}{"layers":>7}{"total":>12}{"active":>12}{"tokens":>12}{"eval loss":>10}'
+            f'{"bpb":>7}{"step ms":>9}{"tok/s":>9}{"MFU":>7}{"weights":>10}')
+  lines = [header, '-' * len(header)]
+  for label, group in plots.group_rows(rows).items():
+    for r in group:
+      mfu = f'{r["mfu"]:.1%}' if r.get('mfu') is not None else '-'
+      bpb = f'{r["eval_bpb"]:.3f}' if r.get('eval_bpb') is not None else '-'
+      lines.append(f'{label:<14}{r["d_model"]:>8}{r["n_layers"]:>7}{r["total_params"]:>12,}{r["active_params"]:>12,}'
+                   f'{r["tokens"]:>12,}{r["eval_loss"]:>10.4f}{bpb:>7}{r["step_time_s"] * 1e3:>9.1f}'
+                   f'{r["tokens_per_s"]:>9,.0f}{mfu:>7}{r["weight_bytes"] / 2**20:>8.1f}Mi')
+  return '\n'.join(lines)
+
+
+def fits_text(rows: list[dict], fits: dict) -> str:
+  lines = ['fitted L = E + A x^-alpha (90% bootstrap interval on alpha):']
+  for (label, key), law in fits.items():
+    lines.append(f'  {label:<14} vs {key:<14} {law.label()}')
+  dense = fits.get(('dense', 'total_params'))
+  moe_rows = [r for r in rows if plots.arch_label(r) != 'dense']
+  if dense and moe_rows:
+    lines.append('MoE effective parameter count (dense size with the same fitted loss; Clark et al. 2022):')
+    for r in sorted(moe_rows, key=lambda r: r['total_params']):
+      n_eff = scaling.effective_params(dense, r['eval_loss'])
+      lines.append(f'  {plots.arch_label(r):<14} d_model {r["d_model"]:>5}: N_eff {n_eff:>14,.0f} = '
+                   f'{n_eff / r["active_params"]:.2f}x its active, {n_eff / r["total_params"]:.2f}x its total params')
+  return '\n'.join(lines)

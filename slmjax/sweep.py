@@ -1,0 +1,205 @@
+"""Scaling sweeps: a ladder of model sizes, each trained through `slmjax.train`, one results row per run.
+
+A sweep point is one (architecture, size, seed). Its run lives in `<out>/<run_id>/` (checkpoints, metrics) and,
+once finished, its row is appended to `<out>/results.jsonl`. Rerunning the same sweep skips points that have a
+row and resumes an unfinished point from its last checkpoint, so a kill loses at most the progress since then.
+
+Matching MoE to dense (`match`): every MoE rung keeps the dense rung's d_model, layers and heads, and
+- 'active' (default): d_expert = d_ff / top_k, so a token touches as many FFN parameters (and FLOPs) as in the
+  dense model; total parameters grow about n_experts / top_k times in the FFNs;
+- 'total': d_expert = d_ff / n_experts, so the MoE holds as many FFN parameters as the dense model and a token
+  uses top_k / n_experts of them.
+Matched FLOPs per token is 'active' up to the router (D x E per layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import platform
+import time
+from typing import Callable
+
+import jax
+
+from slmjax import cost, counting, results
+from slmjax.config import ModelConfig
+from slmjax.train import TrainConfig, train
+
+# Named ladders of dense sizes (d_model, n_layers); heads of width 32, d_ff = 4 d_model. 'cpu' spans 26x in
+# parameters (41K to 1.1M with the byte vocabulary) and trains in about 10-15 minutes per architecture on a 2-core
+# laptop at the default budget; 'gpu' is for an accelerator.
+LADDERS: dict[str, tuple[tuple[int, int], ...]] = {
+    'cpu': ((32, 2), (64, 2), (96, 3), (128, 4)),
+    'cpu-small': ((16, 1), (32, 1), (48, 2)),
+    'gpu': ((256, 4), (384, 6), (512, 8), (768, 12), (1024, 16)),
+}
+MATCHES = ('active', 'total')
+HEAD_DIM = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """Training tokens per model: a fixed count, or tokens_per_param x (non-embedding active) parameters."""
+  tokens: int | None = None
+  tokens_per_param: float | None = None
+
+  def __post_init__(self):
+    if (self.tokens is None) == (self.tokens_per_param is None):
+      raise ValueError('give a token budget as --tokens or as --tokens_per_param, not both and not neither')
+    if (self.tokens is not None and self.tokens <= 0) or (self.tokens_per_param is not None and
+                                                          self.tokens_per_param <= 0):
+      raise ValueError('the token budget must be positive')
+
+  def tokens_for(self, counts: counting.ParamCounts) -> int:
+    if self.tokens is not None:
+      return self.tokens
+    return int(self.tokens_per_param * counts.active_non_embedding)
+
+
+def parse_sizes(spec: str) -> tuple[tuple[int, int], ...]:
+  """A ladder name from LADDERS, or an explicit list 'D x L,...' such as '32x2,64x2,128x4'."""
+  if spec in LADDERS:
+    return LADDERS[spec]
+  sizes = []
+  for item in spec.split(','):
+    parts = item.strip().lower().split('x')
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+      raise ValueError(f'--ladder={spec!r}: {item!r} is not D x L (e.g. 64x2); named ladders: {", ".join(LADDERS)}')
+    sizes.append((int(parts[0]), int(parts[1])))
+  if not sizes:
+    raise ValueError('--ladder is empty: name a ladder or list sizes like 32x2,64x2')
+  return tuple(sizes)
+
+
+def dense_rung(template: ModelConfig, d_model: int, n_layers: int) -> ModelConfig:
+  """The dense model of one ladder size: heads of width 32 (at least one), d_ff = 4 d_model."""
+  n_heads = max(1, d_model // HEAD_DIM)
+  if d_model % n_heads:
+    raise ValueError(f'ladder size {d_model}x{n_layers}: d_model must be a multiple of {HEAD_DIM} (or below it)')
+  return template.replace(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=None, head_dim=None,
+                          d_ff=4 * d_model, n_experts=0, d_expert=None)
+
+
+def moe_rung(dense: ModelConfig, n_experts: int, top_k: int, match: str) -> ModelConfig:
+  """The MoE counterpart of a dense rung (see the module docstring for `match`)."""
+  if match not in MATCHES:
+    raise ValueError(f'--match={match!r} is not one of {", ".join(MATCHES)}')
+  divisor = top_k if match == 'active' else n_experts
+  return dense.replace(n_experts=n_experts, top_k=top_k, d_expert=max(1, dense.ffn_size // divisor))
+
+
+def ladder(template: ModelConfig, sizes, n_experts: int = 0, top_k: int = 2, match: str = 'active'
+           ) -> list[ModelConfig]:
+  """ModelConfigs of a whole ladder: dense when n_experts == 0, else the matched MoE models."""
+  dense = [dense_rung(template, d, layers) for d, layers in sizes]
+  return dense if n_experts == 0 else [moe_rung(cfg, n_experts, top_k, match) for cfg in dense]
+
+
+def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+  """Readable and unique: arch, size, seed, and a hash of both configs (other settings never collide)."""
+  arch = f'moe{model_cfg.n_experts}k{model_cfg.top_k}' if model_cfg.is_moe else 'dense'
+  digest = hashlib.sha256((model_cfg.to_json() + json.dumps(train_cfg.to_dict(), sort_keys=True)).encode())
+  return f'{arch}-d{model_cfg.d_model}-l{model_cfg.n_layers}-s{train_cfg.seed}-{digest.hexdigest()[:8]}'
+
+
+def check_budget(rows: list[dict], budget: Budget, out_dir: str) -> None:
+  """Refuse to mix token budgets in one results file (their curves would not be comparable)."""
+  mine = dataclasses.asdict(budget)
+  for row in rows:
+    if row.get('budget') != mine:
+      raise ValueError(f'--out={out_dir} holds results made with token budget {row.get("budget")}, not {mine}; '
+                       f'use the same budget flags or another --out')
+
+
+def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, summary: dict, measured: dict,
+               rid: str) -> dict:
+  """Everything needed to redraw every plot without rerunning (see README 'Results')."""
+  counts = counting.analytic_counts(model_cfg)
+  flops_per_token = counting.train_flops_per_token(model_cfg, train_cfg.seq_len, counts)
+  tokens = train_cfg.steps * train_cfg.tokens_per_step
+  param_bytes = counting.BYTES_PER_PARAM[model_cfg.param_dtype] if model_cfg.param_dtype in (
+      counting.BYTES_PER_PARAM) else 2.0
+  return {
+      'run_id': rid, 'arch': 'moe' if model_cfg.is_moe else 'dense', 'n_experts': model_cfg.n_experts,
+      'top_k': model_cfg.top_k if model_cfg.is_moe else 0, 'd_model': model_cfg.d_model,
+      'n_layers': model_cfg.n_layers, 'total_params': counts.total, 'active_params': counts.active,
+      'total_non_embedding_params': counts.non_embedding,
+      'active_non_embedding_params': counts.active_non_embedding, 'tokens': tokens,
+      'train_flops_per_token': flops_per_token, 'train_flops': flops_per_token * tokens,
+      'train_loss': summary['train_loss'], 'eval_loss': summary['eval_loss'], 'eval_bpb': summary.get('eval_bpb'),
+      'unigram_eval_loss': summary.get('unigram_eval_loss'), **measured,
+      'weight_bytes': int(counts.total * param_bytes), 'optimizer_state_bytes': 2 * counts.total * 4,
+      'seed': train_cfg.seed, 'budget': dataclasses.asdict(budget), 'device': jax.devices()[0].device_kind,
+      'platform': jax.default_backend(), 'device_count': jax.device_count(), 'host': platform.node(),
+      'jax_version': jax.__version__, 'model_config': model_cfg.to_dict(), 'train_config': train_cfg.to_dict(),
+      'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S'),
+  }
+
+
+def measure_cost(model_cfg: ModelConfig, train_cfg: TrainConfig, peak_flops: float) -> dict:
+  """Step time, tokens/s, MFU of the real train step on a fixed batch, and its compiled memory."""
+  from slmjax.train import init_state, make_train_step
+  import numpy as np
+  graphdef, state, tx, opt_state = init_state(model_cfg, train_cfg)
+  step = make_train_step(graphdef, tx)
+  batch = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (train_cfg.batch_size, train_cfg.seq_len + 1),
+                                            dtype=np.int32)
+  memory = cost.compiled_memory(step, state, opt_state, batch)
+  stats, _, _ = cost.time_train_step(step, state, opt_state, batch, warmup=2, repeats=5)
+  flops = counting.train_flops_per_token(model_cfg, train_cfg.seq_len)
+  measured = cost.throughput(train_cfg.tokens_per_step, stats['median_s'], flops, peak_flops)
+  peak_memory = None
+  if memory:
+    peak_memory = (memory.get('argument_size_in_bytes', 0) + memory.get('output_size_in_bytes', 0)
+                   + memory.get('temp_size_in_bytes', 0) - memory.get('alias_size_in_bytes', 0))
+  return {'step_time_s': measured['step_time_s'], 'tokens_per_s': measured['tokens_per_s'],
+          'achieved_flops_per_s': measured['achieved_flops_per_s'], 'mfu': measured.get('mfu'),
+          'peak_flops_per_s': peak_flops, 'peak_memory_bytes': peak_memory}
+
+
+def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out_dir: str,
+              log: Callable[[str], None] = print, is_writer: bool = True) -> list[dict]:
+  """Train every point not yet in `<out_dir>/results.jsonl`; returns this sweep's rows (old and new)."""
+  out = pathlib.Path(out_dir)
+  existing = results.read_rows(out)
+  check_budget(existing, budget, out_dir)
+  done = {row['run_id']: row for row in existing}
+  ids = [run_id(m, t) for m, t in points]
+  todo = [i for i, rid in enumerate(ids) if rid not in done]
+  log(f'sweep: {len(points)} points, {len(points) - len(todo)} already finished in {out}/results.jsonl')
+  peak = cost.matmul_peak_flops() if todo else None
+  if peak:
+    log(f'measured matmul peak of this {jax.default_backend()} device: {peak / 1e9:.1f} GFLOP/s')
+  flops = [counting.train_flops_per_token(m, t.seq_len) * t.steps * t.tokens_per_step for m, t in points]
+  rate, started = None, time.perf_counter()
+  for n, i in enumerate(todo):
+    model_cfg, train_cfg = points[i]
+    remaining = sum(flops[j] for j in todo[n:])
+    eta = f', sweep ETA {_hms(remaining / rate)}' if rate else ''
+    counts = counting.analytic_counts(model_cfg)
+    log(f'[point {n + 1}/{len(todo)}] {ids[i]}: {counts.total:,} params ({counts.active:,} active), '
+        f'{train_cfg.steps} steps{eta}')
+    summary = train(model_cfg, train_cfg, out / ids[i], peak_flops=peak, log=lambda line: log(f'  {line}'))
+    measured = measure_cost(model_cfg, train_cfg, peak)
+    row = result_row(model_cfg, train_cfg, budget, summary, measured, ids[i])
+    if is_writer:
+      results.append_row(out, row)
+    done[ids[i]] = row
+    rate = sum(flops[j] for j in todo[:n + 1]) / (time.perf_counter() - started)
+  return [done[rid] for rid in ids]
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def steps_for(budget: Budget, model_cfg: ModelConfig, batch_size: int, seq_len: int) -> int:
+  """Optimizer steps that spend the budget (rounded up to whole steps)."""
+  tokens = budget.tokens_for(counting.analytic_counts(model_cfg))
+  return max(1, math.ceil(tokens / (batch_size * seq_len)))
