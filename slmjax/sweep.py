@@ -65,14 +65,14 @@ def parse_sizes(spec: str) -> tuple[tuple[int, int], ...]:
   """A ladder name from LADDERS, or an explicit list 'D x L,...' such as '32x2,64x2,128x4'."""
   if spec in LADDERS:
     return LADDERS[spec]
+  if not spec.strip():
+    raise ValueError(f'--ladder is empty: name a ladder ({", ".join(LADDERS)}) or list sizes like 32x2,64x2')
   sizes = []
   for item in spec.split(','):
     parts = item.strip().lower().split('x')
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
       raise ValueError(f'--ladder={spec!r}: {item!r} is not D x L (e.g. 64x2); named ladders: {", ".join(LADDERS)}')
     sizes.append((int(parts[0]), int(parts[1])))
-  if not sizes:
-    raise ValueError('--ladder is empty: name a ladder or list sizes like 32x2,64x2')
   return tuple(sizes)
 
 

@@ -1,0 +1,112 @@
+"""Sweeps: matched ladders, budgets, resumable runs without duplicate rows, one-line errors on bad flags."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+from slmjax import counting, results, sweep
+from slmjax.config import ModelConfig
+from slmjax.train import TrainConfig, train
+
+SCRIPT = pathlib.Path(__file__).parent.parent / 'experiments' / 'sweep.py'
+
+
+@pytest.fixture(scope='module')
+def corpus_dir(tmp_path_factory):
+  """Real text, small: a few modules of the running interpreter's standard library."""
+  directory = tmp_path_factory.mktemp('corpus')
+  for path in sorted((pathlib.Path(sysconfig.get_paths()['stdlib']) / 'json').glob('*.py')):
+    shutil.copy(path, directory / path.name)
+  return str(directory / '*.py')
+
+
+def test_active_match_holds_active_params_and_total_match_holds_total():
+  dense = sweep.ladder(ModelConfig(), sweep.parse_sizes('64x2,128x2'))
+  active = sweep.ladder(ModelConfig(), sweep.parse_sizes('64x2,128x2'), n_experts=8, top_k=2, match='active')
+  total = sweep.ladder(ModelConfig(), sweep.parse_sizes('64x2,128x2'), n_experts=8, top_k=2, match='total')
+  for d, a, t in zip(dense, active, total):
+    router = d.n_layers * d.d_model * 8
+    dc, ac, tc = (counting.analytic_counts(c) for c in (d, a, t))
+    assert ac.active - dc.active == router
+    assert tc.total - dc.total == router
+    assert ac.total > 3 * dc.total
+    assert (a.d_model, a.n_layers, a.n_heads) == (d.d_model, d.n_layers, d.n_heads)
+
+
+def test_default_ladder_spans_at_least_8x():
+  sizes = [counting.analytic_counts(c).total for c in sweep.ladder(ModelConfig(), sweep.LADDERS['cpu'])]
+  assert len(sizes) >= 4 and sizes == sorted(sizes) and sizes[-1] / sizes[0] >= 8
+
+
+@pytest.mark.parametrize('spec, message', [('', 'is empty'), ('64', 'is not D x L'), ('64x0', 'is not D x L')])
+def test_bad_ladders(spec, message):
+  with pytest.raises(ValueError, match=message):
+    sweep.parse_sizes(spec)
+
+
+def test_budget_validation_and_mixing_refused():
+  with pytest.raises(ValueError, match='not both'):
+    sweep.Budget(tokens=10, tokens_per_param=2.0)
+  rows = [{'run_id': 'x', 'budget': {'tokens': 10, 'tokens_per_param': None}}]
+  with pytest.raises(ValueError, match='holds results made with token budget'):
+    sweep.check_budget(rows, sweep.Budget(tokens=20), 'runs')
+  sweep.check_budget(rows, sweep.Budget(tokens=10), 'runs')
+
+
+@pytest.mark.slow
+def test_sweep_resumes_an_interrupted_point_and_never_duplicates_rows(corpus_dir, tmp_path):
+  budget = sweep.Budget(tokens=6 * 4 * 32)
+  base = TrainConfig(steps=6, batch_size=4, seq_len=32, warmup=1, data=corpus_dir, eval_every=0, eval_batches=2,
+                     checkpoint_every=2, log_every=2)
+  configs = sweep.ladder(ModelConfig(max_seq_len=32), sweep.parse_sizes('16x1,32x1,48x1'), n_experts=4, top_k=2)
+  points = [(cfg, base) for cfg in configs]
+  # An interrupted sweep: the second point stopped at step 4 (its checkpoint is there), no row written yet.
+  interrupted = tmp_path / sweep.run_id(*points[1])
+  train(*points[1], interrupted, stop_at_step=4, log=None)
+  lines = []
+  rows = sweep.run_sweep(points, budget, str(tmp_path), log=lines.append)
+  assert any('resuming' in line and 'from step 4' in line for line in lines)
+  assert [r['tokens'] for r in rows] == [6 * 4 * 32] * 3
+  for key in ('arch', 'n_experts', 'top_k', 'd_model', 'n_layers', 'total_params', 'active_params',
+              'total_non_embedding_params', 'active_non_embedding_params', 'tokens', 'train_flops', 'train_loss',
+              'eval_loss', 'step_time_s', 'tokens_per_s', 'mfu', 'peak_memory_bytes', 'weight_bytes', 'seed',
+              'device', 'jax_version', 'model_config'):
+    assert rows[0][key] is not None, key
+  assert rows[0]['total_params'] == counting.analytic_counts(configs[0]).total
+  lines.clear()
+  again = sweep.run_sweep(points, budget, str(tmp_path), log=lines.append)
+  assert '3 already finished' in lines[0] and len(lines) == 1
+  assert again == rows
+  assert len(results.read_rows(tmp_path)) == 3
+
+
+def run_script(*flags):
+  return subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (('--arch=moe', '--experts=2', '--k=3'), 'top_k=3 must be between 1 and n_experts=2'),
+    (('--arch=moe', '--experts=0'), '--experts=0'),
+    (('--arch=sparse',), 'flag --arch=sparse'),
+    (('--ladder=',), '--ladder is empty'),
+    (('--d_model=64',), '--d_model is set by the sweep'),
+])
+def test_bad_flags_fail_with_one_line(flags, message, tmp_path):
+  result = run_script(*flags, f'--out={tmp_path}')
+  assert result.returncode != 0
+  assert message in result.stderr and 'Traceback' not in result.stderr
+  assert not list(tmp_path.iterdir())
+
+
+def test_out_with_other_budget_is_refused(tmp_path):
+  row = {'run_id': 'old', 'budget': {'tokens': 123, 'tokens_per_param': None}}
+  (tmp_path / 'results.jsonl').write_text(json.dumps(row) + '\n')
+  result = run_script('--tokens=1000', '--ladder=16x1,32x1,48x1', f'--out={tmp_path}')
+  assert result.returncode == 2
+  assert 'holds results made with token budget' in result.stderr and 'Traceback' not in result.stderr
+  assert (tmp_path / 'results.jsonl').read_text() == json.dumps(row) + '\n'
