@@ -1,0 +1,142 @@
+"""Device meshes and sharding rules: JAX's own SPMD is the distributed engine (no home-made cluster layer).
+
+A mesh has up to four named axes, written as a flag such as `--mesh=data:2,fsdp:1,expert:4,tensor:1` (`-1` =
+the rest of the devices):
+  data    data parallelism: the batch is split, parameters are replicated;
+  fsdp    fully sharded data parallelism: the batch is split AND large weights are split on their d_model axis;
+  expert  expert parallelism: expert weights and the dispatched token buffers [E, X, D] are split on the expert
+          axis (XLA turns the dispatch into an all-to-all); the batch is split over it as well;
+  tensor  tensor parallelism: attention heads, FFN / expert width and the vocabulary are split.
+Parameters carry logical axis names (the `out_sharding` metadata set in `slmjax.layers.make_param`); `RULES` maps
+them to mesh axes. A dimension the mesh axis does not divide is an error that names the axis and the dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+BATCH_AXES = ('data', 'fsdp', 'expert')  # every axis that does not split a weight's width also splits the batch
+RULES: dict[str, str | None] = {
+    'batch': None,  # handled by BATCH_AXES
+    'embed': 'fsdp',
+    'vocab': 'tensor',
+    'q_heads': 'tensor',
+    'kv_heads': 'tensor',
+    'mlp': 'tensor',
+    'expert': 'expert',
+}
+
+
+def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
+  """'data:2,expert:-1' -> {'data': 2, 'fsdp': 1, 'expert': n/2, 'tensor': 1}; checks the product is n_devices."""
+  sizes: dict[str, int] = {}
+  for item in filter(None, (s.strip() for s in spec.split(','))):
+    name, _, value = item.partition(':')
+    if name not in MESH_AXES:
+      raise ValueError(f'--mesh: unknown axis {name!r}; axes are {", ".join(MESH_AXES)}')
+    if name in sizes:
+      raise ValueError(f'--mesh: axis {name!r} is given twice')
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise ValueError(f'--mesh: {item!r} is not AXIS:SIZE (e.g. data:2, or data:-1 for the rest)') from None
+    if sizes[name] == 0 or sizes[name] < -1:
+      raise ValueError(f'--mesh: axis {name} has size {sizes[name]}; use a positive size or -1 for the rest')
+  rest = [name for name, size in sizes.items() if size == -1]
+  if len(rest) > 1:
+    raise ValueError(f'--mesh: only one axis may be -1, got {", ".join(rest)}')
+  known = math.prod(size for size in sizes.values() if size != -1)
+  if rest:
+    if n_devices % known:
+      raise ValueError(f'--mesh: the fixed axes use {known} devices, which does not divide the {n_devices} devices, '
+                       f'so {rest[0]}:-1 has no whole size')
+    sizes[rest[0]] = n_devices // known
+  elif known != n_devices:
+    raise ValueError(f'--mesh={spec} uses {known} devices but {n_devices} are available; make the sizes multiply '
+                     f'to {n_devices} or give one axis -1')
+  return {name: sizes.get(name, 1) for name in MESH_AXES}
+
+
+def make_mesh(spec: str | None, devices=None) -> Mesh | None:
+  """The mesh a `--mesh` flag describes over all devices (all processes); None for '' or None (no sharding)."""
+  if not spec:
+    return None
+  devices = devices if devices is not None else jax.devices()
+  sizes = parse_mesh(spec, len(devices))
+  # Auto axes: XLA propagates shardings from the parameters and the batch through every op (GSPMD), so the
+  # model code needs no per-op annotations; `constrain` pins the few layouts that matter (expert buffers).
+  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, what: str) -> P:
+  """PartitionSpec of a tensor with logical axis `names`; raises if a mesh axis does not divide its dimension."""
+  spec = []
+  for name, size in zip(names, shape):
+    axis = RULES.get(name) if name else None
+    if axis is None or mesh.shape[axis] == 1:
+      spec.append(None)
+      continue
+    if size % mesh.shape[axis]:
+      raise ValueError(f'--mesh axis {axis}:{mesh.shape[axis]} does not divide the {name} dimension ({size}) of '
+                       f'{what}; choose a size that divides {size}')
+    spec.append(axis)
+  return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
+  """A NamedSharding for every variable of an `nnx.split` state, from its logical axis names."""
+  def sharding(path, var):
+    names = var.get_metadata().get('out_sharding') if hasattr(var, 'get_metadata') else None
+    shape = np.shape(var.get_value() if hasattr(var, 'get_value') else var)
+    if not names:
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, logical_to_spec(tuple(names), shape, mesh, '/'.join(map(str, path))))
+  return nnx.map_state(sharding, state) if hasattr(nnx, 'map_state') else _map_flat(state, sharding)
+
+
+def _map_flat(state: nnx.State, fn) -> Any:
+  flat = [(path, fn(path, var)) for path, var in nnx.to_flat_state(state)]
+  return nnx.from_flat_state(flat)
+
+
+def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+  """Batch rows split over every batch-parallel axis; the batch must divide evenly."""
+  ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if batch_size % ways:
+    raise ValueError(f'--batch_size={batch_size} must be a multiple of {ways} (the data x fsdp x expert mesh axes)')
+  return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Ask XLA to lay `x` out by logical axis names on the current mesh (`jax.set_mesh`); no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  spec = []
+  for name, size in zip(names, x.shape):
+    axis = RULES.get(name) if name else None
+    spec.append(axis if axis and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0 else None)
+  return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def bytes_per_device(model_cfg, mesh_sizes: dict[str, int], bytes_per_param: float) -> float:
+  """Weight bytes one device holds: each parameter's size divided by the mesh axes that split it."""
+  from slmjax.model import abstract_model
+  total = 0.0
+  for path, var in nnx.to_flat_state(nnx.state(abstract_model(model_cfg), nnx.Param)):
+    names = var.get_metadata().get('out_sharding') or ()
+    split = 1
+    for name, size in zip(names, var.shape):
+      axis = RULES.get(name) if name else None
+      if axis and size % mesh_sizes.get(axis, 1) == 0:
+        split *= mesh_sizes.get(axis, 1)
+    total += math.prod(var.shape) / split
+  return total * bytes_per_param
