@@ -1,0 +1,290 @@
+"""The training loop: config checks, optimizer, exact resume, NaN handling, the script's errors, cost helpers."""
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from flax import nnx
+
+from slmjax import ModelConfig, abstract_model, checkpoint, cost
+from slmjax import train as train_lib
+from slmjax.train import TrainConfig, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MOE = ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=32, n_experts=4, top_k=2)
+SMALL = TrainConfig(steps=12, batch_size=4, seq_len=32, warmup=2, eval_every=6, eval_batches=1, log_every=1,
+                    checkpoint_every=0)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+  monkeypatch.setenv('SLMJAX_CACHE_DIR', str(tmp_path_factory.getbasetemp() / 'slmjax-cache'))
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """SMALL trained straight through (MoE), shared by the tests that compare against it."""
+  out = tmp_path_factory.mktemp('straight')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('SLMJAX_CACHE_DIR', str(tmp_path_factory.getbasetemp() / 'slmjax-cache'))
+    return out, train(MOE, SMALL, out, log=None)
+
+
+def read_metrics(out) -> list[dict]:
+  return [json.loads(line) for line in (pathlib.Path(out) / 'metrics.jsonl').read_text().splitlines()]
+
+
+def losses(rows: list[dict]) -> list[tuple]:
+  keys = ('step', 'train_loss', 'eval_loss', 'grad_norm', 'lb_loss', 'z_loss', 'drop_fraction')
+  return [tuple(r.get(k) for k in keys) for r in rows]
+
+
+def restore_latest(out):
+  graphdef, state, _, opt_state = train_lib.init_state(MOE, SMALL)
+  with checkpoint.Checkpointer(pathlib.Path(out) / 'checkpoints') as ck:
+    step = ck.latest_step()
+    state, opt_state, data_state, _ = ck.restore(step, state, opt_state)
+  return step, state, opt_state, data_state
+
+
+@pytest.mark.parametrize('changes,match', [
+    ({'steps': 0}, 'steps'), ({'batch_size': -1}, 'batch_size'), ({'lr': 0.0}, 'lr'),
+    ({'warmup': 20}, 'warmup'), ({'eval_fraction': 1.0}, 'eval_fraction'), ({'seq_len': 0}, 'seq_len'),
+])
+def test_train_config_rejects_nonsense(changes, match):
+  with pytest.raises(ValueError, match=match) as e:
+    SMALL.replace(**changes)
+  assert '\n' not in str(e.value)
+
+
+def test_config_round_trip():
+  assert TrainConfig.from_dict(json.loads(json.dumps(SMALL.to_dict()))) == SMALL
+  with pytest.raises(ValueError, match='unknown'):
+    TrainConfig.from_dict({'stepz': 3})
+
+
+def test_schedule_and_weight_decay_mask():
+  cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
+  schedule = train_lib.lr_schedule(cfg)
+  assert float(schedule(0)) == 0 and math.isclose(float(schedule(5)), 5e-4, rel_tol=1e-5)
+  assert math.isclose(float(schedule(10)), 1e-3, rel_tol=1e-5)
+  assert math.isclose(float(schedule(100)), 1e-4, rel_tol=1e-5)
+  assert float(schedule(10)) > float(schedule(50)) > float(schedule(90))
+  _, params = nnx.split(abstract_model(MOE.replace(norm='layernorm')), nnx.Param)
+  mask = nnx.to_flat_state(train_lib.decay_mask(params))
+  decayed = {str(path[-1]) for path, v in mask if v.get_value()}
+  kept = {str(path[-1]) for path, v in mask if not v.get_value()}
+  assert kept == {'scale_D', 'bias_D'} and 'embed_VD' in decayed and 'w_up_EDF' in decayed
+
+
+def test_train_step_learns_and_reports_router_metrics():
+  graphdef, state, _, opt_state = train_lib.init_state(MOE, SMALL)
+  step, _ = train_lib.cached_steps(graphdef, train_lib._optimizer_fields(SMALL))  # compiled once per session
+  batch = np.random.default_rng(0).integers(0, 256, (4, 33)).astype(np.int32)
+  first = None
+  for _ in range(12):
+    state, opt_state, metrics = step(state, opt_state, batch)
+    first = first if first is not None else float(metrics['ce'])
+  assert float(metrics['ce']) < first - 0.5  # memorises the fixed batch
+  assert set(metrics) >= {'loss', 'ce', 'aux_loss', 'lb_loss', 'z_loss', 'drop_fraction', 'router_entropy',
+                          'expert_load_max_over_mean', 'grad_norm'}
+  assert 1.0 <= float(metrics['expert_load_max_over_mean']) <= MOE.n_experts
+  np.testing.assert_allclose(float(metrics['loss']), float(metrics['ce'] + metrics['aux_loss']), rtol=1e-6)
+
+
+def test_resume_is_exact(straight, tmp_path):
+  out_a, summary_a = straight
+  partial = train(MOE, SMALL, tmp_path, log=None, stop_at_step=5)
+  assert partial['step'] == 5 and not partial['complete'] and not (tmp_path / 'summary.json').exists()
+  summary_b = train(MOE, SMALL, tmp_path, log=None)
+  assert summary_b['step'] == 12 and summary_b['complete']
+  assert losses(read_metrics(tmp_path)) == losses(read_metrics(out_a))  # bit-identical, every logged step
+  assert (summary_b['train_loss'], summary_b['eval_loss']) == (summary_a['train_loss'], summary_a['eval_loss'])
+  _, state_a, opt_a, data_a = restore_latest(out_a)
+  _, state_b, opt_b, data_b = restore_latest(tmp_path)
+  assert data_a == data_b
+  for x, y in zip(jax.tree.leaves((state_a, opt_a)), jax.tree.leaves((state_b, opt_b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_metrics_and_files(straight):
+  out, summary = straight
+  assert {p.name for p in out.iterdir()} == {'config.json', 'metrics.jsonl', 'summary.json', 'checkpoints'}
+  config = json.loads((out / 'config.json').read_text())
+  assert ModelConfig.from_dict(config['model']) == MOE and TrainConfig.from_dict(config['train']) == SMALL
+  rows = read_metrics(out)
+  assert [r['step'] for r in rows] == list(range(13))
+  assert set(rows[0]) == {'step', 'tokens', 'eval_loss', 'eval_bpb'}
+  assert {'train_loss', 'lr', 'tokens_per_s', 'lb_loss', 'z_loss', 'aux_loss', 'drop_fraction',
+          'expert_load_max_over_mean', 'train_total_loss'} <= set(rows[5])
+  assert 'eval_loss' in rows[6] and 'eval_loss' not in rows[5]
+  assert summary['tokens'] == 12 * SMALL.tokens_per_step and summary['tokens_per_s'] > 0
+
+
+def test_rerun_of_a_finished_run_returns_its_summary(straight):
+  out, summary = straight
+  before = snapshot(out)
+  assert train(MOE, SMALL, out, log=None) == summary
+  assert snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_more_steps_continue_the_run(straight, tmp_path):
+  out, _ = straight
+  shutil.copytree(out, tmp_path / 'run')
+  longer = train(MOE, SMALL.replace(steps=15), tmp_path / 'run', log=None)
+  assert longer['step'] == 15 and [r['step'] for r in read_metrics(tmp_path / 'run')][-3:] == [13, 14, 15]
+
+
+def snapshot(directory) -> dict:
+  return {p: p.read_bytes() for p in sorted(pathlib.Path(directory).rglob('*')) if p.is_file()}
+
+
+@pytest.mark.parametrize('model_cfg,train_cfg,match', [
+    (MOE.replace(d_model=64), SMALL, 'different architecture'),
+    (MOE.replace(n_experts=0), SMALL, 'different architecture'),
+    (MOE, SMALL.replace(lr=1e-2), 'other training settings'),
+    (MOE, SMALL.replace(steps=8), 'already at step 12'),
+])
+def test_refuses_to_mix_runs_and_touches_nothing(straight, model_cfg, train_cfg, match):
+  out, _ = straight
+  before = snapshot(out)
+  with pytest.raises(ValueError, match=match):
+    train(model_cfg, train_cfg, out, log=None)
+  assert snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  cfg = SMALL.replace(lr=1e30, warmup=0, checkpoint_every=1, eval_every=0)  # diverges for real
+  with pytest.raises(train_lib.NonFiniteLossError, match='last good checkpoint is step') as e:
+    train(MOE, cfg, tmp_path, log=None)
+  bad_step = read_metrics(tmp_path)[-1]['step']
+  assert 'error' in read_metrics(tmp_path)[-1] and f'step {bad_step}' in str(e.value)
+  step, state, opt_state, _ = restore_latest(tmp_path)
+  assert step < bad_step and bool(train_lib.all_finite((state, opt_state)))
+
+
+def test_nan_between_logs_is_caught_before_the_save(tmp_path, monkeypatch):
+  real = train_lib.cached_steps
+
+  def poisoned(graphdef, cfg):
+    step_fn, eval_fn = real(graphdef, cfg)
+    calls = [0]
+    def step(state, opt_state, batch):
+      calls[0] += 1
+      state, opt_state, metrics = step_fn(state, opt_state, batch)
+      return state, opt_state, {**metrics, 'loss': metrics['loss'] * (jnp.nan if calls[0] == 6 else 1.0)}
+    return step, eval_fn
+  monkeypatch.setattr(train_lib, 'cached_steps', poisoned)
+  cfg = SMALL.replace(checkpoint_every=4, log_every=100, eval_every=0)
+  with pytest.raises(train_lib.NonFiniteLossError, match='step 6: loss nan.*last good checkpoint is step 4'):
+    train(MOE, cfg, tmp_path, log=None)
+  with checkpoint.Checkpointer(tmp_path / 'checkpoints') as ck:
+    assert ck.all_steps() == [4]  # step 8 was never saved
+
+
+def test_flags_build_the_train_config():
+  from slmjax import cli, train_cli
+  cli.define_model_flags()
+  train_cli.define_train_flags()
+  FLAGS = flags.FLAGS
+  try:
+    FLAGS(['prog', '--tokens=10000', '--batch_size=4', '--seq_len=64', '--warmup=5', '--data=x/*.txt'])
+    cfg = train_cli.train_config_from_flags()
+    assert (cfg.steps, cfg.batch_size, cfg.seq_len, cfg.data) == (40, 4, 64, 'x/*.txt')
+    FLAGS.unparse_flags()
+    FLAGS(['prog', '--tokens=10000', '--steps=5'])
+    with pytest.raises(ValueError, match='not both'):
+      train_cli.train_config_from_flags()
+  finally:
+    FLAGS.unparse_flags()
+
+
+def test_cost_helpers():
+  peak = cost.matmul_peak_flops(256, repeats=3)
+  assert peak > 1e8 and cost.matmul_peak_flops(256, repeats=3) == peak  # measured once, then cached
+  row = cost.throughput(1000, 0.5, 6e6, peak_flops=1.2e10)
+  assert row['tokens_per_s'] == 2000 and row['achieved_flops_per_s'] == 1.2e10 and row['mfu'] == 1.0
+  graphdef, state, _, opt_state = train_lib.init_state(MOE, SMALL)
+  step, _ = train_lib.cached_steps(graphdef, train_lib._optimizer_fields(SMALL))
+  batch = np.zeros((4, 33), np.int32)
+  stats, state, opt_state = cost.time_train_step(step, state, opt_state, batch, warmup=1, repeats=2)
+  assert stats['median_s'] > 0 and bool(train_lib.all_finite(state))
+
+
+# experiments/train.py end to end.
+@pytest.fixture(autouse=True)
+def compile_cache(tmp_path_factory, monkeypatch):
+  """Subprocesses share compiled programs through JAX's persistent cache (saves a compile per process)."""
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.getbasetemp() / 'jax-cache'))
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
+
+def script(*args) -> list[str]:
+  return [sys.executable, str(ROOT / 'experiments' / 'train.py'), '--mfu=false', *args]
+
+
+def run_script(*args):
+  return subprocess.run(script(*args), capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+SCRIPT_ARGS = ('--d_model=32', '--n_layers=1', '--n_heads=2', '--seq_len=32', '--batch_size=4', '--warmup=2')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('bad', [
+    ['--data=/no/such/corpus/*.txt'], ['--data={empty}'], ['--seq_len=4096', '--data={small}'],
+    ['--steps=0'], ['--batch_size=0'], ['--steps=-3'],
+])
+def test_script_bad_input_is_one_line_and_writes_nothing(tmp_path, bad):
+  (tmp_path / 'empty.txt').write_text('')
+  (tmp_path / 'small').mkdir()
+  for i in range(3):
+    (tmp_path / 'small' / f'{i}.txt').write_text(f'document {i} ' * 50)
+  bad = [a.format(empty=tmp_path / 'empty.txt', small=tmp_path / 'small') for a in bad]
+  result = run_script(*SCRIPT_ARGS, f'--out={tmp_path / "run"}', *bad)
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('train.py: error: '), result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_script_refuses_other_architecture_in_out(straight):
+  out, _ = straight
+  before = snapshot(out)
+  result = run_script(*SCRIPT_ARGS, f'--out={out}')
+  assert result.returncode == 2 and 'different architecture' in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1 and snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_kill_dash_9_then_rerun_matches_a_straight_run(tmp_path):
+  args = (*SCRIPT_ARGS, '--steps=150', '--checkpoint_every=20', '--eval_every=50', '--log_every=10',
+          '--eval_batches=2')
+  straight_run = run_script(*args, f'--out={tmp_path / "straight"}')
+  assert straight_run.returncode == 0, straight_run.stderr
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(script(*args, f'--out={killed}'), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / 'checkpoints' / '20').exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  os.kill(proc.pid, signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+  assert not (killed / 'summary.json').exists()
+  rerun = run_script(*args, f'--out={killed}')
+  assert rerun.returncode == 0, rerun.stderr
+  assert 'resuming' in rerun.stdout
+  assert losses(read_metrics(killed)) == losses(read_metrics(tmp_path / 'straight'))
