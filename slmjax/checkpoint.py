@@ -15,8 +15,17 @@ import jax
 import orbax.checkpoint as ocp
 
 
+def latest_step(directory: str | os.PathLike) -> int | None:
+  """The newest complete checkpoint in `directory` without creating or cleaning anything (None if none)."""
+  if not os.path.isdir(directory):
+    return None
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
+    return manager.latest_step()
+
+
 class Checkpointer:
-  """Save / restore `(params, opt_state)` pytrees plus JSON data-iterator state and metadata, by step."""
+  """Save / restore `(model state, opt_state)` pytrees plus JSON data-iterator state and metadata, by step."""
 
   def __init__(self, directory: str | os.PathLike, keep: int = 2):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
@@ -31,19 +40,19 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, params, opt_state, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
+  def save(self, step: int, model_state, opt_state, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({'params': params, 'opt_state': opt_state}),
+        state=ocp.args.StandardSave({'model': model_state, 'opt_state': opt_state}),
         data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave({**meta, 'step': step})))
     self.manager.wait_until_finished()
 
-  def restore(self, step: int, params_like, opt_state_like) -> tuple[Any, Any, dict, dict]:
-    """Restore into the structure, shapes, dtypes and shardings of `params_like` / `opt_state_like`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'params': params_like, 'opt_state': opt_state_like})
+  def restore(self, step: int, model_state_like, opt_state_like) -> tuple[Any, Any, dict, dict]:
+    """Restore into the structure, shapes, dtypes and shardings of `model_state_like` / `opt_state_like`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'model': model_state_like, 'opt_state': opt_state_like})
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     state = restored['state']
-    return state['params'], state['opt_state'], restored['data'], restored['meta']
+    return state['model'], state['opt_state'], restored['data'], restored['meta']
 
   def close(self) -> None:
     self.manager.close()

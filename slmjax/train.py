@@ -1,7 +1,7 @@
 """Training: AdamW with warmup + cosine decay, the loss, jitted train/eval steps and the resumable loop.
 
-The train step is a pure function `(params, opt_state, batch_BT1) -> (params, opt_state, metrics)` over the
-`nnx.split` parameter state (the graph definition is closed over), jitted with donated state buffers; it knows
+The train step is a pure function `(state, opt_state, batch_BT1) -> (state, opt_state, metrics)` over the
+`nnx.split` model state (the graph definition is closed over), jitted with donated state buffers; it knows
 nothing about where the model came from, so callers can add shardings (`make_train_step(..., in_shardings=...)`).
 `train()` runs a whole experiment in an output directory and resumes from the latest checkpoint there.
 
@@ -11,6 +11,7 @@ Dimension letters: B batch, T sequence length, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -121,10 +122,15 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig):
-  """A fresh model split into (graphdef, params), the optimizer and its state: `(graphdef, params, tx, opt)`."""
-  graphdef, params = nnx.split(create_model(model_cfg, train_cfg.seed), nnx.Param)
+  """A fresh model split into `(graphdef, state)`, the optimizer, and its state over the nnx.Param part.
+
+  `state` holds every model variable: parameters, and any non-parameter variables (e.g. statistics a layer
+  updates in its forward pass), which the train step carries through without gradients.
+  """
+  graphdef, state = nnx.split(create_model(model_cfg, train_cfg.seed))
   tx = make_optimizer(train_cfg)
-  return graphdef, params, tx, tx.init(params)
+  params, _ = nnx.split_state(state, nnx.Param, ...)
+  return graphdef, state, tx, tx.init(params)
 
 
 # Loss and steps.
@@ -144,32 +150,44 @@ def loss_fn(model, batch_BT1: jax.Array) -> tuple[jax.Array, dict[str, jax.Array
 
 
 def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
-  """The pure (unjitted) train step `(params, opt_state, batch_BT1) -> (params, opt_state, metrics)`."""
-  def step(params, opt_state, batch_BT1):
+  """The pure (unjitted) train step `(state, opt_state, batch_BT1) -> (state, opt_state, metrics)`."""
+  def step(state, opt_state, batch_BT1):
+    params, rest = nnx.split_state(state, nnx.Param, ...)
+
     def loss_of(p):
-      return loss_fn(nnx.merge(graphdef, p), batch_BT1)
-    (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+      model = nnx.merge(graphdef, p, rest)
+      loss, metrics = loss_fn(model, batch_BT1)
+      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (_, (metrics, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     metrics['grad_norm'] = optax.global_norm(grads)
-    return optax.apply_updates(params, updates), opt_state, metrics
+    return nnx.merge_state(optax.apply_updates(params, updates), rest), opt_state, metrics
   return step
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, **jit_kwargs) -> Callable:
-  """The jitted train step; params and opt_state buffers are donated (reuse the returned ones)."""
+  """The jitted train step; state and opt_state buffers are donated (use the returned ones)."""
   return jax.jit(train_step_fn(graphdef, tx), donate_argnums=(0, 1), **jit_kwargs)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, **jit_kwargs) -> Callable:
-  """Jitted `(params, batch_BT1) -> mean cross-entropy` (no aux loss: comparable across architectures)."""
-  def step(params, batch_BT1):
-    return loss_fn(nnx.merge(graphdef, params), batch_BT1)[1]['ce']
+  """Jitted `(state, batch_BT1) -> mean cross-entropy` (no aux loss: comparable across architectures)."""
+  def step(state, batch_BT1):
+    return loss_fn(nnx.merge(graphdef, state), batch_BT1)[1]['ce']
   return jax.jit(step, **jit_kwargs)
 
 
-def evaluate(eval_step: Callable, params, batches_NBT1: np.ndarray) -> float:
+@functools.lru_cache(maxsize=8)
+def cached_steps(graphdef: nnx.GraphDef, train_cfg: TrainConfig) -> tuple[Callable, Callable]:
+  """(train step, eval step) for a model structure and optimizer, reused by repeated `train()` calls in one
+  process (resuming, or a sweep revisiting a configuration) so they are compiled once."""
+  return make_train_step(graphdef, make_optimizer(train_cfg)), make_eval_step(graphdef)
+
+
+def evaluate(eval_step: Callable, state, batches_NBT1: np.ndarray) -> float:
   """Mean held-out cross-entropy (nats/token) over the fixed eval batches."""
-  return float(np.mean(jax.device_get([eval_step(params, b) for b in batches_NBT1])))
+  return float(np.mean(jax.device_get([eval_step(state, b) for b in batches_NBT1])))
 
 
 # The run directory: config.json, metrics.jsonl, summary.json and checkpoints/.
@@ -271,6 +289,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
     raise ValueError(f'data {train_cfg.data!r} has token id {corpus.max_token} >= vocab_size={model_cfg.vocab_size}')
   if previous and previous['data']['data_fingerprint'] != corpus.fingerprint:
     raise ValueError(f'data {train_cfg.data!r} changed since the run in {out} started (other content)')
+  done = checkpoint.latest_step(out / 'checkpoints')
+  if done is not None and done > train_cfg.steps:
+    raise ValueError(f'the run in {out} is already at step {done}, past steps={train_cfg.steps}')
   B, T = train_cfg.batch_size, train_cfg.seq_len
   ds = data.train_dataset(corpus.train_N, T, B, train_cfg.seed, jax.process_index(), jax.process_count())
   eval_NBT1 = data.eval_batches(corpus.eval_N, T, B, train_cfg.eval_batches)
@@ -285,33 +306,33 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
       'counts': counting.summary(model_cfg, T, counts), 'unigram_eval_loss': unigram_loss,
       'devices': [d.device_kind for d in jax.devices()], 'process_count': jax.process_count(),
       'versions': {m.__name__: m.__version__ for m in (jax, optax, flax)}})
-  graphdef, params, tx, opt_state = init_state(model_cfg, train_cfg)
+  graphdef, state, _, opt_state = init_state(model_cfg, train_cfg)
+  # Committed to one device, like restored arrays, so a resumed run reuses the compiled step.
+  state, opt_state = jax.device_put((state, opt_state), jax.local_devices()[0])
   iterator = data.train_iterator(ds)
   ckpt = checkpoint.Checkpointer(out / 'checkpoints', keep=train_cfg.keep_checkpoints)
   try:
     start = ckpt.latest_step() or 0
-    if start > train_cfg.steps:
-      raise ValueError(f'the run in {out} is already at step {start}, past steps={train_cfg.steps}')
     if start == train_cfg.steps and (out / 'summary.json').exists():
       return json.loads((out / 'summary.json').read_text())
     if start:
-      params, opt_state, data_state, _ = ckpt.restore(start, params, opt_state)
+      state, opt_state, data_state, _ = ckpt.restore(start, state, opt_state)
       iterator.set_state(data_state)
       if log:
         log(f'resuming {out} from step {start}')
     metrics_log = MetricsLog(out / 'metrics.jsonl', start)
-    train_step, eval_step = make_train_step(graphdef, tx), make_eval_step(graphdef)
+    train_step, eval_step = cached_steps(graphdef, _optimizer_fields(train_cfg))
     schedule, tokens_per_step = lr_schedule(train_cfg), train_cfg.tokens_per_step
     eval_row = lambda p: _eval_row(evaluate(eval_step, p, eval_NBT1), corpus.tokenizer == 'bytes')
     if start == 0 and train_cfg.eval_every:
-      _emit(metrics_log, log, {'step': 0, 'tokens': 0, **eval_row(params)}, train_cfg.steps, None)
+      _emit(metrics_log, log, {'step': 0, 'tokens': 0, **eval_row(state)}, train_cfg.steps, None)
 
     target = min(train_cfg.steps, stop_at_step or train_cfg.steps)
     step, pending, row, last_eval = start, [], {}, {}
     timed_steps, timed_s, interval_steps, interval_start = 0, 0.0, 0, None
     while step < target:
       batch = next(iterator)
-      params, opt_state, metrics = train_step(params, opt_state, place_batch(batch) if place_batch else batch)
+      state, opt_state, metrics = train_step(state, opt_state, place_batch(batch) if place_batch else batch)
       step += 1
       pending.append(metrics)
       if interval_start is None:  # the first step compiles: time from its end
@@ -325,24 +346,24 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
         continue
       host = jax.device_get(pending)
       elapsed = time.perf_counter() - interval_start
-      _check_finite(host, step, params if do_save else None, metrics_log, ckpt)
+      _check_finite(host, step, state if do_save else None, metrics_log, ckpt)
       timed_steps, timed_s = timed_steps + interval_steps, timed_s + elapsed
       row = {'step': step, 'tokens': step * tokens_per_step, **_mean_metrics(host), 'lr': float(schedule(step - 1))}
       if interval_steps:
         row.update(step_time_s=elapsed / interval_steps, tokens_per_s=interval_steps * tokens_per_step / elapsed)
       if do_eval:
-        last_eval = eval_row(params)
+        last_eval = eval_row(state)
         row.update(last_eval)
       _emit(metrics_log, log, row, train_cfg.steps, (target - step) * timed_s / timed_steps if timed_steps else None)
       if do_save:
-        ckpt.save(step, params, opt_state, iterator.get_state(), {'tokens': step * tokens_per_step})
+        ckpt.save(step, state, opt_state, iterator.get_state(), {'tokens': step * tokens_per_step})
       pending, interval_steps, interval_start = [], 0, time.perf_counter()
 
     if step == start:  # nothing left to train (e.g. killed after the last save): report from the log
-      row, last_eval = metrics_log.last('train_loss'), (eval_row(params) if step == train_cfg.steps else {})
+      row, last_eval = metrics_log.last('train_loss'), (eval_row(state) if step == train_cfg.steps else {})
     summary = {'step': step, 'tokens': step * tokens_per_step, 'complete': step >= train_cfg.steps,
                'train_loss': row.get('train_loss'), **last_eval, 'unigram_eval_loss': unigram_loss,
-               'total_params': counts.total, 'active_params': counts.active,
+               'total_state': counts.total, 'active_state': counts.active,
                'train_flops_per_token': flops_per_token, 'timed_steps': timed_steps}
     if timed_steps:
       summary.update(cost.throughput(tokens_per_step, timed_s / timed_steps, flops_per_token, peak_flops))
@@ -353,15 +374,22 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
     ckpt.close()
 
 
-def _check_finite(host: list[dict], step: int, params, metrics_log: MetricsLog, ckpt) -> None:
+def _optimizer_fields(cfg: TrainConfig) -> TrainConfig:
+  """`cfg` with the fields that do not change the compiled step reset, so equal steps share a cache entry."""
+  defaults = TrainConfig()
+  keep = ('steps', 'lr', 'warmup', 'min_lr_ratio', 'weight_decay', 'b1', 'b2', 'grad_clip')
+  return defaults.replace(**{k: getattr(cfg, k) for k in keep})
+
+
+def _check_finite(host: list[dict], step: int, state, metrics_log: MetricsLog, ckpt) -> None:
   """Raise NonFiniteLossError (after logging it) unless every loss, gradient norm and parameter is finite."""
   problem = None
   for i, m in enumerate(host):
     if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
       problem = f'step {step - len(host) + 1 + i}: loss {float(m["loss"])}, gradient norm {float(m["grad_norm"])}'
       break
-  if problem is None and params is not None and not all_finite(params):
-    problem = f'step {step}: parameters are not finite'
+  if problem is None and state is not None and not all_finite(state):
+    problem = f'step {step}: model parameters or state are not finite'
   if problem:
     message = (f'{problem}; stopped without saving; the last good checkpoint is step {ckpt.latest_step()} in '
                f'{ckpt.directory}')
