@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from slmjax import cli, cost, train, train_cli
 
@@ -28,8 +28,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   model_cfg = cli.model_config_from_flags()
   train_cfg = train_cli.train_config_from_flags()
   out = FLAGS.out or os.path.join('runs', FLAGS.arch)

@@ -44,9 +44,9 @@ def matmul_peak_flops(n: int = 2048, dtype: str = 'float32', repeats: int = 10) 
   return 2 * n ** 3 / time_fn(matmul, a, b, warmup=2, repeats=repeats)['median_s']
 
 
-def time_train_step(step_fn: Callable, params, opt_state, batch, warmup: int = 2, repeats: int = 10
+def time_train_step(step_fn: Callable, state, opt_state, batch, warmup: int = 2, repeats: int = 10
                     ) -> tuple[dict[str, float], Any, Any]:
-  """Seconds per call of a (donating) train step `step_fn(params, opt_state, batch) -> (params, opt_state, m)`.
+  """Seconds per call of a (donating) train step `step_fn(state, opt_state, batch) -> (state, opt_state, m)`.
 
   The state is threaded through the calls (donated buffers cannot be reused), and returned so the caller can
   keep using it.
@@ -54,11 +54,11 @@ def time_train_step(step_fn: Callable, params, opt_state, batch, warmup: int = 2
   times = []
   for i in range(warmup + repeats):
     start = time.perf_counter()
-    params, opt_state, metrics = block(step_fn(params, opt_state, batch))
+    state, opt_state, metrics = block(step_fn(state, opt_state, batch))
     if i >= warmup:
       times.append(time.perf_counter() - start)
   stats = {'median_s': statistics.median(times), 'min_s': min(times), 'mean_s': statistics.fmean(times)}
-  return stats, params, opt_state
+  return stats, state, opt_state
 
 
 def throughput(tokens_per_step: int, step_time_s: float, flops_per_token: float,

@@ -178,11 +178,16 @@ def make_eval_step(graphdef: nnx.GraphDef, **jit_kwargs) -> Callable:
   return jax.jit(step, **jit_kwargs)
 
 
-@functools.lru_cache(maxsize=8)
 def cached_steps(graphdef: nnx.GraphDef, train_cfg: TrainConfig) -> tuple[Callable, Callable]:
-  """(train step, eval step) for a model structure and optimizer, reused by repeated `train()` calls in one
-  process (resuming, or a sweep revisiting a configuration) so they are compiled once."""
-  return make_train_step(graphdef, make_optimizer(train_cfg)), make_eval_step(graphdef)
+  """(train step, eval step) for a model structure and optimizer, compiled once per process: repeated
+  `train()` calls (resuming, a sweep revisiting a configuration, a benchmark) reuse them."""
+  keep = ('steps', 'lr', 'warmup', 'min_lr_ratio', 'weight_decay', 'b1', 'b2', 'grad_clip')
+  return _cached_steps(graphdef, TrainConfig().replace(**{k: getattr(train_cfg, k) for k in keep}))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_steps(graphdef: nnx.GraphDef, optimizer_cfg: TrainConfig) -> tuple[Callable, Callable]:
+  return make_train_step(graphdef, make_optimizer(optimizer_cfg)), make_eval_step(graphdef)
 
 
 def evaluate(eval_step: Callable, state, batches_NBT1: np.ndarray) -> float:
@@ -321,7 +326,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
       if log:
         log(f'resuming {out} from step {start}')
     metrics_log = MetricsLog(out / 'metrics.jsonl', start)
-    train_step, eval_step = cached_steps(graphdef, _optimizer_fields(train_cfg))
+    train_step, eval_step = cached_steps(graphdef, train_cfg)
     schedule, tokens_per_step = lr_schedule(train_cfg), train_cfg.tokens_per_step
     eval_row = lambda p: _eval_row(evaluate(eval_step, p, eval_NBT1), corpus.tokenizer == 'bytes')
     if start == 0 and train_cfg.eval_every:
@@ -363,7 +368,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
       row, last_eval = metrics_log.last('train_loss'), (eval_row(state) if step == train_cfg.steps else {})
     summary = {'step': step, 'tokens': step * tokens_per_step, 'complete': step >= train_cfg.steps,
                'train_loss': row.get('train_loss'), **last_eval, 'unigram_eval_loss': unigram_loss,
-               'total_state': counts.total, 'active_state': counts.active,
+               'total_params': counts.total, 'active_params': counts.active,
                'train_flops_per_token': flops_per_token, 'timed_steps': timed_steps}
     if timed_steps:
       summary.update(cost.throughput(tokens_per_step, timed_s / timed_steps, flops_per_token, peak_flops))
@@ -372,13 +377,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
     return summary
   finally:
     ckpt.close()
-
-
-def _optimizer_fields(cfg: TrainConfig) -> TrainConfig:
-  """`cfg` with the fields that do not change the compiled step reset, so equal steps share a cache entry."""
-  defaults = TrainConfig()
-  keep = ('steps', 'lr', 'warmup', 'min_lr_ratio', 'weight_decay', 'b1', 'b2', 'grad_clip')
-  return defaults.replace(**{k: getattr(cfg, k) for k in keep})
 
 
 def _check_finite(host: list[dict], step: int, state, metrics_log: MetricsLog, ckpt) -> None:

@@ -90,7 +90,7 @@ def test_schedule_and_weight_decay_mask():
 
 def test_train_step_learns_and_reports_router_metrics():
   graphdef, state, _, opt_state = train_lib.init_state(MOE, SMALL)
-  step, _ = train_lib.cached_steps(graphdef, train_lib._optimizer_fields(SMALL))  # compiled once per session
+  step, _ = train_lib.cached_steps(graphdef, SMALL)  # compiled once per session
   batch = np.random.default_rng(0).integers(0, 256, (4, 33)).astype(np.int32)
   first = None
   for _ in range(12):
@@ -130,6 +130,7 @@ def test_metrics_and_files(straight):
           'expert_load_max_over_mean', 'train_total_loss'} <= set(rows[5])
   assert 'eval_loss' in rows[6] and 'eval_loss' not in rows[5]
   assert summary['tokens'] == 12 * SMALL.tokens_per_step and summary['tokens_per_s'] > 0
+  assert summary['total_params'] > summary['active_params'] > 0 and summary['train_flops_per_token'] > 0
 
 
 def test_rerun_of_a_finished_run_returns_its_summary(straight):
@@ -218,7 +219,7 @@ def test_cost_helpers():
   row = cost.throughput(1000, 0.5, 6e6, peak_flops=1.2e10)
   assert row['tokens_per_s'] == 2000 and row['achieved_flops_per_s'] == 1.2e10 and row['mfu'] == 1.0
   graphdef, state, _, opt_state = train_lib.init_state(MOE, SMALL)
-  step, _ = train_lib.cached_steps(graphdef, train_lib._optimizer_fields(SMALL))
+  step, _ = train_lib.cached_steps(graphdef, SMALL)
   batch = np.zeros((4, 33), np.int32)
   stats, state, opt_state = cost.time_train_step(step, state, opt_state, batch, warmup=1, repeats=2)
   assert stats['median_s'] > 0 and bool(train_lib.all_finite(state))
