@@ -17,11 +17,8 @@ import orbax.checkpoint as ocp
 
 def latest_step(directory: str | os.PathLike) -> int | None:
   """The newest complete checkpoint in `directory` without creating or cleaning anything (None if none)."""
-  if not os.path.isdir(directory):
-    return None
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
-    return manager.latest_step()
+  steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+  return max(steps, default=None)
 
 
 class Checkpointer:
