@@ -3,16 +3,23 @@
 Conventions
 - total: every parameter (all experts). active: what one token touches: embeddings, attention, norms, router,
   shared experts, dense FFNs and top_k of the routed experts (expert weights scaled by top_k / n_experts).
-- embedding parameters: the input embedding table, plus the output projection when it is untied; everything else
-  is non-embedding (Kaplan et al. 2020 exclude embeddings from N).
+- embedding parameters: the input embedding table, plus the output projection when it is untied and its bias
+  (`lm_head_bias`); everything else is non-embedding (Kaplan et al. 2020 exclude embeddings from N).
+- stored weights that gradients do not train (the sigmoid router's selection bias of DeepSeek-V3) are counted,
+  in total and active, as the published checkpoints count them (HF's `e_score_correction_bias`): they must be
+  resident, and every token reads them.
 - training FLOPs per token (same as PaLM, Chowdhery et al. 2022, appendix B, and Kaplan et al. 2020, table 1):
     6 * N_matmul_active + 6 * n_layers * seq_len * n_heads * head_dim
-  N_matmul_active counts parameters used in a matmul by one token: attention q/k/v/o, dense FFNs, router,
-  shared experts, top_k routed experts and the lm_head (tied or not: the unembedding matmul happens either way);
-  not the input embedding (a gather) nor norm gains. 6 = 2 FLOPs per multiply-add x 3 (forward + backward).
-  The attention term is causal: QK^T and AV cost 4 * T * N * H per token per layer forward, halved for the
+  N_matmul_active counts parameters used in a matmul by one token: attention projections (MLA latents
+  included), dense FFNs, router, shared experts (and their gate), top_k routed experts and the lm_head (tied or
+  not: the unembedding matmul happens either way); not the input embedding (a gather), norm gains nor additive
+  biases. 6 = 2 FLOPs per multiply-add x 3 (forward + backward). The attention term is causal: QK^T and AV cost
+  2 * T * N * (H_qk + H_v) per token per layer forward (4 * T * N * H when both widths are H), halved for the
   lower triangle, x 3 for training. Elementwise ops, softmax, the loss and the optimizer are not counted.
   Inference FLOPs per token are a third of training FLOPs (forward only).
+- device fit: the smallest rung of DEVICE_LADDER whose memory holds the weights alone in FIT_FRACTION of it
+  (the rest left for activations, KV cache and the runtime); int8 / int4 are 1 / 0.5 byte a weight, without
+  quantisation scales.
 """
 
 from __future__ import annotations
@@ -27,9 +34,13 @@ from slmjax.config import ModelConfig
 from slmjax.layers import is_gated
 
 BYTES_PER_PARAM = {'float32': 4.0, 'bfloat16': 2.0, 'int8': 1.0, 'int4': 0.5}
-EMBEDDING_PARAMS = ('embed_VD', 'lm_head_DV')
+EMBEDDING_PARAMS = ('embed_VD', 'lm_head_DV', 'b_lm_head_V')
 ROUTED_EXPERT_PARAMS = ('w_gate_EDF', 'w_up_EDF', 'w_down_EFD')
 NORM_PARAMS = ('scale_D', 'bias_D')
+BIAS_PREFIX = 'b_'  # every other leaf named b_* is an additive bias (projection biases, router selection bias)
+DEVICE_LADDER = (('phone', 4e9), ('laptop', 16e9), ('gpu-80GB', 80e9), ('node-8x80GB', 640e9))
+FIT_FRACTION = 0.8
+FIT_DTYPES = ('int4', 'int8', 'bfloat16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +50,7 @@ class ParamCounts:
   active_non_embedding: int
   norm: int  # norm gains and biases (inside non_embedding; not matmul parameters)
   lm_head_matmul: int  # parameters of the unembedding matmul (= the embedding table when tied)
+  bias: int = 0  # additive biases inside non_embedding (q/k/v/o biases, router selection bias): not matmul
 
   @property
   def total(self) -> int:
@@ -50,44 +62,81 @@ class ParamCounts:
 
   @property
   def active_matmul(self) -> int:
-    return self.active_non_embedding - self.norm + self.lm_head_matmul
+    return self.active_non_embedding - self.norm - self.bias + self.lm_head_matmul
 
 
 def _ffn_params(cfg: ModelConfig, width: int) -> int:
   return (3 if is_gated(cfg.activation) else 2) * cfg.d_model * width
 
 
+def _attention_params(cfg: ModelConfig) -> tuple[int, int, int]:
+  """(matmul, norm, bias) parameters of one attention sublayer."""
+  D, N = cfg.d_model, cfg.n_heads
+  norm_per = 2 if cfg.norm == 'layernorm' else 1
+  o_bias = D if cfg.o_bias else 0
+  if cfg.attention == 'mla':
+    H, R, U, L, C = cfg.head_size, cfg.rope_size, cfg.v_head_size, cfg.q_lora_rank, cfg.kv_rank
+    query = D * L + L * N * (H + R) if L else D * N * (H + R)
+    matmul = query + D * (C + R) + C * N * (H + U) + N * U * D
+    return matmul, (L + C) * norm_per, o_bias
+  K, H = cfg.kv_heads, cfg.head_size
+  matmul = 2 * D * N * H + 2 * D * K * H
+  qk_norm = {'none': 0, 'head': 2 * H, 'full': (N + K) * H}[cfg.qk_norm] * norm_per
+  qkv_bias = (N + 2 * K) * H if cfg.qkv_bias else 0
+  return matmul, qk_norm, qkv_bias + o_bias
+
+
+def _moe_params(cfg: ModelConfig) -> tuple[int, int, int]:
+  """(total, active, bias) parameters of one MoE FFN: routed experts, router, shared experts and their gate."""
+  D, E = cfg.d_model, cfg.n_experts
+  routed = E * _ffn_params(cfg, cfg.expert_size)
+  always = D * E + _ffn_params(cfg, cfg.n_shared_experts * cfg.shared_size) + (D if cfg.shared_gate else 0)
+  bias = E if cfg.router_bias else 0
+  return routed + always + bias, routed * cfg.top_k // E + always + bias, bias
+
+
 def analytic_counts(cfg: ModelConfig) -> ParamCounts:
   """Parameter counts from the config alone (closed form)."""
-  D, V = cfg.d_model, cfg.vocab_size
+  D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
   norm_per = 2 if cfg.norm == 'layernorm' else 1
-  attn = D * cfg.n_heads * cfg.head_size * 2 + D * cfg.kv_heads * cfg.head_size * 2
-  norms = (2 * cfg.n_layers + 1) * D * norm_per
-  total = active = attn * cfg.n_layers + norms
-  for layer in range(cfg.n_layers):
+  attn_matmul, attn_norm, attn_bias = _attention_params(cfg)
+  block_norms = (4 if cfg.post_norms else 2) * D * norm_per
+  norms = L * (block_norms + attn_norm) + D * norm_per
+  biases = L * attn_bias
+  total = active = L * (attn_matmul + attn_bias) + norms
+  for layer in range(L):
     if cfg.is_moe_layer(layer):
-      routed = cfg.n_experts * _ffn_params(cfg, cfg.expert_size)
-      always = D * cfg.n_experts + _ffn_params(cfg, cfg.n_shared_experts * cfg.shared_size)
-      total += routed + always
-      active += routed * cfg.top_k // cfg.n_experts + always
+      moe_total, moe_active, moe_bias = _moe_params(cfg)
+      total, active, biases = total + moe_total, active + moe_active, biases + moe_bias
     else:
       total += _ffn_params(cfg, cfg.ffn_size)
       active += _ffn_params(cfg, cfg.ffn_size)
-  embedding = V * D * (1 if cfg.tie_embeddings else 2)
-  return ParamCounts(embedding, total, active, norms, V * D)
+  embedding = V * D * (1 if cfg.tie_embeddings else 2) + (V if cfg.lm_head_bias else 0)
+  return ParamCounts(embedding, total, active, norms, V * D, biases)
+
+
+def stored_weights(model) -> list[tuple[str, tuple[int, ...]]]:
+  """(leaf name, shape) of every stored weight of a model: its nnx.Params and router selection biases."""
+  from slmjax.moe import SelectionBias  # local: keep this module importable without building models
+  state = nnx.state(model, nnx.Any(nnx.Param, SelectionBias))
+  return [(str(path[-1]), tuple(var.shape)) for path, var in nnx.to_flat_state(state)]
 
 
 def module_counts(cfg: ModelConfig) -> ParamCounts:
-  """Parameter counts read off the real module tree built with `nnx.eval_shape` (nothing allocated)."""
+  """Parameter counts read off the real module tree built with `nnx.eval_shape` (nothing allocated).
+
+  Leaves are classified by name: EMBEDDING_PARAMS, ROUTED_EXPERT_PARAMS (active share top_k / n_experts),
+  NORM_PARAMS, biases (`b_*`); everything else is a matmul weight every token uses.
+  """
   from slmjax.model import abstract_model  # local: model imports this module's users, keep import light
-  model = abstract_model(cfg)
-  embedding = non_embedding = active = norms = 0
+  embedding = non_embedding = active = norms = biases = 0
   lm_head = 0
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name, size = str(path[-1]), int(np.prod(var.shape))
+  for name, shape in stored_weights(abstract_model(cfg)):
+    size = int(np.prod(shape))
     if name in EMBEDDING_PARAMS:
       embedding += size
-      lm_head = size if name == 'lm_head_DV' or cfg.tie_embeddings else lm_head
+      if name == 'lm_head_DV' or (name == 'embed_VD' and cfg.tie_embeddings):
+        lm_head = size
       continue
     non_embedding += size
     if name in ROUTED_EXPERT_PARAMS:
@@ -96,24 +145,35 @@ def module_counts(cfg: ModelConfig) -> ParamCounts:
       active += size
     if name in NORM_PARAMS:
       norms += size
-  return ParamCounts(embedding, non_embedding, active, norms, lm_head)
+    elif name.startswith(BIAS_PREFIX):
+      biases += size
+  return ParamCounts(embedding, non_embedding, active, norms, lm_head, biases)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, counts: ParamCounts | None = None) -> int:
-  """6 * N_matmul_active + 6 * n_layers * seq_len * n_heads * head_dim (see the module docstring)."""
+  """6 * N_matmul_active + 3 * n_layers * seq_len * n_heads * (H_qk + H_v) (see the module docstring)."""
   counts = counts or analytic_counts(cfg)
   T = seq_len or cfg.max_seq_len
-  return 6 * counts.active_matmul + 6 * cfg.n_layers * T * cfg.n_heads * cfg.head_size
+  return 6 * counts.active_matmul + 3 * cfg.n_layers * T * cfg.n_heads * (cfg.qk_head_size + cfg.v_head_size)
 
 
 def weight_bytes(n_params: int) -> dict[str, int]:
   return {dtype: int(n_params * b) for dtype, b in BYTES_PER_PARAM.items()}
 
 
+def smallest_device(n_bytes: float) -> str:
+  """The first rung of DEVICE_LADDER whose memory, times FIT_FRACTION, holds `n_bytes`; 'beyond' if none."""
+  for name, capacity in DEVICE_LADDER:
+    if n_bytes <= FIT_FRACTION * capacity:
+      return name
+  return 'beyond'
+
+
 def summary(cfg: ModelConfig, seq_len: int | None = None, counts: ParamCounts | None = None) -> dict:
   """Every count as a flat dict (the JSON of `experiments/count.py`)."""
   counts = counts or analytic_counts(cfg)
   train = train_flops_per_token(cfg, seq_len, counts)
+  n_bytes = weight_bytes(counts.total)
   return {
       'total_params': counts.total,
       'active_params': counts.active,
@@ -125,7 +185,8 @@ def summary(cfg: ModelConfig, seq_len: int | None = None, counts: ParamCounts | 
       'train_flops_per_token': train,
       'inference_flops_per_token': train // 3,
       'seq_len': seq_len or cfg.max_seq_len,
-      'weight_bytes': weight_bytes(counts.total),
+      'weight_bytes': n_bytes,
+      'smallest_device': {dtype: smallest_device(n_bytes[dtype]) for dtype in FIT_DTYPES},
   }
 
 

@@ -2,8 +2,8 @@
 
 Dimension letters used in tensor names (nanodo style):
   B batch, T query time, S key time, D d_model, N query heads, K kv heads, G query heads per kv head (N = K * G),
-  H head_dim, F ffn width, V vocab.
-Parameters carry logical axis names (`sharding_names` metadata) that `slmjax.sharding` maps onto a device mesh.
+  H head_dim, U value head width, F ffn width, V vocab.
+Parameters carry logical axis names (`out_sharding` metadata) that `slmjax.sharding` maps onto a device mesh.
 """
 
 from __future__ import annotations
@@ -19,24 +19,28 @@ def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def make_param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype: str,
+def make_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...], dtype: str,
                fan_in: int | None = None, init: str = 'normal', std: float | None = None) -> nnx.Param:
   """A parameter initialised with truncated-normal std (default 1/sqrt(fan_in)), ones or zeros.
 
   `names` are the logical axis names of the parameter's dimensions; `fan_in` defaults to shape[0].
+  `rngs=None` builds zeros instead of random draws: shapes only, for `abstract_model`.
   """
   if init == 'ones':
     value = jnp.ones(shape, dtype_of(dtype))
-  elif init == 'zeros':
+  elif init == 'zeros' or rngs is None:
     value = jnp.zeros(shape, dtype_of(dtype))
   else:
     std = std if std is not None else (fan_in if fan_in is not None else shape[0]) ** -0.5
     value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, dtype_of(dtype))
-  return nnx.Param(value, sharding_names=names, eager_sharding=False)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class Norm(nnx.Module):
-  """RMSNorm (scale only) or LayerNorm (scale and bias), statistics in float32."""
+  """RMSNorm (scale only) or LayerNorm (scale and bias) over the last axis, statistics in float32.
+
+  The parameters are named `scale_D` / `bias_D` whatever the normalised width is (counting finds norms by name).
+  """
 
   def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
     self.kind, self.eps = cfg.norm, cfg.norm_eps
@@ -70,8 +74,32 @@ def apply_rope(x_BTNH: jax.Array, cos_TH: jax.Array, sin_TH: jax.Array) -> jax.A
   return out.astype(x_BTNH.dtype)
 
 
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  """cap * tanh(x / cap): bounds logits smoothly to (-cap, cap) (Gemma 2); cap 0 leaves x unchanged."""
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
+def causal_attention(q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKU: jax.Array, cap: float = 0.0) -> jax.Array:
+  """softmax(q k^T / sqrt(H) + causal mask) v, logits and softmax in float32; returns out_BTKGU.
+
+  G query heads share each of the K key/value heads (G = 1 is plain multi-head attention); U is the value width.
+  """
+  T, H = q_BTKGH.shape[1], q_BTKGH.shape[-1]
+  logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH).astype(jnp.float32) * H ** -0.5
+  logits_BKGTS = softcap(logits_BKGTS, cap)
+  causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+  logits_BKGTS = jnp.where(causal_TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKU.dtype)
+  return jnp.einsum('BKGTS,BSKU->BTKGU', probs_BKGTS, v_BSKU)
+
+
 class Attention(nnx.Module):
-  """Causal multi-head attention with rotary embeddings and grouped-query attention (K kv heads)."""
+  """Causal attention with rotary embeddings and grouped-query attention (K kv heads).
+
+  Options: biases on q/k/v (`qkv_bias`) and on the output (`o_bias`); QK-norm before rotary, either per head
+  (`qk_norm='head'`, one gain vector of size H shared by the heads, Qwen3) or over the whole projection
+  (`'full'`, gains of size N*H and K*H, OLMoE); tanh soft-capping of the logits (`attn_softcap`, Gemma 2).
+  """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
@@ -80,25 +108,41 @@ class Attention(nnx.Module):
     self.w_k_DKH = make_param(rngs, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg.param_dtype, fan_in=D)
     self.w_v_DKH = make_param(rngs, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg.param_dtype, fan_in=D)
     self.w_o_NHD = make_param(rngs, (N, H, D), ('q_heads', 'head_dim', 'embed'), cfg.param_dtype, fan_in=N * H)
+    if cfg.qkv_bias:
+      self.b_q_NH = make_param(rngs, (N, H), ('q_heads', 'head_dim'), cfg.param_dtype, init='zeros')
+      self.b_k_KH = make_param(rngs, (K, H), ('kv_heads', 'head_dim'), cfg.param_dtype, init='zeros')
+      self.b_v_KH = make_param(rngs, (K, H), ('kv_heads', 'head_dim'), cfg.param_dtype, init='zeros')
+    if cfg.o_bias:
+      self.b_o_D = make_param(rngs, (D,), ('embed',), cfg.param_dtype, init='zeros')
+    if cfg.qk_norm == 'head':
+      self.q_norm, self.k_norm = Norm(H, cfg, rngs), Norm(H, cfg, rngs)
+    elif cfg.qk_norm == 'full':
+      self.q_norm, self.k_norm = Norm(N * H, cfg, rngs), Norm(K * H, cfg, rngs)
 
   def __call__(self, x_BTD: jax.Array, cos_TH: jax.Array, sin_TH: jax.Array) -> jax.Array:
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     B, T, _ = x_BTD.shape
-    K, G, H = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
+    N, K, G, H = cfg.n_heads, cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
     q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.w_q_DNH[...].astype(dt))
     k_BSKH = jnp.einsum('BSD,DKH->BSKH', x_BTD, self.w_k_DKH[...].astype(dt))
     v_BSKH = jnp.einsum('BSD,DKH->BSKH', x_BTD, self.w_v_DKH[...].astype(dt))
+    if cfg.qkv_bias:
+      q_BTNH = q_BTNH + self.b_q_NH[...].astype(dt)
+      k_BSKH = k_BSKH + self.b_k_KH[...].astype(dt)
+      v_BSKH = v_BSKH + self.b_v_KH[...].astype(dt)
+    if cfg.qk_norm == 'head':
+      q_BTNH, k_BSKH = self.q_norm(q_BTNH), self.k_norm(k_BSKH)
+    elif cfg.qk_norm == 'full':
+      q_BTNH = self.q_norm(q_BTNH.reshape(B, T, N * H)).reshape(B, T, N, H)
+      k_BSKH = self.k_norm(k_BSKH.reshape(B, T, K * H)).reshape(B, T, K, H)
     q_BTNH = apply_rope(q_BTNH, cos_TH, sin_TH)
     k_BSKH = apply_rope(k_BSKH, cos_TH, sin_TH)
-    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
-    logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH).astype(jnp.float32) * H ** -0.5
-    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
-    logits_BKGTS = jnp.where(causal_TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dt)
-    out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
-    out_BTNH = out_BTKGH.reshape(B, T, K * G, H)
-    return jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.w_o_NHD[...].astype(dt))
+    out_BTKGH = causal_attention(q_BTNH.reshape(B, T, K, G, H), k_BSKH, v_BSKH, cfg.attn_softcap)
+    y_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTKGH.reshape(B, T, N, H), self.w_o_NHD[...].astype(dt))
+    if cfg.o_bias:
+      y_BTD = y_BTD + self.b_o_D[...].astype(dt)
+    return y_BTD
 
 
 def activate(gate_F: jax.Array | None, up_F: jax.Array, activation: str) -> jax.Array:

@@ -1,6 +1,6 @@
 """The Transformer: pre-norm blocks of one shared attention design plus a dense or routed-expert FFN.
 
-Dimension letters: B batch, T time, D d_model, V vocab, E experts, H head_dim.
+Dimension letters: B batch, T time, D d_model, V vocab, E experts, H rotary width per head.
 """
 
 from __future__ import annotations
@@ -10,28 +10,40 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slmjax.config import ModelConfig
-from slmjax.layers import Attention, DenseFFN, Norm, dtype_of, make_param, rope_tables
-from slmjax.moe import MoEFFN
+from slmjax.layers import Attention, DenseFFN, Norm, dtype_of, make_param, rope_tables, softcap
+from slmjax.mla import MLAttention
+from slmjax.moe import MoEFFN, balance_selection_bias
 
 MOE_METRICS = ('lb_loss', 'z_loss', 'drop_fraction', 'router_entropy')
 
 
 class Block(nnx.Module):
-  """x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense or MoE according to `cfg.is_moe_layer(layer)`."""
+  """x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense or MoE according to `cfg.is_moe_layer(layer)`.
+
+  Attention is GQA or MLA (`cfg.attention`). With `post_norms` each sublayer output is normed again before the
+  residual add, x + norm(attn(norm(x))): Gemma 2's four norms per block.
+  """
 
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     self.attn_norm = Norm(cfg.d_model, cfg, rngs)
-    self.attn = Attention(cfg, rngs)
+    self.attn = MLAttention(cfg, rngs) if cfg.attention == 'mla' else Attention(cfg, rngs)
     self.ffn_norm = Norm(cfg.d_model, cfg, rngs)
     self.is_moe = cfg.is_moe_layer(layer)
     self.ffn = MoEFFN(cfg, rngs) if self.is_moe else DenseFFN(cfg, cfg.ffn_size, rngs)
+    self.post_norms = cfg.post_norms
+    if cfg.post_norms:
+      self.post_attn_norm = Norm(cfg.d_model, cfg, rngs)
+      self.post_ffn_norm = Norm(cfg.d_model, cfg, rngs)
 
   def __call__(self, x_BTD, cos_TH, sin_TH) -> tuple[jax.Array, dict | None]:
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
+    y_BTD = self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
+    x_BTD = x_BTD + (self.post_attn_norm(y_BTD) if self.post_norms else y_BTD)
+    extras = None
     if self.is_moe:
       y_BTD, extras = self.ffn(self.ffn_norm(x_BTD))
-      return x_BTD + y_BTD, extras
-    return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
+    else:
+      y_BTD = self.ffn(self.ffn_norm(x_BTD))
+    return x_BTD + (self.post_ffn_norm(y_BTD) if self.post_norms else y_BTD), extras
 
 
 class Transformer(nnx.Module):
@@ -51,9 +63,12 @@ class Transformer(nnx.Module):
     self.final_norm = Norm(cfg.d_model, cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head_DV = make_param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.param_dtype)
+    if cfg.lm_head_bias:
+      self.b_lm_head_V = make_param(rngs, (cfg.vocab_size,), ('vocab',), cfg.param_dtype, init='zeros')
 
   def embed(self, tokens_BT: jax.Array) -> jax.Array:
-    return jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dtype_of(self.cfg.dtype))
+    x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dtype_of(self.cfg.dtype))
+    return x_BTD * jnp.asarray(self.cfg.d_model ** 0.5, x_BTD.dtype) if self.cfg.embed_scale else x_BTD
 
   def __call__(self, tokens_BT: jax.Array) -> tuple[jax.Array, dict]:
     return self.forward_embeddings(self.embed(tokens_BT))
@@ -64,7 +79,7 @@ class Transformer(nnx.Module):
     T = x_BTD.shape[1]
     if T > cfg.max_seq_len:
       raise ValueError(f'sequence length {T} exceeds max_seq_len={cfg.max_seq_len}')
-    cos_TH, sin_TH = rope_tables(T, cfg.head_size, cfg.rope_theta)
+    cos_TH, sin_TH = rope_tables(T, cfg.rope_size, cfg.rope_theta)
     layer_extras = []
     for block in self.blocks:
       x_BTD, extras = block(x_BTD, cos_TH, sin_TH)
@@ -76,7 +91,10 @@ class Transformer(nnx.Module):
       logits_BTV = jnp.einsum('BTD,VD->BTV', x_BTD, self.embed_VD[...].astype(dt))
     else:
       logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, self.lm_head_DV[...].astype(dt))
-    return logits_BTV.astype(jnp.float32), summarize_extras(cfg, layer_extras)
+    if cfg.lm_head_bias:
+      logits_BTV = logits_BTV + self.b_lm_head_V[...].astype(dt)
+    logits_BTV = softcap(logits_BTV.astype(jnp.float32), cfg.logit_softcap)
+    return logits_BTV, summarize_extras(cfg, layer_extras)
 
 
 def summarize_extras(cfg: ModelConfig, layer_extras: list[dict]) -> dict:
@@ -87,10 +105,24 @@ def summarize_extras(cfg: ModelConfig, layer_extras: list[dict]) -> dict:
   return {'aux_loss': aux, **means, 'moe_layers': layer_extras}
 
 
+def balance_router_biases(model: Transformer, extras: dict, rate: float) -> None:
+  """Aux-loss-free balancing step for every MoE layer with a selection bias, from a forward pass's extras
+  (their `moe_layers` come in block order). Call it after the optimizer step, outside the gradient."""
+  if not model.cfg.router_bias:
+    return
+  moe_blocks = [block for block in model.blocks if block.is_moe]
+  for block, layer in zip(moe_blocks, extras['moe_layers'], strict=True):
+    block.ffn.b_select_E[...] = balance_selection_bias(block.ffn.b_select_E[...], layer['expert_load'], rate)
+
+
 def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
   return Transformer(cfg, nnx.Rngs(params=seed))
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:
-  """The model with ShapeDtypeStruct leaves: its full parameter tree, no memory allocated."""
-  return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+  """The model with ShapeDtypeStruct leaves: its full parameter tree, no memory allocated.
+
+  Built without random draws (`rngs=None`): under tracing each draw updates the Rngs counter, and flax's check
+  of that update walks the whole trace, so a 61-layer DeepSeek-V3 would take tens of seconds instead of one.
+  """
+  return nnx.eval_shape(lambda: Transformer(cfg, None))

@@ -25,13 +25,28 @@ class Routing(NamedTuple):
   logits_XE: jax.Array  # float32 raw router logits (for the z-loss)
 
 
-def route(logits_XE: jax.Array, top_k: int, variant: str, renormalize: bool) -> Routing:
+def route(logits_XE: jax.Array, top_k: int, variant: str, renormalize: bool,
+          bias_E: jax.Array | None = None) -> Routing:
   """Pick top_k experts per token.
 
   softmax_topk: softmax over all experts, keep the k largest probabilities (renormalised to sum to 1 if asked);
-  topk_softmax: keep the k largest logits, softmax over those k (Mixtral).
+  topk_softmax: keep the k largest logits, softmax over those k (Mixtral);
+  sigmoid: independent sigmoid scores; the k largest of `scores + bias_E` are chosen, but the gates are the
+  unbiased scores (renormalised if asked): the bias steers selection only and gets no gradient (DeepSeek-V3,
+  auxiliary-loss-free balancing). For the balance loss and entropy, `probs_XE` are the scores normalised to sum 1.
   """
   logits_XE = logits_XE.astype(jnp.float32)
+  if variant == 'sigmoid':
+    scores_XE = jax.nn.sigmoid(logits_XE)
+    select_XE = scores_XE if bias_E is None else scores_XE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
+    _, experts_XA = jax.lax.top_k(select_XE, top_k)
+    gates_XA = jnp.take_along_axis(scores_XE, experts_XA, axis=-1)
+    if renormalize:
+      gates_XA = gates_XA / jnp.sum(gates_XA, axis=-1, keepdims=True)
+    probs_XE = scores_XE / jnp.sum(scores_XE, axis=-1, keepdims=True)
+    return Routing(gates_XA, experts_XA.astype(jnp.int32), probs_XE, logits_XE)
+  if bias_E is not None:
+    raise ValueError(f'a selection bias needs the sigmoid router, got {variant!r}')
   probs_XE = jax.nn.softmax(logits_XE, axis=-1)
   if variant == 'softmax_topk':
     gates_XA, experts_XA = jax.lax.top_k(probs_XE, top_k)
@@ -43,6 +58,19 @@ def route(logits_XE: jax.Array, top_k: int, variant: str, renormalize: bool) -> 
   else:
     raise ValueError(f'unknown router variant {variant!r}')
   return Routing(gates_XA, experts_XA.astype(jnp.int32), probs_XE, logits_XE)
+
+
+def balance_selection_bias(bias_E: jax.Array, expert_load_E: jax.Array, rate: float) -> jax.Array:
+  """One step of auxiliary-loss-free balancing (DeepSeek-V3, arXiv:2412.19437, section 2.1.2).
+
+  Experts with less than the mean load 1/E get their selection bias raised by `rate`, busier ones lowered.
+  """
+  return bias_E + rate * jnp.sign(1.0 / bias_E.shape[-1] - expert_load_E)
+
+
+class SelectionBias(nnx.Variable):
+  """The router's selection-only bias: a stored weight that gradients never touch (an optimizer built with
+  `wrt=nnx.Param` skips it); `balance_selection_bias` updates it from the expert loads."""
 
 
 def load_balancing_loss(probs_XE: jax.Array, experts_XA: jax.Array) -> jax.Array:
@@ -79,7 +107,11 @@ def group_size_for(n_tokens: int, group_size: int) -> int:
 
 
 class MoEFFN(nnx.Module):
-  """Routed expert FFN: a router picks top_k of n_experts per token; optional always-on shared experts."""
+  """Routed expert FFN: a router picks top_k of n_experts per token; optional always-on shared experts.
+
+  Options: a selection-only router bias (`router_bias`, sigmoid router), a constant scale on the routed output
+  (`routed_scale`), a per-token sigmoid gate on the shared experts (`shared_gate`).
+  """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     D, E, F = cfg.d_model, cfg.n_experts, cfg.expert_size
@@ -89,9 +121,14 @@ class MoEFFN(nnx.Module):
       self.w_gate_EDF = make_param(rngs, (E, D, F), ('expert', 'embed', 'mlp'), cfg.param_dtype, fan_in=D)
     self.w_up_EDF = make_param(rngs, (E, D, F), ('expert', 'embed', 'mlp'), cfg.param_dtype, fan_in=D)
     self.w_down_EFD = make_param(rngs, (E, F, D), ('expert', 'mlp', 'embed'), cfg.param_dtype, fan_in=F)
+    if cfg.router_bias:
+      self.b_select_E = SelectionBias(jnp.zeros((E,), jnp.float32), out_sharding=('expert',),
+                                      eager_sharding=False)
     # n shared experts of width Fs are exactly one dense FFN of width n * Fs (hidden units are independent).
     self.shared = (DenseFFN(cfg, cfg.n_shared_experts * cfg.shared_size, rngs)
                    if cfg.n_shared_experts else None)
+    if cfg.shared_gate:  # Qwen MoE: the shared output is scaled by sigmoid(x . w), one scalar per token
+      self.w_shared_gate_D = make_param(rngs, (D,), ('embed',), cfg.param_dtype, fan_in=D)
 
   def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.cfg
@@ -99,18 +136,24 @@ class MoEFFN(nnx.Module):
     B, T, D = x_BTD.shape
     x_XD = x_BTD.reshape(B * T, D)
     logits_XE = jnp.einsum('XD,DE->XE', x_XD.astype(jnp.float32), self.w_router_DE[...])
-    routing = route(logits_XE, cfg.top_k, cfg.router, cfg.router_renormalize)
+    routing = route(logits_XE, cfg.top_k, cfg.router, cfg.router_renormalize,
+                    self.b_select_E[...] if cfg.router_bias else None)
     S = group_size_for(B * T, cfg.group_size)
     G = B * T // S
     weights = ExpertWeights(
         self.w_gate_EDF[...].astype(dt) if is_gated(cfg.activation) else None,
         self.w_up_EDF[...].astype(dt), self.w_down_EFD[...].astype(dt))
     y_GSD, kept_GSA = get_dispatch(cfg.dispatch)(
-        x_XD.reshape(G, S, D), routing.gates_XA.reshape(G, S, -1), routing.experts_XA.reshape(G, S, -1),
+        x_XD.reshape(G, S, D), (cfg.routed_scale * routing.gates_XA).reshape(G, S, -1),
+        routing.experts_XA.reshape(G, S, -1),
         weights, cfg.capacity(S), cfg.activation)
     y_BTD = y_GSD.reshape(B, T, D).astype(x_BTD.dtype)
     if self.shared is not None:
-      y_BTD = y_BTD + self.shared(x_BTD)
+      shared_BTD = self.shared(x_BTD)
+      if cfg.shared_gate:
+        gate_BT = jax.nn.sigmoid(jnp.einsum('BTD,D->BT', x_BTD, self.w_shared_gate_D[...].astype(dt)))
+        shared_BTD = shared_BTD * gate_BT[..., None]
+      y_BTD = y_BTD + shared_BTD
     extras = {
         'lb_loss': load_balancing_loss(routing.probs_XE, routing.experts_XA),
         'z_loss': z_loss(routing.logits_XE),
