@@ -1,10 +1,15 @@
-"""What does a model cost? Parameters (total / active, embedding / not), FLOPs per token and weight memory.
+"""What does a model cost? Parameters (total / active, embedding / not), FLOPs per token, weight memory, and the
+smallest device that holds the weights.
 
   python experiments/count.py --arch=moe --experts=8 --k=2          # readable table
   python experiments/count.py --arch=dense --d_model=256 --json     # one JSON object
+  python experiments/count.py --preset=mixtral-8x7b                 # a published model (slmjax/presets.py)
+  python experiments/count.py --preset=all                          # one row per preset; --json: a JSON list
+  python experiments/count.py --preset=deepseek-v3 --scale_down     # the same architecture at CPU size
 
 Counts are read off the real module tree (built with nnx.eval_shape, nothing allocated) and checked against the
-closed-form count from the config; a mismatch is a bug and stops the script.
+closed-form count from the config; a mismatch is a bug and stops the script. FLOPs per token are at --seq_len
+(a preset's max_seq_len, 4096, unless --seq_len is given).
 """
 
 from __future__ import annotations
@@ -13,40 +18,97 @@ import json
 
 from absl import flags
 
-from slmjax import cli, counting
+from slmjax import cli, counting, presets
+from slmjax.config import ModelConfig
 
-flags.DEFINE_boolean('json', False, 'Print one JSON object instead of a table.')
+flags.DEFINE_boolean('json', False, 'Print one JSON object (a list for --preset=all) instead of a table.')
 cli.define_model_flags()
 FLAGS = flags.FLAGS
+FIT_NOTE = (f'device fit: weights only, which may fill {counting.FIT_FRACTION:.0%} of the memory (the rest for '
+            'activations, KV cache, runtime); GB = 1e9 bytes; ladder: '
+            + ', '.join(f'{name} {capacity / 1e9:g} GB' for name, capacity in counting.DEVICE_LADDER))
+
+
+def human(n: float) -> str:
+  """134.5M, 46.70B, 1.026T: four significant digits."""
+  for unit, scale in (('T', 1e12), ('B', 1e9), ('M', 1e6), ('K', 1e3)):
+    if n >= scale:
+      return f'{n / scale:.4g}{unit}'
+  return str(int(n))
+
+
+def human_bytes(n: float) -> str:
+  for unit, scale in (('TB', 1e12), ('GB', 1e9), ('MB', 1e6), ('KB', 1e3)):
+    if n >= scale:
+      return f'{n / scale:,.2f} {unit}'
+  return f'{n:g} B'
+
+
+def count_row(cfg: ModelConfig, preset: str | None, seq_len: int) -> dict:
+  counts = counting.module_counts(cfg)
+  if counts != counting.analytic_counts(cfg):
+    raise RuntimeError(f'module tree {counts} disagrees with analytic {counting.analytic_counts(cfg)}')
+  return {**counting.summary(cfg, seq_len, counts), 'config': cfg.to_dict(), 'preset': preset}
 
 
 def format_table(name: str, row: dict) -> str:
   lines = [f'{name}']
   for key in ('total_params', 'active_params', 'embedding_params', 'total_non_embedding_params',
               'active_non_embedding_params', 'active_matmul_params'):
-    lines.append(f'  {key:<30} {row[key]:>16,}')
-  lines.append(f'  {"active_fraction":<30} {row["active_fraction"]:>16.3f}')
-  lines.append(f'  {"train_flops_per_token":<30} {row["train_flops_per_token"]:>16,}  (seq_len {row["seq_len"]})')
-  lines.append(f'  {"inference_flops_per_token":<30} {row["inference_flops_per_token"]:>16,}')
+    lines.append(f'  {key:<30} {row[key]:>20,}  ({human(row[key])})')
+  lines.append(f'  {"active_fraction":<30} {row["active_fraction"]:>20.4f}')
+  lines.append(f'  {"train_flops_per_token":<30} {row["train_flops_per_token"]:>20,}  (seq_len {row["seq_len"]})')
+  lines.append(f'  {"inference_flops_per_token":<30} {row["inference_flops_per_token"]:>20,}')
   for dtype, n_bytes in row['weight_bytes'].items():
-    lines.append(f'  {"weights @ " + dtype:<30} {n_bytes / 2**20:>13,.2f} MiB')
+    lines.append(f'  {"weights @ " + dtype:<30} {human_bytes(n_bytes):>20}')
+  for dtype, device in row['smallest_device'].items():
+    lines.append(f'  {"smallest device @ " + dtype:<30} {device:>20}')
+  lines.append(f'  ({FIT_NOTE})')
+  return '\n'.join(lines)
+
+
+def format_all(rows: list[dict]) -> str:
+  head = (f'{"preset":<19} {"total":>8} {"active":>8} {"active%":>7} {"bf16 GB":>8}  '
+          f'{"fits@int4":<12}{"fits@int8":<12}{"fits@bf16"}')
+  lines = [head, '-' * len(head)]
+  for row in rows:
+    fits = row['smallest_device']
+    lines.append(f'{row["preset"]:<19} {human(row["total_params"]):>8} {human(row["active_params"]):>8} '
+                 f'{row["active_fraction"]:>7.1%} {row["weight_bytes"]["bfloat16"] / 1e9:>8.2f}  '
+                 f'{fits["int4"]:<12}{fits["int8"]:<12}{fits["bfloat16"]:<12}'.rstrip())
+  lines.append(f'({FIT_NOTE})')
   return '\n'.join(lines)
 
 
 def main(argv):
   del argv
+  if FLAGS.preset == 'all':
+    cli.reject_arch_flags('all')
+    names = presets.names()
+    cfgs = [presets.get(name) for name in names]
+    if FLAGS.scale_down:
+      cfgs = [presets.scale_down(cfg) for cfg in cfgs]
+    rows = [count_row(cfg, name, FLAGS.seq_len if FLAGS['seq_len'].present else cfg.max_seq_len)
+            for name, cfg in zip(names, cfgs)]
+    print(json.dumps(rows) if FLAGS.json else format_all(rows))
+    return
   cfg = cli.model_config_from_flags()
-  counts = counting.module_counts(cfg)
-  if counts != counting.analytic_counts(cfg):
-    raise RuntimeError(f'module tree {counts} disagrees with analytic {counting.analytic_counts(cfg)}')
-  row = counting.summary(cfg, FLAGS.seq_len, counts)
+  seq_len = FLAGS.seq_len if FLAGS['seq_len'].present or not FLAGS.preset else cfg.max_seq_len
+  row = count_row(cfg, FLAGS.preset, seq_len)
   if FLAGS.json:
-    print(json.dumps({**row, 'config': cfg.to_dict()}))
+    print(json.dumps(row))
+    return
+  if FLAGS.preset:
+    name = f'{FLAGS.preset}{" (scaled down)" if FLAGS.scale_down else ""}'
+    total, active = presets.PUBLISHED[FLAGS.preset]
+    if not FLAGS.scale_down:
+      show = lambda n: n if isinstance(n, str) else human(n)  # noqa: E731
+      name += f'   published: {show(total)} total, {show(active)} active'
   else:
     name = f'{FLAGS.arch} d_model={cfg.d_model} n_layers={cfg.n_layers}'
     if cfg.is_moe:
       name += f' experts={cfg.n_experts} top_k={cfg.top_k} d_expert={cfg.expert_size}'
-    print(format_table(name, row))
+  print(format_table(name, row))
 
 
 if __name__ == '__main__':
