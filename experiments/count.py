@@ -48,7 +48,8 @@ def count_row(cfg: ModelConfig, preset: str | None, seq_len: int) -> dict:
   counts = counting.module_counts(cfg)
   if counts != counting.analytic_counts(cfg):
     raise RuntimeError(f'module tree {counts} disagrees with analytic {counting.analytic_counts(cfg)}')
-  return {**counting.summary(cfg, seq_len, counts), 'config': cfg.to_dict(), 'preset': preset}
+  return {**counting.summary(cfg, seq_len, counts), 'breakdown': counting.breakdown(cfg), 'config': cfg.to_dict(),
+          'preset': preset}
 
 
 def format_table(name: str, row: dict) -> str:
@@ -59,6 +60,10 @@ def format_table(name: str, row: dict) -> str:
   lines.append(f'  {"active_fraction":<30} {row["active_fraction"]:>20.4f}')
   lines.append(f'  {"train_flops_per_token":<30} {row["train_flops_per_token"]:>20,}  (seq_len {row["seq_len"]})')
   lines.append(f'  {"inference_flops_per_token":<30} {row["inference_flops_per_token"]:>20,}')
+  lines.append('  where (total / active)')
+  for component, n in row['breakdown'].items():
+    if n['total']:
+      lines.append(f'    {component:<28} {human(n["total"]):>10} / {human(n["active"])}')
   for dtype, n_bytes in row['weight_bytes'].items():
     lines.append(f'  {"weights @ " + dtype:<30} {human_bytes(n_bytes):>20}')
   for dtype, device in row['smallest_device'].items():
@@ -103,7 +108,7 @@ def main(argv):
     total, active = presets.PUBLISHED[FLAGS.preset]
     if not FLAGS.scale_down:
       show = lambda n: n if isinstance(n, str) else human(n)  # noqa: E731
-      name += f'   published: {show(total)} total, {show(active)} active'
+      name += f'   published: {show(total)} total' + (f', {show(active)} active' if cfg.is_moe else '')
   else:
     name = f'{FLAGS.arch} d_model={cfg.d_model} n_layers={cfg.n_layers}'
     if cfg.is_moe:

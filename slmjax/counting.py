@@ -115,11 +115,11 @@ def analytic_counts(cfg: ModelConfig) -> ParamCounts:
   return ParamCounts(embedding, total, active, norms, V * D, biases)
 
 
-def stored_weights(model) -> list[tuple[str, tuple[int, ...]]]:
-  """(leaf name, shape) of every stored weight of a model: its nnx.Params and router selection biases."""
+def stored_weights(model) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+  """(path, shape) of every stored weight of a model: its nnx.Params and router selection biases."""
   from slmjax.moe import SelectionBias  # local: keep this module importable without building models
   state = nnx.state(model, nnx.Any(nnx.Param, SelectionBias))
-  return [(str(path[-1]), tuple(var.shape)) for path, var in nnx.to_flat_state(state)]
+  return [(tuple(str(p) for p in path), tuple(var.shape)) for path, var in nnx.to_flat_state(state)]
 
 
 def module_counts(cfg: ModelConfig) -> ParamCounts:
@@ -131,8 +131,8 @@ def module_counts(cfg: ModelConfig) -> ParamCounts:
   from slmjax.model import abstract_model  # local: model imports this module's users, keep import light
   embedding = non_embedding = active = norms = biases = 0
   lm_head = 0
-  for name, shape in stored_weights(abstract_model(cfg)):
-    size = int(np.prod(shape))
+  for path, shape in stored_weights(abstract_model(cfg)):
+    name, size = path[-1], int(np.prod(shape))
     if name in EMBEDDING_PARAMS:
       embedding += size
       if name == 'lm_head_DV' or (name == 'embed_VD' and cfg.tie_embeddings):
@@ -148,6 +148,38 @@ def module_counts(cfg: ModelConfig) -> ParamCounts:
     elif name.startswith(BIAS_PREFIX):
       biases += size
   return ParamCounts(embedding, non_embedding, active, norms, lm_head, biases)
+
+
+COMPONENTS = ('embedding', 'attention', 'norms', 'dense_ffn', 'routed_experts', 'shared_experts', 'router')
+
+
+def component_of(path: tuple[str, ...]) -> str:
+  """Which part of the model a weight belongs to (attention includes its biases and QK / latent norms)."""
+  name = path[-1]
+  if name in EMBEDDING_PARAMS:
+    return 'embedding'
+  if 'attn' in path:
+    return 'attention'
+  if name in NORM_PARAMS:
+    return 'norms'
+  if name in ROUTED_EXPERT_PARAMS:
+    return 'routed_experts'
+  if 'shared' in path or name == 'w_shared_gate_D':
+    return 'shared_experts'
+  if name in ('w_router_DE', 'b_select_E'):
+    return 'router'
+  return 'dense_ffn'
+
+
+def breakdown(cfg: ModelConfig) -> dict[str, dict[str, int]]:
+  """Total and active parameters of each of COMPONENTS, read off the module tree (where the parameters are)."""
+  from slmjax.model import abstract_model
+  parts = {component: {'total': 0, 'active': 0} for component in COMPONENTS}
+  for path, shape in stored_weights(abstract_model(cfg)):
+    component, size = component_of(path), int(np.prod(shape))
+    parts[component]['total'] += size
+    parts[component]['active'] += size * cfg.top_k // cfg.n_experts if component == 'routed_experts' else size
+  return parts
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, counts: ParamCounts | None = None) -> int:

@@ -179,7 +179,7 @@ def test_selection_bias_is_stored_but_not_trained():
   cfg = presets.scale_down(presets.get('deepseek-v3'), d_model=32, max_seq_len=16)
   model = _fast_model(cfg)
   assert not any('b_select_E' in str(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  names = [name for name, _ in counting.stored_weights(model)]
+  names = [path[-1] for path, _ in counting.stored_weights(model)]
   assert names.count('b_select_E') == cfg.n_moe_layers
   graphdef, state = nnx.split(model)
   extras = jax.jit(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 16), jnp.int32))[1],
@@ -219,11 +219,16 @@ def test_count_cli_presets_print_the_keys_of_flag_defined_models():
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   rows = json.loads(result.stdout)
-  expected_keys = set(counting.summary(ModelConfig())) | {'config', 'preset'}
+  expected_keys = set(counting.summary(ModelConfig())) | {'breakdown', 'config', 'preset'}
   assert [row['preset'] for row in rows] == presets.names()
   assert all(set(row) == expected_keys for row in rows)
+  for row in rows:
+    parts = row['breakdown'].values()
+    assert sum(p['total'] for p in parts) == row['total_params']
+    assert sum(p['active'] for p in parts) == row['active_params']
   mixtral = rows[presets.names().index('mixtral-8x7b')]
   assert mixtral['total_params'] == 46_702_792_704
+  assert mixtral['breakdown']['routed_experts']['total'] == 8 * 32 * 3 * 4096 * 14336
   assert mixtral['smallest_device'] == {'int4': 'gpu-80GB', 'int8': 'gpu-80GB', 'bfloat16': 'node-8x80GB'}
   result = subprocess.run([sys.executable, str(SCRIPT), '--preset=kimi-k2', '--scale_down', '--json'],
                           capture_output=True, text=True, timeout=300)
