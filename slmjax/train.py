@@ -19,10 +19,10 @@ import pathlib
 import time
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax
 import optax
 from flax import nnx
 
@@ -208,18 +208,19 @@ def check_out_dir(out_dir: pathlib.Path, model_cfg: ModelConfig, train_cfg: Trai
       raise ValueError(f'out dir {out_dir} is not empty and holds no run (no config.json); choose another')
     return None
   previous = json.loads(config_path.read_text())
-  new_model = json.loads(json.dumps(model_cfg.to_dict()))
-  changed = [f'{k} {previous["model"].get(k)!r} -> {v!r}' for k, v in new_model.items() if previous['model'].get(k) != v]
+  # Through the dataclasses, so fields added to a config since the run started compare at their defaults.
+  changed = _changes(ModelConfig.from_dict(previous['model']).to_dict(), model_cfg.to_dict())
   if changed:
-    raise ValueError(f'out dir {out_dir} holds a run with a different architecture ({", ".join(changed)}); '
-                     f'use another --out')
-  new_train = json.loads(json.dumps(train_cfg.to_dict()))
-  changed = [f'{k} {previous["train"].get(k)!r} -> {v!r}' for k, v in new_train.items()
-             if k not in RESUMABLE_FIELDS and previous['train'].get(k) != v]
+    raise ValueError(f'out dir {out_dir} holds a run with a different architecture ({changed}); use another --out')
+  changed = _changes(TrainConfig.from_dict(previous['train']).to_dict(), train_cfg.to_dict(), RESUMABLE_FIELDS)
   if changed:
-    raise ValueError(f'out dir {out_dir} holds a run with other training settings ({", ".join(changed)}); '
+    raise ValueError(f'out dir {out_dir} holds a run with other training settings ({changed}); '
                      f'only {", ".join(RESUMABLE_FIELDS)} may change when resuming')
   return previous
+
+
+def _changes(old: dict, new: dict, allowed: tuple[str, ...] = ()) -> str:
+  return ', '.join(f'{k} {old[k]!r} -> {v!r}' for k, v in new.items() if k not in allowed and old[k] != v)
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
@@ -272,12 +273,16 @@ def progress_line(row: dict, steps: int, eta_s: float | None) -> str:
 # The loop.
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.PathLike, *,
           stop_at_step: int | None = None, peak_flops: float | None = None,
-          log: Callable[[str], None] | None = print, place_batch: Callable | None = None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = print, place_state: Callable | None = None,
+          place_batch: Callable | None = None) -> dict[str, Any]:
   """Train one model in `out_dir`, resuming from its latest checkpoint; returns the final metrics.
 
   Every input is checked before anything is written. `stop_at_step` ends this call early (checkpointed) as
   if the job were interrupted; calling again continues. `peak_flops` (e.g. `cost.matmul_peak_flops()`) adds MFU.
-  `place_batch` turns a process-local numpy batch into a (sharded) global array; needed with several processes.
+  `place_state(state, opt_state) -> (state, opt_state)` puts the fresh state on devices (default: committed to
+  the first local device; with a mesh, `jax.device_put` with NamedShardings); checkpoints restore into the same
+  placement and the jitted step follows it. `place_batch` turns a process-local numpy batch into a (sharded)
+  global array; it is needed with several processes.
   Raises NonFiniteLossError if a loss, gradient or parameter is not finite (the last good checkpoint is kept).
   """
   from slmjax import checkpoint, counting, data  # local: the step builders above need neither grain nor orbax
@@ -312,8 +317,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
       'devices': [d.device_kind for d in jax.devices()], 'process_count': jax.process_count(),
       'versions': {m.__name__: m.__version__ for m in (jax, optax, flax)}})
   graphdef, state, _, opt_state = init_state(model_cfg, train_cfg)
-  # Committed to one device, like restored arrays, so a resumed run reuses the compiled step.
-  state, opt_state = jax.device_put((state, opt_state), jax.local_devices()[0])
+  # Committed (like restored arrays, so a resumed run reuses the compiled step) to one device or a mesh.
+  state, opt_state = (place_state or on_first_device)(state, opt_state)
   iterator = data.train_iterator(ds)
   ckpt = checkpoint.Checkpointer(out / 'checkpoints', keep=train_cfg.keep_checkpoints)
   try:
@@ -377,6 +382,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
     return summary
   finally:
     ckpt.close()
+
+
+def on_first_device(state, opt_state):
+  """The default placement: committed to the first local device (restored checkpoints come back committed too,
+  and a step compiled for uncommitted arrays would be compiled again for them)."""
+  return jax.device_put((state, opt_state), jax.local_devices()[0])
 
 
 def _check_finite(host: list[dict], step: int, state, metrics_log: MetricsLog, ckpt) -> None:

@@ -90,7 +90,8 @@ def test_schedule_and_weight_decay_mask():
 
 def test_train_step_learns_and_reports_router_metrics():
   graphdef, state, _, opt_state = train_lib.init_state(MOE, SMALL)
-  step, _ = train_lib.cached_steps(graphdef, SMALL)  # compiled once per session
+  state, opt_state = train_lib.on_first_device(state, opt_state)  # as train() places it: one compile per session
+  step, _ = train_lib.cached_steps(graphdef, SMALL)
   batch = np.random.default_rng(0).integers(0, 256, (4, 33)).astype(np.int32)
   first = None
   for _ in range(12):
@@ -219,6 +220,7 @@ def test_cost_helpers():
   row = cost.throughput(1000, 0.5, 6e6, peak_flops=1.2e10)
   assert row['tokens_per_s'] == 2000 and row['achieved_flops_per_s'] == 1.2e10 and row['mfu'] == 1.0
   graphdef, state, _, opt_state = train_lib.init_state(MOE, SMALL)
+  state, opt_state = train_lib.on_first_device(state, opt_state)
   step, _ = train_lib.cached_steps(graphdef, SMALL)
   batch = np.zeros((4, 33), np.int32)
   stats, state, opt_state = cost.time_train_step(step, state, opt_state, batch, warmup=1, repeats=2)
@@ -278,7 +280,8 @@ def test_kill_dash_9_then_rerun_matches_a_straight_run(tmp_path):
   straight_run = run_script(*args, f'--out={tmp_path / "straight"}')
   assert straight_run.returncode == 0, straight_run.stderr
   killed = tmp_path / 'killed'
-  proc = subprocess.Popen(script(*args, f'--out={killed}'), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(script(*args, f'--out={killed}'), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while not (killed / 'checkpoints' / '20').exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.01)
@@ -289,3 +292,15 @@ def test_kill_dash_9_then_rerun_matches_a_straight_run(tmp_path):
   assert rerun.returncode == 0, rerun.stderr
   assert 'resuming' in rerun.stdout
   assert losses(read_metrics(killed)) == losses(read_metrics(tmp_path / 'straight'))
+
+
+def test_place_state_hook_places_fresh_and_restored_state(tmp_path):
+  calls = []
+
+  def place(state, opt_state):
+    calls.append(len(jax.tree.leaves(state)))
+    return jax.device_put((state, opt_state), jax.local_devices()[0])
+  train(MOE, SMALL, tmp_path, log=None, stop_at_step=2, place_state=place)
+  train(MOE, SMALL, tmp_path, log=None, stop_at_step=3, place_state=place)
+  assert len(calls) == 2 and calls[0] > 0
+  assert [r['step'] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
