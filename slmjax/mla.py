@@ -4,7 +4,9 @@ Keys and values are rebuilt from one small latent per token (what an inference c
 from a low-rank latent too; rotary position goes through a separate narrow part of each head, with a single rotary
 key shared by all heads, because rotary does not commute with the latent up-projection. This is the training form
 (latents expanded to per-head keys and values); the inference trick of absorbing the up-projections into the query
-and output matrices changes speed, not the parameters or the function.
+and output matrices changes speed, not the parameters or the function. Rotary uses the half-split layout of
+`layers.apply_rope` (DeepSeek's checkpoints pair interleaved dimensions: a fixed permutation of the rotary columns)
+and the plain 1/sqrt(H + R) logit scale (DeepSeek's YaRN factor for long context has no parameters).
 
 Dimension letters: B batch, T query time, S key time, D d_model, N heads, H no-rope q/k width per head
 (`head_dim`), R rotary width (`qk_rope_dim`), U value width per head (`v_head_dim`), L query latent rank
