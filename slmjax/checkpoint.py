@@ -4,6 +4,8 @@ Each save is one orbax step directory, written under a temporary name and rename
 at any moment (even `kill -9` during a save) leaves only whole checkpoints; leftovers are cleaned on the next start.
 Saves are synchronous: when `save` returns, the checkpoint is on disk (a later NaN can never overwrite it,
 because the training loop only saves after checking that every step since the last save was finite).
+With several processes, orbax writes each process's shards of the arrays; the JSON items (data-iterator state,
+metadata) come from the primary process, which is enough because every process's iterator is at the same index.
 """
 
 from __future__ import annotations

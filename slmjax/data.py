@@ -163,7 +163,7 @@ def download(url: str, dest: pathlib.Path) -> pathlib.Path:
   print(f'downloading {url} -> {dest}', file=sys.stderr)
   with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
     try:
-      with urllib.request.urlopen(url) as response:
+      with urllib.request.urlopen(url, timeout=60) as response:
         shutil.copyfileobj(response, tmp, length=1 << 20)
     except OSError as e:
       os.unlink(tmp.name)
