@@ -143,10 +143,13 @@ def read_token_file(path: str | os.PathLike) -> np.ndarray:
 
 
 def resolve_paths(spec: str) -> list[pathlib.Path]:
-  """Files named by a path, a directory (every file below it) or a glob; sorted, so the order is stable."""
+  """Files named by a path, a directory (every non-hidden file below it) or a glob; sorted, so the order is
+  stable."""
   expanded = os.path.expanduser(spec)
   if os.path.isdir(expanded):
-    paths = [p for p in pathlib.Path(expanded).rglob('*') if p.is_file()]
+    root = pathlib.Path(expanded)
+    paths = [p for p in root.rglob('*') if p.is_file() and not any(part.startswith('.') for part in
+                                                                    p.relative_to(root).parts)]
   else:
     paths = [pathlib.Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p)]
   if not paths:
