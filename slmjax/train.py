@@ -273,8 +273,8 @@ def progress_line(row: dict, steps: int, eta_s: float | None) -> str:
 # The loop.
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.PathLike, *,
           stop_at_step: int | None = None, peak_flops: float | None = None,
-          log: Callable[[str], None] | None = functools.partial(print, flush=True), place_state: Callable | None = None,
-          place_batch: Callable | None = None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = functools.partial(print, flush=True),
+          place_state: Callable | None = None, place_batch: Callable | None = None) -> dict[str, Any]:
   """Train one model in `out_dir`, resuming from its latest checkpoint; returns the final metrics.
 
   Every input is checked before anything is written. `stop_at_step` ends this call early (checkpointed) as
