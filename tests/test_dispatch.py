@@ -1,0 +1,124 @@
+"""Dispatch implementations: each one against the compute-all oracle (outputs and gradients with respect to tokens,
+gates and expert weights), einsum and gather dropping the same assignments, and the capacity priority rule."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slmjax import dispatch
+from slmjax.dispatch import ExpertWeights
+
+D, F = 16, 8
+
+
+def _inputs(n_tokens, n_experts, top_k, activation='swiglu', seed=0, skew=0.0):
+  """Tokens x_XD, gates_XA in (0.1, 1), distinct experts per token (expert 0 favoured by `skew`), expert weights.
+  NumPy random numbers: eager jax.random calls would each compile a kernel."""
+  rng = np.random.default_rng(seed)
+  x_XD = rng.normal(size=(n_tokens, D)).astype(np.float32)
+  scores_XE = rng.uniform(size=(n_tokens, n_experts))
+  scores_XE[:, 0] += skew
+  experts_XA = np.argsort(-scores_XE, axis=1)[:, :top_k].astype(np.int32)
+  gates_XA = rng.uniform(0.1, 1.0, size=(n_tokens, top_k)).astype(np.float32)
+  normal = lambda *shape: (rng.normal(size=shape) * shape[1] ** -0.5).astype(np.float32)
+  w = ExpertWeights(normal(n_experts, D, F) if activation != 'gelu' else None, normal(n_experts, D, F),
+                    normal(n_experts, F, D))
+  return x_XD, gates_XA, experts_XA, w
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_and_grads(name, group_size, capacity, activation):
+  """Jitted (loss, kept, y, grads w.r.t. x, gates, weights) of one implementation; cached across tests."""
+  def loss_fn(x_XD, gates_XA, w, experts_XA):
+    X, A = experts_XA.shape
+    G = X // group_size
+    y_GSD, kept_GSA = dispatch.DISPATCH[name](
+        x_XD.reshape(G, group_size, D), gates_XA.reshape(G, group_size, A), experts_XA.reshape(G, group_size, A),
+        w, capacity, activation)
+    return jnp.sum(jnp.sin(y_GSD) * jnp.cos(jnp.arange(D))), (y_GSD.reshape(X, D), kept_GSA.reshape(X, A))
+  return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True))
+
+
+def _run(name, inputs, group_size, capacity, activation):
+  x_XD, gates_XA, experts_XA, w = inputs
+  (loss, (y_XD, kept_XA)), grads = _loss_and_grads(name, group_size, capacity, activation)(x_XD, gates_XA, w,
+                                                                                          experts_XA)
+  return y_XD, kept_XA, grads
+
+
+def _assert_close_tree(got, want, tol=1e-5):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=tol, rtol=tol)
+
+
+CASES = [  # (n_experts, top_k, group_size, activation)
+    (4, 1, 16, 'swiglu'), (8, 2, 8, 'gelu'), (16, 4, 64, 'geglu'), (64, 8, 32, 'swiglu')]
+
+
+@pytest.mark.parametrize('name', ['einsum', 'gather', 'ragged'])
+@pytest.mark.parametrize('n_experts, top_k, group_size, activation', CASES)
+def test_matches_dense_oracle_when_nothing_drops(name, n_experts, top_k, group_size, activation):
+  inputs = _inputs(64, n_experts, top_k, activation)
+  y, kept, grads = _run(name, inputs, group_size, group_size, activation)  # capacity S: nothing can drop
+  y_oracle, _, grads_oracle = _run('dense', inputs, group_size, group_size, activation)
+  assert bool(jnp.all(kept))
+  np.testing.assert_allclose(y, y_oracle, atol=1e-5, rtol=1e-5)
+  _assert_close_tree(grads, grads_oracle)
+
+
+@pytest.mark.parametrize('n_experts, top_k, group_size, capacity', [(8, 2, 16, 3), (64, 8, 64, 4)])
+def test_einsum_and_gather_drop_the_same_assignments(n_experts, top_k, group_size, capacity):
+  inputs = _inputs(64, n_experts, top_k, skew=0.5, seed=1)  # expert 0 is oversubscribed
+  y_einsum, kept_einsum, grads_einsum = _run('einsum', inputs, group_size, capacity, 'swiglu')
+  y_gather, kept_gather, grads_gather = _run('gather', inputs, group_size, capacity, 'swiglu')
+  assert 0.05 < 1.0 - float(jnp.mean(kept_einsum)) < 0.9, 'the case must actually drop, but not everything'
+  np.testing.assert_array_equal(kept_gather, kept_einsum)
+  np.testing.assert_allclose(y_gather, y_einsum, atol=1e-5, rtol=1e-5)
+  _assert_close_tree(grads_gather, grads_einsum)
+  # A dropped assignment contributes nothing: the oracle with those gates zeroed gives the same outputs.
+  x_XD, gates_XA, experts_XA, w = inputs
+  y_oracle, _, _ = _run('dense', (x_XD, gates_XA * kept_einsum, experts_XA, w), group_size, capacity, 'swiglu')
+  np.testing.assert_allclose(y_gather, y_oracle, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_priority_is_choice_major():
+  # One group of 3 tokens, top-2, 2 experts, capacity 2. First choices: [0, 0, 1], second choices: [1, 1, 0].
+  experts_GSA = jnp.array([[[0, 1], [0, 1], [1, 0]]], jnp.int32)
+  slot_GSA, kept_GSA = dispatch.capacity_slots(experts_GSA, n_experts=2, capacity=2)
+  # Expert 0 takes tokens 0 and 1 (first choices) before token 2's second choice; expert 1 takes token 2's
+  # first choice, then token 0's second choice, and has no room for token 1's.
+  np.testing.assert_array_equal(slot_GSA[0], [[0, 1], [1, 2], [0, 2]])
+  np.testing.assert_array_equal(kept_GSA[0], [[True, True], [True, False], [True, False]])
+
+
+@pytest.mark.parametrize('skew', [0.3, 5.0])
+def test_gather_row_buckets_do_not_change_the_result(skew):
+  # Balanced routing uses a small bucket, skewed routing a larger one, all-to-one-expert the whole buffer.
+  n_experts, top_k, group_size = 8, 2, 32
+  capacity = group_size
+  inputs = _inputs(64, n_experts, top_k, skew=skew, seed=2)
+  y, _, grads = _run('gather', inputs, group_size, capacity, 'swiglu')
+  y_oracle, _, grads_oracle = _run('dense', inputs, group_size, capacity, 'swiglu')
+  np.testing.assert_allclose(y, y_oracle, atol=1e-5, rtol=1e-5)
+  _assert_close_tree(grads, grads_oracle)
+
+
+@pytest.mark.parametrize('rows, balanced', [(1280, 1024), (640, 512), (4096, 1024), (6, 8), (24, 5)])
+def test_row_buckets_are_sorted_multiples_of_8_ending_at_rows(rows, balanced):
+  buckets = dispatch.row_buckets(rows, balanced)
+  assert buckets[-1] == rows
+  assert list(buckets) == sorted(set(buckets))
+  assert all(b % 8 == 0 for b in buckets[:-1]) and len(buckets) <= 10
+  assert min(buckets) >= min(rows, math.ceil(balanced / 8) * 8) or len(buckets) == 1
+
+
+def test_auto_resolves_to_the_platform_default():
+  assert dispatch.default_dispatch('cpu') == 'gather'
+  assert dispatch.get_dispatch('auto') is dispatch.DISPATCH[dispatch.default_dispatch(jax.default_backend())]
+  with pytest.raises(ValueError, match='not implemented'):
+    dispatch.get_dispatch('magic')
