@@ -15,29 +15,37 @@ import math
 import os
 import sys
 
+import jax
 from absl import flags
 
-from slmjax import cli, cost, train, train_cli
+from slmjax import cli, cost, distributed, sharding, train, train_cli
 
 flags.DEFINE_string('out', None, 'Run directory (created; resumed if it holds this run). Default: runs/<arch>.')
 flags.DEFINE_boolean('mfu', True, 'Measure the matmul peak of this machine and report model FLOP utilisation.')
 flags.DEFINE_boolean('json', False, 'Print the final metrics as one JSON object.')
 cli.define_model_flags()
 train_cli.define_train_flags()
+distributed.define_flags()
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
+  distributed.initialize()  # several processes (flags, SLURM, TPU slice): join them before touching devices
   model_cfg = cli.model_config_from_flags()
   train_cfg = train_cli.train_config_from_flags()
   out = FLAGS.out or os.path.join('runs', FLAGS.arch)
   peak = cost.matmul_peak_flops() if FLAGS.mfu else None  # measured here, now: never a datasheet number
   try:
-    summary = train.train(model_cfg, train_cfg, out, peak_flops=peak)
+    summary = train.train(model_cfg, train_cfg, out, peak_flops=peak, mesh=sharding.make_mesh(FLAGS.mesh),
+                          log=print if jax.process_index() == 0 else None)
   except train.NonFiniteLossError as e:
     print(f'{os.path.basename(sys.argv[0])}: error: {e}', file=sys.stderr)
     sys.exit(1)
+  if jax.process_count() > 1:  # every process computed the same global loss: show it, so launchers can compare
+    print(f'process {jax.process_index()}/{jax.process_count()}: final train loss {summary["train_loss"]!r}')
+    if jax.process_index() != 0:
+      return
   if FLAGS.json:
     print(json.dumps(summary))
     return

@@ -3,7 +3,7 @@
 # The same code path as a multi-host GPU/TPU job, testable on a laptop.
 #   launch/local_cpu.sh N D SCRIPT [FLAGS...]
 #   launch/local_cpu.sh 2 2 experiments/train.py --arch=moe --steps=20 --mesh=data:2,expert:2 --out=runs/mp
-# Each process's output goes to <out>/process_<i>.log when --out is given, else to /tmp; the script waits for all
+# Each process's output goes to <out>.logs/process_<i>.log (else /tmp/slmjax-local-PORT/); the script waits for all
 # processes and exits non-zero if any failed.
 set -euo pipefail
 if [ $# -lt 3 ]; then
@@ -14,7 +14,7 @@ n=$1; d=$2; script=$3; shift 3
 python=${PYTHON:-python3}
 port=${PORT:-$((20000 + RANDOM % 20000))}
 logdir=/tmp/slmjax-local-$port
-for arg in "$@"; do case $arg in --out=*) logdir=${arg#--out=};; esac; done
+for arg in "$@"; do case $arg in --out=*) logdir=${arg#--out=}.logs;; esac; done
 mkdir -p "$logdir"
 pids=()
 for ((i = 0; i < n; i++)); do

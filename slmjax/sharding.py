@@ -115,6 +115,30 @@ def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
+def batch_placer(mesh: Mesh, batch_size: int):
+  """`place(batch, whole=False)`: a global batch array from this process's rows (or, with whole=True, from a
+  batch every process holds in full, such as the fixed held-out windows)."""
+  target = batch_sharding(mesh, batch_size)
+
+  def place(batch: np.ndarray, whole: bool = False) -> jax.Array:
+    if whole:
+      return jax.make_array_from_callback(batch.shape, target, lambda index: batch[index])
+    return jax.make_array_from_process_local_data(target, batch)
+  return place
+
+
+def place_state(state, opt_state, *, mesh: Mesh, tx):
+  """Put the model state on the mesh, and initialise the optimizer state there from the placed parameters.
+
+  `opt_state` is only used for its structure: a jitted `tx.init` of sharded parameters gives moments that XLA
+  shards like their parameters (zeros_like keeps its operand's sharding), without a host copy of either.
+  """
+  del opt_state
+  state = jax.device_put(state, state_shardings(state, mesh))
+  params, _ = nnx.split_state(state, nnx.Param, ...)
+  return state, jax.jit(tx.init)(params)
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """Ask XLA to lay `x` out by logical axis names on the current mesh (`jax.set_mesh`); no-op without one."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -10,6 +10,7 @@ Dimension letters: B batch, T sequence length, V vocab.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -28,7 +29,7 @@ from flax import nnx
 
 from slmjax import cost
 from slmjax.config import ModelConfig
-from slmjax.model import create_model
+from slmjax.model import abstract_model, create_model
 
 # TrainConfig fields that may differ when resuming a run (duration and bookkeeping, not the experiment).
 RESUMABLE_FIELDS = ('steps', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'log_every')
@@ -223,8 +224,10 @@ def _changes(old: dict, new: dict, allowed: tuple[str, ...] = ()) -> str:
   return ', '.join(f'{k} {old[k]!r} -> {v!r}' for k, v in new.items() if k not in allowed and old[k] != v)
 
 
-def write_json(path: pathlib.Path, obj: Any) -> None:
-  """Write JSON atomically (temporary file, then rename)."""
+def write_json(path: pathlib.Path, obj: Any, writer: bool = True) -> None:
+  """Write JSON atomically (temporary file, then rename); a no-op on processes that are not the writer."""
+  if not writer:
+    return
   tmp = path.with_name(f'.{path.name}.tmp')
   tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
   os.replace(tmp, path)
@@ -233,9 +236,9 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
 class MetricsLog:
   """metrics.jsonl, one JSON object per line; on (re)start, lines past the restored step are dropped."""
 
-  def __init__(self, path: pathlib.Path, start_step: int):
-    self.path = path
-    if path.exists():
+  def __init__(self, path: pathlib.Path, start_step: int, enabled: bool = True):
+    self.path, self.enabled = path, enabled
+    if enabled and path.exists():
       keep = [line for line in path.read_text().splitlines()
               if line.strip() and start_step and json.loads(line).get('step', 0) <= start_step]
       tmp = path.with_name(f'.{path.name}.tmp')
@@ -243,6 +246,8 @@ class MetricsLog:
       os.replace(tmp, path)
 
   def write(self, row: dict) -> None:
+    if not self.enabled:
+      return
     with self.path.open('a') as f:
       f.write(json.dumps(row) + '\n')
 
@@ -274,7 +279,8 @@ def progress_line(row: dict, steps: int, eta_s: float | None) -> str:
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.PathLike, *,
           stop_at_step: int | None = None, peak_flops: float | None = None,
           log: Callable[[str], None] | None = functools.partial(print, flush=True),
-          place_state: Callable | None = None, place_batch: Callable | None = None) -> dict[str, Any]:
+          place_state: Callable | None = None, place_batch: Callable | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Train one model in `out_dir`, resuming from its latest checkpoint; returns the final metrics.
 
   Every input is checked before anything is written. `stop_at_step` ends this call early (checkpointed) as
@@ -282,7 +288,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
   `place_state(state, opt_state) -> (state, opt_state)` puts the fresh state on devices (default: committed to
   the first local device; with a mesh, `jax.device_put` with NamedShardings); checkpoints restore into the same
   placement and the jitted step follows it. `place_batch` turns a process-local numpy batch into a (sharded)
-  global array; it is needed with several processes.
+  global array; it is needed with several processes. `mesh` (see `slmjax.sharding`) sets both from the
+  parameters' logical axis names and runs the step under `jax.set_mesh(mesh)`; only process 0 writes files
+  other than checkpoints (which every process writes its shards of).
   Raises NonFiniteLossError if a loss, gradient or parameter is not finite (the last good checkpoint is kept).
   """
   from slmjax import checkpoint, counting, data  # local: the step builders above need neither grain nor orbax
@@ -291,8 +299,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
     raise ValueError(f'seq_len={train_cfg.seq_len} exceeds the model max_seq_len={model_cfg.max_seq_len}')
   if stop_at_step is not None and stop_at_step <= 0:
     raise ValueError(f'stop_at_step must be positive, got {stop_at_step}')
+  if mesh is not None:
+    from slmjax import sharding
+    place_state = place_state or functools.partial(sharding.place_state, mesh=mesh,
+                                                   tx=make_optimizer(train_cfg))
+    place_batch = place_batch or sharding.batch_placer(mesh, train_cfg.batch_size)
+    sharding.state_shardings(nnx.state(abstract_model(model_cfg)), mesh)  # a mesh that does not fit: fail now
   if jax.process_count() > 1 and place_batch is None:
-    raise ValueError('training with several processes needs place_batch (global arrays from local batches)')
+    raise ValueError('training with several processes needs a mesh (global arrays from local batches)')
   previous = check_out_dir(out, model_cfg, train_cfg)
   corpus = data.load_corpus(train_cfg.data, train_cfg.eval_fraction)
   if corpus.max_token >= model_cfg.vocab_size:
@@ -306,12 +320,25 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
   ds = data.train_dataset(corpus.train_N, T, B, train_cfg.seed, jax.process_index(), jax.process_count())
   eval_NBT1 = data.eval_batches(corpus.eval_N, T, B, train_cfg.eval_batches)
 
+  if place_batch is not None:  # the same held-out windows on every process, as one global array each
+    eval_NBT1 = [place_batch(b, whole=True) for b in eval_NBT1]
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    return _train_loop(model_cfg, train_cfg, out, corpus, ds, eval_NBT1, stop_at_step, peak_flops, log,
+                       place_state, place_batch)
+
+
+def _train_loop(model_cfg, train_cfg, out, corpus, ds, eval_NBT1, stop_at_step, peak_flops, log,
+                place_state, place_batch) -> dict[str, Any]:
+  """The body of `train` once every input is checked (and the mesh, if any, is set)."""
+  from slmjax import checkpoint, counting, data
+  writer = jax.process_index() == 0  # only process 0 writes JSON files; every process writes checkpoint shards
+  B, T = train_cfg.batch_size, train_cfg.seq_len
   # Every check passed: from here on the run directory is written.
   out.mkdir(parents=True, exist_ok=True)
   counts = counting.analytic_counts(model_cfg)
   flops_per_token = counting.train_flops_per_token(model_cfg, T, counts)
   unigram_loss = corpus.unigram_loss()
-  write_json(out / 'config.json', {
+  write_json(out / 'config.json', writer=writer, obj={
       'model': model_cfg.to_dict(), 'train': train_cfg.to_dict(), 'data': corpus.summary(),
       'counts': counting.summary(model_cfg, T, counts), 'unigram_eval_loss': unigram_loss,
       'devices': [d.device_kind for d in jax.devices()], 'process_count': jax.process_count(),
@@ -330,7 +357,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
       iterator.set_state(data_state)
       if log:
         log(f'resuming {out} from step {start}')
-    metrics_log = MetricsLog(out / 'metrics.jsonl', start)
+    metrics_log = MetricsLog(out / 'metrics.jsonl', start, enabled=writer)
     train_step, eval_step = cached_steps(graphdef, train_cfg)
     schedule, tokens_per_step = lr_schedule(train_cfg), train_cfg.tokens_per_step
     eval_row = lambda p: _eval_row(evaluate(eval_step, p, eval_NBT1), corpus.tokenizer == 'bytes')
@@ -378,7 +405,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
     if timed_steps:
       summary.update(cost.throughput(tokens_per_step, timed_s / timed_steps, flops_per_token, peak_flops))
     if summary['complete']:
-      write_json(out / 'summary.json', summary)
+      write_json(out / 'summary.json', summary, writer=writer)
     return summary
   finally:
     ckpt.close()
