@@ -15,12 +15,15 @@ closed-form count from the config; a mismatch is a bug and stops the script. FLO
 from __future__ import annotations
 
 import json
+import math
 
 from absl import flags
 
-from slmjax import cli, counting, presets
+from slmjax import cli, counting, presets, sharding
 from slmjax.config import ModelConfig
 
+flags.DEFINE_string('mesh', '', 'A mesh such as expert:8 or data:2,fsdp:4: also print the weight bytes one '
+                    'device holds on it (slmjax.sharding rules).')
 flags.DEFINE_boolean('json', False, 'Print one JSON object (a list for --preset=all) instead of a table.')
 cli.define_model_flags()
 FLAGS = flags.FLAGS
@@ -48,8 +51,14 @@ def count_row(cfg: ModelConfig, preset: str | None, seq_len: int) -> dict:
   counts = counting.module_counts(cfg)
   if counts != counting.analytic_counts(cfg):
     raise RuntimeError(f'module tree {counts} disagrees with analytic {counting.analytic_counts(cfg)}')
-  return {**counting.summary(cfg, seq_len, counts), 'breakdown': counting.breakdown(cfg), 'config': cfg.to_dict(),
-          'preset': preset}
+  row = {**counting.summary(cfg, seq_len, counts), 'breakdown': counting.breakdown(cfg), 'config': cfg.to_dict(),
+         'preset': preset}
+  if FLAGS.mesh:
+    sizes = sharding.hypothetical_mesh(FLAGS.mesh)
+    row['mesh'] = sizes
+    row['weight_bytes_per_device'] = {dtype: int(sharding.bytes_per_device(cfg, sizes, b))
+                                      for dtype, b in counting.BYTES_PER_PARAM.items()}
+  return row
 
 
 def format_table(name: str, row: dict) -> str:
@@ -66,6 +75,9 @@ def format_table(name: str, row: dict) -> str:
       lines.append(f'    {component:<28} {human(n["total"]):>10} / {human(n["active"])}')
   for dtype, n_bytes in row['weight_bytes'].items():
     lines.append(f'  {"weights @ " + dtype:<30} {human_bytes(n_bytes):>20}')
+  for dtype, n_bytes in row.get('weight_bytes_per_device', {}).items():
+    devices = math.prod(row['mesh'].values())
+    lines.append(f'  {"weights/device @ " + dtype:<30} {human_bytes(n_bytes):>20}  (mesh of {devices}: {FLAGS.mesh})')
   for dtype, device in row['smallest_device'].items():
     lines.append(f'  {"smallest device @ " + dtype:<30} {device:>20}')
   lines.append(f'  ({FIT_NOTE})')

@@ -15,10 +15,11 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-from slmjax import cli, plots, report, results, sweep, train_cli
+from slmjax import cli, distributed, plots, report, results, sharding, sweep, train_cli
 
 cli.define_model_flags()
 train_cli.define_train_flags()
+distributed.define_flags()
 flags.DEFINE_string('ladder', 'cpu', f'Named ladder ({", ".join(sweep.LADDERS)}) or sizes D x L, e.g. 32x2,64x2.')
 flags.DEFINE_enum('match', 'active', list(sweep.MATCHES), 'What an MoE rung holds equal to its dense rung.')
 flags.DEFINE_float('tokens_per_param', None, 'Token budget per model as a multiple of its active non-embedding '
@@ -61,14 +62,18 @@ def sweep_points() -> tuple[list, sweep.Budget]:
 
 def main(argv):
   del argv
+  distributed.initialize()  # several processes (flags, SLURM, TPU slice): join them before touching devices
   points, budget = sweep_points()
   writer = jax.process_index() == 0
-  sweep.run_sweep(points, budget, FLAGS.out, is_writer=writer)
+  sweep.run_sweep(points, budget, FLAGS.out, log=print if writer else (lambda line: None),
+                  mesh=sharding.make_mesh(FLAGS.mesh))
+  if not writer:
+    return
   rows = results.read_rows(FLAGS.out)
   print('\n' + report.table(rows))
   fits = report.fit_all(rows)
   print('\n' + report.fits_text(rows, fits))
-  if FLAGS.plot and writer:
+  if FLAGS.plot:
     for path in plots.plot_all(rows, FLAGS.out, fits):
       print(f'wrote {path}')
 

@@ -76,16 +76,26 @@ def make_mesh(spec: str | None, devices=None) -> Mesh | None:
                        devices=devices)
 
 
-def logical_to_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, what: str) -> P:
-  """PartitionSpec of a tensor with logical axis `names`; raises if a mesh axis does not divide its dimension."""
+def hypothetical_mesh(spec: str) -> dict[str, int]:
+  """Axis sizes of a mesh that need not exist here (for counting bytes per device); no -1 allowed."""
+  sizes = [item.partition(':')[2] for item in spec.split(',') if item.strip()]
+  if '-1' in [v.strip() for v in sizes]:
+    raise ValueError(f'--mesh={spec}: give every axis a size to count bytes per device (-1 needs real devices)')
+  n = math.prod(int(v) for v in sizes if v.strip().lstrip('-').isdigit() and int(v) > 0) or 1
+  return parse_mesh(spec, n)
+
+
+def logical_to_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_shape, what: str) -> P:
+  """PartitionSpec of a tensor with logical axis `names` on a mesh of `mesh_shape` ({axis: size}); raises if a
+  mesh axis does not divide its dimension."""
   spec = []
   for name, size in zip(names, shape):
     axis = RULES.get(name) if name else None
-    if axis is None or mesh.shape[axis] == 1:
+    if axis is None or mesh_shape.get(axis, 1) == 1:
       spec.append(None)
       continue
-    if size % mesh.shape[axis]:
-      raise ValueError(f'--mesh axis {axis}:{mesh.shape[axis]} does not divide the {name} dimension ({size}) of '
+    if size % mesh_shape[axis]:
+      raise ValueError(f'--mesh axis {axis}:{mesh_shape[axis]} does not divide the {name} dimension ({size}) of '
                        f'{what}; choose a size that divides {size}')
     spec.append(axis)
   return P(*spec)
@@ -98,7 +108,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
     shape = np.shape(var.get_value() if hasattr(var, 'get_value') else var)
     if not names:
       return NamedSharding(mesh, P())
-    return NamedSharding(mesh, logical_to_spec(tuple(names), shape, mesh, '/'.join(map(str, path))))
+    return NamedSharding(mesh, logical_to_spec(tuple(names), shape, dict(mesh.shape), '/'.join(map(str, path))))
   return nnx.map_state(sharding, state) if hasattr(nnx, 'map_state') else _map_flat(state, sharding)
 
 
@@ -152,15 +162,12 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 def bytes_per_device(model_cfg, mesh_sizes: dict[str, int], bytes_per_param: float) -> float:
-  """Weight bytes one device holds: each parameter's size divided by the mesh axes that split it."""
+  """Weight bytes one device holds on a mesh of `mesh_sizes`: each parameter divided by the axes that split it."""
   from slmjax.model import abstract_model
   total = 0.0
   for path, var in nnx.to_flat_state(nnx.state(abstract_model(model_cfg), nnx.Param)):
-    names = var.get_metadata().get('out_sharding') or ()
-    split = 1
-    for name, size in zip(names, var.shape):
-      axis = RULES.get(name) if name else None
-      if axis and size % mesh_sizes.get(axis, 1) == 0:
-        split *= mesh_sizes.get(axis, 1)
+    names = var.get_metadata().get('out_sharding') or (None,) * len(var.shape)
+    spec = logical_to_spec(tuple(names), var.shape, mesh_sizes, '/'.join(map(str, path)))
+    split = math.prod(mesh_sizes[axis] for axis in spec if axis)
     total += math.prod(var.shape) / split
   return total * bytes_per_param

@@ -26,7 +26,7 @@ from typing import Callable
 
 import jax
 
-from slmjax import cost, counting, results
+from slmjax import cost, counting, results, sharding
 from slmjax.config import ModelConfig
 from slmjax.train import TrainConfig, train
 
@@ -117,7 +117,7 @@ def check_budget(rows: list[dict], budget: Budget, out_dir: str) -> None:
 
 
 def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, summary: dict, measured: dict,
-               rid: str) -> dict:
+               rid: str, mesh=None) -> dict:
   """Everything needed to redraw every plot without rerunning (see README 'Results')."""
   counts = counting.analytic_counts(model_cfg)
   flops_per_token = counting.train_flops_per_token(model_cfg, train_cfg.seq_len, counts)
@@ -134,6 +134,9 @@ def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, s
       'train_loss': summary['train_loss'], 'eval_loss': summary['eval_loss'], 'eval_bpb': summary.get('eval_bpb'),
       'unigram_eval_loss': summary.get('unigram_eval_loss'), **measured,
       'weight_bytes': int(counts.total * param_bytes), 'optimizer_state_bytes': 2 * counts.total * 4,
+      'mesh': dict(mesh.shape) if mesh is not None else None,
+      'weight_bytes_per_device': int(sharding.bytes_per_device(model_cfg, dict(mesh.shape), param_bytes)
+                                     if mesh is not None else counts.total * param_bytes),
       'seed': train_cfg.seed, 'budget': dataclasses.asdict(budget), 'device': jax.devices()[0].device_kind,
       'platform': jax.default_backend(), 'device_count': jax.device_count(), 'host': platform.node(),
       'jax_version': jax.__version__, 'model_config': model_cfg.to_dict(), 'train_config': train_cfg.to_dict(),
@@ -141,16 +144,25 @@ def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, s
   }
 
 
-def measure_cost(model_cfg: ModelConfig, train_cfg: TrainConfig, peak_flops: float) -> dict:
-  """Step time, tokens/s, MFU of the real train step on a fixed batch, and its compiled memory."""
-  from slmjax.train import init_state, make_train_step
+def measure_cost(model_cfg: ModelConfig, train_cfg: TrainConfig, peak_flops: float, mesh=None) -> dict:
+  """Step time, tokens/s, MFU of the real train step (the one `train` compiled) on a fixed batch, and the
+  compiled program's memory (arguments + outputs + temporaries - aliased, where the backend reports it)."""
+  import contextlib
   import numpy as np
-  graphdef, state, tx, opt_state = init_state(model_cfg, train_cfg)
-  step = make_train_step(graphdef, tx)
+  from slmjax import sharding
+  from slmjax.train import cached_steps, init_state, make_optimizer, on_first_device
+  graphdef, state, _, opt_state = init_state(model_cfg, train_cfg)
+  step, _ = cached_steps(graphdef, train_cfg)
   batch = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (train_cfg.batch_size, train_cfg.seq_len + 1),
                                             dtype=np.int32)
-  memory = cost.compiled_memory(step, state, opt_state, batch)
-  stats, _, _ = cost.time_train_step(step, state, opt_state, batch, warmup=2, repeats=5)
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    if mesh is None:
+      state, opt_state = on_first_device(state, opt_state)
+    else:
+      state, opt_state = sharding.place_state(state, opt_state, mesh=mesh, tx=make_optimizer(train_cfg))
+      batch = sharding.batch_placer(mesh, train_cfg.batch_size)(batch, whole=True)
+    memory = cost.compiled_memory(step, state, opt_state, batch)
+    stats, _, _ = cost.time_train_step(step, state, opt_state, batch, warmup=2, repeats=5)
   flops = counting.train_flops_per_token(model_cfg, train_cfg.seq_len)
   measured = cost.throughput(train_cfg.tokens_per_step, stats['median_s'], flops, peak_flops)
   peak_memory = None
@@ -163,8 +175,12 @@ def measure_cost(model_cfg: ModelConfig, train_cfg: TrainConfig, peak_flops: flo
 
 
 def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out_dir: str,
-              log: Callable[[str], None] = print, is_writer: bool = True) -> list[dict]:
-  """Train every point not yet in `<out_dir>/results.jsonl`; returns this sweep's rows (old and new)."""
+              log: Callable[[str], None] = print, mesh=None) -> list[dict]:
+  """Train every point not yet in `<out_dir>/results.jsonl`; returns this sweep's rows (old and new).
+
+  With a `mesh` every point trains sharded on it; with several processes only process 0 writes rows.
+  """
+  is_writer = jax.process_index() == 0
   out = pathlib.Path(out_dir)
   existing = results.read_rows(out)
   check_budget(existing, budget, out_dir)
@@ -184,9 +200,10 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
     counts = counting.analytic_counts(model_cfg)
     log(f'[point {n + 1}/{len(todo)}] {ids[i]}: {counts.total:,} params ({counts.active:,} active), '
         f'{train_cfg.steps} steps{eta}')
-    summary = train(model_cfg, train_cfg, out / ids[i], peak_flops=peak, log=lambda line: log(f'  {line}'))
-    measured = measure_cost(model_cfg, train_cfg, peak)
-    row = result_row(model_cfg, train_cfg, budget, summary, measured, ids[i])
+    summary = train(model_cfg, train_cfg, out / ids[i], peak_flops=peak, mesh=mesh,
+                    log=(lambda line: log(f'  {line}')) if is_writer else None)
+    measured = measure_cost(model_cfg, train_cfg, peak, mesh)
+    row = result_row(model_cfg, train_cfg, budget, summary, measured, ids[i], mesh)
     if is_writer:
       results.append_row(out, row)
     done[ids[i]] = row
