@@ -3,6 +3,7 @@
   python experiments/sweep.py --arch=dense                      # default CPU ladder, ~10-15 min on 2 cores
   python experiments/sweep.py --arch=moe --experts=8 --k=2      # the matched MoE ladder, same --out
   python experiments/sweep.py --arch=moe --ladder=32x2,64x2,128x4 --match=total --tokens_per_param=20
+  python experiments/sweep.py --preset=deepseek-v3 --tokens=500000    # DeepSeek-V3's architecture, CPU widths
 
 Writes <out>/results.jsonl (one row per finished run), <out>/<run_id>/ (checkpoints, metrics), and
 <out>/scaling.png, <out>/cost.png over every run in <out>. Rerun the same command to resume after an interruption.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import jax
 from absl import flags
 
-from slmjax import cli, distributed, plots, report, results, sharding, sweep, train_cli
+from slmjax import cli, distributed, plots, presets, report, results, sharding, sweep, train_cli
 
 cli.define_model_flags()
 train_cli.define_train_flags()
@@ -50,7 +51,13 @@ def sweep_points() -> tuple[list, sweep.Budget]:
   except ValueError:
     raise ValueError(f'--seeds={",".join(FLAGS.seeds)} must be a comma-separated list of integers') from None
   template = cli.model_config_from_flags()
-  configs = sweep.ladder(template, sweep.parse_sizes(FLAGS.ladder), template.n_experts, FLAGS.k, FLAGS.match)
+  if FLAGS.preset:  # a published architecture's own family, scaled down to CPU widths
+    if FLAGS['ladder'].present:
+      raise ValueError('--ladder does not apply with --preset (the preset family has its own widths)')
+    configs = [cli.apply_runtime_flags(cfg).replace(max_seq_len=max(cfg.max_seq_len, FLAGS.seq_len))
+               for cfg in presets.preset_ladder(FLAGS.preset)]
+  else:
+    configs = sweep.ladder(template, sweep.parse_sizes(FLAGS.ladder), template.n_experts, FLAGS.k, FLAGS.match)
   points = []
   for model_cfg in configs:
     steps = sweep.steps_for(budget, model_cfg, FLAGS.batch_size, FLAGS.seq_len)

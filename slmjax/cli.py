@@ -118,6 +118,12 @@ def preset_config_from_flags(name: str) -> ModelConfig:
   cfg = presets.get(name)
   if f.scale_down:
     cfg = presets.scale_down(cfg)
+  return apply_runtime_flags(cfg)
+
+
+def apply_runtime_flags(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with the runtime flags given on the command line (dtypes, dispatch, capacity, seq_len) applied."""
+  f = FLAGS
   changes = {flag: f[flag].value for flag in RUNTIME_FLAGS if f[flag].present and flag != 'seq_len'}
   if 'capacity_factor' in changes and changes['capacity_factor'] <= 0:
     changes['capacity_factor'] = None

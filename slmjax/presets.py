@@ -12,8 +12,8 @@ and FLOPs per token are then compared at one context length.
   python experiments/count.py --preset=deepseek-v3 --scale_down     # the same architecture, tiny
 
 `scale_down(cfg)` keeps every structural feature (attention kind, GQA, biases, norms, dense prefix, MoE spacing,
-shared experts and gate, router kind) at dimensions a CPU trains in seconds; `LADDERS` are the tiny dense / MoE
-size ladders the sweeps use, and `preset_ladder(name)` a ladder of one published architecture's family.
+shared experts and gate, router kind) at dimensions a CPU trains in seconds, and `preset_ladder(name)` a ladder
+of one published architecture's family (the dense / MoE size ladders of sweeps are in `slmjax.sweep`).
 """
 
 from __future__ import annotations
@@ -357,23 +357,3 @@ def structural_features(cfg: ModelConfig) -> dict:
 def preset_ladder(name: str, widths: tuple[int, ...] = (32, 48, 64, 96, 128)) -> list[ModelConfig]:
   """A size ladder of one published architecture (its scaled-down twin at each d_model), for sweeps."""
   return [scale_down(get(name), d_model=width) for width in widths]
-
-
-# Tiny ladders for sweeps: (d_model, n_layers, n_heads), about 86K to 1.7M parameters (20x), byte vocabulary.
-DENSE_RUNGS = ((48, 2, 2), (64, 3, 2), (96, 3, 3), (128, 4, 4), (160, 4, 5))
-
-
-def dense_ladder(seq_len: int = 256) -> list[ModelConfig]:
-  """Dense rungs: SwiGLU, d_ff = 4 * d_model, head width 24-32, tied byte embeddings."""
-  return [ModelConfig(vocab_size=256, d_model=d, n_layers=n, n_heads=h, d_ff=4 * d, max_seq_len=seq_len)
-          for d, n, h in DENSE_RUNGS]
-
-
-def moe_ladder(seq_len: int = 256, n_experts: int = 8, top_k: int = 2) -> list[ModelConfig]:
-  """The MoE counterpart of each dense rung: same d_model / layers / heads, every FFN routed, expert width
-  d_ff / top_k so a token's active parameters equal the dense rung's (plus the router's d_model * n_experts)."""
-  return [cfg.replace(n_experts=n_experts, top_k=top_k, d_expert=cfg.ffn_size // top_k)
-          for cfg in dense_ladder(seq_len)]
-
-
-LADDERS: dict[str, Callable[[], list[ModelConfig]]] = {'dense-tiny': dense_ladder, 'moe-tiny': moe_ladder}
