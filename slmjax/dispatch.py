@@ -97,7 +97,9 @@ def dense_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: in
 # ------------------------------------------------------------------------------------- row gathers (no scatter)
 def _take_rows(src_ND: jax.Array, idx: jax.Array) -> jax.Array:
   """src_ND[idx] with out-of-range indices clamped: one gather pass (mode='fill' adds a select pass over the
-  whole output); callers mask the rows an out-of-range 'empty' index reads."""
+  whole output); callers mask the rows an out-of-range 'empty' index reads. Sums over A below are written out
+  per assignment, so XLA fuses the A gathers into one loop instead of materialising [X, A, D] and reducing it
+  (6% of the layer at E=64, k=8 on CPU)."""
   return jnp.take(src_ND, idx, axis=0, mode='clip')
 
 
@@ -114,8 +116,10 @@ def _dispatch_rows_fwd(x_XD, token_N, dest_XA):
 
 
 def _dispatch_rows_bwd(dest_XA, dbuf_ND):
-  rows_XAD = jnp.where((dest_XA < dbuf_ND.shape[0])[..., None], _take_rows(dbuf_ND, dest_XA), 0)
-  return jnp.sum(rows_XAD, axis=1), None, None
+  N = dbuf_ND.shape[0]
+  dx_XD = sum(jnp.where((dest_XA[:, a] < N)[:, None], _take_rows(dbuf_ND, dest_XA[:, a]), 0)
+              for a in range(dest_XA.shape[1]))
+  return dx_XD, None, None
 
 
 dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
@@ -126,8 +130,9 @@ def combine_rows(y_ND: jax.Array, weight_XA: jax.Array, dest_XA: jax.Array, asg_
   """y[t] = sum_a weight[t, a] * y_ND[dest[t, a]], zero for dest == N (dropped). `asg_N` is the inverse map
   (flat assignment t * A + a held by each buffer row, X * A if empty), so the backward gathers instead of
   scatter-adding into the buffer."""
-  valid_XA1 = (dest_XA < y_ND.shape[0])[..., None]
-  return jnp.sum(jnp.where(valid_XA1, _take_rows(y_ND, dest_XA) * weight_XA[..., None], 0), axis=1)
+  N = y_ND.shape[0]
+  return sum(jnp.where((dest_XA[:, a] < N)[:, None], _take_rows(y_ND, dest_XA[:, a]) * weight_XA[:, a, None], 0)
+             for a in range(dest_XA.shape[1]))
 
 
 def _combine_rows_fwd(y_ND, weight_XA, dest_XA, asg_N):
@@ -140,7 +145,8 @@ def _combine_rows_bwd(res, dy_XD):
   weight_N = jnp.where(asg_N < X * A, _take_rows(weight_XA.reshape(-1), asg_N), 0)
   dy_ND = _take_rows(dy_XD, asg_N // A) * weight_N[:, None]
   valid_XA = dest_XA < y_ND.shape[0]
-  dweight_XA = jnp.where(valid_XA, jnp.sum(_take_rows(y_ND, dest_XA) * dy_XD[:, None, :], axis=-1), 0)
+  dweight_XA = jnp.where(valid_XA, jnp.stack([jnp.sum(_take_rows(y_ND, dest_XA[:, a]) * dy_XD, axis=-1)
+                                              for a in range(A)], axis=1), 0)
   return dy_ND, dweight_XA, None, None
 
 
@@ -186,36 +192,39 @@ def _fused(w: ExpertWeights) -> jax.Array | None:
   return jnp.concatenate([w.w_gate_EDF, w.w_up_EDF], axis=-1)
 
 
+def _gate_up(pre, F):
+  """(gate, up) from the saved pre-activations: (gu_EXH,) when fused, else (gate_EXF or None, up_EXF)."""
+  return (pre[0][..., :F], pre[0][..., F:]) if len(pre) == 1 else pre
+
+
 def _ffn_rows_fwd(x_EMD, w, n_rows, activation, buckets):
   def branch(rows, x_EMD, w, w_gu_EDH):
-    x_EXD, M, F = x_EMD[:, :rows], x_EMD.shape[1], w.w_up_EDF.shape[-1]
+    x_EXD, M = x_EMD[:, :rows], x_EMD.shape[1]
     if w_gu_EDH is not None:
-      gu_EXH = jnp.einsum('EXD,EDH->EXH', x_EXD, w_gu_EDH)
-      gate_EXF, up_EXF = gu_EXH[..., :F], gu_EXH[..., F:]
+      pre = (jnp.einsum('EXD,EDH->EXH', x_EXD, w_gu_EDH),)
     else:
-      up_EXF = jnp.einsum('EXD,EDF->EXF', x_EXD, w.w_up_EDF)
-      gate_EXF = None if w.w_gate_EDF is None else jnp.einsum('EXD,EDF->EXF', x_EXD, w.w_gate_EDF)
-    y_EXD = jnp.einsum('EXF,EFD->EXD', activate(gate_EXF, up_EXF, activation), w.w_down_EFD)
-    return _pad_rows(y_EXD, M), _pad_rows(gate_EXF, M), _pad_rows(up_EXF, M)
+      pre = (None if w.w_gate_EDF is None else jnp.einsum('EXD,EDF->EXF', x_EXD, w.w_gate_EDF),
+             jnp.einsum('EXD,EDF->EXF', x_EXD, w.w_up_EDF))
+    h_EXF = activate(*_gate_up(pre, w.w_up_EDF.shape[-1]), activation)
+    y_EXD = jnp.einsum('EXF,EFD->EXD', h_EXF, w.w_down_EFD)
+    return _pad_rows(y_EXD, M), tuple(_pad_rows(p, M) for p in pre)
   w_gu_EDH = _fused(w)
-  y_EMD, gate_EMF, up_EMF = _switch(n_rows, buckets, branch, x_EMD, w, w_gu_EDH)
-  return y_EMD, (x_EMD, w, w_gu_EDH, n_rows, gate_EMF, up_EMF)
+  y_EMD, pre = _switch(n_rows, buckets, branch, x_EMD, w, w_gu_EDH)
+  return y_EMD, (x_EMD, w, w_gu_EDH, n_rows, pre)
 
 
 def _ffn_rows_bwd(activation, buckets, res, dy_EMD):
-  def branch(rows, x_EMD, w, w_gu_EDH, gate_EMF, up_EMF, dy_EMD):
-    M = x_EMD.shape[1]
-    x_EXD, up_EXF, dy_EXD = x_EMD[:, :rows], up_EMF[:, :rows], dy_EMD[:, :rows]
-    gate_EXF = None if gate_EMF is None else gate_EMF[:, :rows]
+  def branch(rows, x_EMD, w, w_gu_EDH, pre, dy_EMD):
+    M, F = x_EMD.shape[1], w.w_up_EDF.shape[-1]
+    x_EXD, dy_EXD = x_EMD[:, :rows], dy_EMD[:, :rows]
+    gate_EXF, up_EXF = _gate_up(tuple(None if p is None else p[:, :rows] for p in pre), F)
     h_EXF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), gate_EXF, up_EXF)
-    dh_EXF = jnp.einsum('EXD,EFD->EXF', dy_EXD, w.w_down_EFD)
-    dgate_EXF, dup_EXF = act_vjp(dh_EXF)
+    dgate_EXF, dup_EXF = act_vjp(jnp.einsum('EXD,EFD->EXF', dy_EXD, w.w_down_EFD))
     dw_down_EFD = jnp.einsum('EXF,EXD->EFD', h_EXF, dy_EXD)
     if w_gu_EDH is not None:
       dgu_EXH = jnp.concatenate([dgate_EXF, dup_EXF], axis=-1)
       dx_EXD = jnp.einsum('EXH,EDH->EXD', dgu_EXH, w_gu_EDH)
       dw_gu_EDH = jnp.einsum('EXD,EXH->EDH', x_EXD, dgu_EXH)
-      F = up_EXF.shape[-1]
       return _pad_rows(dx_EXD, M), ExpertWeights(dw_gu_EDH[..., :F], dw_gu_EDH[..., F:], dw_down_EFD)
     dx_EXD = jnp.einsum('EXF,EDF->EXD', dup_EXF, w.w_up_EDF)
     dw_gate_EDF = None
@@ -224,8 +233,8 @@ def _ffn_rows_bwd(activation, buckets, res, dy_EMD):
       dw_gate_EDF = jnp.einsum('EXD,EXF->EDF', x_EXD, dgate_EXF)
     dw = ExpertWeights(dw_gate_EDF, jnp.einsum('EXD,EXF->EDF', x_EXD, dup_EXF), dw_down_EFD)
     return _pad_rows(dx_EXD, M), dw
-  x_EMD, w, w_gu_EDH, n_rows, gate_EMF, up_EMF = res
-  dx_EMD, dw = _switch(n_rows, buckets, branch, x_EMD, w, w_gu_EDH, gate_EMF, up_EMF, dy_EMD)
+  x_EMD, w, w_gu_EDH, n_rows, pre = res
+  dx_EMD, dw = _switch(n_rows, buckets, branch, x_EMD, w, w_gu_EDH, pre, dy_EMD)
   return dx_EMD, dw, None
 
 
