@@ -21,8 +21,26 @@ DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense')
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
+class ConfigDict:
+  """Serialisation shared by the frozen config dataclasses (config.json of a run, results rows)."""
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+      raise ValueError(f'unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}')
+    return cls(**data)
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigDict):
   """Architecture of one decoder-only Transformer (dense or MoE).
 
   Derived sizes (`None` means "derive"): `n_kv_heads` defaults to `n_heads` (plain multi-head attention),
@@ -214,23 +232,8 @@ class ModelConfig:
       return group_size
     return min(group_size, max(1, math.ceil(self.capacity_factor * group_size * self.top_k / self.n_experts)))
 
-  # Serialisation (config.json of a run, results rows).
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, data: dict[str, Any]) -> 'ModelConfig':
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-      raise ValueError(f'unknown ModelConfig fields {unknown}; known fields: {sorted(known)}')
-    return cls(**data)
-
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
-
-  def replace(self, **changes) -> 'ModelConfig':
-    return dataclasses.replace(self, **changes)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from slmjax import cost
-from slmjax.config import ModelConfig
+from slmjax.config import ConfigDict, ModelConfig
 from slmjax.model import abstract_model, create_model
 
 # TrainConfig fields that may differ when resuming a run (duration and bookkeeping, not the experiment).
@@ -36,7 +36,7 @@ RESUMABLE_FIELDS = ('steps', 'eval_every', 'checkpoint_every', 'keep_checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigDict):
   """One training run: optimisation, data, evaluation and checkpoint cadence. `batch_size` is global."""
 
   steps: int = 1000
@@ -86,19 +86,6 @@ class TrainConfig:
   def tokens_per_step(self) -> int:
     return self.batch_size * self.seq_len
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, data: dict[str, Any]) -> 'TrainConfig':
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-      raise ValueError(f'unknown TrainConfig fields {unknown}; known fields: {sorted(known)}')
-    return cls(**data)
-
-  def replace(self, **changes) -> 'TrainConfig':
-    return dataclasses.replace(self, **changes)
 
 
 class NonFiniteLossError(RuntimeError):
