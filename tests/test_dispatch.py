@@ -96,25 +96,32 @@ def test_capacity_priority_is_choice_major():
   np.testing.assert_array_equal(kept_GSA[0], [[True, True], [True, False], [True, False]])
 
 
-@pytest.mark.parametrize('skew', [0.3, 5.0])
-def test_gather_row_buckets_do_not_change_the_result(skew):
-  # Balanced routing uses a small bucket, skewed routing a larger one, all-to-one-expert the whole buffer.
-  n_experts, top_k, group_size = 8, 2, 32
-  capacity = group_size
-  inputs = _inputs(64, n_experts, top_k, skew=skew, seed=2)
-  y, _, grads = _run('gather', inputs, group_size, capacity, 'swiglu')
-  y_oracle, _, grads_oracle = _run('dense', inputs, group_size, capacity, 'swiglu')
+@pytest.mark.parametrize('skew, tail_bucket', [(0.0, 8), (0.1, 24), (5.0, 192)])
+def test_gather_tail_buckets_do_not_change_the_result(skew, tail_bucket):
+  # 256 tokens, 4 experts, top-1, one group of 64 per 64 tokens, capacity 64: blocks of 64 (balanced) + 192 rows.
+  # Balanced routing runs the smallest tail bucket, skewed routing a larger one, all-to-one-expert all 192 rows.
+  n_experts, top_k, group_size = 4, 1, 64
+  x_XD, gates_XA, experts_XA, w = inputs = _inputs(256, n_experts, top_k, skew=skew, seed=2)
+  blocks = dispatch.expert_blocks(256, 64)
+  assert blocks == ((64, (64,)), (192, (8, 16, 24, 192)))
+  G = 256 // group_size
+  slot, kept, count = dispatch._slots_and_counts(jnp.asarray(experts_XA).reshape(G, group_size, 1), 4, group_size)
+  n_rows = int(jnp.max(jnp.sum(count, axis=0)))
+  assert min(b for b in blocks[1][1] if b >= n_rows - 64) == tail_bucket
+  y, _, grads = _run('gather', inputs, group_size, group_size, 'swiglu')
+  y_oracle, _, grads_oracle = _run('dense', inputs, group_size, group_size, 'swiglu')
   np.testing.assert_allclose(y, y_oracle, atol=1e-5, rtol=1e-5)
   _assert_close_tree(grads, grads_oracle)
 
 
-@pytest.mark.parametrize('rows, balanced', [(1280, 1024), (640, 512), (4096, 1024), (6, 8), (24, 5)])
-def test_row_buckets_are_sorted_multiples_of_8_ending_at_rows(rows, balanced):
-  buckets = dispatch.row_buckets(rows, balanced)
-  assert buckets[-1] == rows
-  assert list(buckets) == sorted(set(buckets))
-  assert all(b % 8 == 0 for b in buckets[:-1]) and len(buckets) <= 10
-  assert min(buckets) >= min(rows, math.ceil(balanced / 8) * 8) or len(buckets) == 1
+@pytest.mark.parametrize('rows, balanced', [(1280, 1024), (640, 512), (4096, 1024), (6, 8), (24, 5), (16, 32)])
+def test_expert_blocks_cover_the_buffer_with_sorted_buckets(rows, balanced):
+  blocks = dispatch.expert_blocks(rows, balanced)
+  assert sum(size for size, _ in blocks) == rows
+  for size, buckets in blocks:
+    assert buckets[-1] == size and list(buckets) == sorted(set(buckets)) and len(buckets) <= 17
+  if len(blocks) == 2:  # a base block of the balanced load, always computed in full
+    assert blocks[0] == (balanced // 8 * 8, (balanced // 8 * 8,))
 
 
 def test_auto_resolves_to_the_platform_default():
