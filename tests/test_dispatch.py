@@ -57,7 +57,7 @@ def _assert_close_tree(got, want, tol=1e-5):
 
 
 CASES = [  # (n_experts, top_k, group_size, activation)
-    (4, 1, 16, 'swiglu'), (8, 2, 8, 'gelu'), (16, 4, 64, 'geglu'), (64, 8, 32, 'swiglu')]
+    (4, 1, 16, 'geglu'), (8, 2, 8, 'gelu'), (64, 8, 32, 'swiglu')]
 
 
 @pytest.mark.parametrize('name', ['einsum', 'gather', 'ragged'])
@@ -66,7 +66,7 @@ def test_matches_dense_oracle_when_nothing_drops(name, n_experts, top_k, group_s
   inputs = _inputs(64, n_experts, top_k, activation)
   y, kept, grads = _run(name, inputs, group_size, group_size, activation)  # capacity S: nothing can drop
   y_oracle, _, grads_oracle = _run('dense', inputs, group_size, group_size, activation)
-  assert bool(jnp.all(kept))
+  assert np.all(kept)
   np.testing.assert_allclose(y, y_oracle, atol=1e-5, rtol=1e-5)
   _assert_close_tree(grads, grads_oracle)
 
@@ -76,7 +76,8 @@ def test_einsum_and_gather_drop_the_same_assignments(n_experts, top_k, group_siz
   inputs = _inputs(64, n_experts, top_k, skew=0.5, seed=1)  # expert 0 is oversubscribed
   y_einsum, kept_einsum, grads_einsum = _run('einsum', inputs, group_size, capacity, 'swiglu')
   y_gather, kept_gather, grads_gather = _run('gather', inputs, group_size, capacity, 'swiglu')
-  assert 0.05 < 1.0 - float(jnp.mean(kept_einsum)) < 0.9, 'the case must actually drop, but not everything'
+  kept_einsum = np.asarray(kept_einsum)
+  assert 0.05 < 1.0 - kept_einsum.mean() < 0.9, 'the case must actually drop, but not everything'
   np.testing.assert_array_equal(kept_gather, kept_einsum)
   np.testing.assert_allclose(y_gather, y_einsum, atol=1e-5, rtol=1e-5)
   _assert_close_tree(grads_gather, grads_einsum)
@@ -89,7 +90,7 @@ def test_einsum_and_gather_drop_the_same_assignments(n_experts, top_k, group_siz
 def test_capacity_priority_is_choice_major():
   # One group of 3 tokens, top-2, 2 experts, capacity 2. First choices: [0, 0, 1], second choices: [1, 1, 0].
   experts_GSA = jnp.array([[[0, 1], [0, 1], [1, 0]]], jnp.int32)
-  slot_GSA, kept_GSA = dispatch.capacity_slots(experts_GSA, n_experts=2, capacity=2)
+  slot_GSA, kept_GSA = jax.jit(dispatch.capacity_slots, static_argnums=(1, 2))(experts_GSA, 2, 2)
   # Expert 0 takes tokens 0 and 1 (first choices) before token 2's second choice; expert 1 takes token 2's
   # first choice, then token 0's second choice, and has no room for token 1's.
   np.testing.assert_array_equal(slot_GSA[0], [[0, 1], [1, 2], [0, 2]])
@@ -104,9 +105,7 @@ def test_gather_tail_buckets_do_not_change_the_result(skew, tail_bucket):
   x_XD, gates_XA, experts_XA, w = inputs = _inputs(256, n_experts, top_k, skew=skew, seed=2)
   blocks = dispatch.expert_blocks(256, 64)
   assert blocks == ((64, (64,)), (192, (8, 16, 24, 192)))
-  G = 256 // group_size
-  slot, kept, count = dispatch._slots_and_counts(jnp.asarray(experts_XA).reshape(G, group_size, 1), 4, group_size)
-  n_rows = int(jnp.max(jnp.sum(count, axis=0)))
+  n_rows = np.bincount(experts_XA.ravel(), minlength=n_experts).max()  # nothing drops: capacity = group size
   assert min(b for b in blocks[1][1] if b >= n_rows - 64) == tail_bucket
   y, _, grads = _run('gather', inputs, group_size, group_size, 'swiglu')
   y_oracle, _, grads_oracle = _run('dense', inputs, group_size, group_size, 'swiglu')

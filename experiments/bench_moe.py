@@ -1,0 +1,239 @@
+"""How fast is an MoE layer next to a dense FFN with the same active FLOPs, per dispatch implementation?
+
+  python experiments/bench_moe.py                          # both layer settings + the whole-model check, tables
+  python experiments/bench_moe.py --json                   # one JSON list of rows instead
+  python experiments/bench_moe.py --settings=coarse --impls=gather,einsum --group_sizes=128,512 --nomodel
+
+Layer rows: forward + backward (gradients for tokens, router and expert weights; the router's aux losses
+included) of `slmjax.moe.MoEFFN` with each dispatch, against a dense FFN of width top_k * d_expert on the same
+tokens (the same FLOPs as the routed experts without capacity padding; the `DenseFFN` layer is timed too). Settings: `coarse` = 8 experts, top-2, d_expert 512; `fine` = 64 experts, top-8, d_expert 64; both
+4096 tokens, d_model 256, capacity factor 1.25, float32 (flags change them).
+Model rows: one AdamW training step (`slmjax.train.make_train_step`) of an MoE Transformer (8 experts, top-2,
+d_expert = d_ff / 2) against the dense Transformer with the same d_model, layers and active parameters.
+
+Timing: everything of one table is compiled and warmed up first, then timed round-robin (interleaved)
+`--repeats` times, each sample the mean of `--inner` calls; the median sample is reported, and ratios are
+taken to the dense baseline of the same table. On a shared machine compare ratios, and rerun. A candidate whose
+first timed call exceeds `--max_ratio` times the baseline is reported from that one call (`repeats` 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from slmjax import cli, dispatch, train
+from slmjax.config import ModelConfig
+from slmjax.layers import DenseFFN, activate
+from slmjax.moe import MoEFFN
+
+SETTINGS = {'coarse': dict(n_experts=8, top_k=2, d_expert=512), 'fine': dict(n_experts=64, top_k=8, d_expert=64)}
+IMPLS = ('einsum', 'gather', 'ragged', 'dense')
+
+flags.DEFINE_list('settings', list(SETTINGS), f'Layer settings to run: {", ".join(SETTINGS)}.')
+flags.DEFINE_list('impls', list(IMPLS), 'Dispatch implementations to time.')
+flags.DEFINE_list('group_sizes', ['128', '512'], 'Group sizes S for the dropping implementations (einsum, gather).')
+flags.DEFINE_integer('tokens', 4096, 'Tokens per layer call.')
+flags.DEFINE_integer('d_model', 256, 'Model width.')
+flags.DEFINE_float('capacity_factor', 1.25, 'Expert capacity factor.')
+flags.DEFINE_enum('activation', 'swiglu', ['swiglu', 'geglu', 'gelu'], 'FFN activation.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute and parameter dtype.')
+flags.DEFINE_integer('repeats', 7, 'Timed rounds; the median is reported.')
+flags.DEFINE_integer('inner', 2, 'Calls per timed sample.')
+flags.DEFINE_float('max_ratio', 10.0, 'Time a candidate slower than this many baselines once only.')
+flags.DEFINE_boolean('model', True, 'Also time whole-model training steps, MoE vs dense.')
+flags.DEFINE_list('model_impls', ['auto', 'einsum'], 'Dispatch implementations for the whole-model check.')
+flags.DEFINE_integer('model_batch', 16, 'Sequences per training step in the whole-model check.')
+flags.DEFINE_integer('model_seq_len', 256, 'Sequence length in the whole-model check.')
+flags.DEFINE_integer('model_layers', 4, 'Transformer blocks in the whole-model check.')
+flags.DEFINE_integer('model_d_ff', 1024, 'Dense FFN width of the whole-model check (MoE: 8 experts of d_ff / 2).')
+flags.DEFINE_boolean('json', False, 'Print one JSON list of rows instead of tables.')
+FLAGS = flags.FLAGS
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], baseline: str, repeats: int, inner: int,
+                      max_ratio: float) -> dict[str, tuple[float, int]]:
+  """Median seconds per call of each thunk (and how many samples), timed round-robin after a warm-up call."""
+  def sample(fn, n):
+    start = time.perf_counter()
+    for _ in range(n):
+      out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / n
+
+  for fn in fns.values():
+    jax.block_until_ready(fn())  # compiles
+  first = {name: sample(fn, 1) for name, fn in fns.items()}
+  slow = {name for name, t in first.items() if name != baseline and t > max_ratio * first[baseline]}
+  samples = {name: [] for name in fns if name not in slow}
+  for _ in range(repeats):
+    for name in samples:
+      samples[name].append(sample(fns[name], inner))
+  times = {name: (statistics.median(s), len(s)) for name, s in samples.items()}
+  times.update({name: (first[name], 1) for name in slow})
+  return times
+
+
+def layer_grad_fn(module: nnx.Module, moe: bool, weights: tuple[float, float]) -> Callable:
+  """Jitted (x_BTD, dy_BTD) -> (gradients for params and x, drop fraction) of one FFN layer."""
+  graphdef, params = nnx.split(module)
+
+  def loss(params, x_BTD, dy_BTD):
+    out = nnx.merge(graphdef, params)(x_BTD)
+    if not moe:
+      return jnp.vdot(out, dy_BTD).astype(jnp.float32), jnp.zeros(())
+    y_BTD, extras = out
+    aux = weights[0] * extras['lb_loss'] + weights[1] * extras['z_loss']
+    return jnp.vdot(y_BTD, dy_BTD).astype(jnp.float32) + aux, extras['drop_fraction']
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+  return lambda x_BTD, dy_BTD: grad(params, x_BTD, dy_BTD)
+
+
+def flat_dense_grad_fn(layer: DenseFFN, activation: str) -> Callable:
+  """The baseline: `layer`'s FFN on the [tokens, D] matrix. The same FLOPs as DenseFFN, whose [B, T, D] einsums
+  XLA:CPU differentiates through transposed copies and slower matmuls (1.8x the time, measured)."""
+  w = (getattr(layer, 'w_gate_DF', None), layer.w_up_DF, layer.w_down_FD)
+  w = tuple(None if p is None else p[...] for p in w)
+
+  def loss(w, x_XD, dy_XD):
+    gate_XF = None if w[0] is None else x_XD @ w[0]
+    return jnp.vdot(activate(gate_XF, x_XD @ w[1], activation) @ w[2], dy_XD).astype(jnp.float32)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  return lambda x_BTD, dy_BTD: (grad(w, x_BTD.reshape(-1, x_BTD.shape[-1]), dy_BTD.reshape(-1, x_BTD.shape[-1])),
+                                jnp.zeros(()))
+
+
+def layer_rows(setting: str) -> list[dict]:
+  """Time every implementation (and group size) of one setting against the matched dense FFN."""
+  f = FLAGS
+  shape = SETTINGS[setting]
+  cfg = ModelConfig(d_model=f.d_model, n_heads=1, activation=f.activation, dtype=f.dtype, param_dtype=f.dtype,
+                    capacity_factor=f.capacity_factor, d_ff=shape['top_k'] * shape['d_expert'], **shape)
+  rng = np.random.default_rng(0)
+  x_BTD = jnp.asarray(rng.normal(size=(1, f.tokens, f.d_model)), cfg.dtype)
+  dy_BTD = jnp.asarray(rng.normal(size=(1, f.tokens, f.d_model)), cfg.dtype)
+  dense = DenseFFN(cfg, cfg.ffn_size, nnx.Rngs(params=0))
+  candidates = {'dense_ffn': (flat_dense_grad_fn(dense, cfg.activation), None),
+                'DenseFFN': (layer_grad_fn(dense, False, (0, 0)), None)}
+  for impl in f.impls:
+    dropless = impl in ('ragged', 'dense')
+    for group_size in ([cfg.group_size] if dropless else [int(s) for s in f.group_sizes]):
+      layer_cfg = cfg.replace(dispatch=impl, group_size=group_size)
+      grad = layer_grad_fn(MoEFFN(layer_cfg, nnx.Rngs(params=0)), True, (cfg.lb_loss_weight, cfg.z_loss_weight))
+      candidates[impl if dropless else f'{impl}@{group_size}'] = (grad, None if dropless else group_size)
+  fns = {name: (lambda grad=grad: grad(x_BTD, dy_BTD)) for name, (grad, _) in candidates.items()}
+  times = interleaved_times(fns, 'dense_ffn', f.repeats, f.inner, f.max_ratio)
+  dense_s = times['dense_ffn'][0]
+  rows = []
+  for name, (grad, group_size) in candidates.items():
+    if name == 'dense_ffn':
+      continue
+    drop = float(grad(x_BTD, dy_BTD)[1])
+    rows.append(dict(kind='layer', setting=setting, impl=name.split('@')[0], group_size=group_size,
+                     tokens=f.tokens, d_model=f.d_model, d_expert=shape['d_expert'], n_experts=shape['n_experts'],
+                     top_k=shape['top_k'], capacity_factor=f.capacity_factor, activation=f.activation,
+                     dtype=f.dtype, time_s=times[name][0], dense_time_s=dense_s, ratio=times[name][0] / dense_s,
+                     repeats=times[name][1], drop_fraction=drop))
+  return rows
+
+
+def model_rows() -> list[dict]:
+  """Training step time of MoE Transformers (8 experts, top-2, d_expert = d_ff / 2) vs the matched dense one."""
+  f = FLAGS
+  dense_cfg = ModelConfig(vocab_size=256, d_model=f.d_model, n_layers=f.model_layers, n_heads=4,
+                          d_ff=f.model_d_ff, max_seq_len=f.model_seq_len, activation=f.activation,
+                          dtype=f.dtype, param_dtype=f.dtype)
+  train_cfg = train.TrainConfig(steps=1000, warmup=10, batch_size=f.model_batch, seq_len=f.model_seq_len)
+  configs = {'dense': dense_cfg}
+  for impl in f.model_impls:
+    configs[impl] = dense_cfg.replace(n_experts=8, top_k=2, d_expert=f.model_d_ff // 2,
+                                      capacity_factor=f.capacity_factor, dispatch=impl)
+  batch_BT1 = jnp.asarray(np.random.default_rng(0).integers(0, 256, (f.model_batch, f.model_seq_len + 1)),
+                          jnp.int32)
+  carried = {}  # name -> [step, state, opt_state]: the train step donates its state, so thread it through
+
+  def thunk(name):
+    def run():
+      step, state, opt_state = carried[name]
+      state, opt_state, metrics = step(state, opt_state, batch_BT1)
+      carried[name] = [step, state, opt_state]
+      return metrics
+    return run
+
+  fns = {}
+  for name, cfg in configs.items():
+    graphdef, state, tx, opt_state = train.init_state(cfg, train_cfg)
+    carried[name] = [train.make_train_step(graphdef, tx), state, opt_state]
+    fns[name] = thunk(name)
+  times = interleaved_times(fns, 'dense', f.repeats, 1, f.max_ratio)
+  rows = []
+  for impl, cfg in configs.items():
+    if impl == 'dense':
+      continue
+    rows.append(dict(kind='model', setting='model', impl=dispatch.resolve(impl), group_size=cfg.group_size,
+                     tokens=f.model_batch * f.model_seq_len, d_model=cfg.d_model, d_expert=cfg.expert_size,
+                     n_experts=cfg.n_experts, top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
+                     activation=cfg.activation, dtype=cfg.dtype, n_layers=cfg.n_layers, dense_d_ff=f.model_d_ff,
+                     time_s=times[impl][0], dense_time_s=times['dense'][0],
+                     ratio=times[impl][0] / times['dense'][0], repeats=times[impl][1]))
+  return rows
+
+
+def format_table(rows: list[dict]) -> str:
+  r0 = rows[0]
+  if r0['kind'] == 'layer':
+    title = (f"MoE layer fwd+bwd: {r0['tokens']} tokens, d_model {r0['d_model']}, {r0['n_experts']} experts, "
+             f"top-{r0['top_k']}, d_expert {r0['d_expert']}, capacity factor {r0['capacity_factor']}; "
+             f"dense FFN d_ff {r0['top_k'] * r0['d_expert']}: {r0['dense_time_s'] * 1e3:.1f} ms")
+  else:
+    title = (f"Training step: {r0['n_layers']} layers, d_model {r0['d_model']}, {r0['tokens']} tokens; dense d_ff "
+             f"{r0['dense_d_ff']} vs {r0['n_experts']} experts top-{r0['top_k']} d_expert {r0['d_expert']}: "
+             f"dense {r0['dense_time_s'] * 1e3:.1f} ms\n(the dense model runs slmjax.layers.DenseFFN: see its row "
+             f"in the layer tables for its cost against the flat dense FFN)")
+  lines = [title, f"  {'impl':<8} {'group':>6} {'time ms':>9} {'ratio':>7} {'drop %':>7} {'runs':>5}"]
+  for r in rows:
+    drop = f"{100 * r['drop_fraction']:.2f}" if 'drop_fraction' in r else '-'
+    group = r['group_size'] if r['group_size'] and r['impl'] in ('einsum', 'gather') else '-'
+    lines.append(f"  {r['impl']:<8} {group:>6} {r['time_s'] * 1e3:>9.1f} {r['ratio']:>7.2f} {drop:>7} "
+                 f"{r['repeats']:>5}")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  for name in FLAGS.settings:
+    if name not in SETTINGS:
+      raise ValueError(f'--settings: unknown setting {name!r}; known: {", ".join(SETTINGS)}')
+  for name in FLAGS.impls:
+    if name not in dispatch.DISPATCH:
+      raise ValueError(f'--impls: unknown implementation {name!r}; known: {", ".join(dispatch.DISPATCH)}')
+  platform = f'{jax.default_backend()} ({jax.devices()[0].device_kind}, {os.cpu_count()} cores)'
+  tables = [layer_rows(name) for name in FLAGS.settings]
+  if FLAGS.model:
+    tables.append(model_rows())
+  tables = [rows for rows in tables if rows]
+  for rows in tables:
+    for row in rows:
+      row['platform'] = platform
+  if FLAGS.json:
+    print(json.dumps([row for rows in tables for row in rows]))
+    return
+  print(f'{platform}; default dispatch here: {dispatch.resolve("auto")}; {FLAGS.dtype}')
+  for rows in tables:
+    print()
+    print(format_table(rows))
+
+
+if __name__ == '__main__':
+  cli.run(main)
