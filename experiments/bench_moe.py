@@ -6,8 +6,10 @@
 
 Layer rows: forward + backward (gradients for tokens, router and expert weights; the router's aux losses
 included) of `slmjax.moe.MoEFFN` with each dispatch, against a dense FFN of width top_k * d_expert on the same
-tokens (the same FLOPs as the routed experts without capacity padding; the `DenseFFN` layer is timed too). Settings: `coarse` = 8 experts, top-2, d_expert 512; `fine` = 64 experts, top-8, d_expert 64; both
-4096 tokens, d_model 256, capacity factor 1.25, float32 (flags change them).
+tokens (the FLOPs of the routed experts without capacity padding; the `DenseFFN` layer is timed too).
+Settings: `coarse` = 8 experts, top-2, d_expert 512; `fine` = 64 experts, top-8, d_expert 64; both 4096 tokens,
+d_model 256, capacity factor 1.25, float32 (flags change them). Expected on a 2-core CPU: gather 1.2-1.35x
+(coarse) and 2.2-2.5x (fine), einsum at S=128 1.55-1.65x and 4.2-4.6x; ratios move with machine load.
 Model rows: one AdamW training step (`slmjax.train.make_train_step`) of an MoE Transformer (8 experts, top-2,
 d_expert = d_ff / 2) against the dense Transformer with the same d_model, layers and active parameters.
 
@@ -84,7 +86,9 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], baseline: str, repeats:
 
 
 def layer_grad_fn(module: nnx.Module, moe: bool, weights: tuple[float, float]) -> Callable:
-  """Jitted (x_BTD, dy_BTD) -> (gradients for params and x, drop fraction) of one FFN layer."""
+  """Jitted (x_BTD, dy_BTD) -> ((loss, drop fraction), gradients for params and x) of one FFN layer. The loss
+  is <y, dy> and is returned, so the forward output is computed as in training (with grad alone, XLA drops the
+  dense FFN's last forward matmul, which a linear loss's gradient does not need)."""
   graphdef, params = nnx.split(module)
 
   def loss(params, x_BTD, dy_BTD):
@@ -95,23 +99,23 @@ def layer_grad_fn(module: nnx.Module, moe: bool, weights: tuple[float, float]) -
     aux = weights[0] * extras['lb_loss'] + weights[1] * extras['z_loss']
     return jnp.vdot(y_BTD, dy_BTD).astype(jnp.float32) + aux, extras['drop_fraction']
 
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))  # value: the forward runs in full
   return lambda x_BTD, dy_BTD: grad(params, x_BTD, dy_BTD)
 
 
 def flat_dense_grad_fn(layer: DenseFFN, activation: str) -> Callable:
   """The baseline: `layer`'s FFN on the [tokens, D] matrix. The same FLOPs as DenseFFN, whose [B, T, D] einsums
-  XLA:CPU differentiates through transposed copies and slower matmuls (1.8x the time, measured)."""
-  w = (getattr(layer, 'w_gate_DF', None), layer.w_up_DF, layer.w_down_FD)
-  w = tuple(None if p is None else p[...] for p in w)
+  XLA:CPU differentiates through transposed copies and slower matmuls (1.7-1.8x the time, measured)."""
+  w = tuple(None if p is None else p[...] for p in (getattr(layer, 'w_gate_DF', None), layer.w_up_DF,
+                                                    layer.w_down_FD))
 
-  def loss(w, x_XD, dy_XD):
+  def loss(w, x_BTD, dy_BTD):
+    x_XD, dy_XD = x_BTD.reshape(-1, x_BTD.shape[-1]), dy_BTD.reshape(-1, x_BTD.shape[-1])
     gate_XF = None if w[0] is None else x_XD @ w[0]
-    return jnp.vdot(activate(gate_XF, x_XD @ w[1], activation) @ w[2], dy_XD).astype(jnp.float32)
+    return jnp.vdot(activate(gate_XF, x_XD @ w[1], activation) @ w[2], dy_XD).astype(jnp.float32), jnp.zeros(())
 
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  return lambda x_BTD, dy_BTD: (grad(w, x_BTD.reshape(-1, x_BTD.shape[-1]), dy_BTD.reshape(-1, x_BTD.shape[-1])),
-                                jnp.zeros(()))
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  return lambda x_BTD, dy_BTD: grad(w, x_BTD, dy_BTD)
 
 
 def layer_rows(setting: str) -> list[dict]:
@@ -139,7 +143,7 @@ def layer_rows(setting: str) -> list[dict]:
   for name, (grad, group_size) in candidates.items():
     if name == 'dense_ffn':
       continue
-    drop = float(grad(x_BTD, dy_BTD)[1])
+    drop = float(grad(x_BTD, dy_BTD)[0][1])
     rows.append(dict(kind='layer', setting=setting, impl=name.split('@')[0], group_size=group_size,
                      tokens=f.tokens, d_model=f.d_model, d_expert=shape['d_expert'], n_experts=shape['n_experts'],
                      top_k=shape['top_k'], capacity_factor=f.capacity_factor, activation=f.activation,
