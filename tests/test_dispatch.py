@@ -87,14 +87,14 @@ def test_einsum_and_gather_drop_the_same_assignments(n_experts, top_k, group_siz
   np.testing.assert_allclose(y_gather, y_oracle, atol=1e-5, rtol=1e-5)
 
 
-def test_capacity_priority_is_choice_major():
+def test_capacity_priority_is_token_order():
   # One group of 3 tokens, top-2, 2 experts, capacity 2. First choices: [0, 0, 1], second choices: [1, 1, 0].
   experts_GSA = jnp.array([[[0, 1], [0, 1], [1, 0]]], jnp.int32)
   slot_GSA, kept_GSA = jax.jit(dispatch.capacity_slots, static_argnums=(1, 2))(experts_GSA, 2, 2)
-  # Expert 0 takes tokens 0 and 1 (first choices) before token 2's second choice; expert 1 takes token 2's
-  # first choice, then token 0's second choice, and has no room for token 1's.
-  np.testing.assert_array_equal(slot_GSA[0], [[0, 1], [1, 2], [0, 2]])
-  np.testing.assert_array_equal(kept_GSA[0], [[True, True], [True, False], [True, False]])
+  # Tokens 0 and 1 fill both experts; token 2 comes last and finds no room (a choice-major rule would have
+  # given its first choice expert 1's slot and evicted token 1's second choice: the future deciding the past).
+  np.testing.assert_array_equal(slot_GSA[0], [[0, 0], [1, 1], [2, 2]])
+  np.testing.assert_array_equal(kept_GSA[0], [[True, True], [True, True], [False, False]])
 
 
 @pytest.mark.parametrize('skew, tail_bucket', [(0.0, 8), (0.1, 24), (5.0, 192)])

@@ -28,6 +28,19 @@ def test_causality_through_gradients(cfg):
   assert np.abs(grad_BTD[:, :t + 1]).sum() > 0
 
 
+@pytest.mark.parametrize('dispatch', ['einsum', 'gather'])
+def test_causal_even_when_tokens_drop(dispatch):
+  # Capacity 0.5 drops many assignments; changing only the last tokens must not change any earlier logit,
+  # through attention or through which earlier tokens won an expert slot.
+  cfg = MOE.replace(capacity_factor=0.5, group_size=16, dispatch=dispatch)
+  model = create_model(cfg, seed=0)
+  tokens_BT = jax.random.randint(jax.random.key(3), (2, 16), 0, cfg.vocab_size)
+  changed_BT = tokens_BT.at[:, 12:].set((tokens_BT[:, 12:] + 7) % cfg.vocab_size)
+  logits_BTV, extras = model(tokens_BT)
+  assert float(extras['drop_fraction']) > 0.1
+  np.testing.assert_array_equal(model(changed_BT)[0][:, :12], logits_BTV[:, :12])
+
+
 def test_one_expert_moe_model_equals_dense_model():
   dense = create_model(DENSE, seed=0)
   moe_cfg = DENSE.replace(n_experts=1, top_k=1, d_expert=DENSE.ffn_size, capacity_factor=None)
