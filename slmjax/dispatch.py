@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from slmjax.layers import activate
+from slmjax.sharding import constrain
 
 
 class ExpertWeights(NamedTuple):
@@ -82,7 +83,8 @@ def einsum_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
   slot_GSAC = jax.nn.one_hot(slot_GSA, capacity, dtype=dt)
   dispatch_GSEC = jnp.einsum('GSAE,GSAC->GSEC', expert_GSAE, slot_GSAC)
   gate_EGC = jnp.einsum('GSEC,GSAE,GSA->EGC', dispatch_GSEC, expert_GSAE, gates_GSA.astype(dt))
-  x_EGCD = jnp.einsum('GSEC,GSD->EGCD', dispatch_GSEC, x_GSD)
+  x_GSD = constrain(x_GSD, ('batch', None, 'embed'))
+  x_EGCD = constrain(jnp.einsum('GSEC,GSD->EGCD', dispatch_GSEC, x_GSD), ('expert', 'group', None, 'embed'))
   M = G * capacity
   y_EMD = expert_ffn_rows(x_EGCD.reshape(E, M, D), w, jnp.int32(M), activation, (M,))
   y_EGCD = y_EMD.reshape(E, G, capacity, D) * gate_EGC[..., None]
@@ -309,7 +311,8 @@ def gather_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
   xs = dispatch_rows(x_GSD.reshape(X, D), tuple(asg_N // A for asg_N in asgs), dest_XA)
   ys, first = [], 0
   for x_ND, (size, buckets) in zip(xs, blocks):
-    y_EBD = expert_ffn_rows(x_ND.reshape(E, size, D), w, n_rows - first, activation, buckets)
+    x_EBD = constrain(x_ND.reshape(E, size, D), ('expert', None, 'embed'))  # expert parallel: all-to-all
+    y_EBD = expert_ffn_rows(x_EBD, w, n_rows - first, activation, buckets)
     ys.append(y_EBD.reshape(E * size, D))
     first += size
   weight_XA = (gates_GSA * kept_GSA).reshape(X, A).astype(x_GSD.dtype)

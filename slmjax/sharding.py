@@ -32,6 +32,9 @@ RULES: dict[str, str | None] = {
     'mlp': 'tensor',
     'expert': 'expert',
 }
+# Activation-only names: `group` is the dispatch group axis of expert buffers [E, G, C, D], split over the
+# batch axes that do not split the experts, so moving tokens from [G, S, D] to [E, G, C, D] is an all-to-all.
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {'batch': BATCH_AXES, 'group': ('data', 'fsdp')}
 
 
 def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
@@ -156,8 +159,10 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return x
   spec = []
   for name, size in zip(names, x.shape):
-    axis = RULES.get(name) if name else None
-    spec.append(axis if axis and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0 else None)
+    axes = ACTIVATION_RULES.get(name) or ((RULES[name],) if RULES.get(name) else ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    spec.append(axes if axes and size % ways == 0 else None)
   return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
