@@ -14,9 +14,10 @@ Model rows: one AdamW training step (`slmjax.train.make_train_step`) of an MoE T
 d_expert = d_ff / 2) against the dense Transformer with the same d_model, layers and active parameters.
 
 Timing: everything of one table is compiled and warmed up first, then timed round-robin (interleaved)
-`--repeats` times, each sample the mean of `--inner` calls; the median sample is reported, and ratios are
-taken to the dense baseline of the same table. On a shared machine compare ratios, and rerun. A candidate whose
-first timed call exceeds `--max_ratio` times the baseline is reported from that one call (`repeats` 1).
+`--repeats` times, each sample the mean of `--inner` calls and taken right after a sample of the dense
+baseline; times are medians of samples, ratios medians of the paired ratios. On a shared machine compare
+ratios, and rerun. A candidate whose first timed call exceeds `--max_ratio` times the baseline is reported from
+that one call (`repeats` 1).
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ FLAGS = flags.FLAGS
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], baseline: str, repeats: int, inner: int,
-                      max_ratio: float) -> dict[str, tuple[float, int]]:
-  """Median seconds per call of each thunk (and how many samples), timed round-robin after a warm-up call."""
+                      max_ratio: float) -> dict[str, tuple[float, float, int]]:
+  """(median seconds per call, median ratio to the baseline, samples) of each thunk after a warm-up call.
+
+  Round-robin: every round times each candidate right after its own baseline sample, and the ratio is taken
+  per pair, so load that comes and goes on a shared machine moves both sides of a ratio alike.
+  """
   def sample(fn, n):
     start = time.perf_counter()
     for _ in range(n):
@@ -74,15 +79,20 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], baseline: str, repeats:
 
   for fn in fns.values():
     jax.block_until_ready(fn())  # compiles
-  first = {name: sample(fn, 1) for name, fn in fns.items()}
-  slow = {name for name, t in first.items() if name != baseline and t > max_ratio * first[baseline]}
-  samples = {name: [] for name in fns if name not in slow}
-  for _ in range(repeats):
-    for name in samples:
-      samples[name].append(sample(fns[name], inner))
-  times = {name: (statistics.median(s), len(s)) for name, s in samples.items()}
-  times.update({name: (first[name], 1) for name in slow})
-  return times
+  base = {name: [] for name in fns}
+  times = {name: [] for name in fns}
+  for name, fn in fns.items():
+    base[name].append(sample(fns[baseline], 1))
+    times[name].append(sample(fn, 1))
+  slow = {name for name in fns if times[name][0] > max_ratio * base[name][0]}
+  for _ in range(repeats - 1):
+    for name, fn in fns.items():
+      if name not in slow:
+        base[name].append(sample(fns[baseline], inner))
+        times[name].append(sample(fn, inner))
+  median = statistics.median
+  return {name: (median(times[name]), median([t / b for t, b in zip(times[name], base[name])]), len(times[name]))
+          for name in fns}
 
 
 def layer_grad_fn(module: nnx.Module, moe: bool, weights: tuple[float, float]) -> Callable:
@@ -147,8 +157,8 @@ def layer_rows(setting: str) -> list[dict]:
     rows.append(dict(kind='layer', setting=setting, impl=name.split('@')[0], group_size=group_size,
                      tokens=f.tokens, d_model=f.d_model, d_expert=shape['d_expert'], n_experts=shape['n_experts'],
                      top_k=shape['top_k'], capacity_factor=f.capacity_factor, activation=f.activation,
-                     dtype=f.dtype, time_s=times[name][0], dense_time_s=dense_s, ratio=times[name][0] / dense_s,
-                     repeats=times[name][1], drop_fraction=drop))
+                     dtype=f.dtype, time_s=times[name][0], dense_time_s=dense_s, ratio=times[name][1],
+                     repeats=times[name][2], drop_fraction=drop))
   return rows
 
 
@@ -189,8 +199,8 @@ def model_rows() -> list[dict]:
                      tokens=f.model_batch * f.model_seq_len, d_model=cfg.d_model, d_expert=cfg.expert_size,
                      n_experts=cfg.n_experts, top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
                      activation=cfg.activation, dtype=cfg.dtype, n_layers=cfg.n_layers, dense_d_ff=f.model_d_ff,
-                     time_s=times[impl][0], dense_time_s=times['dense'][0],
-                     ratio=times[impl][0] / times['dense'][0], repeats=times[impl][1]))
+                     time_s=times[impl][0], dense_time_s=times['dense'][0], ratio=times[impl][1],
+                     repeats=times[impl][2]))
   return rows
 
 
