@@ -348,10 +348,10 @@ DISPATCH: dict[str, DispatchFn] = {'einsum': einsum_dispatch, 'gather': gather_d
 def default_dispatch(platform: str | None = None) -> str:
   """The implementation 'auto' resolves to on `platform` (cpu, gpu, tpu): 'gather' on all of them.
 
-  Measured on CPU (2-core AMD EPYC, float32, forward + backward of the MoE layer against a dense FFN of the same
-  active FLOPs, interleaved medians from experiments/bench_moe.py; ratios move with machine load):
-    8 experts, top-2, d_expert 512, cf 1.25:  gather 1.20-1.33x, einsum (S=128) 1.53-1.65x, ragged 8.9x;
-    64 experts, top-8, d_expert 64, cf 1.25:  gather 2.3-2.5x,   einsum (S=128) 4.6x,       ragged 120x.
+  Measured on CPU (2-core AMD EPYC, float32, forward + backward of MoEFFN against a dense FFN of the same active
+  FLOPs, experiments/bench_moe.py, paired interleaved medians over several runs; ratios move with machine load):
+    8 experts, top-2, d_expert 512, cf 1.25:  gather 1.16-1.30x, einsum (S=128) 1.52-1.59x, ragged 8.0-8.9x;
+    64 experts, top-8, d_expert 64, cf 1.25:  gather 1.93-2.6x,  einsum (S=128) 3.8-4.8x,  ragged 113-122x.
   ragged_dot lowers to a dense masked product on CPU. GPU and TPU were not measured here; 'gather' is the
   default there too because it keeps the capacity semantics of the config (ragged is dropless, so choosing it
   by platform would train a different model on each machine). Notes for accelerators: TPU has native ragged_dot
