@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slmjax.config import ModelConfig
-from slmjax.layers import Norm, apply_rope, causal_attention, dtype_of, make_param
+from slmjax.layers import Norm, apply_rope, causal_attention, dtype_of, linear, make_param
 
 
 class MLAttention(nnx.Module):
@@ -58,18 +58,18 @@ class MLAttention(nnx.Module):
     B, T, _ = x_BTD.shape
     N, H = cfg.n_heads, cfg.head_size
     if cfg.q_lora_rank:
-      cq_BTL = self.q_norm(jnp.einsum('BTD,DL->BTL', x_BTD, self.w_dq_DL[...].astype(dt)))
-      q_BTNQ = jnp.einsum('BTL,LNQ->BTNQ', cq_BTL, self.w_uq_LNQ[...].astype(dt))
+      cq_BTL = self.q_norm(linear(x_BTD, self.w_dq_DL[...].astype(dt)))
+      q_BTNQ = linear(cq_BTL, self.w_uq_LNQ[...].astype(dt))
     else:
-      q_BTNQ = jnp.einsum('BTD,DNQ->BTNQ', x_BTD, self.w_q_DNQ[...].astype(dt))
+      q_BTNQ = linear(x_BTD, self.w_q_DNQ[...].astype(dt))
     q_BTNQ = jnp.concatenate([q_BTNQ[..., :H], apply_rope(q_BTNQ[..., H:], cos_TR, sin_TR)], axis=-1)
-    ckv_BSC = self.kv_norm(jnp.einsum('BSD,DC->BSC', x_BTD, self.w_dkv_DC[...].astype(dt)))
-    kr_BS1R = apply_rope(jnp.einsum('BSD,DR->BSR', x_BTD, self.w_kr_DR[...].astype(dt))[:, :, None], cos_TR, sin_TR)
-    k_BSNH = jnp.einsum('BSC,CNH->BSNH', ckv_BSC, self.w_uk_CNH[...].astype(dt))
+    ckv_BSC = self.kv_norm(linear(x_BTD, self.w_dkv_DC[...].astype(dt)))
+    kr_BS1R = apply_rope(linear(x_BTD, self.w_kr_DR[...].astype(dt))[:, :, None], cos_TR, sin_TR)
+    k_BSNH = linear(ckv_BSC, self.w_uk_CNH[...].astype(dt))
     k_BSNQ = jnp.concatenate([k_BSNH, jnp.broadcast_to(kr_BS1R, (B, T, N, kr_BS1R.shape[-1]))], axis=-1)
-    v_BSNU = jnp.einsum('BSC,CNU->BSNU', ckv_BSC, self.w_uv_CNU[...].astype(dt))
+    v_BSNU = linear(ckv_BSC, self.w_uv_CNU[...].astype(dt))
     out_BTN1U = causal_attention(q_BTNQ[:, :, :, None], k_BSNQ, v_BSNU, cfg.attn_softcap)
-    y_BTD = jnp.einsum('BTNU,NUD->BTD', out_BTN1U[:, :, :, 0], self.w_o_NUD[...].astype(dt))
+    y_BTD = linear(out_BTN1U[:, :, :, 0], self.w_o_NUD[...].astype(dt), n_in=2)
     if cfg.o_bias:
       y_BTD = y_BTD + self.b_o_D[...].astype(dt)
     return y_BTD

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slmjax.config import ModelConfig
-from slmjax.layers import Attention, DenseFFN, Norm, dtype_of, make_param, rope_tables, softcap
+from slmjax.layers import Attention, DenseFFN, Norm, dtype_of, linear, make_param, rope_tables, softcap
 from slmjax.mla import MLAttention
 from slmjax.moe import MoEFFN, balance_selection_bias
 
@@ -88,9 +88,9 @@ class Transformer(nnx.Module):
     x_BTD = self.final_norm(x_BTD)
     dt = dtype_of(cfg.dtype)
     if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum('BTD,VD->BTV', x_BTD, self.embed_VD[...].astype(dt))
+      logits_BTV = linear(x_BTD, self.embed_VD[...].astype(dt).T)
     else:
-      logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, self.lm_head_DV[...].astype(dt))
+      logits_BTV = linear(x_BTD, self.lm_head_DV[...].astype(dt))
     if cfg.lm_head_bias:
       logits_BTV = logits_BTV + self.b_lm_head_V[...].astype(dt)
     logits_BTV = softcap(logits_BTV.astype(jnp.float32), cfg.logit_softcap)

@@ -1,0 +1,164 @@
+"""Training throughput of slmjax's real train step on the PyTorch peer's models, side by side with the peer.
+
+  python experiments/bench_train.py                       # llama, mixtral-512, mixtral-1024 (the peer's shapes)
+  python experiments/bench_train.py --peer                # also run ../shared/tools/peer_hf.py, print the ratios
+  python experiments/bench_train.py --models=flags --arch=moe --d_model=512 --n_layers=8   # any size, by flags
+  python experiments/bench_train.py --json
+
+The step is `slmjax.train.make_train_step` (forward, loss with the router's aux loss, backward, clipping, AdamW),
+the one `slmjax.train.train` runs, timed after warm-up on a fixed batch; the median of `--steps` steps is kept.
+FLOPs per step follow the peer's convention, which is also slmjax's (`counting.train_flops_per_token`):
+tokens * (6 * matmul parameters a token uses + 6 * layers * seq_len * d_model), the attention term causal.
+MFU divides the achieved FLOP/s by this machine's measured float32 (or --dtype) matmul peak.
+
+The peer's Mixtral is dropless; slmjax's MoE rows run the config's capacity factor (`--capacity_factor`, 0 =
+dropless) and report the fraction of token-expert assignments dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import flags
+
+from slmjax import cli, cost, counting, dispatch, train
+from slmjax.config import ModelConfig
+
+PEER_COMMON = dict(vocab_size=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=512,
+                   tie_embeddings=False, rope_theta=10_000.0, activation='swiglu', norm='rmsnorm', norm_eps=1e-6)
+PEER_MOE = dict(n_experts=8, top_k=2, router='softmax_topk', router_renormalize=True, lb_loss_weight=0.01,
+                z_loss_weight=0.0)
+PEER_MODELS = {  # the models of ../shared/tools/peer_hf.py, with identical shapes
+    'llama': dict(PEER_COMMON, d_ff=1024),
+    'mixtral-512': dict(PEER_COMMON, d_expert=512, **PEER_MOE),
+    'mixtral-1024': dict(PEER_COMMON, d_expert=1024, **PEER_MOE),
+}
+PEER_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'tools' / 'peer_hf.py'
+
+flags.DEFINE_list('models', list(PEER_MODELS), f'Models to time: {", ".join(PEER_MODELS)}, or "flags" for the '
+                  'model the usual model flags (--arch, --d_model, --preset, ...) describe.')
+flags.DEFINE_integer('batch_size', 16, 'Sequences per step.')
+flags.DEFINE_integer('steps', 10, 'Timed steps; the median is reported.')
+flags.DEFINE_integer('warmup', 3, 'Untimed steps first (the first compiles).')
+flags.DEFINE_float('lr', 3e-4, 'Peak learning rate (the peer uses AdamW at 3e-4).')
+flags.DEFINE_boolean('peer', False, 'Also run the PyTorch peer (eager) in its own venv and print slmjax / peer.')
+flags.DEFINE_string('peer_python', os.path.expanduser('~/.hfpeer/bin/python'),
+                    "The peer venv's python (set-up: ../shared/tools/README.md).")
+flags.DEFINE_boolean('json', False, 'Print one JSON list of rows instead of a table.')
+cli.define_model_flags()
+flags.FLAGS.set_default('seq_len', 256)
+FLAGS = flags.FLAGS
+
+
+def model_config(name: str) -> ModelConfig:
+  """A peer model (with the runtime flags given: dtypes, dispatch, capacity factor, ...), or the flags' model."""
+  if name == 'flags':
+    return cli.model_config_from_flags()
+  return cli.apply_runtime_flags(ModelConfig(**PEER_MODELS[name]))
+
+
+def time_model(name: str, cfg: ModelConfig, peak_flops: float) -> dict:
+  """Median step time of the real train step on one fixed random batch, and what it implies."""
+  train_cfg = train.TrainConfig(steps=1000, warmup=10, lr=FLAGS.lr, batch_size=FLAGS.batch_size,
+                                seq_len=FLAGS.seq_len)
+  graphdef, state, tx, opt_state = train.init_state(cfg, train_cfg)
+  step = train.make_train_step(graphdef, tx)
+  batch_BT1 = np.random.default_rng(0).integers(0, cfg.vocab_size, (FLAGS.batch_size, FLAGS.seq_len + 1),
+                                                dtype=np.int32)
+  times = []
+  metrics = None
+  for i in range(FLAGS.warmup + FLAGS.steps):
+    start = time.perf_counter()
+    state, opt_state, metrics = jax.block_until_ready(step(state, opt_state, batch_BT1))
+    if i >= FLAGS.warmup:
+      times.append(time.perf_counter() - start)
+  counts = counting.analytic_counts(cfg)
+  flops_per_token = counting.train_flops_per_token(cfg, FLAGS.seq_len, counts)
+  step_s = statistics.median(times)
+  measured = cost.throughput(FLAGS.batch_size * FLAGS.seq_len, step_s, flops_per_token, peak_flops)
+  return dict(model=name, dispatch=dispatch.resolve(cfg.dispatch) if cfg.is_moe else None,
+              total_params=counts.total, active_params=counts.active, step_time_s=step_s,
+              step_time_min_s=min(times), step_time_max_s=max(times), tokens_per_s=measured['tokens_per_s'],
+              achieved_gflops=measured['achieved_flops_per_s'] / 1e9, mfu=measured['mfu'],
+              peak_gflops=peak_flops / 1e9, flops_per_step=flops_per_token * FLAGS.batch_size * FLAGS.seq_len,
+              drop_fraction=float(metrics['drop_fraction']) if 'drop_fraction' in metrics else None,
+              batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dtype=cfg.dtype, loss=float(metrics['loss']),
+              platform=jax.default_backend(), jax_version=jax.__version__)
+
+
+def peer_rows(models: list[str]) -> dict[str, dict]:
+  """The peer's eager rows (its own process and venv), by model name."""
+  python = pathlib.Path(FLAGS.peer_python)
+  if not python.exists():
+    raise ValueError(f'--peer: no peer python at {python}; set it up as ../shared/tools/README.md says, or give '
+                     '--peer_python')
+  if not PEER_SCRIPT.exists():
+    raise ValueError(f'--peer: the peer script is not at {PEER_SCRIPT}')
+  out = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / f'peer_hf_{os.getpid()}.json'
+  cmd = [str(python), str(PEER_SCRIPT), '--compile', 'off', '--models', ','.join(models), '--batch',
+         str(FLAGS.batch_size), '--seq', str(FLAGS.seq_len), '--steps', str(FLAGS.steps), '--warmup',
+         str(FLAGS.warmup), '--json-out', str(out)]
+  subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+  try:
+    return {row['model']: row for row in json.loads(out.read_text())}
+  finally:
+    out.unlink(missing_ok=True)
+
+
+def format_table(rows: list[dict]) -> str:
+  peak = rows[0]['peak_gflops']
+  lines = [f'{rows[0]["platform"]}, jax {rows[0]["jax_version"]}, {rows[0]["dtype"]}, batch {rows[0]["batch_size"]} '
+           f'x seq {rows[0]["seq_len"]}, median of {FLAGS.steps} steps; matmul peak {peak:.1f} GFLOP/s',
+           f'{"model":<14}{"dispatch":>9}{"total":>12}{"active":>12}{"step ms":>9}{"tok/s":>8}{"GFLOP/s":>9}'
+           f'{"MFU":>7}{"drop %":>8}{"peer tok/s":>12}{"ratio":>7}']
+  for r in rows:
+    drop = '-' if r['drop_fraction'] is None else f'{100 * r["drop_fraction"]:.2f}'
+    peer = '-' if r.get('peer_tokens_per_s') is None else f'{r["peer_tokens_per_s"]:,.0f}'
+    ratio = '-' if r.get('ratio_to_peer') is None else f'{r["ratio_to_peer"]:.2f}'
+    lines.append(f'{r["model"]:<14}{r["dispatch"] or "-":>9}{r["total_params"]:>12,}{r["active_params"]:>12,}'
+                 f'{r["step_time_s"] * 1e3:>9.1f}{r["tokens_per_s"]:>8,.0f}{r["achieved_gflops"]:>9.1f}'
+                 f'{r["mfu"]:>7.1%}{drop:>8}{peer:>12}{ratio:>7}')
+  by_name = {r['model']: r for r in rows}
+  if 'llama' in by_name and 'mixtral-512' in by_name:
+    lines.append(f'mixtral-512 / llama step time (same active parameters): '
+                 f'{by_name["mixtral-512"]["step_time_s"] / by_name["llama"]["step_time_s"]:.2f}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  for name in FLAGS.models:
+    if name not in PEER_MODELS and name != 'flags':
+      raise ValueError(f'--models: unknown model {name!r}; known: {", ".join(PEER_MODELS)}, flags')
+  configs = {name: model_config(name) for name in FLAGS.models}
+  peak = cost.matmul_peak_flops(dtype=FLAGS.dtype)
+  rows = []
+  for name, cfg in configs.items():
+    rows.append(time_model(name, cfg, peak))
+    if not FLAGS.json:
+      print(f'# done: {name}: {rows[-1]["step_time_s"]:.3f} s/step', file=sys.stderr)
+  peer_models = [name for name in FLAGS.models if name in PEER_MODELS]
+  if FLAGS.peer and peer_models:
+    peers = peer_rows(peer_models)
+    for row in rows:
+      peer = peers.get(row['model'])
+      if peer:
+        row.update(peer_tokens_per_s=peer['tokens_per_s'], peer_step_time_s=peer['step_time_s'],
+                   peer_achieved_gflops=peer['achieved_gflops'], ratio_to_peer=row['tokens_per_s'] /
+                   peer['tokens_per_s'], peer_flops_per_step=peer['flops_per_step'])
+  if FLAGS.json:
+    print(json.dumps(rows))
+  else:
+    print(format_table(rows))
+
+
+if __name__ == '__main__':
+  cli.run(main)
