@@ -22,6 +22,10 @@ that one call (`repeats` 1).
 
 from __future__ import annotations
 
+from slmjax import hugepages
+
+hugepages.reexec()  # first: XLA:CPU steps page-fault far less with huge pages (slmjax/hugepages.py)
+
 import json
 import os
 import statistics

@@ -17,6 +17,10 @@ dropless) and report the fraction of token-expert assignments dropped.
 
 from __future__ import annotations
 
+from slmjax import hugepages
+
+hugepages.reexec()  # first: XLA:CPU steps page-fault far less with huge pages (slmjax/hugepages.py)
+
 import json
 import os
 import pathlib

@@ -13,6 +13,10 @@ training flags are shared with train.py and count.py.
 
 from __future__ import annotations
 
+from slmjax import hugepages
+
+hugepages.reexec()  # first: XLA:CPU steps page-fault far less with huge pages (slmjax/hugepages.py)
+
 import jax
 from absl import flags
 

@@ -10,6 +10,10 @@ checkpoints/. Default data: the Python standard library source (see slmjax/data.
 
 from __future__ import annotations
 
+from slmjax import hugepages
+
+hugepages.reexec()  # first: XLA:CPU steps page-fault far less with huge pages (slmjax/hugepages.py)
+
 import json
 import math
 import os
