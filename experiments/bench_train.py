@@ -11,8 +11,8 @@ FLOPs per step follow the peer's convention, which is also slmjax's (`counting.t
 tokens * (6 * matmul parameters a token uses + 6 * layers * seq_len * d_model), the attention term causal.
 MFU divides the achieved FLOP/s by this machine's measured float32 (or --dtype) matmul peak.
 
-The peer's Mixtral is dropless; slmjax's MoE rows run the config's capacity factor (`--capacity_factor`, 0 =
-dropless) and report the fraction of token-expert assignments dropped.
+The peer's Mixtral is dropless, and so are slmjax's MoE rows by default; `--capacity_factor=1.25` (say) times
+the dropping configuration instead, and the table reports the fraction of token-expert assignments dropped.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ flags.DEFINE_string('peer_python', os.path.expanduser('~/.hfpeer/bin/python'),
 flags.DEFINE_boolean('json', False, 'Print one JSON list of rows instead of a table.')
 cli.define_model_flags()
 flags.FLAGS.set_default('seq_len', 256)
+flags.FLAGS.set_default('capacity_factor', 0.0)  # dropless, as the peer's Mixtral
 FLAGS = flags.FLAGS
 
 
@@ -66,7 +67,8 @@ def model_config(name: str) -> ModelConfig:
   """A peer model (with the runtime flags given: dtypes, dispatch, capacity factor, ...), or the flags' model."""
   if name == 'flags':
     return cli.model_config_from_flags()
-  return cli.apply_runtime_flags(ModelConfig(**PEER_MODELS[name]))
+  cfg = cli.apply_runtime_flags(ModelConfig(**PEER_MODELS[name]))
+  return cfg.replace(capacity_factor=FLAGS.capacity_factor if FLAGS.capacity_factor > 0 else None)
 
 
 def time_model(name: str, cfg: ModelConfig, peak_flops: float) -> dict:
