@@ -96,6 +96,7 @@ def time_model(name: str, cfg: ModelConfig, peak_flops: float) -> dict:
               achieved_gflops=measured['achieved_flops_per_s'] / 1e9, mfu=measured['mfu'],
               peak_gflops=peak_flops / 1e9, flops_per_step=flops_per_token * FLAGS.batch_size * FLAGS.seq_len,
               drop_fraction=float(metrics['drop_fraction']) if 'drop_fraction' in metrics else None,
+              max_expert_load=(float(metrics['expert_load_max_over_mean']) if cfg.is_moe else None),
               batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dtype=cfg.dtype, loss=float(metrics['loss']),
               platform=jax.default_backend(), jax_version=jax.__version__)
 
@@ -124,14 +125,15 @@ def format_table(rows: list[dict]) -> str:
   lines = [f'{rows[0]["platform"]}, jax {rows[0]["jax_version"]}, {rows[0]["dtype"]}, batch {rows[0]["batch_size"]} '
            f'x seq {rows[0]["seq_len"]}, median of {FLAGS.steps} steps; matmul peak {peak:.1f} GFLOP/s',
            f'{"model":<14}{"dispatch":>9}{"total":>12}{"active":>12}{"step ms":>9}{"tok/s":>8}{"GFLOP/s":>9}'
-           f'{"MFU":>7}{"drop %":>8}{"peer tok/s":>12}{"ratio":>7}']
+           f'{"MFU":>7}{"drop %":>8}{"max load":>9}{"peer tok/s":>12}{"ratio":>7}']
   for r in rows:
     drop = '-' if r['drop_fraction'] is None else f'{100 * r["drop_fraction"]:.2f}'
+    load = '-' if r['max_expert_load'] is None else f'{r["max_expert_load"]:.2f}'
     peer = '-' if r.get('peer_tokens_per_s') is None else f'{r["peer_tokens_per_s"]:,.0f}'
     ratio = '-' if r.get('ratio_to_peer') is None else f'{r["ratio_to_peer"]:.2f}'
     lines.append(f'{r["model"]:<14}{r["dispatch"] or "-":>9}{r["total_params"]:>12,}{r["active_params"]:>12,}'
                  f'{r["step_time_s"] * 1e3:>9.1f}{r["tokens_per_s"]:>8,.0f}{r["achieved_gflops"]:>9.1f}'
-                 f'{r["mfu"]:>7.1%}{drop:>8}{peer:>12}{ratio:>7}')
+                 f'{r["mfu"]:>7.1%}{drop:>8}{load:>9}{peer:>12}{ratio:>7}')
   by_name = {r['model']: r for r in rows}
   if 'llama' in by_name and 'mixtral-512' in by_name:
     lines.append(f'mixtral-512 / llama step time (same active parameters): '

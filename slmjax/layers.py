@@ -67,11 +67,18 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, j
 
 
 def apply_rope(x_BTNH: jax.Array, cos_TH: jax.Array, sin_TH: jax.Array) -> jax.Array:
-  """Rotate pairs (x[i], x[i + H/2]) by the position angle; computed in float32."""
-  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-  cos, sin = cos_TH[None, :, None, :], sin_TH[None, :, None, :]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNH.dtype)
+  """Rotate pairs (x[i], x[i + H/2]) by the position angle; computed in float32.
+
+  Written as x * [cos, cos] + swap_halves(x) * [-sin, sin], the swap a reversed axis of size 2: XLA:CPU fuses
+  that into one elementwise loop, where the concatenate of the textbook form was a slow fusion of its own
+  (a 16 x 256 llama training step: 795 -> 769 ms, measured).
+  """
+  H = x_BTNH.shape[-1]
+  x32_BTNH = x_BTNH.astype(jnp.float32)
+  swapped_BTNH = x32_BTNH.reshape(*x_BTNH.shape[:-1], 2, H // 2)[..., ::-1, :].reshape(x_BTNH.shape)
+  cos_1T1H = jnp.concatenate([cos_TH, cos_TH], axis=-1)[None, :, None, :]
+  sin_1T1H = jnp.concatenate([-sin_TH, sin_TH], axis=-1)[None, :, None, :]
+  return (x32_BTNH * cos_1T1H + swapped_BTNH * sin_1T1H).astype(x_BTNH.dtype)
 
 
 def linear(x_BTI: jax.Array, w_I_O: jax.Array, n_in: int = 1) -> jax.Array:

@@ -46,3 +46,20 @@ def test_linear_is_the_einsum():
   np.testing.assert_allclose(layers.linear(x_BTNH, w_DKH), jnp.einsum('BTNH,HKU->BTNKU', x_BTNH, w_DKH), rtol=1e-5)
   with pytest.raises(ValueError, match='do not match'):
     layers.linear(x_BTNH, w_NHD)
+
+
+def test_rope_is_the_half_split_rotation_and_relative():
+  rng = np.random.default_rng(2)
+  T, H = 12, 8
+  cos_TH, sin_TH = layers.rope_tables(T, H, 10_000.0)
+  x_BTNH = jnp.asarray(rng.normal(size=(2, T, 3, H)), jnp.float32)
+  x1, x2 = x_BTNH[..., :H // 2], x_BTNH[..., H // 2:]
+  c, s = cos_TH[None, :, None], sin_TH[None, :, None]
+  want = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)  # Llama's rotate_half form
+  np.testing.assert_allclose(layers.apply_rope(x_BTNH, cos_TH, sin_TH), want, rtol=1e-6, atol=1e-6)
+  # A query at t and a key at t - d score the same for every t: only the offset matters.
+  q_H, k_H = (jnp.asarray(rng.normal(size=H), jnp.float32) for _ in range(2))
+  rot = lambda v: layers.apply_rope(jnp.broadcast_to(v, (1, T, 1, H)), cos_TH, sin_TH)[0, :, 0]
+  q_TH, k_TH = rot(q_H), rot(k_H)
+  scores = [float(q_TH[t] @ k_TH[t - 3]) for t in range(3, T)]
+  np.testing.assert_allclose(scores, scores[0], rtol=1e-4)
