@@ -97,14 +97,14 @@ def test_capacity_priority_is_token_order():
   np.testing.assert_array_equal(kept_GSA[0], [[True, True], [True, True], [False, False]])
 
 
-@pytest.mark.parametrize('skew, tail_bucket', [(0.0, 8), (0.1, 24), (5.0, 192)])
+@pytest.mark.parametrize('skew, tail_bucket', [(0.0, 8), (0.1, 24), (0.3, 112), (5.0, 192)])
 def test_gather_tail_buckets_do_not_change_the_result(skew, tail_bucket):
   # 256 tokens, 4 experts, top-1, one group of 64 per 64 tokens, capacity 64: blocks of 64 (balanced) + 192 rows.
   # Balanced routing runs the smallest tail bucket, skewed routing a larger one, all-to-one-expert all 192 rows.
   n_experts, top_k, group_size = 4, 1, 64
   x_XD, gates_XA, experts_XA, w = inputs = _inputs(256, n_experts, top_k, skew=skew, seed=2)
   blocks = dispatch.expert_blocks(256, 64)
-  assert blocks == ((64, (64,)), (192, (8, 16, 24, 192)))
+  assert blocks == ((64, (64,)), (192, (8, 16, 24, 32, 48, 72, 112, 168, 192)))  # steps of 8, then 1.5x
   n_rows = np.bincount(experts_XA.ravel(), minlength=n_experts).max()  # nothing drops: capacity = group size
   assert min(b for b in blocks[1][1] if b >= n_rows - 64) == tail_bucket
   y, _, grads = _run('gather', inputs, group_size, group_size, 'swiglu')
