@@ -199,7 +199,7 @@ def model_rows() -> list[dict]:
   for impl, cfg in configs.items():
     if impl == 'dense':
       continue
-    rows.append(dict(kind='model', setting='model', impl=dispatch.resolve(impl), group_size=cfg.group_size,
+    rows.append(dict(kind='model', setting='model', impl=dispatch.resolve(impl, cfg.capacity_factor is None), group_size=cfg.group_size,
                      tokens=f.model_batch * f.model_seq_len, d_model=cfg.d_model, d_expert=cfg.expert_size,
                      n_experts=cfg.n_experts, top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
                      activation=cfg.activation, dtype=cfg.dtype, n_layers=cfg.n_layers, dense_d_ff=f.model_d_ff,

@@ -90,7 +90,7 @@ def time_model(name: str, cfg: ModelConfig, peak_flops: float) -> dict:
   flops_per_token = counting.train_flops_per_token(cfg, FLAGS.seq_len, counts)
   step_s = statistics.median(times)
   measured = cost.throughput(FLAGS.batch_size * FLAGS.seq_len, step_s, flops_per_token, peak_flops)
-  return dict(model=name, dispatch=dispatch.resolve(cfg.dispatch) if cfg.is_moe else None,
+  return dict(model=name, dispatch=dispatch.resolve(cfg.dispatch, cfg.capacity_factor is None) if cfg.is_moe else None,
               total_params=counts.total, active_params=counts.active, step_time_s=step_s,
               step_time_min_s=min(times), step_time_max_s=max(times), tokens_per_s=measured['tokens_per_s'],
               achieved_gflops=measured['achieved_flops_per_s'] / 1e9, mfu=measured['mfu'],

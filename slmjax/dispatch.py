@@ -282,6 +282,93 @@ def _ffn_rows_bwd(activation, buckets, res, dy_EMD):
 expert_ffn_rows.defvjp(_ffn_rows_fwd, _ffn_rows_bwd)
 
 
+# ---------------------------------------------------------------------------------- grouped FFN in row tiles (CPU)
+GROUP_TILE = 256  # rows per tile of grouped_ffn: 256 beat 128 at E=8, d_expert 512 (CPU, measured)
+
+
+def _tile_schedule(sizes_E: jax.Array, n_tiles: int, tile: int):
+  """Tiles of `tile` rows over rows sorted by expert: each tile's expert, first row and valid rows (the rest of
+  a tile belongs to the next expert or is padding), and how many tiles are used."""
+  E = sizes_E.shape[0]
+  tiles_E = -(-sizes_E // tile)
+  end_tile_E = jnp.cumsum(tiles_E)
+  t_T = jnp.arange(n_tiles, dtype=jnp.int32)
+  expert_T = jnp.minimum(jnp.searchsorted(end_tile_E, t_T, side='right'), E - 1).astype(jnp.int32)
+  part_T = t_T - (end_tile_E - tiles_E)[expert_T]
+  row_T = (jnp.cumsum(sizes_E) - sizes_E)[expert_T] + part_T * tile
+  valid_T = jnp.clip(sizes_E[expert_T] - part_T * tile, 0, tile)
+  return expert_T, row_T, valid_T, end_tile_E[-1]
+
+
+def _pick(w: ExpertWeights, e) -> ExpertWeights:
+  return ExpertWeights(*(None if a is None else jax.lax.dynamic_index_in_dim(a, e, keepdims=False) for a in w))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def grouped_ffn(x_ND: jax.Array, w: ExpertWeights, sizes_E: jax.Array, activation: str, tile: int = GROUP_TILE):
+  """Expert e's FFN on its run of rows, for rows sorted by expert (sizes_E rows each, summing to N): dropless
+  grouped matmuls, what `jax.lax.ragged_dot` does, which on CPU lowers to a dense masked product (E times the
+  FLOPs). Here a loop over tiles of `tile` rows, each one expert's [tile, D] @ [D, F] matmuls: the work is the
+  rows plus at most one partial tile per expert, however unbalanced the experts are. Tiles are written in row
+  order, so a tile's rows past its expert's run are overwritten by the next expert's tiles."""
+  return _grouped_fwd(x_ND, w, sizes_E, activation, tile)[0]
+
+
+def _grouped_fwd(x_ND, w, sizes_E, activation, tile):
+  N, D = x_ND.shape
+  expert_T, row_T, _, used = _tile_schedule(sizes_E, -(-N // tile) + sizes_E.shape[0], tile)
+  x_pad = jnp.pad(x_ND, ((0, tile), (0, 0)))  # the last tile may run past N: never clamp a window
+
+  def body(t, carry):
+    y_pad, pre_pad = carry
+    we = _pick(w, expert_T[t])
+    x_WD = jax.lax.dynamic_slice_in_dim(x_pad, row_T[t], tile)
+    up_WF = x_WD @ we.w_up_EDF
+    gate_WF = None if we.w_gate_EDF is None else x_WD @ we.w_gate_EDF
+    y_WD = activate(gate_WF, up_WF, activation) @ we.w_down_EFD
+    pre_WH = up_WF if gate_WF is None else jnp.concatenate([gate_WF, up_WF], axis=-1)
+    return (jax.lax.dynamic_update_slice_in_dim(y_pad, y_WD, row_T[t], 0),
+            jax.lax.dynamic_update_slice_in_dim(pre_pad, pre_WH, row_T[t], 0))
+
+  H = w.w_up_EDF.shape[-1] * (1 if w.w_gate_EDF is None else 2)
+  init = (jnp.zeros((N + tile, D), x_ND.dtype), jnp.zeros((N + tile, H), x_ND.dtype))
+  y_pad, pre_pad = jax.lax.fori_loop(0, used, body, init)
+  return y_pad[:N], (x_pad, w, sizes_E, pre_pad)
+
+
+def _grouped_bwd(activation, tile, res, dy_ND):
+  x_pad, w, sizes_E, pre_pad = res
+  N, F = dy_ND.shape[0], w.w_up_EDF.shape[-1]
+  expert_T, row_T, valid_T, used = _tile_schedule(sizes_E, -(-N // tile) + sizes_E.shape[0], tile)
+  dy_pad = jnp.pad(dy_ND, ((0, tile), (0, 0)))
+
+  def body(t, carry):
+    dx_pad, dw = carry
+    e, row = expert_T[t], row_T[t]
+    we = _pick(w, e)
+    valid_W1 = (jnp.arange(tile) < valid_T[t])[:, None]  # rows of the next expert: no gradient from this one
+    x_WD = jax.lax.dynamic_slice_in_dim(x_pad, row, tile)
+    dy_WD = jnp.where(valid_W1, jax.lax.dynamic_slice_in_dim(dy_pad, row, tile), 0)
+    pre_WH = jax.lax.dynamic_slice_in_dim(pre_pad, row, tile)
+    gate_WF, up_WF = (None, pre_WH) if we.w_gate_EDF is None else (pre_WH[:, :F], pre_WH[:, F:])
+    h_WF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), gate_WF, up_WF)
+    dgate_WF, dup_WF = act_vjp(dy_WD @ we.w_down_EFD.T)
+    dx_WD = dup_WF @ we.w_up_EDF.T
+    grads = [None, x_WD.T @ dup_WF, h_WF.T @ dy_WD]
+    if gate_WF is not None:
+      dx_WD = dx_WD + dgate_WF @ we.w_gate_EDF.T
+      grads[0] = x_WD.T @ dgate_WF
+    dw = ExpertWeights(*(None if a is None else a.at[e].add(g) for a, g in zip(dw, grads)))
+    return jax.lax.dynamic_update_slice_in_dim(dx_pad, dx_WD, row, 0), dw
+
+  zeros = ExpertWeights(*(None if a is None else jnp.zeros_like(a) for a in w))
+  dx_pad, dw = jax.lax.fori_loop(0, used, body, (jnp.zeros_like(x_pad), zeros))
+  return dx_pad[:N], dw, None
+
+
+grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
+
+
 # ------------------------------------------------------------------------------------------------ gather, ragged
 def expert_rows(experts_GSA, slot_GSA, kept_GSA, count_GE, blocks: tuple[int, ...]):
   """Where each kept assignment goes in the per-expert buffer: row r of expert e (experts' rows packed from the
@@ -327,9 +414,10 @@ def gather_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
 
 
 def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str):
-  """Dropless: assignments sorted by expert, then `jax.lax.ragged_dot` grouped matmuls; `capacity` is ignored.
+  """Dropless: assignments sorted by expert, then grouped matmuls; `capacity` is ignored.
 
-  The path for accelerators with grouped-matmul kernels; on CPU ragged_dot lowers to a dense masked product.
+  The grouped matmuls are `jax.lax.ragged_dot` on accelerators with grouped-matmul kernels, `grouped_ffn`'s
+  row tiles on CPU (where ragged_dot lowers to a dense masked product, E times the work).
   """
   del capacity
   G, S, D = x_GSD.shape
@@ -340,9 +428,12 @@ def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
                                                        unique_indices=True).reshape(X, A)
   sizes_E = jnp.zeros(E, jnp.int32).at[experts_N].add(1)
   x_ND, = dispatch_rows(x_GSD.reshape(X, D), (asg_N // A,), dest_XA)
-  up_NF = jax.lax.ragged_dot(x_ND, w.w_up_EDF, sizes_E)
-  gate_NF = None if w.w_gate_EDF is None else jax.lax.ragged_dot(x_ND, w.w_gate_EDF, sizes_E)
-  y_ND = jax.lax.ragged_dot(activate(gate_NF, up_NF, activation), w.w_down_EFD, sizes_E)
+  if jax.default_backend() == 'cpu':
+    y_ND = grouped_ffn(x_ND, w, sizes_E, activation)
+  else:
+    up_NF = jax.lax.ragged_dot(x_ND, w.w_up_EDF, sizes_E)
+    gate_NF = None if w.w_gate_EDF is None else jax.lax.ragged_dot(x_ND, w.w_gate_EDF, sizes_E)
+    y_ND = jax.lax.ragged_dot(activate(gate_NF, up_NF, activation), w.w_down_EFD, sizes_E)
   y_XD = combine_rows((y_ND,), gates_GSA.reshape(X, A).astype(x_GSD.dtype), dest_XA, (asg_N,))
   return y_XD.reshape(G, S, D), jnp.ones(experts_GSA.shape, dtype=bool)
 
@@ -352,31 +443,32 @@ DISPATCH: dict[str, DispatchFn] = {'einsum': einsum_dispatch, 'gather': gather_d
                                    'ragged': ragged_dispatch, 'dense': dense_dispatch}
 
 
-def default_dispatch(platform: str | None = None) -> str:
-  """The implementation 'auto' resolves to on `platform` (cpu, gpu, tpu): 'gather' on all of them.
+def default_dispatch(platform: str | None = None, dropless: bool = False) -> str:
+  """The implementation 'auto' resolves to: 'gather' for a capacity factor, 'ragged' for a dropless layer.
 
-  Measured on CPU (2-core AMD EPYC, float32, forward + backward of MoEFFN against a dense FFN of the same active
-  FLOPs, experiments/bench_moe.py, paired interleaved medians over several runs; ratios move with machine load):
-    8 experts, top-2, d_expert 512, cf 1.25:  gather 1.16-1.30x, einsum (S=128) 1.52-1.59x, ragged 8.0-8.9x;
-    64 experts, top-8, d_expert 64, cf 1.25:  gather 1.93-2.6x,  einsum (S=128) 3.8-4.8x,  ragged 113-122x.
-  ragged_dot lowers to a dense masked product on CPU. GPU and TPU were not measured here; 'gather' is the
-  default there too because it keeps the capacity semantics of the config (ragged is dropless, so choosing it
-  by platform would train a different model on each machine). Notes for accelerators: TPU has native ragged_dot
-  kernels (set dispatch='ragged' for dropless runs); on CUDA, jaxlib 0.10 is reported to lower ragged_dot
-  densely as on CPU; gather's tail-bucket lax.switch is one conditional per layer and direction.
+  Both keep the config's semantics on every platform (which tokens drop never depends on the machine). Measured
+  on CPU (2-core AMD EPYC, float32, forward + backward of MoEFFN against a dense FFN of the same active FLOPs,
+  experiments/bench_moe.py, paired interleaved medians; ratios move with machine load):
+    8 experts, top-2, d_expert 512, cf 1.25:  gather 1.16-1.30x, einsum (S=128) 1.52-1.60x;
+    64 experts, top-8, d_expert 64, cf 1.25:  gather 1.89-2.6x,  einsum (S=128) 3.8-4.8x.
+  Dropless, ragged's grouped_ffn row tiles compute each expert's rows and at most one partial tile more, where
+  gather with capacity = group size pays for the busiest expert on every expert (the peer Mixtral's training
+  step at init, busiest expert 1.7x the mean: see experiments/bench_train.py). On GPU / TPU ragged uses
+  jax.lax.ragged_dot (native grouped matmuls on TPU); gather's tail-bucket lax.switch is one conditional per
+  layer and direction. GPU and TPU timings were not taken here.
   """
   del platform
-  return 'gather'
+  return 'ragged' if dropless else 'gather'
 
 
-def resolve(name: str) -> str:
-  """The implementation name `name` stands for here: 'auto' becomes the platform default."""
-  return default_dispatch(jax.default_backend()) if name == 'auto' else name
+def resolve(name: str, dropless: bool = False) -> str:
+  """The implementation `name` stands for here: 'auto' becomes the default for the layer's capacity rule."""
+  return default_dispatch(jax.default_backend(), dropless) if name == 'auto' else name
 
 
-def get_dispatch(name: str) -> DispatchFn:
-  """The dispatch function called `name`; 'auto' picks the platform default."""
-  name = resolve(name)
+def get_dispatch(name: str, dropless: bool = False) -> DispatchFn:
+  """The dispatch function called `name`; 'auto' picks the default for a dropping or a dropless layer."""
+  name = resolve(name, dropless)
   if name not in DISPATCH:
     raise ValueError(f'dispatch={name!r} is not implemented; available: {", ".join(sorted(DISPATCH))}')
   return DISPATCH[name]

@@ -125,6 +125,31 @@ def test_expert_blocks_cover_the_buffer_with_sorted_buckets(rows, balanced):
 
 def test_auto_resolves_to_the_platform_default():
   assert dispatch.default_dispatch('cpu') == 'gather'
+  assert dispatch.default_dispatch('cpu', dropless=True) == 'ragged'  # same semantics as gather at capacity S
   assert dispatch.get_dispatch('auto') is dispatch.DISPATCH[dispatch.default_dispatch(jax.default_backend())]
+  assert dispatch.get_dispatch('auto', dropless=True) is dispatch.DISPATCH['ragged']
   with pytest.raises(ValueError, match='not implemented'):
     dispatch.get_dispatch('magic')
+
+
+@pytest.mark.parametrize('activation', ['swiglu', 'gelu'])
+def test_grouped_ffn_tiles_match_per_expert_ffns(activation):
+  """Tiles of 8 rows over runs of 0 to 29 rows: several tiles per expert, partial tiles, empty experts, and a
+  last tile past the end; outputs and every gradient equal each expert's FFN on its own rows."""
+  _, _, _, w = _inputs(4, 5, 1, activation, seed=3)
+  sizes_E = np.array([29, 0, 8, 1, 14], np.int32)
+  rng = np.random.default_rng(4)
+  x_ND, dy_ND = (rng.normal(size=(int(sizes_E.sum()), D)).astype(np.float32) for _ in range(2))
+
+  def reference(x_ND, w):
+    starts = np.concatenate([[0], np.cumsum(sizes_E)])
+    return jnp.concatenate([dispatch.expert_ffn(x_ND[None, lo:hi], ExpertWeights(
+        *(None if a is None else a[e:e + 1] for a in w)), activation)[0]
+        for e, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))])
+
+  tiled = lambda x_ND, w: dispatch.grouped_ffn(x_ND, w, jnp.asarray(sizes_E), activation, 8)
+  for fn in (tiled, reference):
+    y_ND, grads = jax.value_and_grad(lambda x, w: jnp.vdot(fn(x, w), dy_ND), argnums=(0, 1))(x_ND, w)
+    if fn is tiled:
+      got = (y_ND, grads)
+  _assert_close_tree(got, (y_ND, grads), tol=1e-4)
