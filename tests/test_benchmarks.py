@@ -1,0 +1,58 @@
+"""experiments/bench_train.py and bench_moe.py at toy sizes: the JSON rows the issues ask for, figures that are
+consistent with each other and with the library's counting, and one-line errors on bad flags."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from slmjax import counting
+from slmjax.config import ModelConfig
+
+EXPERIMENTS = pathlib.Path(__file__).parent.parent / 'experiments'
+
+
+def run(script, *flags):
+  return subprocess.run([sys.executable, str(EXPERIMENTS / script), *flags], capture_output=True, text=True,
+                        timeout=300)
+
+
+@pytest.mark.slow
+def test_bench_train_rows():
+  tiny = ('--models=flags', '--arch=moe', '--experts=4', '--k=2', '--d_model=32', '--n_layers=1', '--n_heads=2',
+          '--batch_size=2', '--seq_len=16', '--steps=2', '--warmup=1', '--json')
+  result = run('bench_train.py', *tiny)
+  assert result.returncode == 0, result.stderr
+  row, = json.loads(result.stdout)
+  cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=16, n_experts=4, top_k=2, capacity_factor=None)
+  counts = counting.analytic_counts(cfg)
+  assert (row['total_params'], row['active_params']) == (counts.total, counts.active)
+  assert row['flops_per_step'] == counting.train_flops_per_token(cfg, 16) * 2 * 16
+  assert row['tokens_per_s'] == pytest.approx(2 * 16 / row['step_time_s'])
+  assert row['achieved_gflops'] == pytest.approx(row['flops_per_step'] / row['step_time_s'] / 1e9)
+  assert row['mfu'] == pytest.approx(row['achieved_gflops'] / row['peak_gflops'])
+  assert row['dispatch'] == 'ragged' and row['drop_fraction'] == 0.0  # dropless by default, as the peer
+
+
+def test_bench_train_rejects_unknown_models():
+  result = run('bench_train.py', '--models=gpt5')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "bench_train.py: error: --models: unknown model 'gpt5'; known: llama, mixtral-512, mixtral-1024, flags"]
+
+
+@pytest.mark.slow
+def test_bench_moe_rows():
+  result = run('bench_moe.py', '--settings=coarse', '--impls=gather,ragged', '--group_sizes=32', '--tokens=64',
+               '--d_model=16', '--repeats=2', '--inner=1', '--nomodel', '--json')
+  assert result.returncode == 0, result.stderr
+  rows = json.loads(result.stdout)
+  assert [r['impl'] for r in rows] == ['DenseFFN', 'gather', 'ragged']
+  for r in rows:
+    assert {'impl', 'tokens', 'd_model', 'd_expert', 'n_experts', 'top_k', 'capacity_factor', 'time_s',
+            'dense_time_s', 'ratio'} <= set(r)
+    assert (r['tokens'], r['d_model'], r['n_experts'], r['top_k'], r['d_expert']) == (64, 16, 8, 2, 512)
+    assert r['time_s'] > 0 and r['ratio'] > 0
+  assert rows[2]['drop_fraction'] == 0.0  # ragged never drops
