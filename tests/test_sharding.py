@@ -60,6 +60,16 @@ def test_sharded_step_equals_one_device_and_experts_are_split():
   assert report['data:8']['expert_shard_shapes'] == [[8, 32, 16]]
 
 
+@pytest.mark.slow
+def test_sharded_dropless_step_equals_one_device():
+  """The dropless model's ragged dispatch (row tiles with dynamic expert indices on CPU) under expert sharding."""
+  result = subprocess.run([sys.executable, str(SCRIPTS / 'sharded_step.py'), '--dropless', 'data:2,expert:4'],
+                          capture_output=True, text=True, env=MULTI_DEVICE_ENV, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])['data:2,expert:4']
+  assert report['loss_diff'] < 1e-5 and report['grad_diff'] < 1e-5
+
+
 def test_mesh_that_does_not_divide_the_model_names_the_axis():
   code = ('from flax import nnx; from slmjax import sharding; from slmjax.config import ModelConfig;'
           'from slmjax.model import create_model;'

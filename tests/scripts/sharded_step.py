@@ -1,5 +1,7 @@
 """Run one MoE loss-and-gradient step on several meshes and on one device; print max differences as JSON.
 
+Arguments: mesh specs; a first argument --dropless runs the dropless model (ragged dispatch) instead.
+
 Started by tests/test_sharding.py in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
@@ -20,8 +22,8 @@ CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, n_experts=8, top_k
                   max_seq_len=16, capacity_factor=2.0)
 
 
-def loss_and_grads(mesh):
-  graphdef, state = nnx.split(create_model(CFG, seed=0))
+def loss_and_grads(mesh, cfg):
+  graphdef, state = nnx.split(create_model(cfg, seed=0))
   batch = np.random.default_rng(0).integers(0, 256, (16, 17), dtype=np.int32)
 
   @jax.jit
@@ -40,10 +42,14 @@ def loss_and_grads(mesh):
 
 
 def main():
-  (ref_loss, ref_grads), _ = loss_and_grads(None)
+  specs = sys.argv[1:]
+  cfg = CFG
+  if specs and specs[0] == '--dropless':
+    specs, cfg = specs[1:], CFG.replace(capacity_factor=None)
+  (ref_loss, ref_grads), _ = loss_and_grads(None, cfg)
   report = {}
-  for spec in sys.argv[1:]:
-    (loss, grads), state = loss_and_grads(sharding.make_mesh(spec))
+  for spec in specs:
+    (loss, grads), state = loss_and_grads(sharding.make_mesh(spec), cfg)
     diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads, ref_grads)
     expert = state['blocks'][0]['ffn']['w_up_EDF'][...]
     shard_shapes = sorted({tuple(s.data.shape) for s in expert.addressable_shards})
