@@ -101,14 +101,18 @@ def time_model(name: str, cfg: ModelConfig, peak_flops: float) -> dict:
               platform=jax.default_backend(), jax_version=jax.__version__)
 
 
+def check_peer() -> None:
+  """Fail before any timing when --peer cannot run."""
+  if not pathlib.Path(FLAGS.peer_python).exists():
+    raise ValueError(f'--peer: no peer python at {FLAGS.peer_python}; set it up as ../shared/tools/README.md says, '
+                     'or give --peer_python')
+  if not PEER_SCRIPT.exists():
+    raise ValueError(f'--peer: the peer script is not at {PEER_SCRIPT}')
+
+
 def peer_rows(models: list[str]) -> dict[str, dict]:
   """The peer's eager rows (its own process and venv), by model name."""
   python = pathlib.Path(FLAGS.peer_python)
-  if not python.exists():
-    raise ValueError(f'--peer: no peer python at {python}; set it up as ../shared/tools/README.md says, or give '
-                     '--peer_python')
-  if not PEER_SCRIPT.exists():
-    raise ValueError(f'--peer: the peer script is not at {PEER_SCRIPT}')
   out = pathlib.Path(os.environ.get('TMPDIR', '/tmp')) / f'peer_hf_{os.getpid()}.json'
   cmd = [str(python), str(PEER_SCRIPT), '--compile', 'off', '--models', ','.join(models), '--batch',
          str(FLAGS.batch_size), '--seq', str(FLAGS.seq_len), '--steps', str(FLAGS.steps), '--warmup',
@@ -146,6 +150,8 @@ def main(argv):
   for name in FLAGS.models:
     if name not in PEER_MODELS and name != 'flags':
       raise ValueError(f'--models: unknown model {name!r}; known: {", ".join(PEER_MODELS)}, flags')
+  if FLAGS.peer:
+    check_peer()
   configs = {name: model_config(name) for name in FLAGS.models}
   peak = cost.matmul_peak_flops(dtype=FLAGS.dtype)
   rows = []

@@ -43,6 +43,12 @@ def test_bench_train_rejects_unknown_models():
       "bench_train.py: error: --models: unknown model 'gpt5'; known: llama, mixtral-512, mixtral-1024, flags"]
 
 
+def test_bench_train_checks_the_peer_before_timing():
+  result = run('bench_train.py', '--peer', '--peer_python=/nonexistent/python')
+  assert result.returncode == 2 and '# done' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith('bench_train.py: error: --peer: no peer python at')
+
+
 @pytest.mark.slow
 def test_bench_moe_rows():
   result = run('bench_moe.py', '--settings=coarse', '--impls=gather,ragged', '--group_sizes=32', '--tokens=64',
