@@ -24,10 +24,8 @@ hugepages.reexec()  # first: XLA:CPU steps page-fault far less with huge pages (
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -79,20 +77,15 @@ def time_model(name: str, cfg: ModelConfig, peak_flops: float) -> dict:
   step = train.make_train_step(graphdef, tx)
   batch_BT1 = np.random.default_rng(0).integers(0, cfg.vocab_size, (FLAGS.batch_size, FLAGS.seq_len + 1),
                                                 dtype=np.int32)
-  times = []
-  metrics = None
-  for i in range(FLAGS.warmup + FLAGS.steps):
-    start = time.perf_counter()
-    state, opt_state, metrics = jax.block_until_ready(step(state, opt_state, batch_BT1))
-    if i >= FLAGS.warmup:
-      times.append(time.perf_counter() - start)
+  stats, state, opt_state = cost.time_train_step(step, state, opt_state, batch_BT1, FLAGS.warmup, FLAGS.steps)
+  _, _, metrics = step(state, opt_state, batch_BT1)  # one more, untimed: the router's drops and loads
   counts = counting.analytic_counts(cfg)
   flops_per_token = counting.train_flops_per_token(cfg, FLAGS.seq_len, counts)
-  step_s = statistics.median(times)
+  step_s = stats['median_s']
   measured = cost.throughput(FLAGS.batch_size * FLAGS.seq_len, step_s, flops_per_token, peak_flops)
   return dict(model=name, dispatch=dispatch.resolve(cfg.dispatch, cfg.capacity_factor is None) if cfg.is_moe else None,
               total_params=counts.total, active_params=counts.active, step_time_s=step_s,
-              step_time_min_s=min(times), step_time_max_s=max(times), tokens_per_s=measured['tokens_per_s'],
+              step_time_min_s=stats['min_s'], step_time_mean_s=stats['mean_s'], tokens_per_s=measured['tokens_per_s'],
               achieved_gflops=measured['achieved_flops_per_s'] / 1e9, mfu=measured['mfu'],
               peak_gflops=peak_flops / 1e9, flops_per_step=flops_per_token * FLAGS.batch_size * FLAGS.seq_len,
               drop_fraction=float(metrics['drop_fraction']) if 'drop_fraction' in metrics else None,

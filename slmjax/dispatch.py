@@ -316,7 +316,8 @@ def grouped_ffn(x_ND: jax.Array, w: ExpertWeights, sizes_E: jax.Array, activatio
 
 def _grouped_fwd(x_ND, w, sizes_E, activation, tile):
   N, D = x_ND.shape
-  expert_T, row_T, _, used = _tile_schedule(sizes_E, -(-N // tile) + sizes_E.shape[0], tile)
+  schedule = _tile_schedule(sizes_E, -(-N // tile) + sizes_E.shape[0], tile)
+  expert_T, row_T, _, used = schedule
   x_pad = jnp.pad(x_ND, ((0, tile), (0, 0)))  # the last tile may run past N: never clamp a window
 
   def body(t, carry):
@@ -333,13 +334,12 @@ def _grouped_fwd(x_ND, w, sizes_E, activation, tile):
   H = w.w_up_EDF.shape[-1] * (1 if w.w_gate_EDF is None else 2)
   init = (jnp.zeros((N + tile, D), x_ND.dtype), jnp.zeros((N + tile, H), x_ND.dtype))
   y_pad, pre_pad = jax.lax.fori_loop(0, used, body, init)
-  return y_pad[:N], (x_pad, w, sizes_E, pre_pad)
+  return y_pad[:N], (x_pad, w, schedule, pre_pad)
 
 
 def _grouped_bwd(activation, tile, res, dy_ND):
-  x_pad, w, sizes_E, pre_pad = res
+  x_pad, w, (expert_T, row_T, valid_T, used), pre_pad = res
   N, F = dy_ND.shape[0], w.w_up_EDF.shape[-1]
-  expert_T, row_T, valid_T, used = _tile_schedule(sizes_E, -(-N // tile) + sizes_E.shape[0], tile)
   dy_pad = jnp.pad(dy_ND, ((0, tile), (0, 0)))
 
   def body(t, carry):

@@ -8,6 +8,8 @@ Parameters carry logical axis names (`out_sharding` metadata) that `slmjax.shard
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -91,9 +93,7 @@ def linear(x_BTI: jax.Array, w_I_O: jax.Array, n_in: int = 1) -> jax.Array:
   lead, in_shape, out_shape = x_BTI.shape[:-n_in], w_I_O.shape[:n_in], w_I_O.shape[n_in:]
   if x_BTI.shape[-n_in:] != in_shape:
     raise ValueError(f'linear: input axes {x_BTI.shape[-n_in:]} do not match weight axes {in_shape}')
-  size = 1
-  for n in in_shape:
-    size *= n
+  size = math.prod(in_shape)
   y_XO = x_BTI.reshape(-1, size) @ w_I_O.reshape(size, -1)
   return y_XO.reshape(*lead, *out_shape)
 
@@ -130,7 +130,7 @@ def causal_attention(q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKU: jax.Array, c
     logits_BKGQS = jnp.where(causal_QS, logits_BKGQS, jnp.finfo(jnp.float32).min)
     probs_BKGQS = jax.nn.softmax(logits_BKGQS, axis=-1).astype(v_BSKU.dtype)
     outs.append(jnp.einsum('BKGQS,BKSU->BKGQU', probs_BKGQS, v_BKSU[:, :, :end]))
-  out_BKGTU = jnp.concatenate(outs, axis=3) if blocks > 1 else outs[0]
+  out_BKGTU = jnp.concatenate(outs, axis=3)
   return jnp.transpose(out_BKGTU, (0, 3, 1, 2, 4))
 
 

@@ -14,6 +14,7 @@ Matched FLOPs per token is 'active' up to the router (D x E per layer).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,10 +26,11 @@ import time
 from typing import Callable
 
 import jax
+import numpy as np
 
 from slmjax import cost, counting, results, sharding
 from slmjax.config import ModelConfig
-from slmjax.train import TrainConfig, train
+from slmjax.train import TrainConfig, cached_steps, init_state, make_optimizer, on_first_device, train
 
 # Named ladders of dense sizes (d_model, n_layers); heads of width 32, d_ff = 4 d_model. 'cpu' spans 26x in
 # parameters (41K to 1.1M with the byte vocabulary) and trains in about 10-15 minutes per architecture on a 2-core
@@ -147,10 +149,6 @@ def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, s
 def measure_cost(model_cfg: ModelConfig, train_cfg: TrainConfig, peak_flops: float, mesh=None) -> dict:
   """Step time, tokens/s, MFU of the real train step (the one `train` compiled) on a fixed batch, and the
   compiled program's memory (arguments + outputs + temporaries - aliased, where the backend reports it)."""
-  import contextlib
-  import numpy as np
-  from slmjax import sharding
-  from slmjax.train import cached_steps, init_state, make_optimizer, on_first_device
   graphdef, state, _, opt_state = init_state(model_cfg, train_cfg)
   step, _ = cached_steps(graphdef, train_cfg)
   batch = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (train_cfg.batch_size, train_cfg.seq_len + 1),
