@@ -286,84 +286,90 @@ expert_ffn_rows.defvjp(_ffn_rows_fwd, _ffn_rows_bwd)
 GROUP_TILE = 128  # rows per grouped_ffn tile; peer Mixtral steps (CPU): 128 is 3% faster than 256 at d_expert 512, even at 1024; 512 is 25% slower
 
 
-def _tile_schedule(sizes_E: jax.Array, n_tiles: int, tile: int):
-  """Tiles of `tile` rows over rows sorted by expert: each tile's expert, first row and valid rows (the rest of
-  a tile belongs to the next expert or is padding), and how many tiles are used."""
-  E = sizes_E.shape[0]
-  tiles_E = -(-sizes_E // tile)
-  end_tile_E = jnp.cumsum(tiles_E)
-  t_T = jnp.arange(n_tiles, dtype=jnp.int32)
-  expert_T = jnp.minimum(jnp.searchsorted(end_tile_E, t_T, side='right'), E - 1).astype(jnp.int32)
-  part_T = t_T - (end_tile_E - tiles_E)[expert_T]
-  row_T = (jnp.cumsum(sizes_E) - sizes_E)[expert_T] + part_T * tile
-  valid_T = jnp.clip(sizes_E[expert_T] - part_T * tile, 0, tile)
-  return expert_T, row_T, valid_T, end_tile_E[-1]
-
-
 def _pick(w: ExpertWeights, e) -> ExpertWeights:
   return ExpertWeights(*(None if a is None else jax.lax.dynamic_index_in_dim(a, e, keepdims=False) for a in w))
 
 
+def _expert_tiles(sizes_E: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
+  """Tiles each expert's run needs, and the run's first row, for rows sorted by expert."""
+  return -(-sizes_E // tile), jnp.cumsum(sizes_E) - sizes_E
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def grouped_ffn(x_ND: jax.Array, w: ExpertWeights, sizes_E: jax.Array, activation: str, tile: int = GROUP_TILE):
-  """Expert e's FFN on its run of rows, for rows sorted by expert (sizes_E rows each, summing to N): dropless
-  grouped matmuls, what `jax.lax.ragged_dot` does, which on CPU lowers to a dense masked product (E times the
-  FLOPs). Here a loop over tiles of `tile` rows, each one expert's [tile, D] @ [D, F] matmuls: the work is the
-  rows plus at most one partial tile per expert, however unbalanced the experts are. Tiles are written in row
-  order, so a tile's rows past its expert's run are overwritten by the next expert's tiles."""
-  return _grouped_fwd(x_ND, w, sizes_E, activation, tile)[0]
+def grouped_ffn(x_PD: jax.Array, w: ExpertWeights, sizes_E: jax.Array, activation: str, tile: int = GROUP_TILE):
+  """Expert e's FFN on its run of rows, for rows sorted by expert (sizes_E rows each): dropless grouped matmuls,
+  what `jax.lax.ragged_dot` does, which on CPU lowers to a dense masked product (E times the FLOPs). Here a loop
+  over experts, each slicing its weights once, and within it a loop over tiles of `tile` rows, each
+  [tile, D] @ [D, F] matmuls: the work is the rows plus at most one partial tile per expert, however unbalanced
+  the experts are. Tiles are written in row order, so a tile's rows past its expert's run are overwritten by the
+  next expert's tiles.
+
+  x_PD holds the sorted rows and then at least `tile` rows of slack (P >= sum(sizes_E) + tile), where the last
+  tile may run: the caller builds the slack in its own gather, which is cheaper than padding here (a copy of
+  every row, forward and backward). Slack rows' outputs are arbitrary and their cotangents ignored.
+  """
+  return _grouped_fwd(x_PD, w, sizes_E, activation, tile)[0]
 
 
-def _grouped_fwd(x_ND, w, sizes_E, activation, tile):
-  N, D = x_ND.shape
-  schedule = _tile_schedule(sizes_E, -(-N // tile) + sizes_E.shape[0], tile)
-  expert_T, row_T, _, used = schedule
-  x_pad = jnp.pad(x_ND, ((0, tile), (0, 0)))  # the last tile may run past N: never clamp a window
+def _grouped_fwd(x_PD, w, sizes_E, activation, tile):
+  P, D = x_PD.shape
+  tiles_E, start_E = _expert_tiles(sizes_E, tile)
 
-  def body(t, carry):
-    y_pad, pre_pad = carry
-    we = _pick(w, expert_T[t])
-    x_WD = jax.lax.dynamic_slice_in_dim(x_pad, row_T[t], tile)
-    up_WF = x_WD @ we.w_up_EDF
-    gate_WF = None if we.w_gate_EDF is None else x_WD @ we.w_gate_EDF
-    y_WD = activate(gate_WF, up_WF, activation) @ we.w_down_EFD
-    pre_WH = up_WF if gate_WF is None else jnp.concatenate([gate_WF, up_WF], axis=-1)
-    return (jax.lax.dynamic_update_slice_in_dim(y_pad, y_WD, row_T[t], 0),
-            jax.lax.dynamic_update_slice_in_dim(pre_pad, pre_WH, row_T[t], 0))
-
-  H = w.w_up_EDF.shape[-1] * (1 if w.w_gate_EDF is None else 2)
-  init = (jnp.zeros((N + tile, D), x_ND.dtype), jnp.zeros((N + tile, H), x_ND.dtype))
-  y_pad, pre_pad = jax.lax.fori_loop(0, used, body, init)
-  return y_pad[:N], (x_pad, w, schedule, pre_pad)
-
-
-def _grouped_bwd(activation, tile, res, dy_ND):
-  x_pad, w, (expert_T, row_T, valid_T, used), pre_pad = res
-  N, F = dy_ND.shape[0], w.w_up_EDF.shape[-1]
-  dy_pad = jnp.pad(dy_ND, ((0, tile), (0, 0)))
-
-  def body(t, carry):
-    dx_pad, dw = carry
-    e, row = expert_T[t], row_T[t]
+  def expert(e, carry):
     we = _pick(w, e)
-    valid_W1 = (jnp.arange(tile) < valid_T[t])[:, None]  # rows of the next expert: no gradient from this one
-    x_WD = jax.lax.dynamic_slice_in_dim(x_pad, row, tile)
-    dy_WD = jnp.where(valid_W1, jax.lax.dynamic_slice_in_dim(dy_pad, row, tile), 0)
-    pre_WH = jax.lax.dynamic_slice_in_dim(pre_pad, row, tile)
-    gate_WF, up_WF = (None, pre_WH) if we.w_gate_EDF is None else (pre_WH[:, :F], pre_WH[:, F:])
-    h_WF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), gate_WF, up_WF)
-    dgate_WF, dup_WF = act_vjp(dy_WD @ we.w_down_EFD.T)
-    dx_WD = dup_WF @ we.w_up_EDF.T
-    grads = [None, x_WD.T @ dup_WF, h_WF.T @ dy_WD]
-    if gate_WF is not None:
-      dx_WD = dx_WD + dgate_WF @ we.w_gate_EDF.T
-      grads[0] = x_WD.T @ dgate_WF
-    dw = ExpertWeights(*(None if a is None else a.at[e].add(g) for a, g in zip(dw, grads)))
-    return jax.lax.dynamic_update_slice_in_dim(dx_pad, dx_WD, row, 0), dw
+
+    def tile_body(j, carry):
+      y_PD, gate_PF, up_PF = carry
+      row = start_E[e] + j * tile
+      x_WD = jax.lax.dynamic_slice_in_dim(x_PD, row, tile)
+      up_WF = x_WD @ we.w_up_EDF
+      gate_WF = None if we.w_gate_EDF is None else x_WD @ we.w_gate_EDF
+      y_WD = activate(gate_WF, up_WF, activation) @ we.w_down_EFD
+      write = lambda buf, rows: None if buf is None else jax.lax.dynamic_update_slice_in_dim(buf, rows, row, 0)
+      return write(y_PD, y_WD), write(gate_PF, gate_WF), write(up_PF, up_WF)
+    return jax.lax.fori_loop(0, tiles_E[e], tile_body, carry)
+
+  # Pre-activations are the residuals (the backward recomputes only the cheap activation); gate and up in
+  # buffers of their own, as a concatenated [tile, 2F] write costs a copy per tile.
+  zeros_PF = lambda a: None if a is None else jnp.zeros((P, a.shape[-1]), x_PD.dtype)
+  init = (jnp.zeros((P, D), x_PD.dtype), zeros_PF(w.w_gate_EDF), zeros_PF(w.w_up_EDF))
+  y_PD, gate_PF, up_PF = jax.lax.fori_loop(0, w.w_up_EDF.shape[0], expert, init)
+  return y_PD, (x_PD, w, sizes_E, gate_PF, up_PF)
+
+
+def _grouped_bwd(activation, tile, res, dy_PD):
+  x_PD, w, sizes_E, gate_PF, up_PF = res
+  tiles_E, start_E = _expert_tiles(sizes_E, tile)
+
+  def expert(e, carry):
+    dx_PD, dw = carry
+    we = _pick(w, e)
+
+    def tile_body(j, carry):
+      dx_PD, dwe = carry
+      row = start_E[e] + j * tile
+      rows = lambda buf: None if buf is None else jax.lax.dynamic_slice_in_dim(buf, row, tile)
+      valid_W1 = (jnp.arange(tile) < sizes_E[e] - j * tile)[:, None]  # later rows: the next expert's or slack
+      x_WD, dy_WD = rows(x_PD), jnp.where(valid_W1, rows(dy_PD), 0)
+      h_WF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), rows(gate_PF), rows(up_PF))
+      dgate_WF, dup_WF = act_vjp(dy_WD @ we.w_down_EFD.T)
+      dx_WD = dup_WF @ we.w_up_EDF.T
+      if dgate_WF is not None:
+        dx_WD = dx_WD + dgate_WF @ we.w_gate_EDF.T
+      grads = (None if dgate_WF is None else x_WD.T @ dgate_WF, x_WD.T @ dup_WF, h_WF.T @ dy_WD)
+      dwe = ExpertWeights(*(None if a is None else a + g for a, g in zip(dwe, grads)))
+      return jax.lax.dynamic_update_slice_in_dim(dx_PD, dx_WD, row, 0), dwe
+
+    # Expert e's weight gradients accumulate in a [D, F] carry and are written once, not added per tile.
+    zeros = ExpertWeights(*(None if a is None else jnp.zeros(a.shape[1:], a.dtype) for a in w))
+    dx_PD, dwe = jax.lax.fori_loop(0, tiles_E[e], tile_body, (dx_PD, zeros))
+    dw = ExpertWeights(*(None if a is None else jax.lax.dynamic_update_index_in_dim(a, g, e, 0)
+                         for a, g in zip(dw, dwe)))
+    return dx_PD, dw
 
   zeros = ExpertWeights(*(None if a is None else jnp.zeros_like(a) for a in w))
-  dx_pad, dw = jax.lax.fori_loop(0, used, body, (jnp.zeros_like(x_pad), zeros))
-  return dx_pad[:N], dw, None
+  dx_PD, dw = jax.lax.fori_loop(0, w.w_up_EDF.shape[0], expert, (jnp.zeros_like(x_PD), zeros))
+  return dx_PD, dw, None
 
 
 grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
@@ -427,6 +433,8 @@ def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
   dest_XA = jnp.zeros(X * A, jnp.int32).at[asg_N].set(jnp.arange(X * A, dtype=jnp.int32),
                                                        unique_indices=True).reshape(X, A)
   sizes_E = jnp.zeros(E, jnp.int32).at[experts_N].add(1)
+  if jax.default_backend() == 'cpu':  # grouped_ffn's slack rows, read from token X (clipped): empty rows
+    asg_N = jnp.concatenate([asg_N, jnp.full((GROUP_TILE,), X * A, jnp.int32)])
   x_ND, = dispatch_rows(x_GSD.reshape(X, D), (asg_N // A,), dest_XA)
   if jax.default_backend() == 'cpu':
     y_ND = grouped_ffn(x_ND, w, sizes_E, activation, GROUP_TILE)
