@@ -134,10 +134,11 @@ def test_auto_resolves_to_the_platform_default():
 
 @pytest.mark.parametrize('activation', ['swiglu', 'gelu'])
 def test_grouped_ffn_tiles_match_per_expert_ffns(activation):
-  """Tiles of 8 rows over runs of 0 to 29 rows: several tiles per expert, partial tiles, empty experts, and a
-  last tile past the end; outputs and every gradient equal each expert's FFN on its own rows."""
-  _, _, _, w = _inputs(4, 5, 1, activation, seed=3)
-  sizes_E = np.array([29, 0, 8, 1, 14], np.int32)
+  """Bulk tiles of 16 rows and tiles of 8 over runs of 0 to 37 rows: bulk and remainder tiles in one expert,
+  partial tiles, empty experts, and a last tile past the end; outputs and every gradient equal each expert's
+  FFN on its own rows."""
+  _, _, _, w = _inputs(4, 6, 1, activation, seed=3)
+  sizes_E = np.array([37, 0, 8, 1, 16, 14], np.int32)
   rng = np.random.default_rng(4)
   x_ND, dy_ND = (rng.normal(size=(int(sizes_E.sum()), D)).astype(np.float32) for _ in range(2))
 
@@ -149,7 +150,7 @@ def test_grouped_ffn_tiles_match_per_expert_ffns(activation):
 
   def tiled(x_ND, w):  # with the 8 slack rows grouped_ffn asks for; their outputs are dropped
     x_PD = jnp.concatenate([x_ND, jnp.ones((8, D), x_ND.dtype)])
-    return dispatch.grouped_ffn(x_PD, w, jnp.asarray(sizes_E), activation, 8)[:len(x_ND)]
+    return dispatch.grouped_ffn(x_PD, w, jnp.asarray(sizes_E), activation, 8, 16)[:len(x_ND)]
   for fn in (tiled, reference):
     y_ND, grads = jax.value_and_grad(lambda x, w: jnp.vdot(fn(x, w), dy_ND), argnums=(0, 1))(x_ND, w)
     if fn is tiled:
