@@ -7,6 +7,9 @@
 
 The step is `slmjax.train.make_train_step` (forward, loss with the router's aux loss, backward, clipping, AdamW),
 the one `slmjax.train.train` runs, timed after warm-up on a fixed batch; the median of `--steps` steps is kept.
+The models' steps are timed interleaved (one step of each per round), so the MoE / dense ratio holds on a
+shared machine whose speed drifts by 10-30% for minutes at a time; `--rounds=3` repeats slmjax and the peer
+alternately and reports the median round, every round's ratios listed.
 FLOPs per step follow the peer's convention, which is also slmjax's (`counting.train_flops_per_token`):
 tokens * (6 * matmul parameters a token uses + 6 * layers * seq_len * d_model), the attention term causal.
 MFU divides the achieved FLOP/s by this machine's measured float32 (or --dtype) matmul peak.
@@ -24,6 +27,7 @@ hugepages.reexec()  # first: XLA:CPU steps page-fault far less with huge pages (
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 
@@ -54,6 +58,8 @@ flags.DEFINE_float('lr', 3e-4, 'Peak learning rate (the peer uses AdamW at 3e-4)
 flags.DEFINE_boolean('peer', False, 'Also run the PyTorch peer (eager) in its own venv and print slmjax / peer.')
 flags.DEFINE_string('peer_python', os.path.expanduser('~/.hfpeer/bin/python'),
                     "The peer venv's python (set-up: ../shared/tools/README.md).")
+flags.DEFINE_integer('rounds', 1, 'Repeat the timing (and the peer, with --peer) this many times, alternating; '
+                     'the round with the median step time is reported, with every round listed.')
 flags.DEFINE_boolean('json', False, 'Print one JSON list of rows instead of a table.')
 cli.define_model_flags()
 flags.FLAGS.set_default('seq_len', 256)
@@ -69,16 +75,20 @@ def model_config(name: str) -> ModelConfig:
   return cfg.replace(capacity_factor=FLAGS.capacity_factor if FLAGS.capacity_factor > 0 else None)
 
 
-def time_model(name: str, cfg: ModelConfig, peak_flops: float) -> dict:
-  """Median step time of the real train step on one fixed random batch, and what it implies."""
+def build_run(cfg: ModelConfig) -> list:
+  """[step, state, opt_state, batch] for cost.time_train_steps: the real train step on one fixed random batch."""
   train_cfg = train.TrainConfig(steps=1000, warmup=10, lr=FLAGS.lr, batch_size=FLAGS.batch_size,
                                 seq_len=FLAGS.seq_len)
   graphdef, state, tx, opt_state = train.init_state(cfg, train_cfg)
-  step = train.make_train_step(graphdef, tx)
   batch_BT1 = np.random.default_rng(0).integers(0, cfg.vocab_size, (FLAGS.batch_size, FLAGS.seq_len + 1),
                                                 dtype=np.int32)
-  stats, state, opt_state = cost.time_train_step(step, state, opt_state, batch_BT1, FLAGS.warmup, FLAGS.steps)
-  _, _, metrics = step(state, opt_state, batch_BT1)  # one more, untimed: the router's drops and loads
+  return [train.make_train_step(graphdef, tx), state, opt_state, batch_BT1]
+
+
+def model_row(name: str, cfg: ModelConfig, run: list, stats: dict, peak_flops: float) -> dict:
+  """What a median step time implies for one model, with the router's drops and loads from one more step."""
+  step, state, opt_state, batch_BT1 = run
+  run[1], run[2], metrics = step(state, opt_state, batch_BT1)
   counts = counting.analytic_counts(cfg)
   flops_per_token = counting.train_flops_per_token(cfg, FLAGS.seq_len, counts)
   step_s = stats['median_s']
@@ -117,10 +127,19 @@ def peer_rows(models: list[str]) -> dict[str, dict]:
     out.unlink(missing_ok=True)
 
 
-def format_table(rows: list[dict]) -> str:
+def step_times(rows: list[dict]) -> dict[str, float]:
+  return {r['model']: r['step_time_s'] for r in rows}
+
+
+def _listed(values: list[float]) -> str:
+  return ' (rounds: ' + ', '.join(f'{v:.2f}' for v in values) + ')' if len(values) > 1 else ''
+
+
+def format_table(rows: list[dict], rounds: list[list[dict]]) -> str:
   peak = rows[0]['peak_gflops']
   lines = [f'{rows[0]["platform"]}, jax {rows[0]["jax_version"]}, {rows[0]["dtype"]}, batch {rows[0]["batch_size"]} '
-           f'x seq {rows[0]["seq_len"]}, median of {FLAGS.steps} steps; matmul peak {peak:.1f} GFLOP/s',
+           f'x seq {rows[0]["seq_len"]}, median of {FLAGS.steps} steps (interleaved across models), '
+           f'{len(rounds)} round(s); matmul peak {peak:.1f} GFLOP/s',
            f'{"model":<14}{"dispatch":>9}{"total":>12}{"active":>12}{"step ms":>9}{"tok/s":>8}{"GFLOP/s":>9}'
            f'{"MFU":>7}{"drop %":>8}{"max load":>9}{"peer tok/s":>12}{"ratio":>7}']
   for r in rows:
@@ -131,11 +150,37 @@ def format_table(rows: list[dict]) -> str:
     lines.append(f'{r["model"]:<14}{r["dispatch"] or "-":>9}{r["total_params"]:>12,}{r["active_params"]:>12,}'
                  f'{r["step_time_s"] * 1e3:>9.1f}{r["tokens_per_s"]:>8,.0f}{r["achieved_gflops"]:>9.1f}'
                  f'{r["mfu"]:>7.1%}{drop:>8}{load:>9}{peer:>12}{ratio:>7}')
-  by_name = {r['model']: r for r in rows}
-  if 'llama' in by_name and 'mixtral-512' in by_name:
-    lines.append(f'mixtral-512 / llama step time (same active parameters): '
-                 f'{by_name["mixtral-512"]["step_time_s"] / by_name["llama"]["step_time_s"]:.2f}')
+  moe_over_dense = [r['mixtral-512'] / r['llama'] for r in map(step_times, rounds) if {'llama', 'mixtral-512'} <= set(r)]
+  if moe_over_dense:
+    lines.append(f'mixtral-512 / llama step time (same active parameters, timed interleaved): '
+                 f'{statistics.median(moe_over_dense):.2f}' + _listed(moe_over_dense))
+  for r in rows:
+    if len(r.get('ratio_to_peer_rounds', ())) > 1:
+      lines.append(f'{r["model"]} / peer tokens/s by round:' + _listed(r['ratio_to_peer_rounds']))
   return '\n'.join(lines)
+
+
+def add_peer(rows: list[dict], peers: dict[str, dict]) -> None:
+  for row in rows:
+    peer = peers.get(row['model'])
+    if peer:
+      row.update(peer_tokens_per_s=peer['tokens_per_s'], peer_step_time_s=peer['step_time_s'],
+                 peer_achieved_gflops=peer['achieved_gflops'], ratio_to_peer=row['tokens_per_s'] /
+                 peer['tokens_per_s'], peer_flops_per_step=peer['flops_per_step'])
+
+
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+  """One row per model: the round whose step time is the median (odd rounds; the lower middle for even), with
+  every round's step time and ratio to the peer listed."""
+  rows = []
+  for per_model in zip(*rounds):
+    ordered = sorted(per_model, key=lambda r: r['step_time_s'])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row['step_time_s_rounds'] = [r['step_time_s'] for r in per_model]
+    if 'ratio_to_peer' in row:
+      row['ratio_to_peer_rounds'] = [r.get('ratio_to_peer') for r in per_model]
+    rows.append(row)
+  return rows
 
 
 def main(argv):
@@ -143,28 +188,32 @@ def main(argv):
   for name in FLAGS.models:
     if name not in PEER_MODELS and name != 'flags':
       raise ValueError(f'--models: unknown model {name!r}; known: {", ".join(PEER_MODELS)}, flags')
+  if FLAGS.rounds < 1:
+    raise ValueError(f'--rounds must be >= 1, got {FLAGS.rounds}')
   if FLAGS.peer:
     check_peer()
   configs = {name: model_config(name) for name in FLAGS.models}
   peak = cost.matmul_peak_flops(dtype=FLAGS.dtype)
-  rows = []
-  for name, cfg in configs.items():
-    rows.append(time_model(name, cfg, peak))
-    if not FLAGS.json:
-      print(f'# done: {name}: {rows[-1]["step_time_s"]:.3f} s/step', file=sys.stderr)
+  runs = {name: build_run(cfg) for name, cfg in configs.items()}
   peer_models = [name for name in FLAGS.models if name in PEER_MODELS]
-  if FLAGS.peer and peer_models:
-    peers = peer_rows(peer_models)
-    for row in rows:
-      peer = peers.get(row['model'])
-      if peer:
-        row.update(peer_tokens_per_s=peer['tokens_per_s'], peer_step_time_s=peer['step_time_s'],
-                   peer_achieved_gflops=peer['achieved_gflops'], ratio_to_peer=row['tokens_per_s'] /
-                   peer['tokens_per_s'], peer_flops_per_step=peer['flops_per_step'])
+  rounds = []
+  for i in range(FLAGS.rounds):
+    stats = cost.time_train_steps(runs, FLAGS.warmup, FLAGS.steps)  # interleaved: ratios survive slow spells
+    rows = [model_row(name, configs[name], runs[name], stats[name], peak) for name in configs]
+    if not FLAGS.json:
+      print(f'# round {i + 1}/{FLAGS.rounds}: ' + ', '.join(f'{r["model"]} {r["step_time_s"]:.3f} s/step'
+                                                             for r in rows), file=sys.stderr)
+    if FLAGS.peer and peer_models:
+      add_peer(rows, peer_rows(peer_models))
+      if not FLAGS.json:
+        print(f'# round {i + 1}/{FLAGS.rounds}: slmjax / peer ' + ', '.join(
+            f'{r["model"]} {r["ratio_to_peer"]:.2f}' for r in rows if 'ratio_to_peer' in r), file=sys.stderr)
+    rounds.append(rows)
+  rows = median_rows(rounds)
   if FLAGS.json:
     print(json.dumps(rows))
   else:
-    print(format_table(rows))
+    print(format_table(rows, rounds))
 
 
 if __name__ == '__main__':

@@ -51,14 +51,27 @@ def time_train_step(step_fn: Callable, state, opt_state, batch, warmup: int = 2,
   The state is threaded through the calls (donated buffers cannot be reused), and returned so the caller can
   keep using it.
   """
-  times = []
+  run = [step_fn, state, opt_state, batch]
+  stats = time_train_steps({'step': run}, warmup, repeats)['step']
+  return stats, run[1], run[2]
+
+
+def time_train_steps(runs: dict[str, list], warmup: int = 2, repeats: int = 10) -> dict[str, dict[str, float]]:
+  """time_train_step for several steps at once, interleaved: each round times one call of every step, so a slow
+  spell of a shared machine (we see 10-30% for minutes) lands on all of them alike and their ratios hold.
+
+  `runs` maps a name to a list [step_fn, state, opt_state, batch]; states are updated in place.
+  """
+  times = {name: [] for name in runs}
   for i in range(warmup + repeats):
-    start = time.perf_counter()
-    state, opt_state, metrics = block(step_fn(state, opt_state, batch))
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
-  stats = {'median_s': statistics.median(times), 'min_s': min(times), 'mean_s': statistics.fmean(times)}
-  return stats, state, opt_state
+    for name, run in runs.items():
+      step_fn, state, opt_state, batch = run
+      start = time.perf_counter()
+      run[1], run[2], _ = block(step_fn(state, opt_state, batch))
+      if i >= warmup:
+        times[name].append(time.perf_counter() - start)
+  return {name: {'median_s': statistics.median(t), 'min_s': min(t), 'mean_s': statistics.fmean(t)}
+          for name, t in times.items()}
 
 
 def throughput(tokens_per_step: int, step_time_s: float, flops_per_token: float,

@@ -149,7 +149,7 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> C
 
     (_, (metrics, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     return nnx.merge_state(optax.apply_updates(params, updates), rest), opt_state, metrics
   return step
 

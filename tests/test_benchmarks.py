@@ -22,7 +22,7 @@ def run(script, *flags):
 @pytest.mark.slow
 def test_bench_train_rows():
   tiny = ('--models=flags', '--arch=moe', '--experts=4', '--k=2', '--d_model=32', '--n_layers=1', '--n_heads=2',
-          '--batch_size=2', '--seq_len=16', '--steps=2', '--warmup=1', '--json')
+          '--batch_size=2', '--seq_len=16', '--steps=2', '--warmup=1', '--rounds=2', '--json')
   result = run('bench_train.py', *tiny)
   assert result.returncode == 0, result.stderr
   row, = json.loads(result.stdout)
@@ -34,6 +34,7 @@ def test_bench_train_rows():
   assert row['achieved_gflops'] == pytest.approx(row['flops_per_step'] / row['step_time_s'] / 1e9)
   assert row['mfu'] == pytest.approx(row['achieved_gflops'] / row['peak_gflops'])
   assert row['dispatch'] == 'ragged' and row['drop_fraction'] == 0.0  # dropless by default, as the peer
+  assert len(row['step_time_s_rounds']) == 2 and row['step_time_s'] == min(row['step_time_s_rounds'])
 
 
 def test_bench_train_rejects_unknown_models():
@@ -45,8 +46,14 @@ def test_bench_train_rejects_unknown_models():
 
 def test_bench_train_checks_the_peer_before_timing():
   result = run('bench_train.py', '--peer', '--peer_python=/nonexistent/python')
-  assert result.returncode == 2 and '# done' not in result.stderr
+  assert result.returncode == 2 and '# round' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith('bench_train.py: error: --peer: no peer python at')
+
+
+def test_bench_train_rejects_zero_rounds():
+  result = run('bench_train.py', '--rounds=0')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == ['bench_train.py: error: --rounds must be >= 1, got 0']
 
 
 @pytest.mark.slow

@@ -225,6 +225,12 @@ def test_cost_helpers():
   batch = np.zeros((4, 33), np.int32)
   stats, state, opt_state = cost.time_train_step(step, state, opt_state, batch, warmup=1, repeats=2)
   assert stats['median_s'] > 0 and bool(train_lib.all_finite(state))
+  runs = {'a': [step, state, opt_state, batch], 'b': [step, *train_lib.on_first_device(
+      *train_lib.init_state(MOE, SMALL)[1::2]), batch]}
+  first_states = [run[1] for run in runs.values()]
+  stats = cost.time_train_steps(runs, warmup=0, repeats=2)  # interleaved, states threaded through in place
+  assert set(stats) == {'a', 'b'} and all(s['min_s'] <= s['median_s'] for s in stats.values())
+  assert all(run[1] is not first for run, first in zip(runs.values(), first_states))
 
 
 # experiments/train.py end to end.
