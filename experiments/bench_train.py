@@ -9,7 +9,7 @@ The step is `slmjax.train.make_train_step` (forward, loss with the router's aux 
 the one `slmjax.train.train` runs, timed after warm-up on a fixed batch; the median of `--steps` steps is kept.
 The models' steps are timed interleaved (one step of each per round), so the MoE / dense ratio holds on a
 shared machine whose speed drifts by 10-30% for minutes at a time; `--rounds=3` repeats slmjax and the peer
-alternately and reports the median round, every round's ratios listed.
+alternately and reports the median round with the median of the rounds' ratios, every round listed.
 FLOPs per step follow the peer's convention, which is also slmjax's (`counting.train_flops_per_token`):
 tokens * (6 * matmul parameters a token uses + 6 * layers * seq_len * d_model), the attention term causal.
 MFU divides the achieved FLOP/s by this machine's measured float32 (or --dtype) matmul peak.
@@ -154,9 +154,10 @@ def format_table(rows: list[dict], rounds: list[list[dict]]) -> str:
   if moe_over_dense:
     lines.append(f'mixtral-512 / llama step time (same active parameters, timed interleaved): '
                  f'{statistics.median(moe_over_dense):.2f}' + _listed(moe_over_dense))
-  for r in rows:
-    if len(r.get('ratio_to_peer_rounds', ())) > 1:
-      lines.append(f'{r["model"]} / peer tokens/s by round:' + _listed(r['ratio_to_peer_rounds']))
+  by_round = [f'{r["model"]} ' + ', '.join(f'{v:.2f}' for v in r['ratio_to_peer_rounds'])
+              for r in rows if len(r.get('ratio_to_peer_rounds', ())) > 1]
+  if by_round:
+    lines.append('slmjax / peer tokens/s, round by round: ' + '; '.join(by_round))
   return '\n'.join(lines)
 
 
@@ -171,14 +172,16 @@ def add_peer(rows: list[dict], peers: dict[str, dict]) -> None:
 
 def median_rows(rounds: list[list[dict]]) -> list[dict]:
   """One row per model: the round whose step time is the median (odd rounds; the lower middle for even), with
-  every round's step time and ratio to the peer listed."""
+  every round's step time and ratio to the peer listed, and the median of those ratios as the ratio (each
+  round's peer ran minutes apart from its slmjax run, so a slow spell can land on either)."""
   rows = []
   for per_model in zip(*rounds):
     ordered = sorted(per_model, key=lambda r: r['step_time_s'])
     row = dict(ordered[(len(ordered) - 1) // 2])
     row['step_time_s_rounds'] = [r['step_time_s'] for r in per_model]
     if 'ratio_to_peer' in row:
-      row['ratio_to_peer_rounds'] = [r.get('ratio_to_peer') for r in per_model]
+      row['ratio_to_peer_rounds'] = [r['ratio_to_peer'] for r in per_model]
+      row['ratio_to_peer'] = statistics.median(row['ratio_to_peer_rounds'])
     rows.append(row)
   return rows
 

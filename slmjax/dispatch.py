@@ -471,8 +471,9 @@ def default_dispatch(platform: str | None = None, dropless: bool = False) -> str
   Both keep the config's semantics on every platform (which tokens drop never depends on the machine). Measured
   on CPU (2-core AMD EPYC, float32, forward + backward of MoEFFN against a dense FFN of the same active FLOPs,
   experiments/bench_moe.py, paired interleaved medians; ratios move with machine load):
-    8 experts, top-2, d_expert 512, cf 1.25:  gather 1.16-1.30x, einsum (S=128) 1.52-1.73x, ragged 1.23x;
-    64 experts, top-8, d_expert 64, cf 1.25:  gather 1.89-2.6x,  einsum (S=128) 3.8-4.8x,  ragged 2.9x.
+    8 experts, top-2, d_expert 512, cf 1.25:  gather 1.16-1.36x, einsum (S=128) 1.52-1.73x, ragged 1.12-1.13x;
+    64 experts, top-8, d_expert 64, cf 1.25:  gather 1.89-2.6x,  einsum (S=128) 3.8-4.8x,  ragged 2.5-2.8x
+  (ragged 1.4-1.5x and 3.5x in processes that draw the slow huge-page mode: BUILD.md, Benchmarks).
   Bounds: a capacity factor of 1.25 pads every expert buffer to 1.25x the routed rows (gather's floor), the
   one-hot einsums add ~0.2x of the FFN's FLOPs, and 64 narrow experts run batched [rows, 256] @ [256, 128]
   matmuls at ~80 GFLOP/s where the dense FFN's one wide matmul runs at ~200 (XLA:CPU profile).
