@@ -283,7 +283,7 @@ expert_ffn_rows.defvjp(_ffn_rows_fwd, _ffn_rows_bwd)
 
 
 # ---------------------------------------------------------------------------------- grouped FFN in row tiles (CPU)
-GROUP_TILE = 128  # rows of grouped_ffn's remainder tiles: 3% faster than 256 on the peer Mixtral step (CPU), 512 25% slower
+GROUP_TILE = 128  # rows of grouped_ffn's remainder tiles (as uniform tiles: 3% faster than 256, 512 25% slower)
 GROUP_BULK = 512  # rows of its bulk tiles, whole inside an expert's run: the MoE layer 3-4% faster at d_expert 512
 
 
@@ -291,23 +291,22 @@ def _pick(w: ExpertWeights, e) -> ExpertWeights:
   return ExpertWeights(*(None if a is None else jax.lax.dynamic_index_in_dim(a, e, keepdims=False) for a in w))
 
 
-def _expert_tiles(sizes_E: jax.Array, tile: int, bulk: int):
-  """Per expert, for rows sorted by expert: its run's first row, its bulk tiles, and the `tile`-row tiles that
-  cover the rest of the run (the last one may run past it)."""
-  bulk_E = sizes_E // bulk
-  return jnp.cumsum(sizes_E) - sizes_E, bulk_E, -(-(sizes_E - bulk_E * bulk) // tile)
+def _tile_plan(sizes_E: jax.Array, rows: int, tile: int, bulk: int):
+  """Per expert, for rows sorted by expert: its run's first row, its number of `bulk`-row tiles, and of
+  `tile`-row tiles covering the rest (the last one may run past the run's end); and `bulk`, None when no run
+  can hold a bulk tile (the runs fill at most rows - tile rows): a bulk loop that never runs would still cost,
+  as XLA hoists its window, as wide as the whole buffer, out of the loop."""
+  bulk = bulk if bulk <= rows - tile else None
+  bulk_E = sizes_E // bulk if bulk else jnp.zeros_like(sizes_E)
+  return jnp.cumsum(sizes_E) - sizes_E, bulk_E, -(-(sizes_E - bulk_E * (bulk or 0)) // tile), bulk
 
 
-def _over_tiles(e, sizes_E, tile: int, bulk: int, rows: int, tile_step, carry):
-  """carry = tile_step(rows, first_row, carry) over expert e's bulk tiles, then its remainder tiles. No bulk
-  loop when no run can hold a bulk tile (the runs fill at most `rows` - tile rows): XLA would hoist a window
-  as wide as the buffer out of the loop, and compute it though the loop never runs."""
-  if bulk > rows - tile:
-    bulk = rows + 1  # every run is shorter: only remainder tiles
-  start_E, bulk_E, rest_E = _expert_tiles(sizes_E, tile, bulk)
-  if bulk <= rows:
+def _over_tiles(e, plan, tile: int, tile_step, carry):
+  """carry = tile_step(rows, first_row, carry) over expert e's bulk tiles, then its remainder tiles."""
+  start_E, bulk_E, rest_E, bulk = plan
+  if bulk:
     carry = jax.lax.fori_loop(0, bulk_E[e], lambda j, c: tile_step(bulk, start_E[e] + j * bulk, c), carry)
-  first = start_E[e] + bulk_E[e] * bulk
+  first = start_E[e] + bulk_E[e] * (bulk or 0)
   return jax.lax.fori_loop(0, rest_E[e], lambda j, c: tile_step(tile, first + j * tile, c), carry)
 
 
@@ -330,6 +329,7 @@ def grouped_ffn(x_PD: jax.Array, w: ExpertWeights, sizes_E: jax.Array, activatio
 
 def _grouped_fwd(x_PD, w, sizes_E, activation, tile, bulk):
   P, D = x_PD.shape
+  plan = _tile_plan(sizes_E, P, tile, bulk)
 
   def expert(e, carry):
     we = _pick(w, e)
@@ -342,7 +342,7 @@ def _grouped_fwd(x_PD, w, sizes_E, activation, tile, bulk):
       y_WD = activate(gate_WF, up_WF, activation) @ we.w_down_EFD
       write = lambda buf, rows: None if buf is None else jax.lax.dynamic_update_slice_in_dim(buf, rows, row, 0)
       return write(y_PD, y_WD), write(gate_PF, gate_WF), write(up_PF, up_WF)
-    return _over_tiles(e, sizes_E, tile, bulk, P, tile_step, carry)
+    return _over_tiles(e, plan, tile, tile_step, carry)
 
   # Pre-activations are the residuals (the backward recomputes only the cheap activation); gate and up in
   # buffers of their own, as a concatenated [tile, 2F] write costs a copy per tile.
@@ -355,6 +355,7 @@ def _grouped_fwd(x_PD, w, sizes_E, activation, tile, bulk):
 def _grouped_bwd(activation, tile, bulk, res, dy_PD):
   x_PD, w, sizes_E, gate_PF, up_PF = res
   end_E = jnp.cumsum(sizes_E)
+  plan = _tile_plan(sizes_E, x_PD.shape[0], tile, bulk)
 
   def expert(e, carry):
     dx_PD, dw = carry
@@ -376,7 +377,7 @@ def _grouped_bwd(activation, tile, bulk, res, dy_PD):
 
     # Expert e's weight gradients accumulate in a [D, F] carry and are written once, not added per tile.
     zeros = ExpertWeights(*(None if a is None else jnp.zeros(a.shape[1:], a.dtype) for a in w))
-    dx_PD, dwe = _over_tiles(e, sizes_E, tile, bulk, x_PD.shape[0], tile_step, (dx_PD, zeros))
+    dx_PD, dwe = _over_tiles(e, plan, tile, tile_step, (dx_PD, zeros))
     dw = ExpertWeights(*(None if a is None else jax.lax.dynamic_update_index_in_dim(a, g, e, 0)
                          for a, g in zip(dw, dwe)))
     return dx_PD, dw
