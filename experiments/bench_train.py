@@ -59,7 +59,8 @@ flags.DEFINE_boolean('peer', False, 'Also run the PyTorch peer (eager) in its ow
 flags.DEFINE_string('peer_python', os.path.expanduser('~/.hfpeer/bin/python'),
                     "The peer venv's python (set-up: ../shared/tools/README.md).")
 flags.DEFINE_integer('rounds', 1, 'Repeat the timing (and the peer, with --peer) this many times, alternating; '
-                     'the round with the median step time is reported, with every round listed.')
+                     'the round with the median step time is reported with the median ratio to the peer, '
+                     'every round listed.')
 flags.DEFINE_boolean('json', False, 'Print one JSON list of rows instead of a table.')
 cli.define_model_flags()
 flags.FLAGS.set_default('seq_len', 256)
@@ -127,12 +128,8 @@ def peer_rows(models: list[str]) -> dict[str, dict]:
     out.unlink(missing_ok=True)
 
 
-def step_times(rows: list[dict]) -> dict[str, float]:
-  return {r['model']: r['step_time_s'] for r in rows}
-
-
-def _listed(values: list[float]) -> str:
-  return ' (rounds: ' + ', '.join(f'{v:.2f}' for v in values) + ')' if len(values) > 1 else ''
+def _ratios(values: list[float]) -> str:
+  return ', '.join(f'{v:.2f}' for v in values)
 
 
 def format_table(rows: list[dict], rounds: list[list[dict]]) -> str:
@@ -150,11 +147,13 @@ def format_table(rows: list[dict], rounds: list[list[dict]]) -> str:
     lines.append(f'{r["model"]:<14}{r["dispatch"] or "-":>9}{r["total_params"]:>12,}{r["active_params"]:>12,}'
                  f'{r["step_time_s"] * 1e3:>9.1f}{r["tokens_per_s"]:>8,.0f}{r["achieved_gflops"]:>9.1f}'
                  f'{r["mfu"]:>7.1%}{drop:>8}{load:>9}{peer:>12}{ratio:>7}')
-  moe_over_dense = [r['mixtral-512'] / r['llama'] for r in map(step_times, rounds) if {'llama', 'mixtral-512'} <= set(r)]
+  times = [{r['model']: r['step_time_s'] for r in rows_i} for rows_i in rounds]
+  moe_over_dense = [t['mixtral-512'] / t['llama'] for t in times if {'llama', 'mixtral-512'} <= set(t)]
   if moe_over_dense:
     lines.append(f'mixtral-512 / llama step time (same active parameters, timed interleaved): '
-                 f'{statistics.median(moe_over_dense):.2f}' + _listed(moe_over_dense))
-  by_round = [f'{r["model"]} ' + ', '.join(f'{v:.2f}' for v in r['ratio_to_peer_rounds'])
+                 f'{statistics.median(moe_over_dense):.2f}'
+                 + (f' (rounds: {_ratios(moe_over_dense)})' if len(moe_over_dense) > 1 else ''))
+  by_round = [f'{r["model"]} {_ratios(r["ratio_to_peer_rounds"])}'
               for r in rows if len(r.get('ratio_to_peer_rounds', ())) > 1]
   if by_round:
     lines.append('slmjax / peer tokens/s, round by round: ' + '; '.join(by_round))

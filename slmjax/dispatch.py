@@ -293,12 +293,12 @@ def _pick(w: ExpertWeights, e) -> ExpertWeights:
 
 def _tile_plan(sizes_E: jax.Array, rows: int, tile: int, bulk: int):
   """Per expert, for rows sorted by expert: its run's first row, its number of `bulk`-row tiles, and of
-  `tile`-row tiles covering the rest (the last one may run past the run's end); and `bulk`, None when no run
-  can hold a bulk tile (the runs fill at most rows - tile rows): a bulk loop that never runs would still cost,
-  as XLA hoists its window, as wide as the whole buffer, out of the loop."""
-  bulk = bulk if bulk <= rows - tile else None
+  `tile`-row tiles covering the rest (the last one may run past the run's end); and `bulk`, 0 when no run can
+  hold a bulk tile (the runs fill at most rows - tile rows): a bulk loop that never runs would still cost, as
+  XLA hoists its window, as wide as the whole buffer, out of the loop."""
+  bulk = bulk if bulk <= rows - tile else 0
   bulk_E = sizes_E // bulk if bulk else jnp.zeros_like(sizes_E)
-  return jnp.cumsum(sizes_E) - sizes_E, bulk_E, -(-(sizes_E - bulk_E * (bulk or 0)) // tile), bulk
+  return jnp.cumsum(sizes_E) - sizes_E, bulk_E, -(-(sizes_E - bulk_E * bulk) // tile), bulk
 
 
 def _over_tiles(e, plan, tile: int, tile_step, carry):
@@ -306,7 +306,7 @@ def _over_tiles(e, plan, tile: int, tile_step, carry):
   start_E, bulk_E, rest_E, bulk = plan
   if bulk:
     carry = jax.lax.fori_loop(0, bulk_E[e], lambda j, c: tile_step(bulk, start_E[e] + j * bulk, c), carry)
-  first = start_E[e] + bulk_E[e] * (bulk or 0)
+  first = start_E[e] + bulk_E[e] * bulk
   return jax.lax.fori_loop(0, rest_E[e], lambda j, c: tile_step(tile, first + j * tile, c), carry)
 
 
@@ -354,8 +354,8 @@ def _grouped_fwd(x_PD, w, sizes_E, activation, tile, bulk):
 
 def _grouped_bwd(activation, tile, bulk, res, dy_PD):
   x_PD, w, sizes_E, gate_PF, up_PF = res
-  end_E = jnp.cumsum(sizes_E)
   plan = _tile_plan(sizes_E, x_PD.shape[0], tile, bulk)
+  end_E = plan[0] + sizes_E
 
   def expert(e, carry):
     dx_PD, dw = carry
@@ -448,10 +448,11 @@ def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
   dest_XA = jnp.zeros(X * A, jnp.int32).at[asg_N].set(jnp.arange(X * A, dtype=jnp.int32),
                                                        unique_indices=True).reshape(X, A)
   sizes_E = jnp.zeros(E, jnp.int32).at[experts_N].add(1)
-  if jax.default_backend() == 'cpu':  # grouped_ffn's slack rows, read from token X (clipped): empty rows
+  on_cpu = jax.default_backend() == 'cpu'
+  if on_cpu:  # grouped_ffn's slack rows, read from token X (clipped): empty rows
     asg_N = jnp.concatenate([asg_N, jnp.full((GROUP_TILE,), X * A, jnp.int32)])
   x_ND, = dispatch_rows(x_GSD.reshape(X, D), (asg_N // A,), dest_XA)
-  if jax.default_backend() == 'cpu':
+  if on_cpu:
     y_ND = grouped_ffn(x_ND, w, sizes_E, activation)
   else:
     up_NF = jax.lax.ragged_dot(x_ND, w.w_up_EDF, sizes_E)
