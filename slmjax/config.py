@@ -1,8 +1,10 @@
-"""Frozen model configuration shared by dense and Mixture-of-Experts models.
+"""Frozen configuration: ModelConfig (dense and Mixture-of-Experts in one) and TrainConfig, the one source of truth.
 
 A dense model is `n_experts == 0`; every other field means the same thing for both, so a dense and an MoE
 config that differ only in the MoE fields build models that differ only in their feed-forward blocks.
-Validation happens in `__post_init__` and raises `ValueError` with a one-line message naming the field.
+Every field carries its help text (and its choices) as metadata, from which `slmjax.cli` generates the command-line
+flags, so a field cannot exist without a flag. Validation happens in `__post_init__` and raises `ValueError` with
+a one-line message naming the field.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ ATTENTIONS = ('gqa', 'mla')
 QK_NORMS = ('none', 'head', 'full')
 DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense')
 DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, runtime: bool = False,
+           zero_is_none: bool = False) -> Any:
+  """A config field with its flag's metadata: `help`, `choices`; `runtime` fields may be set on a preset (they
+  change how a model runs, not what it is); `zero_is_none`: the flag's value 0 (or less) stands for None."""
+  return dataclasses.field(default=default, metadata={'help': help, 'choices': choices, 'runtime': runtime,
+                                                      'zero_is_none': zero_is_none})
 
 
 class ConfigDict:
@@ -38,6 +48,9 @@ class ConfigDict:
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
 
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(ConfigDict):
@@ -53,55 +66,64 @@ class ModelConfig(ConfigDict):
   """
 
   # Shared by both architectures.
-  vocab_size: int = 256
-  d_model: int = 128
-  n_layers: int = 4
-  n_heads: int = 4
-  n_kv_heads: int | None = None
-  head_dim: int | None = None
-  d_ff: int | None = None
-  activation: str = 'swiglu'
-  norm: str = 'rmsnorm'
-  norm_eps: float = 1e-6
-  rope_theta: float = 10_000.0
-  tie_embeddings: bool = True
-  lm_head_bias: bool = False  # a bias on the output projection (Phi-3.5-MoE)
-  embed_scale: bool = False  # multiply input embeddings by sqrt(d_model) (Gemma)
-  logit_softcap: float = 0.0  # final logits -> cap * tanh(logits / cap) (Gemma 2: 30); 0 = off
-  post_norms: bool = False  # also norm each sublayer's output before the residual add: 4 norms a block (Gemma 2)
-  max_seq_len: int = 256
-  dtype: str = 'float32'  # compute dtype of activations and matmuls
-  param_dtype: str = 'float32'  # storage dtype of parameters
+  vocab_size: int = option(256, 'Vocabulary size (256 = bytes).')
+  d_model: int = option(128, 'Residual stream width.')
+  n_layers: int = option(4, 'Transformer blocks.')
+  n_heads: int = option(4, 'Query heads.')
+  n_kv_heads: int | None = option(None, 'Key/value heads (grouped-query attention); default n_heads.')
+  head_dim: int | None = option(None, 'Width of one head; default d_model / n_heads (MLA: the part without rotary).')
+  d_ff: int | None = option(None, 'Dense FFN width; default 4 * d_model.')
+  activation: str = option('swiglu', 'FFN activation.', choices=ACTIVATIONS)
+  norm: str = option('rmsnorm', 'Normalisation layer.', choices=NORMS)
+  norm_eps: float = option(1e-6, 'Epsilon of every norm.')
+  rope_theta: float = option(10_000.0, 'Base of the rotary position frequencies.')
+  tie_embeddings: bool = option(True, 'Share the input embedding and the output projection.')
+  lm_head_bias: bool = option(False, 'A bias on the output projection (Phi-3.5-MoE).')
+  embed_scale: bool = option(False, 'Multiply input embeddings by sqrt(d_model) (Gemma).')
+  logit_softcap: float = option(0.0, 'Final logits -> cap * tanh(logits / cap) (Gemma 2: 30); 0 = off.')
+  post_norms: bool = option(False, "Also norm each sublayer's output before the residual add (Gemma 2: 4 norms a "
+                            'block).')
+  max_seq_len: int = option(256, 'Longest sequence the model accepts; default (flags) --seq_len.', runtime=True)
+  dtype: str = option('float32', 'Compute dtype of activations and matmuls.', choices=DTYPES, runtime=True)
+  param_dtype: str = option('float32', 'Storage dtype of parameters.', choices=DTYPES, runtime=True)
 
   # Attention variants.
-  attention: str = 'gqa'  # 'gqa': MHA / GQA / MQA by n_kv_heads; 'mla': Multi-head Latent Attention (DeepSeek V2)
-  qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2, Phi-3.5-MoE)
-  o_bias: bool = False  # bias on the output projection (Phi-3.5-MoE)
-  qk_norm: str = 'none'  # 'head': one norm over head_dim shared by all heads (Qwen3); 'full': over all heads (OLMoE)
-  attn_softcap: float = 0.0  # attention logits -> cap * tanh(logits / cap) (Gemma 2: 50); 0 = off
-  q_lora_rank: int = 0  # MLA: rank of the low-rank query path (DeepSeek V3: 1536); 0 = full-rank query
-  kv_lora_rank: int | None = None  # MLA: rank of the compressed key/value latent
-  qk_rope_dim: int | None = None  # MLA: rotary part of each q/k head (a single rotary key shared by all heads)
-  v_head_dim: int | None = None  # MLA: width of each value head
+  attention: str = option('gqa', 'gqa: MHA / GQA / MQA by n_kv_heads; mla: Multi-head Latent Attention (DeepSeek '
+                          'V2).', choices=ATTENTIONS)
+  qkv_bias: bool = option(False, 'Biases on the q, k, v projections (Qwen2, Phi-3.5-MoE).')
+  o_bias: bool = option(False, 'Bias on the attention output projection (Phi-3.5-MoE).')
+  qk_norm: str = option('none', 'QK-norm: head = one norm over head_dim shared by all heads (Qwen3); full = over '
+                        'all heads (OLMoE).', choices=QK_NORMS)
+  attn_softcap: float = option(0.0, 'Attention logits -> cap * tanh(logits / cap) (Gemma 2: 50); 0 = off.')
+  q_lora_rank: int = option(0, 'MLA: rank of the low-rank query path (DeepSeek V3: 1536); 0 = full-rank query.')
+  kv_lora_rank: int | None = option(None, 'MLA: rank of the compressed key/value latent; default 4 * head_dim.')
+  qk_rope_dim: int | None = option(None, 'MLA: rotary part of each q/k head (one rotary key shared by all heads); '
+                                   'default head_dim / 2.')
+  v_head_dim: int | None = option(None, 'MLA: width of each value head; default head_dim.')
 
   # Mixture-of-Experts; n_experts == 0 is a dense model and the fields below are ignored.
-  n_experts: int = 0
-  top_k: int = 2
-  d_expert: int | None = None
-  n_shared_experts: int = 0
-  d_shared: int | None = None
-  moe_every: int = 1  # layer i (0-based, after the dense prefix) is MoE when (i - first_dense) % moe_every == 0
-  first_dense: int = 0  # the first `first_dense` layers keep a dense FFN (DeepSeek style)
-  capacity_factor: float | None = 1.25  # None = dropless: every expert has room for every token of its group
-  group_size: int = 512  # tokens per dispatch group (S); keeps the [G,S,E,C] one-hot tensors small
-  dispatch: str = 'auto'  # 'auto' = the measured fastest for the platform (see slmjax.dispatch)
-  router: str = 'softmax_topk'
-  router_renormalize: bool = True  # softmax_topk, sigmoid: rescale the k kept gates to sum to one
-  router_bias: bool = False  # sigmoid only: selection-only bias, not trained by gradients (DeepSeek V3)
-  routed_scale: float = 1.0  # multiply the routed experts' output (DeepSeek routed_scaling_factor)
-  shared_gate: bool = False  # shared experts' output times sigmoid(x . w), w of shape [D] (Qwen MoE)
-  lb_loss_weight: float = 0.01
-  z_loss_weight: float = 0.001
+  n_experts: int = option(0, 'Routed experts per MoE layer; 0 = a dense model (flag: --experts, with --arch=moe).')
+  top_k: int = option(2, 'Experts each token is routed to.')
+  d_expert: int | None = option(None, 'Routed expert FFN width; default d_ff.')
+  n_shared_experts: int = option(0, 'Always-active shared experts per MoE layer.')
+  d_shared: int | None = option(None, 'Shared expert width; default d_expert.')
+  moe_every: int = option(1, 'Layer i (after the dense prefix) is MoE when (i - first_dense) % moe_every == 0.')
+  first_dense: int = option(0, 'The first layers that keep a dense FFN (DeepSeek style).')
+  capacity_factor: float | None = option(
+      1.25, 'Expert capacity factor: slots = ceil(cf * S * k / E) per group; None (flag: 0) = dropless.',
+      runtime=True, zero_is_none=True)
+  group_size: int = option(512, 'Tokens per dispatch group (S); keeps the [G,S,E,C] one-hot tensors small.',
+                           runtime=True)
+  dispatch: str = option('auto', 'MoE dispatch implementation; auto = gather with a capacity factor, ragged '
+                         'dropless (see slmjax.dispatch).', choices=DISPATCHES, runtime=True)
+  router: str = option('softmax_topk', 'Router variant.', choices=ROUTERS)
+  router_renormalize: bool = option(True, 'softmax_topk, sigmoid: rescale the k kept gates to sum to one.')
+  router_bias: bool = option(False, 'Sigmoid router only: a selection-only bias, not trained by gradients '
+                             '(DeepSeek V3).')
+  routed_scale: float = option(1.0, "Multiply the routed experts' output (DeepSeek routed_scaling_factor).")
+  shared_gate: bool = option(False, "Shared experts' output times sigmoid(x . w), w of shape [D] (Qwen MoE).")
+  lb_loss_weight: float = option(0.01, 'Load-balancing loss weight.', runtime=True)
+  z_loss_weight: float = option(0.001, 'Router z-loss weight.', runtime=True)
 
   def __post_init__(self):
     positive = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len', 'group_size', 'moe_every')
@@ -114,14 +136,7 @@ class ModelConfig(ConfigDict):
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or value <= 0):
         raise ValueError(f'{name} must be a positive integer or None (derive it), got {value!r}')
-    _check_choice('activation', self.activation, ACTIVATIONS)
-    _check_choice('norm', self.norm, NORMS)
-    _check_choice('router', self.router, ROUTERS)
-    _check_choice('dispatch', self.dispatch, DISPATCHES)
-    _check_choice('dtype', self.dtype, DTYPES)
-    _check_choice('param_dtype', self.param_dtype, DTYPES)
-    _check_choice('attention', self.attention, ATTENTIONS)
-    _check_choice('qk_norm', self.qk_norm, QK_NORMS)
+    check_choices(self)
     if self.attention == 'mla':
       if self.n_kv_heads not in (None, self.n_heads):
         raise ValueError('attention=mla has no kv heads to group: leave n_kv_heads unset')
@@ -146,7 +161,7 @@ class ModelConfig(ConfigDict):
     if self.n_experts:
       if not 1 <= self.top_k <= self.n_experts:
         raise ValueError(f'top_k={self.top_k} must be between 1 and n_experts={self.n_experts}')
-      if self.capacity_factor is not None and self.capacity_factor <= 0:
+      if not self.dropless and self.capacity_factor <= 0:
         raise ValueError(f'capacity_factor must be positive or None (dropless), got {self.capacity_factor}')
       if self.n_shared_experts < 0:
         raise ValueError(f'n_shared_experts must be >= 0, got {self.n_shared_experts}')
@@ -226,16 +241,86 @@ class ModelConfig(ConfigDict):
   def n_moe_layers(self) -> int:
     return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
+  @property
+  def dropless(self) -> bool:
+    """No capacity limit (capacity_factor None): every expert has room for every token of its group."""
+    return self.capacity_factor is None
+
   def capacity(self, group_size: int) -> int:
     """Slots per expert per group: C = ceil(capacity_factor * S * k / E), at most S; S when dropless."""
-    if self.capacity_factor is None:
+    if self.dropless:
       return group_size
     return min(group_size, max(1, math.ceil(self.capacity_factor * group_size * self.top_k / self.n_experts)))
 
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f'{name}={value!r} is not one of {", ".join(choices)}')
+# TrainConfig fields that may differ when resuming a run (duration and bookkeeping, not the experiment).
+RESUMABLE_FIELDS = ('steps', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'log_every')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(ConfigDict):
+  """One training run: optimisation, data, evaluation and checkpoint cadence. `batch_size` is global."""
+
+  steps: int = option(1000, 'Optimizer steps (or give --tokens).')
+  batch_size: int = option(32, 'Sequences per step (global, over all processes).')
+  seq_len: int = option(256, 'Training / counting sequence length.')
+  lr: float = option(3e-3, 'Peak learning rate (AdamW), reached after warmup, then cosine decay to lr * '
+                     'min_lr_ratio.')
+  warmup: int = option(100, 'Linear warmup steps (flags: steps // 10 when the default would not fit).')
+  min_lr_ratio: float = option(0.1, 'Final learning rate as a fraction of lr.')
+  weight_decay: float = option(0.1, 'Decoupled weight decay on matrices (not norm gains or biases).')
+  b1: float = option(0.9, 'AdamW first-moment decay.')
+  b2: float = option(0.95, 'AdamW second-moment decay.')
+  grad_clip: float = option(1.0, 'Clip the global gradient norm to this; 0 = no clipping.')
+  data: str = option('stdlib', 'stdlib | stdlib-full | tinystories | tinystories-valid | a path, directory or glob '
+                     'of text files or of .npy/.bin token files (see slmjax.data).')
+  eval_fraction: float = option(0.05, 'Fraction of documents held out for evaluation.')
+  seed: int = option(0, 'Seed of the initialisation and the data order.')
+  eval_every: int = option(100, 'Held-out evaluation every n steps (0 = at the end only).')
+  eval_batches: int = option(8, 'Batches in the (fixed) held-out evaluation.')
+  checkpoint_every: int = option(500, 'Checkpoint every n steps (0 = at the end only).')
+  keep_checkpoints: int = option(2, 'Checkpoints kept on disk.')
+  log_every: int = option(10, 'Write a metrics line every n steps.')
+
+  def __post_init__(self):
+    for name in ('steps', 'batch_size', 'seq_len', 'eval_batches', 'log_every', 'keep_checkpoints'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+    for name in ('warmup', 'eval_every', 'checkpoint_every', 'seed'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 0:
+        raise ValueError(f'{name} must be a non-negative integer, got {value!r}')
+    if self.warmup >= self.steps:
+      raise ValueError(f'warmup={self.warmup} must be smaller than steps={self.steps}')
+    if not self.lr > 0:
+      raise ValueError(f'lr must be positive, got {self.lr}')
+    if not 0 <= self.min_lr_ratio <= 1:
+      raise ValueError(f'min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}')
+    if self.weight_decay < 0 or self.grad_clip < 0:
+      raise ValueError('weight_decay and grad_clip must be >= 0')
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ValueError(f'b1={self.b1} and b2={self.b2} must be in [0, 1)')
+    if not 0 < self.eval_fraction < 1:
+      raise ValueError(f'eval_fraction must be in (0, 1), got {self.eval_fraction}')
+    if not self.data:
+      raise ValueError('data must name a corpus, path or glob')
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.batch_size * self.seq_len
+
+
+def default_warmup(steps: int, warmup: int = TrainConfig.warmup) -> int:
+  """The warmup a run of `steps` gets when none is asked for: the default, or steps // 10 where it would not fit
+  (a short run must not fail on a default it never chose)."""
+  return warmup if warmup < steps else steps // 10
+
+
+def check_choices(cfg) -> None:
+  """ValueError unless every field with `choices` metadata holds one of them."""
+  for f in dataclasses.fields(cfg):
+    choices, value = f.metadata.get('choices'), getattr(cfg, f.name)
+    if choices and value not in choices:
+      raise ValueError(f'{f.name}={value!r} is not one of {", ".join(choices)}')
