@@ -29,6 +29,8 @@ import urllib.request
 import grain
 import numpy as np
 
+from slmjax import atomic
+
 EOT = 0  # byte tokenizer: ends every text document (NUL does not occur in text)
 DOC_SEPARATOR = b'<|endoftext|>'  # text files holding several documents separate them with this marker
 MIN_DOCUMENTS = 100  # fewer documents than this (e.g. one big file): cut each into pieces so a split exists
@@ -164,14 +166,12 @@ def download(url: str, dest: pathlib.Path) -> pathlib.Path:
     return dest
   dest.parent.mkdir(parents=True, exist_ok=True)
   print(f'downloading {url} -> {dest}', file=sys.stderr)
-  with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-    try:
+  try:
+    with atomic.replacing(dest) as tmp, tmp.open('wb') as f:
       with urllib.request.urlopen(url, timeout=60) as response:
-        shutil.copyfileobj(response, tmp, length=1 << 20)
-    except OSError as e:
-      os.unlink(tmp.name)
-      raise ValueError(f'cannot download {url}: {e}; without network use --data=stdlib or local files') from e
-  os.replace(tmp.name, dest)
+        shutil.copyfileobj(response, f, length=1 << 20)
+  except OSError as e:
+    raise ValueError(f'cannot download {url}: {e}; without network use --data=stdlib or local files') from e
   return dest
 
 

@@ -2,14 +2,18 @@
 
 Appending rewrites the whole file through a temporary file and `os.replace`, so a kill at any moment leaves either
 the old file or the new one, never a half-written line. Rows carry a `run_id`; appending a run_id that is already
-there is refused, so a rerun can never duplicate a point.
+there is refused, so a rerun can never duplicate a point. `group_rows` orders rows by architecture for tables and
+plots.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
+
+from slmjax import atomic
 
 RESULTS_FILE = 'results.jsonl'
 
@@ -45,10 +49,19 @@ def append_row(out_dir: str | os.PathLike, row: dict) -> None:
   rows = read_rows(out_dir)
   if any(r.get('run_id') == row['run_id'] for r in rows):
     raise ValueError(f'run {row["run_id"]} already has a row in {path}')
-  tmp = path.with_suffix('.jsonl.tmp')
-  with open(tmp, 'w') as f:
-    for r in rows + [row]:
-      f.write(json.dumps(r, sort_keys=True) + '\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  atomic.write_text(path, ''.join(json.dumps(r, sort_keys=True) + '\n' for r in rows + [row]))
+
+
+def arch_label(row: dict) -> str:
+  if row.get('arch') == 'dense' or not row.get('n_experts'):
+    return 'dense'
+  return f'moe E={row["n_experts"]} k={row["top_k"]}'
+
+
+def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
+  """Rows by architecture label, dense first, each sorted by total parameters."""
+  groups = collections.defaultdict(list)
+  for row in rows:
+    groups[arch_label(row)].append(row)
+  order = sorted(groups, key=lambda label: (label != 'dense', label))
+  return {label: sorted(groups[label], key=lambda r: r['total_params']) for label in order}
