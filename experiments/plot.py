@@ -10,7 +10,7 @@ import os
 
 from absl import flags
 
-from slmjax import cli, plots, report, results
+from slmjax import cli, report, results
 
 flags.DEFINE_list('results', ['runs'], 'Directories holding results.jsonl (comma-separated).')
 flags.DEFINE_string('out', None, 'Where to write the PNGs; default the first --results directory.')
@@ -22,11 +22,7 @@ def main(argv):
   rows = results.read_many(FLAGS.results)
   out = FLAGS.out or FLAGS.results[0]
   os.makedirs(out, exist_ok=True)
-  print(report.table(rows))
-  fits = report.fit_all(rows)
-  print('\n' + report.fits_text(rows, fits))
-  for path in plots.plot_all(rows, out, fits):
-    print(f'wrote {path}')
+  report.summarize(rows, out)
 
 
 if __name__ == '__main__':

@@ -20,10 +20,10 @@ hugepages.reexec()  # first: XLA:CPU steps page-fault far less with huge pages (
 import jax
 from absl import flags
 
-from slmjax import cli, distributed, plots, presets, report, results, sharding, sweep, train_cli
+from slmjax import cli, distributed, presets, report, results, sharding, sweep
 
 cli.define_model_flags()
-train_cli.define_train_flags()
+cli.define_train_flags()
 distributed.define_flags()
 flags.DEFINE_string('ladder', 'cpu', f'Named ladder ({", ".join(sweep.LADDERS)}) or sizes D x L, e.g. 32x2,64x2.')
 flags.DEFINE_enum('match', 'active', list(sweep.MATCHES), 'What an MoE rung holds equal to its dense rung.')
@@ -61,14 +61,8 @@ def sweep_points() -> tuple[list, sweep.Budget]:
     configs = [cli.apply_runtime_flags(cfg).replace(max_seq_len=max(cfg.max_seq_len, FLAGS.seq_len))
                for cfg in presets.preset_ladder(FLAGS.preset)]
   else:
-    configs = sweep.ladder(template, sweep.parse_sizes(FLAGS.ladder), template.n_experts, FLAGS.k, FLAGS.match)
-  points = []
-  for model_cfg in configs:
-    steps = sweep.steps_for(budget, model_cfg, FLAGS.batch_size, FLAGS.seq_len)
-    for seed in seeds:
-      points.append((model_cfg, train_cli.train_config_from_flags(
-          steps=steps, warmup=min(FLAGS.warmup, steps // 10), seed=seed)))
-  return points, budget
+    configs = sweep.ladder(template, sweep.parse_sizes(FLAGS.ladder), template.n_experts, template.top_k, FLAGS.match)
+  return sweep.sweep_points(configs, budget, cli.train_fields_from_flags(), seeds), budget
 
 
 def main(argv):
@@ -80,13 +74,8 @@ def main(argv):
                   mesh=sharding.make_mesh(FLAGS.mesh))
   if not writer:
     return
-  rows = results.read_rows(FLAGS.out)
-  print('\n' + report.table(rows))
-  fits = report.fit_all(rows)
-  print('\n' + report.fits_text(rows, fits))
-  if FLAGS.plot:
-    for path in plots.plot_all(rows, FLAGS.out, fits):
-      print(f'wrote {path}')
+  print()
+  report.summarize(results.read_rows(FLAGS.out), FLAGS.out, plot=FLAGS.plot)
 
 
 if __name__ == '__main__':

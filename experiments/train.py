@@ -22,13 +22,13 @@ import sys
 import jax
 from absl import flags
 
-from slmjax import cli, cost, distributed, sharding, train, train_cli
+from slmjax import cli, cost, distributed, sharding, train
 
 flags.DEFINE_string('out', None, 'Run directory (created; resumed if it holds this run). Default: runs/<arch>.')
 flags.DEFINE_boolean('mfu', True, 'Measure the matmul peak of this machine and report model FLOP utilisation.')
 flags.DEFINE_boolean('json', False, 'Print the final metrics as one JSON object.')
 cli.define_model_flags()
-train_cli.define_train_flags()
+cli.define_train_flags()
 distributed.define_flags()
 FLAGS = flags.FLAGS
 
@@ -37,7 +37,7 @@ def main(argv):
   del argv
   distributed.initialize()  # several processes (flags, SLURM, TPU slice): join them before touching devices
   model_cfg = cli.model_config_from_flags()
-  train_cfg = train_cli.train_config_from_flags()
+  train_cfg = cli.train_config_from_flags()
   out = FLAGS.out or os.path.join('runs', FLAGS.arch)
   peak = cost.matmul_peak_flops() if FLAGS.mfu else None  # measured here, now: never a datasheet number
   try:

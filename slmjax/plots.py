@@ -6,7 +6,6 @@ bootstrap interval go in the legend. Everything needed is in the rows, so plots 
 
 from __future__ import annotations
 
-import collections
 import os
 
 import matplotlib
@@ -15,34 +14,12 @@ matplotlib.use('Agg')  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from slmjax import scaling  # noqa: E402
+from slmjax import atomic, report  # noqa: E402
+from slmjax.results import group_rows  # noqa: E402
 
 SCALING_AXES = (('total_params', 'total parameters'), ('active_params', 'active parameters (per token)'),
                 ('train_flops', 'training compute (FLOPs)'))
 COLORS = ('tab:blue', 'tab:orange', 'tab:green', 'tab:red', 'tab:purple', 'tab:brown')
-
-
-def arch_label(row: dict) -> str:
-  if row.get('arch') == 'dense' or not row.get('n_experts'):
-    return 'dense'
-  return f'moe E={row["n_experts"]} k={row["top_k"]}'
-
-
-def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
-  """Rows by architecture label, dense first, each sorted by total parameters."""
-  groups = collections.defaultdict(list)
-  for row in rows:
-    groups[arch_label(row)].append(row)
-  order = sorted(groups, key=lambda label: (label != 'dense', label))
-  return {label: sorted(groups[label], key=lambda r: r['total_params']) for label in order}
-
-
-def fit_group(rows: list[dict], x_key: str, n_bootstrap: int = 100) -> scaling.PowerLaw | None:
-  """L = E + A x^-alpha over one architecture's rows, or None with fewer than 3 distinct sizes."""
-  x = np.array([r[x_key] for r in rows], dtype=float)
-  if len(set(x.tolist())) < 3:
-    return None
-  return scaling.fit_power_law(x, [r['eval_loss'] for r in rows], n_bootstrap=n_bootstrap)
 
 
 def plot_scaling(rows: list[dict], path: str, fits: dict | None = None) -> str:
@@ -54,7 +31,7 @@ def plot_scaling(rows: list[dict], path: str, fits: dict | None = None) -> str:
     for color, (label, group) in zip(COLORS, groups.items()):
       x = np.array([r[x_key] for r in group], dtype=float)
       y = np.array([r['eval_loss'] for r in group], dtype=float)
-      law = fits.get((label, x_key)) or fit_group(group, x_key)
+      law = fits.get((label, x_key)) or report.fit_group(group, x_key)
       legend = label if law is None else f'{label}: alpha={law.alpha:.2f}' + (
           f' [{law.alpha_ci[0]:.2f}, {law.alpha_ci[1]:.2f}]' if law.alpha_ci else '')
       ax.scatter(x, y, color=color, s=28, zorder=3, label=legend)
@@ -100,9 +77,8 @@ def plot_all(rows: list[dict], out_dir: str, fits: dict | None = None) -> list[s
 
 
 def _save(fig, path: str) -> str:
-  """Write atomically (temp file + rename) so an interrupted run never leaves half a PNG."""
-  tmp = f'{path}.tmp.png'
-  fig.savefig(tmp, dpi=120)
+  """Write atomically so an interrupted run never leaves half a PNG."""
+  with atomic.replacing(path, suffix='.png') as tmp:
+    fig.savefig(tmp, dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
   return path

@@ -1,18 +1,34 @@
-"""Text report of a sweep: one table row per run, fitted scaling laws, and MoE effective parameter counts."""
+"""Text report of a sweep: one table row per run, fitted scaling laws, and MoE effective parameter counts.
+
+Nothing here needs matplotlib: `summarize` imports slmjax.plots only when it draws.
+"""
 
 from __future__ import annotations
 
-from slmjax import plots, scaling
+from typing import Callable
+
+import numpy as np
+
+from slmjax import scaling
+from slmjax.results import arch_label, group_rows
 
 FIT_AXES = ('total_params', 'active_params', 'train_flops')
+
+
+def fit_group(rows: list[dict], x_key: str, n_bootstrap: int = 100) -> scaling.PowerLaw | None:
+  """L = E + A x^-alpha over one architecture's rows, or None with fewer than 3 distinct sizes."""
+  x = np.array([r[x_key] for r in rows], dtype=float)
+  if len(set(x.tolist())) < 3:
+    return None
+  return scaling.fit_power_law(x, [r['eval_loss'] for r in rows], n_bootstrap=n_bootstrap)
 
 
 def fit_all(rows: list[dict], n_bootstrap: int = 100) -> dict:
   """{(arch label, x key): PowerLaw} for every architecture with at least 3 sizes."""
   fits = {}
-  for label, group in plots.group_rows(rows).items():
+  for label, group in group_rows(rows).items():
     for key in FIT_AXES:
-      law = plots.fit_group(group, key, n_bootstrap)
+      law = fit_group(group, key, n_bootstrap)
       if law is not None:
         fits[(label, key)] = law
   return fits
@@ -22,7 +38,7 @@ def table(rows: list[dict]) -> str:
   header = (f'{"arch":<14}{"d_model":>8}{"layers":>7}{"total":>12}{"active":>12}{"tokens":>12}{"eval loss":>10}'
             f'{"bpb":>7}{"step ms":>9}{"tok/s":>9}{"MFU":>7}{"weights":>10}')
   lines = [header, '-' * len(header)]
-  for label, group in plots.group_rows(rows).items():
+  for label, group in group_rows(rows).items():
     for r in group:
       mfu = f'{r["mfu"]:.1%}' if r.get('mfu') is not None else '-'
       bpb = f'{r["eval_bpb"]:.3f}' if r.get('eval_bpb') is not None else '-'
@@ -37,11 +53,23 @@ def fits_text(rows: list[dict], fits: dict) -> str:
   for (label, key), law in fits.items():
     lines.append(f'  {label:<14} vs {key:<14} {law.label()}')
   dense = fits.get(('dense', 'total_params'))
-  moe_rows = [r for r in rows if plots.arch_label(r) != 'dense']
+  moe_rows = [r for r in rows if arch_label(r) != 'dense']
   if dense and moe_rows:
     lines.append('MoE effective parameter count (dense size with the same fitted loss; Clark et al. 2022):')
     for r in sorted(moe_rows, key=lambda r: r['total_params']):
       n_eff = scaling.effective_params(dense, r['eval_loss'])
-      lines.append(f'  {plots.arch_label(r):<14} d_model {r["d_model"]:>5}: N_eff {n_eff:>14,.0f} = '
+      lines.append(f'  {arch_label(r):<14} d_model {r["d_model"]:>5}: N_eff {n_eff:>14,.0f} = '
                    f'{n_eff / r["active_params"]:.2f}x its active, {n_eff / r["total_params"]:.2f}x its total params')
   return '\n'.join(lines)
+
+
+def summarize(rows: list[dict], out_dir: str, plot: bool = True, log: Callable[[str], None] = print) -> None:
+  """The end of a sweep (and all of experiments/plot.py): the table, the fitted laws and, with `plot`, the
+  figures scaling.png and cost.png in `out_dir`."""
+  log(table(rows))
+  fits = fit_all(rows)
+  log('\n' + fits_text(rows, fits))
+  if plot:
+    from slmjax import plots  # lazy, deliberately: matplotlib is imported only when figures are drawn
+    for path in plots.plot_all(rows, out_dir, fits):
+      log(f'wrote {path}')

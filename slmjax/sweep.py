@@ -14,23 +14,20 @@ Matched FLOPs per token is 'active' up to the router (D x E per layer).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import os
 import pathlib
 import platform
 import time
 from typing import Callable
 
 import jax
-import numpy as np
 
 from slmjax import cost, counting, results, sharding
-from slmjax.config import ModelConfig
-from slmjax.train import TrainConfig, cached_steps, init_state, make_optimizer, on_first_device, train
+from slmjax.config import ModelConfig, TrainConfig
+from slmjax.train import train
 
 # Named ladders of dense sizes (d_model, n_layers); heads of width 32, d_ff = 4 d_model. 'cpu' spans 26x in
 # parameters (41K to 1.1M with the byte vocabulary) and trains in about 10-15 minutes per architecture on a 2-core
@@ -118,14 +115,14 @@ def check_budget(rows: list[dict], budget: Budget, out_dir: str) -> None:
                        f'use the same budget flags or another --out')
 
 
-def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, summary: dict, measured: dict,
-               rid: str, mesh=None) -> dict:
-  """Everything needed to redraw every plot without rerunning (see README 'Results')."""
-  counts = counting.analytic_counts(model_cfg)
-  flops_per_token = counting.train_flops_per_token(model_cfg, train_cfg.seq_len, counts)
+def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, summary: dict,
+               counts: counting.ParamCounts, rid: str, mesh=None) -> dict:
+  """Everything needed to redraw every plot without rerunning (see README 'Results'): the point's counts, its
+  summary from `train` and the cost measured there."""
+  flops_per_token = summary['train_flops_per_token']
   tokens = train_cfg.steps * train_cfg.tokens_per_step
-  param_bytes = counting.BYTES_PER_PARAM[model_cfg.param_dtype] if model_cfg.param_dtype in (
-      counting.BYTES_PER_PARAM) else 2.0
+  param_bytes = counting.BYTES_PER_PARAM.get(model_cfg.param_dtype, 2.0)
+  measured = summary['cost']
   return {
       'run_id': rid, 'arch': 'moe' if model_cfg.is_moe else 'dense', 'n_experts': model_cfg.n_experts,
       'top_k': model_cfg.top_k if model_cfg.is_moe else 0, 'd_model': model_cfg.d_model,
@@ -135,7 +132,7 @@ def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, s
       'train_flops_per_token': flops_per_token, 'train_flops': flops_per_token * tokens,
       'train_loss': summary['train_loss'], 'eval_loss': summary['eval_loss'], 'eval_bpb': summary.get('eval_bpb'),
       'unigram_eval_loss': summary.get('unigram_eval_loss'), **measured,
-      'weight_bytes': int(counts.total * param_bytes), 'optimizer_state_bytes': 2 * counts.total * 4,
+      'weight_bytes': int(counts.total * param_bytes), 'optimizer_state_bytes': summary['optimizer_state_bytes'],
       'mesh': dict(mesh.shape) if mesh is not None else None,
       'weight_bytes_per_device': int(sharding.bytes_per_device(model_cfg, dict(mesh.shape), param_bytes)
                                      if mesh is not None else counts.total * param_bytes),
@@ -144,32 +141,6 @@ def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, s
       'jax_version': jax.__version__, 'model_config': model_cfg.to_dict(), 'train_config': train_cfg.to_dict(),
       'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S'),
   }
-
-
-def measure_cost(model_cfg: ModelConfig, train_cfg: TrainConfig, peak_flops: float, mesh=None) -> dict:
-  """Step time, tokens/s, MFU of the real train step (the one `train` compiled) on a fixed batch, and the
-  compiled program's memory (arguments + outputs + temporaries - aliased, where the backend reports it)."""
-  graphdef, state, _, opt_state = init_state(model_cfg, train_cfg)
-  step, _ = cached_steps(graphdef, train_cfg)
-  batch = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (train_cfg.batch_size, train_cfg.seq_len + 1),
-                                            dtype=np.int32)
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    if mesh is None:
-      state, opt_state = on_first_device(state, opt_state)
-    else:
-      state, opt_state = sharding.place_state(state, opt_state, mesh=mesh, tx=make_optimizer(train_cfg))
-      batch = sharding.batch_placer(mesh, train_cfg.batch_size)(batch, whole=True)
-    memory = cost.compiled_memory(step, state, opt_state, batch)
-    stats, _, _ = cost.time_train_step(step, state, opt_state, batch, warmup=2, repeats=5)
-  flops = counting.train_flops_per_token(model_cfg, train_cfg.seq_len)
-  measured = cost.throughput(train_cfg.tokens_per_step, stats['median_s'], flops, peak_flops)
-  peak_memory = None
-  if memory:
-    peak_memory = (memory.get('argument_size_in_bytes', 0) + memory.get('output_size_in_bytes', 0)
-                   + memory.get('temp_size_in_bytes', 0) - memory.get('alias_size_in_bytes', 0))
-  return {'step_time_s': measured['step_time_s'], 'tokens_per_s': measured['tokens_per_s'],
-          'achieved_flops_per_s': measured['achieved_flops_per_s'], 'mfu': measured.get('mfu'),
-          'peak_flops_per_s': peak_flops, 'peak_memory_bytes': peak_memory}
 
 
 def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out_dir: str,
@@ -195,13 +166,12 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
     model_cfg, train_cfg = points[i]
     remaining = sum(flops[j] for j in todo[n:])
     eta = f', sweep ETA {_hms(remaining / rate)}' if rate else ''
-    counts = counting.analytic_counts(model_cfg)
+    counts = counting.analytic_counts(model_cfg)  # once per point, carried into train and the row
     log(f'[point {n + 1}/{len(todo)}] {ids[i]}: {counts.total:,} params ({counts.active:,} active), '
         f'{train_cfg.steps} steps{eta}')
-    summary = train(model_cfg, train_cfg, out / ids[i], peak_flops=peak, mesh=mesh,
-                    log=(lambda line: log(f'  {line}')) if is_writer else None)
-    measured = measure_cost(model_cfg, train_cfg, peak, mesh)
-    row = result_row(model_cfg, train_cfg, budget, summary, measured, ids[i], mesh)
+    summary = train(model_cfg, train_cfg, out / ids[i], peak_flops=peak, mesh=mesh, counts=counts,
+                    measure_cost=True, log=(lambda line: log(f'  {line}')) if is_writer else None)
+    row = result_row(model_cfg, train_cfg, budget, summary, counts, ids[i], mesh)
     if is_writer:
       results.append_row(out, row)
     done[ids[i]] = row
@@ -218,3 +188,17 @@ def steps_for(budget: Budget, model_cfg: ModelConfig, batch_size: int, seq_len: 
   """Optimizer steps that spend the budget (rounded up to whole steps)."""
   tokens = budget.tokens_for(counting.analytic_counts(model_cfg))
   return max(1, math.ceil(tokens / (batch_size * seq_len)))
+
+
+def sweep_points(configs: list[ModelConfig], budget: Budget, train_fields: dict, seeds: list[int]
+                 ) -> list[tuple[ModelConfig, TrainConfig]]:
+  """(model, training) pairs of a sweep: each config trained once per seed for the steps its budget buys, with
+  the TrainConfig `train_fields` (e.g. `cli.train_fields_from_flags()`) whose warmup is capped at a tenth of the
+  steps (the smallest rung's budget must not be spent warming up)."""
+  points = []
+  for model_cfg in configs:
+    steps = steps_for(budget, model_cfg, train_fields['batch_size'], train_fields['seq_len'])
+    for seed in seeds:
+      points.append((model_cfg, TrainConfig(**{**train_fields, 'steps': steps, 'seed': seed,
+                                               'warmup': min(train_fields['warmup'], steps // 10)})))
+  return points

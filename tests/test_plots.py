@@ -6,7 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from slmjax import plots
+from slmjax import plots, report, results
 
 
 def synthetic_rows():
@@ -21,9 +21,9 @@ def synthetic_rows():
 
 
 def test_rows_group_by_architecture():
-  groups = plots.group_rows(synthetic_rows())
+  groups = results.group_rows(synthetic_rows())
   assert list(groups) == ['dense', 'moe E=8 k=2']
-  law = plots.fit_group(groups['dense'], 'total_params', n_bootstrap=0)
+  law = report.fit_group(groups['dense'], 'total_params', n_bootstrap=0)
   assert law.alpha == pytest.approx(0.3, abs=0.02)
 
 
@@ -40,3 +40,15 @@ def test_plot_all_writes_pngs(tmp_path):
 def test_plot_all_refuses_no_rows(tmp_path):
   with pytest.raises(ValueError, match='no finished runs'):
     plots.plot_all([], str(tmp_path))
+
+
+def test_text_report_does_not_import_matplotlib():
+  import subprocess, sys
+  code = ('import sys; from slmjax import report; rows = %r; report.summarize(rows, ".", plot=False, log=lambda s: None);'
+          'assert "matplotlib" not in sys.modules, "report pulled in matplotlib"') % (synthetic_rows_plain(),)
+  subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def synthetic_rows_plain():
+  return [{**r, 'd_model': 32, 'n_layers': 2, 'tokens': 1000, 'eval_bpb': None, 'tokens_per_s': 1.0}
+          for r in synthetic_rows()]

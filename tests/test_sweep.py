@@ -11,7 +11,8 @@ import pytest
 
 from slmjax import counting, results, sweep
 from slmjax.config import ModelConfig
-from slmjax.train import TrainConfig, train
+from slmjax.config import TrainConfig
+from slmjax.train import train
 
 SCRIPT = pathlib.Path(__file__).parent.parent / 'experiments' / 'sweep.py'
 
@@ -77,12 +78,24 @@ def test_sweep_resumes_an_interrupted_point_and_never_duplicates_rows(corpus_dir
               'eval_loss', 'step_time_s', 'tokens_per_s', 'mfu', 'peak_memory_bytes', 'weight_bytes', 'seed',
               'device', 'jax_version', 'model_config'):
     assert rows[0][key] is not None, key
-  assert rows[0]['total_params'] == counting.analytic_counts(configs[0]).total
+  total = counting.analytic_counts(configs[0]).total
+  assert rows[0]['total_params'] == total
+  assert 8 * total <= rows[0]['optimizer_state_bytes'] <= 8 * total + 64  # AdamW's two moments (+ step counts)
   lines.clear()
   again = sweep.run_sweep(points, budget, str(tmp_path), log=lines.append)
   assert '3 already finished' in lines[0] and len(lines) == 1
   assert again == rows
   assert len(results.read_rows(tmp_path)) == 3
+
+
+def test_sweep_points_cap_warmup_at_a_tenth_of_each_budget():
+  configs = sweep.ladder(ModelConfig(max_seq_len=32), sweep.parse_sizes('16x1,64x2'))
+  fields = TrainConfig(seq_len=32, batch_size=4).to_dict()
+  points = sweep.sweep_points(configs, sweep.Budget(tokens_per_param=20), fields, seeds=[0, 1])
+  assert [t.seed for _, t in points] == [0, 1, 0, 1]
+  for model_cfg, train_cfg in points:
+    assert train_cfg.steps == sweep.steps_for(sweep.Budget(tokens_per_param=20), model_cfg, 4, 32)
+    assert train_cfg.warmup == min(100, train_cfg.steps // 10)
 
 
 def run_script(*flags):

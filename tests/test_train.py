@@ -17,9 +17,11 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from slmjax import ModelConfig, abstract_model, checkpoint, cost
+from slmjax import ModelConfig, abstract_model, checkpoint, cost, optim
+from slmjax import steps as steps_lib
 from slmjax import train as train_lib
-from slmjax.train import TrainConfig, train
+from slmjax.config import TrainConfig
+from slmjax.train import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MOE = ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=32, n_experts=4, top_k=2)
@@ -51,7 +53,7 @@ def losses(rows: list[dict]) -> list[tuple]:
 
 
 def restore_latest(out):
-  graphdef, state, _, opt_state = train_lib.init_state(MOE, SMALL)
+  graphdef, state, _, opt_state = steps_lib.init_state(MOE, SMALL)
   with checkpoint.Checkpointer(pathlib.Path(out) / 'checkpoints') as ck:
     step = ck.latest_step()
     state, opt_state, data_state, _ = ck.restore(step, state, opt_state)
@@ -76,22 +78,22 @@ def test_config_round_trip():
 
 def test_schedule_and_weight_decay_mask():
   cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
-  schedule = train_lib.lr_schedule(cfg)
+  schedule = optim.lr_schedule(cfg)
   assert float(schedule(0)) == 0 and math.isclose(float(schedule(5)), 5e-4, rel_tol=1e-5)
   assert math.isclose(float(schedule(10)), 1e-3, rel_tol=1e-5)
   assert math.isclose(float(schedule(100)), 1e-4, rel_tol=1e-5)
   assert float(schedule(10)) > float(schedule(50)) > float(schedule(90))
   _, params = nnx.split(abstract_model(MOE.replace(norm='layernorm')), nnx.Param)
-  mask = nnx.to_flat_state(train_lib.decay_mask(params))
+  mask = nnx.to_flat_state(optim.decay_mask(params))
   decayed = {str(path[-1]) for path, v in mask if v.get_value()}
   kept = {str(path[-1]) for path, v in mask if not v.get_value()}
   assert kept == {'scale_D', 'bias_D'} and 'embed_VD' in decayed and 'w_up_EDF' in decayed
 
 
 def test_train_step_learns_and_reports_router_metrics():
-  graphdef, state, _, opt_state = train_lib.init_state(MOE, SMALL)
-  state, opt_state = train_lib.on_first_device(state, opt_state)  # as train() places it: one compile per session
-  step, _ = train_lib.cached_steps(graphdef, SMALL)
+  graphdef, state, _, opt_state = steps_lib.init_state(MOE, SMALL)
+  state, opt_state = steps_lib.on_first_device(state, opt_state)  # as train() places it: one compile per session
+  step, _ = steps_lib.cached_steps(graphdef, SMALL)
   batch = np.random.default_rng(0).integers(0, 256, (4, 33)).astype(np.int32)
   first = None
   for _ in range(12):
@@ -175,7 +177,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   bad_step = read_metrics(tmp_path)[-1]['step']
   assert 'error' in read_metrics(tmp_path)[-1] and f'step {bad_step}' in str(e.value)
   step, state, opt_state, _ = restore_latest(tmp_path)
-  assert step < bad_step and bool(train_lib.all_finite((state, opt_state)))
+  assert step < bad_step and bool(steps_lib.all_finite((state, opt_state)))
 
 
 def test_nan_between_logs_is_caught_before_the_save(tmp_path, monkeypatch):
@@ -197,36 +199,19 @@ def test_nan_between_logs_is_caught_before_the_save(tmp_path, monkeypatch):
     assert ck.all_steps() == [4]  # step 8 was never saved
 
 
-def test_flags_build_the_train_config():
-  from slmjax import cli, train_cli
-  cli.define_model_flags()
-  train_cli.define_train_flags()
-  FLAGS = flags.FLAGS
-  try:
-    FLAGS(['prog', '--tokens=10000', '--batch_size=4', '--seq_len=64', '--warmup=5', '--data=x/*.txt'])
-    cfg = train_cli.train_config_from_flags()
-    assert (cfg.steps, cfg.batch_size, cfg.seq_len, cfg.data) == (40, 4, 64, 'x/*.txt')
-    FLAGS.unparse_flags()
-    FLAGS(['prog', '--tokens=10000', '--steps=5'])
-    with pytest.raises(ValueError, match='not both'):
-      train_cli.train_config_from_flags()
-  finally:
-    FLAGS.unparse_flags()
-
-
 def test_cost_helpers():
   peak = cost.matmul_peak_flops(256, repeats=3)
   assert peak > 1e8 and cost.matmul_peak_flops(256, repeats=3) == peak  # measured once, then cached
   row = cost.throughput(1000, 0.5, 6e6, peak_flops=1.2e10)
   assert row['tokens_per_s'] == 2000 and row['achieved_flops_per_s'] == 1.2e10 and row['mfu'] == 1.0
-  graphdef, state, _, opt_state = train_lib.init_state(MOE, SMALL)
-  state, opt_state = train_lib.on_first_device(state, opt_state)
-  step, _ = train_lib.cached_steps(graphdef, SMALL)
+  graphdef, state, _, opt_state = steps_lib.init_state(MOE, SMALL)
+  state, opt_state = steps_lib.on_first_device(state, opt_state)
+  step, _ = steps_lib.cached_steps(graphdef, SMALL)
   batch = np.zeros((4, 33), np.int32)
   stats, state, opt_state = cost.time_train_step(step, state, opt_state, batch, warmup=1, repeats=2)
-  assert stats['median_s'] > 0 and bool(train_lib.all_finite(state))
-  runs = {'a': [step, state, opt_state, batch], 'b': [step, *train_lib.on_first_device(
-      *train_lib.init_state(MOE, SMALL)[1::2]), batch]}
+  assert stats['median_s'] > 0 and bool(steps_lib.all_finite(state))
+  runs = {'a': [step, state, opt_state, batch], 'b': [step, *steps_lib.on_first_device(
+      *steps_lib.init_state(MOE, SMALL)[1::2]), batch]}
   first_states = [run[1] for run in runs.values()]
   stats = cost.time_train_steps(runs, warmup=0, repeats=2)  # interleaved, states threaded through in place
   assert set(stats) == {'a', 'b'} and all(s['min_s'] <= s['median_s'] for s in stats.values())

@@ -1,0 +1,106 @@
+"""Jitted train and eval steps: pure functions over the `nnx.split` model state.
+
+The train step `(state, opt_state, batch_BT1) -> (state, opt_state, metrics)` closes over the graph definition
+and is jitted with donated state buffers (Flax's performance guide: no graph traversal per step); it knows nothing
+about where the model came from, so callers can add shardings (`make_train_step(..., in_shardings=...)`).
+Shape letters: slmjax/shapes.py (B batch, T time, V vocabulary, L layers, E experts).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from slmjax.config import ModelConfig, TrainConfig
+from slmjax.model import create_model
+from slmjax.optim import make_optimizer
+
+
+def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig):
+  """A fresh model split into `(graphdef, state)`, the optimizer, and its state over the nnx.Param part.
+
+  `state` holds every model variable: parameters, and any non-parameter variables (e.g. statistics a layer
+  updates in its forward pass), which the train step carries through without gradients.
+  """
+  graphdef, state = nnx.split(create_model(model_cfg, train_cfg.seed))
+  tx = make_optimizer(train_cfg)
+  params, _ = nnx.split_state(state, nnx.Param, ...)
+  return graphdef, state, tx, tx.init(params)
+
+
+def loss_fn(model, batch_BT1: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Next-token cross-entropy + the model's weighted aux loss (lb_loss_weight * lb + z_loss_weight * z)."""
+  inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+  logits_BTV, extras = model(inputs_BT)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+  loss = ce + extras['aux_loss']
+  metrics = {'loss': loss, 'ce': ce}
+  if extras['moe_layers']:
+    metrics.update({k: extras[k] for k in ('aux_loss', 'lb_loss', 'z_loss', 'drop_fraction', 'router_entropy')})
+    # Balance: the busiest expert's share over the uniform share (1 = perfectly balanced), worst MoE layer.
+    loads_LE = jnp.stack([layer['expert_load'] for layer in extras['moe_layers']])
+    metrics['expert_load_max_over_mean'] = jnp.max(loads_LE) * loads_LE.shape[-1]
+  return loss, metrics
+
+
+def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+  """The pure (unjitted) train step `(state, opt_state, batch_BT1) -> (state, opt_state, metrics)`."""
+  def step(state, opt_state, batch_BT1):
+    params, rest = nnx.split_state(state, nnx.Param, ...)
+
+    def loss_of(p):
+      model = nnx.merge(graphdef, p, rest)
+      loss, metrics = loss_fn(model, batch_BT1)
+      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (_, (metrics, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    return nnx.merge_state(optax.apply_updates(params, updates), rest), opt_state, metrics
+  return step
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, **jit_kwargs) -> Callable:
+  """The jitted train step; state and opt_state buffers are donated (use the returned ones)."""
+  return jax.jit(train_step_fn(graphdef, tx), donate_argnums=(0, 1), **jit_kwargs)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, **jit_kwargs) -> Callable:
+  """Jitted `(state, batch_BT1) -> mean cross-entropy` (no aux loss: comparable across architectures)."""
+  def step(state, batch_BT1):
+    return loss_fn(nnx.merge(graphdef, state), batch_BT1)[1]['ce']
+  return jax.jit(step, **jit_kwargs)
+
+
+def cached_steps(graphdef: nnx.GraphDef, train_cfg: TrainConfig) -> tuple[Callable, Callable]:
+  """(train step, eval step) for a model structure and optimizer, compiled once per process: repeated
+  `train()` calls (resuming, a sweep revisiting a configuration, a benchmark) reuse them."""
+  keep = ('steps', 'lr', 'warmup', 'min_lr_ratio', 'weight_decay', 'b1', 'b2', 'grad_clip')
+  return _cached_steps(graphdef, TrainConfig().replace(**{k: getattr(train_cfg, k) for k in keep}))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_steps(graphdef: nnx.GraphDef, optimizer_cfg: TrainConfig) -> tuple[Callable, Callable]:
+  return make_train_step(graphdef, make_optimizer(optimizer_cfg)), make_eval_step(graphdef)
+
+
+def evaluate(eval_step: Callable, state, batches_NBT1: np.ndarray) -> float:
+  """Mean held-out cross-entropy (nats/token) over the fixed eval batches."""
+  return float(np.mean(jax.device_get([eval_step(state, b) for b in batches_NBT1])))
+
+
+def on_first_device(state, opt_state):
+  """The default placement: committed to the first local device (restored checkpoints come back committed too,
+  and a step compiled for uncommitted arrays would be compiled again for them)."""
+  return jax.device_put((state, opt_state), jax.local_devices()[0])
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

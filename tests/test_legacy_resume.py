@@ -1,0 +1,31 @@
+"""A sweep directory written by an older slmjax (tests/fixtures/legacy_v1, see its README) still resumes: the
+finished point is not redone, the interrupted one continues from its checkpoint, bit for bit."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'legacy_v1'
+SCRIPT = pathlib.Path(__file__).parent.parent / 'experiments' / 'sweep.py'
+FLAGS = ['--ladder=16x1', '--batch_size=4', '--seq_len=32', '--tokens=1024', '--checkpoint_every=4',
+         '--data=corpus.txt', '--out=runs', '--noplot']
+
+
+def test_old_sweep_directory_resumes_bit_for_bit(tmp_path):
+  work = tmp_path / 'legacy'
+  shutil.copytree(FIXTURE, work)
+  expected = json.loads((work / 'expected_moe_row.json').read_text())
+  dense = subprocess.run([sys.executable, str(SCRIPT), '--arch=dense', *FLAGS], cwd=work, capture_output=True,
+                         text=True, env={'SLMJAX_HUGEPAGES': '0', 'PATH': '/usr/bin:/bin'})
+  assert dense.returncode == 0, dense.stderr
+  assert '1 already finished' in dense.stdout and '[point' not in dense.stdout  # the same run id: nothing redone
+  moe = subprocess.run([sys.executable, str(SCRIPT), '--arch=moe', '--experts=4', '--k=2', *FLAGS], cwd=work,
+                       capture_output=True, text=True, env={'SLMJAX_HUGEPAGES': '0', 'PATH': '/usr/bin:/bin'})
+  assert moe.returncode == 0, moe.stderr
+  assert f'resuming runs/{expected["run_id"]} from step 4' in moe.stdout
+  rows = [json.loads(line) for line in (work / 'runs' / 'results.jsonl').read_text().splitlines()]
+  assert sorted(r['run_id'] for r in rows) == sorted(['dense-d16-l1-s0-eff295db', expected['run_id']])
+  row = next(r for r in rows if r['run_id'] == expected['run_id'])
+  assert (row['eval_loss'], row['train_loss']) == (expected['eval_loss'], expected['train_loss'])
