@@ -1,19 +1,22 @@
-"""Results rows: one JSON object per finished run in `<out>/results.jsonl`, appended atomically.
+"""Results rows: one JSON object per finished run in `<out>/results.jsonl`, safe for many writers.
 
-Appending rewrites the whole file through a temporary file and `os.replace`, so a kill at any moment leaves either
-the old file or the new one, never a half-written line. Rows carry a `run_id`; appending a run_id that is already
-there is refused, so a rerun can never duplicate a point. `group_rows` orders rows by architecture for tables and
+Parallel seeds or SLURM array jobs may share one `--out`: `append_row` takes an exclusive POSIX lock
+(`fcntl.lockf`) on `results.jsonl.lock`, checks the run_id is new (a rerun never duplicates a point), and appends
+the row as one `write` of one line, then fsyncs. A writer killed mid-line leaves a last line without its newline:
+readers skip it and the next writer cuts it off. Assumed of the file system: POSIX record locks that work across
+hosts (local disks; NFSv4, or NFSv3 with lockd; Lustre mounted with `flock`; GPFS), which is also what makes
+appends from several hosts safe where O_APPEND alone is not (NFS). `group_rows` orders rows by architecture for tables and
 plots.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
-
-from slmjax import atomic
 
 RESULTS_FILE = 'results.jsonl'
 
@@ -23,8 +26,10 @@ def read_rows(out_dir: str | os.PathLike) -> list[dict]:
   path = pathlib.Path(out_dir) / RESULTS_FILE
   if not path.exists():
     return []
+  text = path.read_text()
+  complete = text[:text.rfind('\n') + 1]  # a last line without its newline is being written, or was cut short
   rows = []
-  for number, line in enumerate(path.read_text().splitlines(), 1):
+  for number, line in enumerate(complete.splitlines(), 1):
     if line.strip():
       try:
         rows.append(json.loads(line))
@@ -43,13 +48,33 @@ def read_many(out_dirs: list[str]) -> list[dict]:
   return rows
 
 
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+  with open(path.with_name(path.name + '.lock'), 'a') as lock:
+    fcntl.lockf(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.lockf(lock, fcntl.LOCK_UN)
+
+
 def append_row(out_dir: str | os.PathLike, row: dict) -> None:
-  """Add one finished run's row; refuses a row whose run_id is already present."""
+  """Add one finished run's row; refuses a row whose run_id is already present (safe with many writers)."""
   path = pathlib.Path(out_dir) / RESULTS_FILE
-  rows = read_rows(out_dir)
-  if any(r.get('run_id') == row['run_id'] for r in rows):
-    raise ValueError(f'run {row["run_id"]} already has a row in {path}')
-  atomic.write_text(path, ''.join(json.dumps(r, sort_keys=True) + '\n' for r in rows + [row]))
+  line = (json.dumps(row, sort_keys=True) + '\n').encode()
+  with _locked(path):
+    if any(r.get('run_id') == row['run_id'] for r in read_rows(out_dir)):
+      raise ValueError(f'run {row["run_id"]} already has a row in {path}')
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      size = os.fstat(fd).st_size
+      if size and os.pread(fd, 1, size - 1) != b'\n':  # a writer died mid-line: cut its partial row off
+        with open(path, 'rb') as f:
+          os.ftruncate(fd, f.read().rfind(b'\n') + 1)
+      os.write(fd, line)
+      os.fsync(fd)
+    finally:
+      os.close(fd)
 
 
 def arch_label(row: dict) -> str:

@@ -1,0 +1,41 @@
+"""results.jsonl with many writers: no row lost, none duplicated, a torn last line skipped and cut off."""
+
+import json
+import multiprocessing
+
+import pytest
+
+from slmjax import results
+
+WRITERS, ROWS = 8, 40
+
+
+def _write(args):
+  out, writer = args
+  for i in range(ROWS):
+    results.append_row(out, {'run_id': f'w{writer}-r{i}', 'payload': 'x' * 3000})
+
+
+def test_eight_processes_keep_every_row(tmp_path):
+  with multiprocessing.get_context('spawn').Pool(WRITERS) as pool:
+    pool.map(_write, [(str(tmp_path), w) for w in range(WRITERS)])
+  rows = results.read_rows(tmp_path)
+  assert len(rows) == WRITERS * ROWS and len({r['run_id'] for r in rows}) == WRITERS * ROWS
+  with pytest.raises(ValueError, match='already has a row'):
+    results.append_row(tmp_path, {'run_id': 'w3-r7'})
+
+
+def test_a_torn_last_line_is_skipped_then_cut_off(tmp_path):
+  results.append_row(tmp_path, {'run_id': 'a'})
+  path = tmp_path / results.RESULTS_FILE
+  with path.open('a') as f:
+    f.write('{"run_id": "b", "eval_')  # a writer killed mid-line
+  assert [r['run_id'] for r in results.read_rows(tmp_path)] == ['a']
+  results.append_row(tmp_path, {'run_id': 'c'})
+  assert [json.loads(line)['run_id'] for line in path.read_text().splitlines()] == ['a', 'c']
+
+
+def test_a_corrupt_complete_line_is_an_error_naming_it(tmp_path):
+  (tmp_path / results.RESULTS_FILE).write_text('{"run_id": "a"}\nnot json\n')
+  with pytest.raises(ValueError, match=r'results.jsonl:2 is not valid JSON'):
+    results.read_rows(tmp_path)
