@@ -40,6 +40,7 @@ FLAGS.set_default('checkpoint_every', 50)
 FLAGS.set_default('eval_every', 0)
 FLAGS.set_default('eval_batches', 16)
 FLAGS.set_default('log_every', 25)
+FLAGS.set_default('tensorboard', True)
 LADDER_FLAGS = ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'd_expert', 'steps')
 
 
@@ -71,7 +72,7 @@ def main(argv):
   points, budget = sweep_points()
   writer = jax.process_index() == 0
   sweep.run_sweep(points, budget, FLAGS.out, log=print if writer else (lambda line: None),
-                  mesh=sharding.make_mesh(FLAGS.mesh))
+                  mesh=sharding.make_mesh(FLAGS.mesh), tensorboard=FLAGS.tensorboard)
   if not writer:
     return
   print()

@@ -42,6 +42,7 @@ def main(argv):
   peak = cost.matmul_peak_flops() if FLAGS.mfu else None  # measured here, now: never a datasheet number
   try:
     summary = train.train(model_cfg, train_cfg, out, peak_flops=peak, mesh=sharding.make_mesh(FLAGS.mesh),
+                          tensorboard=FLAGS.tensorboard,
                           log=print if jax.process_index() == 0 else None)
   except train.NonFiniteLossError as e:
     print(f'{os.path.basename(sys.argv[0])}: error: {e}', file=sys.stderr)

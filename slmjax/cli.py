@@ -86,6 +86,8 @@ def define_train_flags() -> None:
     return
   define_config_flags(TrainConfig, skip=('seq_len',))
   flags.DEFINE_integer('tokens', None, 'Token budget instead of --steps: steps = ceil(tokens / (batch * seq_len)).')
+  flags.DEFINE_boolean('tensorboard', False, 'Also write TensorBoard event files into <run>/tensorboard/ '
+                       '(tensorboard --logdir=<out>).')
 
 
 def model_config_from_flags() -> ModelConfig:

@@ -9,6 +9,7 @@ On a shared or throttled machine both numbers move; report the peak next to ever
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -97,6 +98,34 @@ def compiled_memory(jitted: Callable, *args) -> dict[str, int] | None:
   memory['peak_bytes'] = (memory.get('argument_size_in_bytes', 0) + memory.get('output_size_in_bytes', 0)
                           + memory.get('temp_size_in_bytes', 0) - memory.get('alias_size_in_bytes', 0))
   return memory
+
+
+def device_memory_bytes(device=None) -> tuple[int, str]:
+  """(bytes a program may use on `device`, where the figure comes from): the allocator's limit on GPU / TPU;
+  on CPU the host's available memory (MemAvailable of /proc/meminfo, else the physical memory)."""
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit']), f'{device.device_kind} memory limit'
+  try:
+    with open('/proc/meminfo') as f:
+      available = next(int(line.split()[1]) * 1024 for line in f if line.startswith('MemAvailable:'))
+    return available, 'available host memory'
+  except (OSError, StopIteration):
+    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE'), 'physical host memory'
+
+
+def check_fits(memory: dict[str, int] | None, what: str, shrink: str) -> None:
+  """ValueError (one line: needed, available, what to change) if a compiled program's peak memory
+  (`compiled_memory`) exceeds the device's; silent where the backend reports no memory analysis."""
+  if not memory:
+    return
+  available, source = device_memory_bytes()
+  if memory['peak_bytes'] > available:
+    raise ValueError(f'{what} needs {memory["peak_bytes"] / 1e9:,.2f} GB (XLA memory analysis: arguments '
+                     f'{memory.get("argument_size_in_bytes", 0) / 1e9:,.2f} GB, temporaries '
+                     f'{memory.get("temp_size_in_bytes", 0) / 1e9:,.2f} GB) but the {source} is '
+                     f'{available / 1e9:,.2f} GB; {shrink}')
 
 
 def tree_bytes(tree: Any) -> int:

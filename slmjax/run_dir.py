@@ -1,4 +1,4 @@
-"""A run's directory: config.json, metrics.jsonl, summary.json and checkpoints/.
+"""A run's directory: config.json, metrics.jsonl, summary.json, checkpoints/ and tensorboard/.
 
 `RunDir.check` decides, before anything is written, whether a directory is new, resumable (same architecture,
 same experiment; only RESUMABLE_FIELDS may differ) or an error. Only the writer process (process 0) writes JSON;
@@ -24,6 +24,7 @@ class RunDir:
     self.summary_path = self.path / 'summary.json'
     self.metrics_path = self.path / 'metrics.jsonl'
     self.checkpoints = self.path / 'checkpoints'
+    self.tensorboard = self.path / 'tensorboard'
 
   def check(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict | None:
     """config.json of the run already here (None if there is none); ValueError if it cannot be resumed."""
@@ -35,12 +36,17 @@ class RunDir:
       if any(self.path.iterdir()):
         raise ValueError(f'out dir {self.path} is not empty and holds no run (no config.json); choose another')
       return None
-    previous = json.loads(self.config_path.read_text())
+    try:
+      previous = json.loads(self.config_path.read_text())
+      model, train, _ = previous['model'], previous['train'], previous['data']['data_fingerprint']
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+      raise ValueError(f'{self.config_path} is not a run config slmjax wrote ({type(e).__name__}: {e}); restore it '
+                       'or choose another --out') from None
     # Through the dataclasses, so fields added to a config since the run started compare at their defaults.
-    changed = _changes(ModelConfig.from_dict(previous['model']).to_dict(), model_cfg.to_dict())
+    changed = _changes(ModelConfig.from_dict(model).to_dict(), model_cfg.to_dict())
     if changed:
       raise ValueError(f'out dir {self.path} holds a run with a different architecture ({changed}); use another --out')
-    changed = _changes(TrainConfig.from_dict(previous['train']).to_dict(), train_cfg.to_dict(), RESUMABLE_FIELDS)
+    changed = _changes(TrainConfig.from_dict(train).to_dict(), train_cfg.to_dict(), RESUMABLE_FIELDS)
     if changed:
       raise ValueError(f'out dir {self.path} holds a run with other training settings ({changed}); '
                        f'only {", ".join(RESUMABLE_FIELDS)} may change when resuming')

@@ -24,10 +24,11 @@ import time
 from typing import Callable
 
 import jax
+import numpy as np
 
 from slmjax import cost, counting, results, sharding
 from slmjax.config import ModelConfig, TrainConfig
-from slmjax.train import train
+from slmjax.train import format_duration, train
 
 # Named ladders of dense sizes (d_model, n_layers); heads of width 32, d_ff = 4 d_model. 'cpu' spans 26x in
 # parameters (41K to 1.1M with the byte vocabulary) and trains in about 10-15 minutes per architecture on a 2-core
@@ -143,11 +144,42 @@ def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, s
   }
 
 
+class SweepEta:
+  """Time left in a sweep, from the points measured so far: the step time follows the FLOPs per step as a
+  power law (a straight line in log-log through the finished points, proportional with only one of them),
+  times each remaining point's steps, plus the mean time a point spends outside its timed steps (compiling,
+  evaluating, measuring its cost). A small first rung does not make a large last rung look cheap or dear."""
+
+  def __init__(self):
+    self.flops_per_step, self.step_s, self.overhead_s = [], [], []
+
+  def add(self, flops_per_step: float, steps: int, step_time_s: float | None, wall_s: float) -> None:
+    if step_time_s:  # a point resumed after its last step has no timed steps
+      self.flops_per_step.append(flops_per_step)
+      self.step_s.append(step_time_s)
+      self.overhead_s.append(max(0.0, wall_s - steps * step_time_s))
+
+  def step_time(self, flops_per_step: float) -> float | None:
+    if not self.step_s:
+      return None
+    x, y = np.log(self.flops_per_step), np.log(self.step_s)
+    slope = np.polyfit(x, y, 1)[0] if len(set(self.flops_per_step)) > 1 else 1.0
+    slope = min(max(slope, 0.0), 1.5)  # a noisy pair of points must not predict shrinking or exploding steps
+    return float(np.exp(y[-1] + slope * (np.log(flops_per_step) - x[-1])))
+
+  def remaining_s(self, points: list[tuple[float, int]]) -> float | None:
+    """Seconds for the (flops per step, steps) points still to run; None before anything is measured."""
+    if not self.step_s:
+      return None
+    return sum(self.step_time(f) * steps + float(np.mean(self.overhead_s)) for f, steps in points)
+
+
 def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out_dir: str,
-              log: Callable[[str], None] = print, mesh=None) -> list[dict]:
+              log: Callable[[str], None] = print, mesh=None, tensorboard: bool = False) -> list[dict]:
   """Train every point not yet in `<out_dir>/results.jsonl`; returns this sweep's rows (old and new).
 
   With a `mesh` every point trains sharded on it; with several processes only process 0 writes rows.
+  `tensorboard`: event files per point in `<out_dir>/<run_id>/tensorboard/`.
   """
   is_writer = jax.process_index() == 0
   out = pathlib.Path(out_dir)
@@ -160,28 +192,24 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
   peak = cost.matmul_peak_flops() if todo else None
   if peak:
     log(f'measured matmul peak of this {jax.default_backend()} device: {peak / 1e9:.1f} GFLOP/s')
-  flops = [counting.train_flops_per_token(m, t.seq_len) * t.steps * t.tokens_per_step for m, t in points]
-  rate, started = None, time.perf_counter()
+  flops_per_step = [counting.train_flops_per_token(m, t.seq_len) * t.tokens_per_step for m, t in points]
+  eta = SweepEta()
   for n, i in enumerate(todo):
     model_cfg, train_cfg = points[i]
-    remaining = sum(flops[j] for j in todo[n:])
-    eta = f', sweep ETA {_hms(remaining / rate)}' if rate else ''
+    left = eta.remaining_s([(flops_per_step[j], points[j][1].steps) for j in todo[n:]])
     counts = counting.analytic_counts(model_cfg)  # once per point, carried into train and the row
     log(f'[point {n + 1}/{len(todo)}] {ids[i]}: {counts.total:,} params ({counts.active:,} active), '
-        f'{train_cfg.steps} steps{eta}')
+        f'{train_cfg.steps} steps' + (f', sweep ETA {format_duration(left)}' if left is not None else ''))
+    started = time.perf_counter()
     summary = train(model_cfg, train_cfg, out / ids[i], peak_flops=peak, mesh=mesh, counts=counts,
-                    measure_cost=True, log=(lambda line: log(f'  {line}')) if is_writer else None)
+                    measure_cost=True, tensorboard=tensorboard,
+                    log=(lambda line: log(f'  {line}')) if is_writer else None)
+    eta.add(flops_per_step[i], train_cfg.steps, summary.get('step_time_s'), time.perf_counter() - started)
     row = result_row(model_cfg, train_cfg, budget, summary, counts, ids[i], mesh)
     if is_writer:
       results.append_row(out, row)
     done[ids[i]] = row
-    rate = sum(flops[j] for j in todo[:n + 1]) / (time.perf_counter() - started)
   return [done[rid] for rid in ids]
-
-
-def _hms(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
 
 
 def steps_for(budget: Budget, model_cfg: ModelConfig, batch_size: int, seq_len: int) -> int:

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import os
+import shutil
 from typing import Any, Callable
 
 import flax
@@ -24,13 +25,14 @@ from slmjax.model import abstract_model
 from slmjax.optim import lr_schedule, make_optimizer
 from slmjax.run_dir import MetricsLog, RunDir
 from slmjax.steps import all_finite, cached_steps, evaluate, init_state, on_first_device
+from slmjax.tensorboard import TensorBoardLog
 
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss or gradient; the run stopped without saving."""
 
 
-def _format_time(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   seconds = int(seconds)
   return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
 
@@ -44,7 +46,7 @@ def progress_line(row: dict, steps: int, eta_s: float | None) -> str:
   if 'tokens_per_s' in row:
     parts.append(f'{row["tokens_per_s"] / 1e3:.1f}k tok/s')
   if eta_s is not None:
-    parts.append(f'ETA {_format_time(eta_s)}')
+    parts.append(f'ETA {format_duration(eta_s)}')
   return ' | '.join(parts)
 
 
@@ -53,7 +55,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
           log: Callable[[str], None] | None = functools.partial(print, flush=True),
           place_state: Callable | None = None, place_batch: Callable | None = None,
           mesh: jax.sharding.Mesh | None = None, counts: counting.ParamCounts | None = None,
-          measure_cost: bool = False) -> dict[str, Any]:
+          measure_cost: bool = False, tensorboard: bool = False) -> dict[str, Any]:
   """Train one model in `out_dir`, resuming from its latest checkpoint; returns the final metrics.
 
   Every input is checked before anything is written. `stop_at_step` ends this call early (checkpointed) as
@@ -65,7 +67,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
   parameters' logical axis names and runs the step under `jax.set_mesh(mesh)`; only process 0 writes files
   other than checkpoints (which every process writes its shards of). `counts`: the config's parameter counts
   when the caller has them. `measure_cost`: once the run is complete, time its step on a fixed batch and read the
-  compiled program's memory (`cost.measure_train_step`), kept in the summary under 'cost'.
+  compiled program's memory (`cost.measure_train_step`), kept in the summary under 'cost'. `tensorboard`: also
+  write the metrics as TensorBoard events under `<out_dir>/tensorboard/` (slmjax/tensorboard.py).
+  Before anything is written, the compiled train step's memory is checked against the device's (ValueError).
   Raises NonFiniteLossError if a loss, gradient or parameter is not finite (the last good checkpoint is kept).
   """
   if train_cfg.seq_len > model_cfg.max_seq_len:
@@ -92,7 +96,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
   loop = _Loop(model_cfg, train_cfg, run, corpus, counts or counting.analytic_counts(model_cfg), peak_flops, log,
                place_batch)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    return loop.run(place_state or on_first_device, stop_at_step, measure_cost)
+    return loop.run(place_state or on_first_device, stop_at_step, measure_cost, tensorboard)
 
 
 class _Loop:
@@ -108,21 +112,57 @@ class _Loop:
       self.eval_NBT1 = [place_batch(b, whole=True) for b in self.eval_NBT1]
     self.dataset = data.train_dataset(corpus.train_N, T, B, train_cfg.seed, jax.process_index(), jax.process_count())
 
-  def run(self, place_state: Callable, stop_at_step: int | None, measure: bool) -> dict[str, Any]:
+  def run(self, place_state: Callable, stop_at_step: int | None, measure: bool, tensorboard: bool
+          ) -> dict[str, Any]:
     model_cfg, train_cfg, run = self.model_cfg, self.train_cfg, self.run_dir
-    # Every check passed: from here on the run directory is written.
+    state, opt_state = self._init_checked(place_state)
+    # Every check passed: from here on the run directory is written. A fresh one that fails before its first
+    # checkpoint is removed again: it would hold nothing to resume.
+    fresh = not run.path.exists()
     run.path.mkdir(parents=True, exist_ok=True)
+    try:
+      return self._run(state, opt_state, stop_at_step, measure, tensorboard)
+    except BaseException:
+      if fresh and run.writer and checkpoint.latest_step(run.checkpoints) is None:
+        shutil.rmtree(run.path, ignore_errors=True)
+      raise
+
+  def _init_checked(self, place_state: Callable):
+    """The placed fresh state and compiled steps, after checking the compiled train step fits in the device's
+    memory (XLA's memory analysis): a one-line error instead of an out-of-memory crash mid-run."""
+    B, T = self.train_cfg.batch_size, self.train_cfg.seq_len
+    shrink = ('shrink --batch_size, --seq_len or the model (--d_model, --n_layers, --d_ff, --experts), use '
+              '--dtype=bfloat16, or spread it over more devices with --mesh')
+    try:
+      graphdef, state, _, opt_state = init_state(self.model_cfg, self.train_cfg)
+      # Committed (like restored arrays, so a resumed run reuses the compiled step) to one device or a mesh.
+      state, opt_state = place_state(state, opt_state)
+      self.train_step, self.eval_step = cached_steps(graphdef, self.train_cfg)
+      memory = cost.compiled_memory(self.train_step, state, opt_state, self._fixed_batch())  # compiled once
+    except jax.errors.JaxRuntimeError as e:
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      raise ValueError(f'out of memory building the model and its train step ({str(e).splitlines()[0][:200]}); '
+                       f'{shrink}') from None
+    cost.check_fits(memory, f'the train step (batch {B} x seq_len {T})', shrink)
+    return state, opt_state
+
+  def _fixed_batch(self):
+    """One batch of random tokens of the training shape (placed like training batches): the pre-flight
+    compile's input and what the cost measurement times."""
+    batch_BT1 = np.random.default_rng(0).integers(0, self.model_cfg.vocab_size, (self.train_cfg.batch_size,
+                                                  self.train_cfg.seq_len + 1), dtype=np.int32)
+    return self.place_batch(batch_BT1, whole=True) if self.place_batch else batch_BT1
+
+  def _run(self, state, opt_state, stop_at_step, measure, tensorboard) -> dict[str, Any]:
+    model_cfg, train_cfg, run = self.model_cfg, self.train_cfg, self.run_dir
     run.write_json(run.config_path, {
         'model': model_cfg.to_dict(), 'train': train_cfg.to_dict(), 'data': self.corpus.summary(),
         'counts': counting.summary(model_cfg, train_cfg.seq_len, self.counts),
         'unigram_eval_loss': self.corpus.unigram_loss(),
         'devices': [d.device_kind for d in jax.devices()], 'process_count': jax.process_count(),
         'versions': {m.__name__: m.__version__ for m in (jax, optax, flax)}})
-    graphdef, state, _, opt_state = init_state(model_cfg, train_cfg)
-    # Committed (like restored arrays, so a resumed run reuses the compiled step) to one device or a mesh.
-    state, opt_state = place_state(state, opt_state)
     iterator = data.train_iterator(self.dataset)
-    self.train_step, self.eval_step = cached_steps(graphdef, train_cfg)
     with checkpoint.Checkpointer(run.checkpoints, keep=train_cfg.keep_checkpoints) as ckpt:
       start = ckpt.latest_step() or 0
       finished = run.read_summary() if start == train_cfg.steps else None
@@ -133,18 +173,21 @@ class _Loop:
         iterator.set_state(data_state)
         if self.log:
           self.log(f'resuming {run.path} from step {start}')
-      metrics_log = run.metrics(start)
-      if start == 0 and train_cfg.eval_every:
-        self._emit(metrics_log, {'step': 0, 'tokens': 0, **self._eval_row(state)}, None)
-      target = min(train_cfg.steps, stop_at_step or train_cfg.steps)
-      timer = cost.StepTimer()
-      state, opt_state, row, last_eval = self._steps(start, target, state, opt_state, iterator, timer, metrics_log,
-                                                     ckpt)
-      if target == start:  # nothing left to train (e.g. killed after the last save): report from the log
-        row, last_eval = metrics_log.last('train_loss'), (self._eval_row(state) if start == train_cfg.steps else {})
-      return self._summary(target, row, last_eval, timer, state, opt_state, measure)
+      self.logs = (run.metrics(start), TensorBoardLog(run.tensorboard, start, enabled=tensorboard and run.writer))
+      try:
+        if start == 0 and train_cfg.eval_every:
+          self._emit({'step': 0, 'tokens': 0, **self._eval_row(state)}, None)
+        target = min(train_cfg.steps, stop_at_step or train_cfg.steps)
+        timer = cost.StepTimer()
+        state, opt_state, row, last_eval = self._steps(start, target, state, opt_state, iterator, timer, ckpt)
+        if target == start:  # nothing left to train (e.g. killed after the last save): report from the log
+          row = self.logs[0].last('train_loss')
+          last_eval = self._eval_row(state) if start == train_cfg.steps else {}
+        return self._summary(target, row, last_eval, timer, state, opt_state, measure)
+      finally:
+        self.logs[1].close()
 
-  def _steps(self, step, target, state, opt_state, iterator, timer, metrics_log, ckpt):
+  def _steps(self, step, target, state, opt_state, iterator, timer, ckpt):
     """Train from `step` to `target`, logging, evaluating and checkpointing on the way."""
     train_cfg, tokens_per_step = self.train_cfg, self.train_cfg.tokens_per_step
     schedule, pending, row, last_eval = lr_schedule(train_cfg), [], {}, {}
@@ -161,14 +204,14 @@ class _Loop:
         continue
       host = jax.device_get(pending)
       interval_steps, elapsed = timer.lap()
-      _check_finite(host, step, state if do_save else None, metrics_log, ckpt)
+      _check_finite(host, step, state if do_save else None, self.logs[0], ckpt)
       row = {'step': step, 'tokens': step * tokens_per_step, **_mean_metrics(host), 'lr': float(schedule(step - 1))}
       if interval_steps:
         row.update(step_time_s=elapsed / interval_steps, tokens_per_s=interval_steps * tokens_per_step / elapsed)
       if do_eval:
         last_eval = self._eval_row(state)
         row.update(last_eval)
-      self._emit(metrics_log, row, (target - step) * timer.mean_s if timer.mean_s else None)
+      self._emit(row, (target - step) * timer.mean_s if timer.mean_s else None)
       if do_save:
         ckpt.save(step, state, opt_state, iterator.get_state(), {'tokens': step * tokens_per_step})
       pending = []
@@ -185,11 +228,8 @@ class _Loop:
     if timer.steps:
       summary.update(cost.throughput(tokens_per_step, timer.mean_s, self.flops_per_token, self.peak_flops))
     if summary['complete'] and measure:  # after the last checkpoint: the timed steps are never saved
-      batch_BT1 = np.random.default_rng(0).integers(0, self.model_cfg.vocab_size,
-                                                    (train_cfg.batch_size, train_cfg.seq_len + 1), dtype=np.int32)
-      batch_BT1 = self.place_batch(batch_BT1, whole=True) if self.place_batch else batch_BT1
-      summary['cost'], _, _ = cost.measure_train_step(self.train_step, state, opt_state, batch_BT1, tokens_per_step,
-                                                     self.flops_per_token, self.peak_flops)
+      summary['cost'], _, _ = cost.measure_train_step(self.train_step, state, opt_state, self._fixed_batch(),
+                                                     tokens_per_step, self.flops_per_token, self.peak_flops)
     if summary['complete']:
       self.run_dir.write_json(self.run_dir.summary_path, summary)
     return summary
@@ -199,8 +239,9 @@ class _Loop:
     return {'eval_loss': eval_loss, **({'eval_bpb': eval_loss / math.log(2)} if self.corpus.tokenizer == 'bytes'
                                        else {})}
 
-  def _emit(self, metrics_log: MetricsLog, row: dict, eta_s: float | None) -> None:
-    metrics_log.write(row)
+  def _emit(self, row: dict, eta_s: float | None) -> None:
+    for log in self.logs:
+      log.write(row)
     if self.log:
       self.log(progress_line(row, self.train_cfg.steps, eta_s))
 

@@ -98,6 +98,20 @@ def test_sweep_points_cap_warmup_at_a_tenth_of_each_budget():
     assert train_cfg.warmup == min(100, train_cfg.steps // 10)
 
 
+def test_sweep_eta_follows_flops_per_step_not_the_first_point():
+  step_time = lambda flops: 2e-9 * flops ** 0.8  # small steps are less efficient, as on a real CPU
+  points = [(1e6 * 4 ** i, 500) for i in range(4)]  # (flops per step, steps) of four rungs
+  eta = sweep.SweepEta()
+  assert eta.remaining_s(points) is None
+  eta.add(*points[0], step_time(points[0][0]), wall_s=500 * step_time(points[0][0]) + 3.0)
+  one = eta.remaining_s(points[1:])  # proportional to FLOPs from one point: an overestimate, but not 0 or inf
+  truth = sum(steps * step_time(f) + 3.0 for f, steps in points[2:])
+  eta.add(*points[1], step_time(points[1][0]), wall_s=500 * step_time(points[1][0]) + 3.0)
+  assert one > truth and eta.remaining_s(points[2:]) == pytest.approx(truth, rel=0.01)
+  eta.add(1e9, 10, None, wall_s=1.0)  # a point with no timed steps (resumed at its end) teaches nothing
+  assert eta.remaining_s(points[2:]) == pytest.approx(truth, rel=0.01)
+
+
 def run_script(*flags):
   return subprocess.run([sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=300)
 

@@ -295,3 +295,29 @@ def test_place_state_hook_places_fresh_and_restored_state(tmp_path):
   train(MOE, SMALL, tmp_path, log=None, stop_at_step=3, place_state=place)
   assert len(calls) == 2 and calls[0] > 0
   assert [r['step'] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_anything_is_written(tmp_path):
+  wide = SMALL.replace(batch_size=4096, seq_len=1024)  # attention scores alone: 4096 x 2 x 1024^2 x 4 B = 34 GB
+  with pytest.raises(ValueError, match=r'the train step \(batch 4096 x seq_len 1024\) needs [\d,.]+ GB .* but the '
+                                       r'.* is [\d,.]+ GB; shrink --batch_size') as e:
+    train(MOE.replace(max_seq_len=1024), wide, tmp_path / 'run', log=None)
+  assert '\n' not in str(e.value)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_fresh_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tmp_path, monkeypatch):
+  def broken(*args, **kwargs):
+    raise RuntimeError('disk on fire')
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', broken)
+  with pytest.raises(RuntimeError, match='disk on fire'):
+    train(MOE, SMALL.replace(steps=4, warmup=0), tmp_path / 'run', log=None)
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('content', ['{"model": {', '[]', '{"model": {}, "train": {}}'])
+def test_a_corrupt_config_json_is_a_one_line_error(tmp_path, content):
+  (tmp_path / 'config.json').write_text(content)
+  with pytest.raises(ValueError, match='config.json is not a run config slmjax wrote') as e:
+    train(MOE, SMALL, tmp_path, log=None)
+  assert '\n' not in str(e.value) and (tmp_path / 'config.json').read_text() == content
