@@ -1,9 +1,9 @@
 """Logical axis names and the mesh axes they map to: what model code needs to lay tensors out.
 
-A leaf module (jax and numpy only, nothing from slmjax), so layers and dispatch can pin layouts without importing
-the mesh and placement code of `slmjax.sharding`, which builds models. Parameters carry logical axis names (the
-`out_sharding` metadata set in `slmjax.layers.make_param`); `RULES` maps them to mesh axes, `ACTIVATION_RULES`
-adds the names only activations use.
+A leaf module (jax only, nothing from slmjax), so model code such as the dispatch can pin layouts without
+importing the mesh and placement code of `slmjax.sharding`, which itself imports the model. Parameters carry
+logical axis names (the `out_sharding` metadata set in `slmjax.layers.make_param`); `RULES` maps them to mesh
+axes, `ACTIVATION_RULES` adds the names only activations use.
 """
 
 from __future__ import annotations

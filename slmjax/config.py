@@ -94,7 +94,7 @@ class ModelConfig(ConfigDict):
   first_dense: int = 0  # the first `first_dense` layers keep a dense FFN (DeepSeek style)
   capacity_factor: float | None = 1.25  # None = dropless: every expert has room for every token of its group
   group_size: int = 512  # tokens per dispatch group (S); keeps the [G,S,E,C] one-hot tensors small
-  dispatch: str = 'auto'  # 'auto' = the measured fastest for the platform (see slmjax.dispatch)
+  dispatch: str = 'auto'  # 'auto' = the measured fastest for the capacity rule (see slmjax.dispatch)
   router: str = 'softmax_topk'
   router_renormalize: bool = True  # softmax_topk, sigmoid: rescale the k kept gates to sum to one
   router_bias: bool = False  # sigmoid only: selection-only bias, not trained by gradients (DeepSeek V3)
