@@ -23,7 +23,7 @@ from slmjax import cli, counting, presets, sharding
 from slmjax.config import ModelConfig
 
 flags.DEFINE_string('mesh', '', 'A mesh such as expert:8 or data:2,fsdp:4: also print the weight bytes one '
-                    'device holds on it (slmjax.sharding rules).')
+                    'device holds on it (slmjax.axes rules).')
 flags.DEFINE_boolean('json', False, 'Print one JSON object (a list for --preset=all) instead of a table.')
 cli.define_model_flags()
 FLAGS = flags.FLAGS

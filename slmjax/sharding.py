@@ -7,8 +7,9 @@ the rest of the devices):
   expert  expert parallelism: expert weights and the dispatched token buffers [E, X, D] are split on the expert
           axis (XLA turns the dispatch into an all-to-all); the batch is split over it as well;
   tensor  tensor parallelism: attention heads, FFN / expert width and the vocabulary are split.
-Parameters carry logical axis names (the `out_sharding` metadata set in `slmjax.layers.make_param`); `RULES` maps
-them to mesh axes. A dimension the mesh axis does not divide is an error that names the axis and the dimension.
+Parameters carry logical axis names (the `out_sharding` metadata set in `slmjax.layers.make_param`); `RULES` in
+`slmjax.axes` maps them to mesh axes. A dimension the mesh axis does not divide is an error that names the axis
+and the dimension.
 """
 
 from __future__ import annotations
@@ -21,20 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
-BATCH_AXES = ('data', 'fsdp', 'expert')  # every axis that does not split a weight's width also splits the batch
-RULES: dict[str, str | None] = {
-    'batch': None,  # handled by BATCH_AXES
-    'embed': 'fsdp',
-    'vocab': 'tensor',
-    'q_heads': 'tensor',
-    'kv_heads': 'tensor',
-    'mlp': 'tensor',
-    'expert': 'expert',
-}
-# Activation-only names: `group` is the dispatch group axis of expert buffers [E, G, C, D], split over the
-# batch axes that do not split the experts, so moving tokens from [G, S, D] to [E, G, C, D] is an all-to-all.
-ACTIVATION_RULES: dict[str, tuple[str, ...]] = {'batch': BATCH_AXES, 'group': ('data', 'fsdp')}
+from slmjax.axes import BATCH_AXES, MESH_AXES, logical_to_spec
+from slmjax.model import abstract_model
 
 
 def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
@@ -74,7 +63,7 @@ def make_mesh(spec: str | None, devices=None) -> Mesh | None:
   devices = devices if devices is not None else jax.devices()
   sizes = parse_mesh(spec, len(devices))
   # Auto axes: XLA propagates shardings from the parameters and the batch through every op (GSPMD), so the
-  # model code needs no per-op annotations; `constrain` pins the few layouts that matter (expert buffers).
+  # model code needs no per-op annotations; `slmjax.axes.constrain` pins the few layouts that matter (expert buffers).
   return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 
@@ -86,22 +75,6 @@ def hypothetical_mesh(spec: str) -> dict[str, int]:
     raise ValueError(f'--mesh={spec}: give every axis a size to count bytes per device (-1 needs real devices)')
   n = math.prod(int(v) for v in sizes if v.strip().lstrip('-').isdigit() and int(v) > 0) or 1
   return parse_mesh(spec, n)
-
-
-def logical_to_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_shape, what: str) -> P:
-  """PartitionSpec of a tensor with logical axis `names` on a mesh of `mesh_shape` ({axis: size}); raises if a
-  mesh axis does not divide its dimension."""
-  spec = []
-  for name, size in zip(names, shape):
-    axis = RULES.get(name) if name else None
-    if axis is None or mesh_shape.get(axis, 1) == 1:
-      spec.append(None)
-      continue
-    if size % mesh_shape[axis]:
-      raise ValueError(f'--mesh axis {axis}:{mesh_shape[axis]} does not divide the {name} dimension ({size}) of '
-                       f'{what}; choose a size that divides {size}')
-    spec.append(axis)
-  return P(*spec)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
@@ -152,23 +125,8 @@ def place_state(state, opt_state, *, mesh: Mesh, tx):
   return state, jax.jit(tx.init)(params)
 
 
-def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-  """Ask XLA to lay `x` out by logical axis names on the current mesh (`jax.set_mesh`); no-op without one."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
-    return x
-  spec = []
-  for name, size in zip(names, x.shape):
-    axes = ACTIVATION_RULES.get(name) or ((RULES[name],) if RULES.get(name) else ())
-    axes = tuple(a for a in axes if mesh.shape[a] > 1)
-    ways = math.prod(mesh.shape[a] for a in axes)
-    spec.append(axes if axes and size % ways == 0 else None)
-  return jax.lax.with_sharding_constraint(x, P(*spec))
-
-
 def bytes_per_device(model_cfg, mesh_sizes: dict[str, int], bytes_per_param: float) -> float:
   """Weight bytes one device holds on a mesh of `mesh_sizes`: each parameter divided by the axes that split it."""
-  from slmjax.model import abstract_model
   total = 0.0
   for path, var in nnx.to_flat_state(nnx.state(abstract_model(model_cfg), nnx.Param)):
     names = var.get_metadata().get('out_sharding') or (None,) * len(var.shape)

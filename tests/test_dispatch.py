@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slmjax import dispatch
-from slmjax.dispatch import ExpertWeights
+from slmjax import config, dispatch
+from slmjax.dispatch.experts import ExpertWeights, expert_ffn
+from slmjax.dispatch.gather import expert_blocks
+from slmjax.dispatch.grouped import grouped_ffn
+from slmjax.dispatch.slots import capacity_slots
 
 D, F = 16, 8
 
@@ -90,7 +93,7 @@ def test_einsum_and_gather_drop_the_same_assignments(n_experts, top_k, group_siz
 def test_capacity_priority_is_token_order():
   # One group of 3 tokens, top-2, 2 experts, capacity 2. First choices: [0, 0, 1], second choices: [1, 1, 0].
   experts_GSA = jnp.array([[[0, 1], [0, 1], [1, 0]]], jnp.int32)
-  slot_GSA, kept_GSA = jax.jit(dispatch.capacity_slots, static_argnums=(1, 2))(experts_GSA, 2, 2)
+  slot_GSA, kept_GSA = jax.jit(capacity_slots, static_argnums=(1, 2))(experts_GSA, 2, 2)
   # Tokens 0 and 1 fill both experts; token 2 comes last and finds no room (a choice-major rule would have
   # given its first choice expert 1's slot and evicted token 1's second choice: the future deciding the past).
   np.testing.assert_array_equal(slot_GSA[0], [[0, 0], [1, 1], [2, 2]])
@@ -103,7 +106,7 @@ def test_gather_tail_buckets_do_not_change_the_result(skew, tail_bucket):
   # Balanced routing runs the smallest tail bucket, skewed routing a larger one, all-to-one-expert all 192 rows.
   n_experts, top_k, group_size = 4, 1, 64
   x_XD, gates_XA, experts_XA, w = inputs = _inputs(256, n_experts, top_k, skew=skew, seed=2)
-  blocks = dispatch.expert_blocks(256, 64)
+  blocks = expert_blocks(256, 64)
   assert blocks == ((64, (64,)), (192, (8, 16, 24, 32, 48, 72, 112, 168, 192)))  # steps of 8, then 1.5x
   n_rows = np.bincount(experts_XA.ravel(), minlength=n_experts).max()  # nothing drops: capacity = group size
   assert min(b for b in blocks[1][1] if b >= n_rows - 64) == tail_bucket
@@ -115,7 +118,7 @@ def test_gather_tail_buckets_do_not_change_the_result(skew, tail_bucket):
 
 @pytest.mark.parametrize('rows, balanced', [(1280, 1024), (640, 512), (4096, 1024), (6, 8), (24, 5), (16, 32)])
 def test_expert_blocks_cover_the_buffer_with_sorted_buckets(rows, balanced):
-  blocks = dispatch.expert_blocks(rows, balanced)
+  blocks = expert_blocks(rows, balanced)
   assert sum(size for size, _ in blocks) == rows
   for size, buckets in blocks:
     assert buckets[-1] == size and list(buckets) == sorted(set(buckets)) and len(buckets) <= 17
@@ -123,13 +126,17 @@ def test_expert_blocks_cover_the_buffer_with_sorted_buckets(rows, balanced):
     assert blocks[0] == (balanced // 8 * 8, (balanced // 8 * 8,))
 
 
-def test_auto_resolves_to_the_platform_default():
-  assert dispatch.default_dispatch('cpu') == 'gather'
-  assert dispatch.default_dispatch('cpu', dropless=True) == 'ragged'  # same semantics as gather at capacity S
-  assert dispatch.get_dispatch('auto') is dispatch.DISPATCH[dispatch.default_dispatch(jax.default_backend())]
+def test_auto_resolves_to_the_default_for_the_capacity_rule():
+  assert dispatch.default_dispatch() == 'gather'
+  assert dispatch.default_dispatch(dropless=True) == 'ragged'  # same semantics as gather at capacity S
+  assert dispatch.get_dispatch('auto') is dispatch.DISPATCH[dispatch.default_dispatch()]
   assert dispatch.get_dispatch('auto', dropless=True) is dispatch.DISPATCH['ragged']
   with pytest.raises(ValueError, match='not implemented'):
     dispatch.get_dispatch('magic')
+
+
+def test_registry_names_are_the_config_choices():
+  assert set(dispatch.DISPATCH) | {'auto'} == set(config.DISPATCHES)
 
 
 @pytest.mark.parametrize('activation', ['swiglu', 'gelu'])
@@ -144,13 +151,13 @@ def test_grouped_ffn_tiles_match_per_expert_ffns(activation):
 
   def reference(x_ND, w):
     starts = np.concatenate([[0], np.cumsum(sizes_E)])
-    return jnp.concatenate([dispatch.expert_ffn(x_ND[None, lo:hi], ExpertWeights(
+    return jnp.concatenate([expert_ffn(x_ND[None, lo:hi], ExpertWeights(
         *(None if a is None else a[e:e + 1] for a in w)), activation)[0]
         for e, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))])
 
   def tiled(x_ND, w):  # with the 8 slack rows grouped_ffn asks for; their outputs are dropped
-    x_PD = jnp.concatenate([x_ND, jnp.ones((8, D), x_ND.dtype)])
-    return dispatch.grouped_ffn(x_PD, w, jnp.asarray(sizes_E), activation, 8, 16)[:len(x_ND)]
+    padded_ND = jnp.concatenate([x_ND, jnp.ones((8, D), x_ND.dtype)])
+    return grouped_ffn(padded_ND, w, jnp.asarray(sizes_E), activation, 8, 16)[:len(x_ND)]
   for fn in (tiled, reference):
     y_ND, grads = jax.value_and_grad(lambda x, w: jnp.vdot(fn(x, w), dy_ND), argnums=(0, 1))(x_ND, w)
     if fn is tiled:
