@@ -10,7 +10,7 @@ tokens (the FLOPs of the routed experts without capacity padding; the `DenseFFN`
 Settings: `coarse` = 8 experts, top-2, d_expert 512; `fine` = 64 experts, top-8, d_expert 64; both 4096 tokens,
 d_model 256, capacity factor 1.25, float32 (flags change them). Expected on a 2-core CPU: gather 1.2-1.35x
 (coarse) and 2.2-2.5x (fine), einsum at S=128 1.55-1.65x and 4.2-4.6x; ratios move with machine load.
-Model rows: one AdamW training step (`slmjax.train.make_train_step`) of an MoE Transformer (8 experts, top-2,
+Model rows: one AdamW training step (`slmjax.steps.make_train_step`) of an MoE Transformer (8 experts, top-2,
 d_expert = d_ff / 2) against the dense Transformer with the same d_model, layers and active parameters.
 
 Timing: everything of one table is compiled and warmed up first, then timed round-robin (interleaved)
@@ -28,9 +28,7 @@ hugepages.reexec()  # first: XLA:CPU steps page-fault far less with huge pages (
 
 import json
 import os
-import statistics
-import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +36,8 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from slmjax import cli, dispatch, train
-from slmjax.config import ModelConfig
+from slmjax import cli, cost, dispatch, steps
+from slmjax.config import ModelConfig, TrainConfig
 from slmjax.layers import DenseFFN, activate
 from slmjax.moe import MoEFFN
 
@@ -65,38 +63,6 @@ flags.DEFINE_integer('model_layers', 4, 'Transformer blocks in the whole-model c
 flags.DEFINE_integer('model_d_ff', 1024, 'Dense FFN width of the whole-model check (MoE: 8 experts of d_ff / 2).')
 flags.DEFINE_boolean('json', False, 'Print one JSON list of rows instead of tables.')
 FLAGS = flags.FLAGS
-
-
-def interleaved_times(fns: dict[str, Callable[[], Any]], baseline: str, repeats: int, inner: int,
-                      max_ratio: float) -> dict[str, tuple[float, float, int]]:
-  """(median seconds per call, median ratio to the baseline, samples) of each thunk after a warm-up call.
-
-  Round-robin: every round times each candidate right after its own baseline sample, and the ratio is taken
-  per pair, so load that comes and goes on a shared machine moves both sides of a ratio alike.
-  """
-  def sample(fn, n):
-    start = time.perf_counter()
-    for _ in range(n):
-      out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / n
-
-  for fn in fns.values():
-    jax.block_until_ready(fn())  # compiles
-  base = {name: [] for name in fns}
-  times = {name: [] for name in fns}
-  for name, fn in fns.items():
-    base[name].append(sample(fns[baseline], 1))
-    times[name].append(sample(fn, 1))
-  slow = {name for name in fns if times[name][0] > max_ratio * base[name][0]}
-  for _ in range(repeats - 1):
-    for name, fn in fns.items():
-      if name not in slow:
-        base[name].append(sample(fns[baseline], inner))
-        times[name].append(sample(fn, inner))
-  median = statistics.median
-  return {name: (median(times[name]), median([t / b for t, b in zip(times[name], base[name])]), len(times[name]))
-          for name in fns}
 
 
 def layer_grad_fn(module: nnx.Module, moe: bool, weights: tuple[float, float]) -> Callable:
@@ -151,8 +117,8 @@ def layer_rows(setting: str) -> list[dict]:
       grad = layer_grad_fn(MoEFFN(layer_cfg, nnx.Rngs(params=0)), True, (cfg.lb_loss_weight, cfg.z_loss_weight))
       candidates[impl if dropless else f'{impl}@{group_size}'] = (grad, None if dropless else group_size)
   fns = {name: (lambda grad=grad: grad(x_BTD, dy_BTD)) for name, (grad, _) in candidates.items()}
-  times = interleaved_times(fns, 'dense_ffn', f.repeats, f.inner, f.max_ratio)
-  dense_s = times['dense_ffn'][0]
+  times = cost.interleaved_times(fns, 1, f.repeats, f.inner, baseline='dense_ffn', max_ratio=f.max_ratio)
+  dense_s = times['dense_ffn']['median_s']
   rows = []
   for name, (grad, group_size) in candidates.items():
     if name == 'dense_ffn':
@@ -161,8 +127,8 @@ def layer_rows(setting: str) -> list[dict]:
     rows.append(dict(kind='layer', setting=setting, impl=name.split('@')[0], group_size=group_size,
                      tokens=f.tokens, d_model=f.d_model, d_expert=shape['d_expert'], n_experts=shape['n_experts'],
                      top_k=shape['top_k'], capacity_factor=f.capacity_factor, activation=f.activation,
-                     dtype=f.dtype, time_s=times[name][0], dense_time_s=dense_s, ratio=times[name][1],
-                     repeats=times[name][2], drop_fraction=drop))
+                     dtype=f.dtype, time_s=times[name]['median_s'], dense_time_s=dense_s,
+                     ratio=times[name]['ratio'], repeats=times[name]['samples'], drop_fraction=drop))
   return rows
 
 
@@ -172,7 +138,7 @@ def model_rows() -> list[dict]:
   dense_cfg = ModelConfig(vocab_size=256, d_model=f.d_model, n_layers=f.model_layers, n_heads=4,
                           d_ff=f.model_d_ff, max_seq_len=f.model_seq_len, activation=f.activation,
                           dtype=f.dtype, param_dtype=f.dtype)
-  train_cfg = train.TrainConfig(steps=1000, warmup=10, batch_size=f.model_batch, seq_len=f.model_seq_len)
+  train_cfg = TrainConfig(steps=1000, warmup=10, batch_size=f.model_batch, seq_len=f.model_seq_len)
   configs = {'dense': dense_cfg}
   for impl in f.model_impls:
     configs[impl] = dense_cfg.replace(n_experts=8, top_k=2, d_expert=f.model_d_ff // 2,
@@ -191,20 +157,20 @@ def model_rows() -> list[dict]:
 
   fns = {}
   for name, cfg in configs.items():
-    graphdef, state, tx, opt_state = train.init_state(cfg, train_cfg)
-    carried[name] = [train.make_train_step(graphdef, tx), state, opt_state]
+    graphdef, state, tx, opt_state = steps.init_state(cfg, train_cfg)
+    carried[name] = [steps.make_train_step(graphdef, tx), state, opt_state]
     fns[name] = thunk(name)
-  times = interleaved_times(fns, 'dense', f.repeats, 1, f.max_ratio)
+  times = cost.interleaved_times(fns, 1, f.repeats, 1, baseline='dense', max_ratio=f.max_ratio)
   rows = []
   for impl, cfg in configs.items():
     if impl == 'dense':
       continue
-    rows.append(dict(kind='model', setting='model', impl=dispatch.resolve(impl, cfg.capacity_factor is None), group_size=cfg.group_size,
+    rows.append(dict(kind='model', setting='model', impl=dispatch.resolve(impl, cfg.dropless), group_size=cfg.group_size,
                      tokens=f.model_batch * f.model_seq_len, d_model=cfg.d_model, d_expert=cfg.expert_size,
                      n_experts=cfg.n_experts, top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
                      activation=cfg.activation, dtype=cfg.dtype, n_layers=cfg.n_layers, dense_d_ff=f.model_d_ff,
-                     time_s=times[impl][0], dense_time_s=times['dense'][0], ratio=times[impl][1],
-                     repeats=times[impl][2]))
+                     time_s=times[impl]['median_s'], dense_time_s=times['dense']['median_s'],
+                     ratio=times[impl]['ratio'], repeats=times[impl]['samples']))
   return rows
 
 

@@ -5,7 +5,7 @@
   python experiments/bench_train.py --models=flags --arch=moe --d_model=512 --n_layers=8   # any size, by flags
   python experiments/bench_train.py --json
 
-The step is `slmjax.train.make_train_step` (forward, loss with the router's aux loss, backward, clipping, AdamW),
+The step is `slmjax.steps.make_train_step` (forward, loss with the router's aux loss, backward, clipping, AdamW),
 the one `slmjax.train.train` runs, timed after warm-up on a fixed batch; the median of `--steps` steps is kept.
 The models' steps are timed interleaved (one step of each per round), so the MoE / dense ratio holds on a
 shared machine whose speed drifts by 10-30% for minutes at a time; `--rounds=3` repeats slmjax and the peer
@@ -35,8 +35,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from slmjax import cli, cost, counting, dispatch, train
-from slmjax.config import ModelConfig
+from slmjax import cli, cost, counting, dispatch, steps
+from slmjax.config import ModelConfig, TrainConfig
 
 PEER_COMMON = dict(vocab_size=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=512,
                    tie_embeddings=False, rope_theta=10_000.0, activation='swiglu', norm='rmsnorm', norm_eps=1e-6)
@@ -73,17 +73,17 @@ def model_config(name: str) -> ModelConfig:
   if name == 'flags':
     return cli.model_config_from_flags()
   cfg = cli.apply_runtime_flags(ModelConfig(**PEER_MODELS[name]))
-  return cfg.replace(capacity_factor=FLAGS.capacity_factor if FLAGS.capacity_factor > 0 else None)
+  return cfg.replace(capacity_factor=cli.flag_values(ModelConfig)['capacity_factor'])  # this script's default: 0
 
 
 def build_run(cfg: ModelConfig) -> list:
   """[step, state, opt_state, batch] for cost.time_train_steps: the real train step on one fixed random batch."""
-  train_cfg = train.TrainConfig(steps=1000, warmup=10, lr=FLAGS.lr, batch_size=FLAGS.batch_size,
+  train_cfg = TrainConfig(steps=1000, warmup=10, lr=FLAGS.lr, batch_size=FLAGS.batch_size,
                                 seq_len=FLAGS.seq_len)
-  graphdef, state, tx, opt_state = train.init_state(cfg, train_cfg)
+  graphdef, state, tx, opt_state = steps.init_state(cfg, train_cfg)
   batch_BT1 = np.random.default_rng(0).integers(0, cfg.vocab_size, (FLAGS.batch_size, FLAGS.seq_len + 1),
                                                 dtype=np.int32)
-  return [train.make_train_step(graphdef, tx), state, opt_state, batch_BT1]
+  return [steps.make_train_step(graphdef, tx), state, opt_state, batch_BT1]
 
 
 def model_row(name: str, cfg: ModelConfig, run: list, stats: dict, peak_flops: float) -> dict:
@@ -94,7 +94,7 @@ def model_row(name: str, cfg: ModelConfig, run: list, stats: dict, peak_flops: f
   flops_per_token = counting.train_flops_per_token(cfg, FLAGS.seq_len, counts)
   step_s = stats['median_s']
   measured = cost.throughput(FLAGS.batch_size * FLAGS.seq_len, step_s, flops_per_token, peak_flops)
-  return dict(model=name, dispatch=dispatch.resolve(cfg.dispatch, cfg.capacity_factor is None) if cfg.is_moe else None,
+  return dict(model=name, dispatch=dispatch.resolve(cfg.dispatch, cfg.dropless) if cfg.is_moe else None,
               total_params=counts.total, active_params=counts.active, step_time_s=step_s,
               step_time_min_s=stats['min_s'], step_time_mean_s=stats['mean_s'], tokens_per_s=measured['tokens_per_s'],
               achieved_gflops=measured['achieved_flops_per_s'] / 1e9, mfu=measured['mfu'],

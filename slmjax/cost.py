@@ -45,6 +45,48 @@ def matmul_peak_flops(n: int = 2048, dtype: str = 'float32', repeats: int = 10) 
   return 2 * n ** 3 / time_fn(matmul, a, b, warmup=2, repeats=repeats)['median_s']
 
 
+def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int = 1, repeats: int = 10, inner: int = 1,
+                      baseline: str | None = None, max_ratio: float | None = None) -> dict[str, dict[str, float]]:
+  """Seconds per call of each thunk, timed round-robin: each round times every thunk in turn, so a slow spell
+  of a shared machine (we see 10-30% for minutes) lands on all of them alike and their ratios hold.
+
+  `warmup` untimed rounds first (the first compiles); each sample is the mean of `inner` calls. With a
+  `baseline`, each thunk's sample is taken right after a sample of the baseline and `ratio` is the median of
+  those paired ratios; a thunk slower than `max_ratio` baselines in its first round is timed only that once.
+  Returns {name: {median_s, min_s, mean_s, samples[, ratio]}}.
+  """
+  def sample(fn, n):
+    start = time.perf_counter()
+    for _ in range(n):
+      out = fn()
+    block(out)
+    return (time.perf_counter() - start) / n
+
+  for _ in range(warmup):
+    for fn in fns.values():
+      block(fn())
+  times = {name: [] for name in fns}
+  base = {name: [] for name in fns}
+  slow = set()
+  for i in range(repeats):
+    for name, fn in fns.items():
+      if name in slow:
+        continue
+      n = 1 if i == 0 and baseline else inner
+      if baseline:
+        base[name].append(sample(fns[baseline], n))
+      times[name].append(sample(fn, n))
+      if i == 0 and baseline and max_ratio and times[name][0] > max_ratio * base[name][0]:
+        slow.add(name)
+  stats = {}
+  for name, t in times.items():
+    stats[name] = {'median_s': statistics.median(t), 'min_s': min(t), 'mean_s': statistics.fmean(t),
+                   'samples': len(t)}
+    if baseline:
+      stats[name]['ratio'] = statistics.median([a / b for a, b in zip(t, base[name])])
+  return stats
+
+
 def time_train_step(step_fn: Callable, state, opt_state, batch, warmup: int = 2, repeats: int = 10
                     ) -> tuple[dict[str, float], Any, Any]:
   """Seconds per call of a (donating) train step `step_fn(state, opt_state, batch) -> (state, opt_state, m)`.
@@ -58,21 +100,15 @@ def time_train_step(step_fn: Callable, state, opt_state, batch, warmup: int = 2,
 
 
 def time_train_steps(runs: dict[str, list], warmup: int = 2, repeats: int = 10) -> dict[str, dict[str, float]]:
-  """time_train_step for several steps at once, interleaved: each round times one call of every step, so a slow
-  spell of a shared machine (we see 10-30% for minutes) lands on all of them alike and their ratios hold.
-
-  `runs` maps a name to a list [step_fn, state, opt_state, batch]; states are updated in place.
-  """
-  times = {name: [] for name in runs}
-  for i in range(warmup + repeats):
-    for name, run in runs.items():
+  """`interleaved_times` of several train steps, each list [step_fn, state, opt_state, batch] in `runs` threading
+  its (donated) state through the calls: the lists are updated in place."""
+  def thunk(run):
+    def call():
       step_fn, state, opt_state, batch = run
-      start = time.perf_counter()
-      run[1], run[2], _ = block(step_fn(state, opt_state, batch))
-      if i >= warmup:
-        times[name].append(time.perf_counter() - start)
-  return {name: {'median_s': statistics.median(t), 'min_s': min(t), 'mean_s': statistics.fmean(t)}
-          for name, t in times.items()}
+      run[1], run[2], metrics = step_fn(state, opt_state, batch)
+      return metrics
+    return call
+  return interleaved_times({name: thunk(run) for name, run in runs.items()}, warmup, repeats)
 
 
 def throughput(tokens_per_step: int, step_time_s: float, flops_per_token: float,

@@ -321,3 +321,11 @@ def test_a_corrupt_config_json_is_a_one_line_error(tmp_path, content):
   with pytest.raises(ValueError, match='config.json is not a run config slmjax wrote') as e:
     train(MOE, SMALL, tmp_path, log=None)
   assert '\n' not in str(e.value) and (tmp_path / 'config.json').read_text() == content
+
+
+def test_interleaved_times_pairs_each_sample_with_the_baseline():
+  sleep = lambda s: (lambda: time.sleep(s))
+  stats = cost.interleaved_times({'base': sleep(0.002), 'x4': sleep(0.008), 'x40': sleep(0.08)}, warmup=0,
+                                 repeats=4, baseline='base', max_ratio=10)
+  assert 3 < stats['x4']['ratio'] < 5 and stats['x4']['samples'] == 4
+  assert stats['x40']['samples'] == 1 and stats['x40']['ratio'] > 10  # too slow: timed once only
