@@ -16,6 +16,16 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+# Attribute names before the shape-letter legend (slmjax/shapes.py) -> today's: checkpoints of sweeps started
+# before the renames (tests/fixtures/legacy_v1) restore through `Checkpointer.restore` all the same.
+LEGACY_NAMES: dict[str, str] = {
+    'w_q_DNH': 'w_q_DHZ', 'w_k_DKH': 'w_k_DKZ', 'w_v_DKH': 'w_v_DKZ', 'w_o_NHD': 'w_o_HZD',  # GQA attention
+    'b_q_NH': 'b_q_HZ', 'b_k_KH': 'b_k_KZ', 'b_v_KH': 'b_v_KZ',
+    'w_dq_DL': 'w_dq_DI', 'w_uq_LNQ': 'w_uq_IHO', 'w_q_DNQ': 'w_q_DHO', 'w_dkv_DC': 'w_dkv_DJ',  # MLA
+    'w_uk_CNH': 'w_uk_JHZ', 'w_uv_CNU': 'w_uv_JHY', 'w_o_NUD': 'w_o_HYD',
+    'scale_D': 'scale', 'bias_D': 'bias',  # Norm (of any width)
+}
+
 
 def latest_step(directory: str | os.PathLike) -> int | None:
   """The newest complete checkpoint in `directory` without creating or cleaning anything (None if none)."""

@@ -12,7 +12,7 @@ from slmjax import checkpoint
 def tiny_state():
   """An nnx.State shaped like a model's (nested modules, Params and a non-Param variable) and its AdamW state."""
   state = nnx.State({'blocks': {0: {'w_DF': nnx.Param(jnp.arange(6.0).reshape(2, 3))}},
-                     'scale_D': nnx.Param(jnp.ones(3)), 'count': nnx.Variable(jnp.zeros((), jnp.int32))})
+                     'scale': nnx.Param(jnp.ones(3)), 'count': nnx.Variable(jnp.zeros((), jnp.int32))})
   tx = optax.adamw(1e-3)
   opt_state = tx.init(nnx.split_state(state, nnx.Param, ...)[0])
   return None, state, opt_state
