@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 # Attribute names before the shape-letter legend (slmjax/shapes.py) -> today's: checkpoints of sweeps started
 # before the renames (tests/fixtures/legacy_v1) restore through `Checkpointer.restore` all the same.
@@ -102,7 +103,11 @@ class Checkpointer:
 
   def has_legacy_names(self, step: int) -> bool:
     """Whether the saved state of `step` names any parameter by one of LEGACY_NAMES (read from its metadata)."""
-    saved = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), 'state')).item_metadata
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      saved = handler.metadata(epath.Path(self.directory) / str(step) / 'state')
+    finally:
+      handler.close()
     return any(set(path) & LEGACY_NAMES.keys() for path in flat_by_path(saved))
 
   def close(self) -> None:
