@@ -20,7 +20,6 @@ import math
 from absl import flags
 
 from slmjax import cli, counting, presets, sharding
-from slmjax.config import ModelConfig
 
 flags.DEFINE_string('mesh', '', 'A mesh such as expert:8 or data:2,fsdp:4: also print the weight bytes one '
                     'device holds on it (slmjax.axes rules).')
@@ -47,18 +46,8 @@ def human_bytes(n: float) -> str:
   return f'{n:g} B'
 
 
-def count_row(cfg: ModelConfig, preset: str | None, seq_len: int) -> dict:
-  counts = counting.module_counts(cfg)
-  if counts != counting.analytic_counts(cfg):
-    raise RuntimeError(f'module tree {counts} disagrees with analytic {counting.analytic_counts(cfg)}')
-  row = {**counting.summary(cfg, seq_len, counts), 'breakdown': counting.breakdown(cfg), 'config': cfg.to_dict(),
-         'preset': preset}
-  if FLAGS.mesh:
-    sizes = sharding.hypothetical_mesh(FLAGS.mesh)
-    row['mesh'] = sizes
-    row['weight_bytes_per_device'] = {dtype: int(sharding.bytes_per_device(cfg, sizes, b))
-                                      for dtype, b in counting.BYTES_PER_PARAM.items()}
-  return row
+def mesh_sizes() -> dict[str, int] | None:
+  return sharding.hypothetical_mesh(FLAGS.mesh) if FLAGS.mesh else None
 
 
 def format_table(name: str, row: dict) -> str:
@@ -105,13 +94,13 @@ def main(argv):
     cfgs = [presets.get(name) for name in names]
     if FLAGS.scale_down:
       cfgs = [presets.scale_down(cfg) for cfg in cfgs]
-    rows = [count_row(cfg, name, FLAGS.seq_len if FLAGS['seq_len'].present else cfg.max_seq_len)
-            for name, cfg in zip(names, cfgs)]
+    rows = [counting.describe(cfg, FLAGS.seq_len if FLAGS['seq_len'].present else cfg.max_seq_len, name,
+                              mesh_sizes()) for name, cfg in zip(names, cfgs)]
     print(json.dumps(rows) if FLAGS.json else format_all(rows))
     return
   cfg = cli.model_config_from_flags()
   seq_len = FLAGS.seq_len if FLAGS['seq_len'].present or not FLAGS.preset else cfg.max_seq_len
-  row = count_row(cfg, FLAGS.preset, seq_len)
+  row = counting.describe(cfg, seq_len, FLAGS.preset, mesh_sizes())
   if FLAGS.json:
     print(json.dumps(row))
     return

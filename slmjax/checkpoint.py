@@ -6,6 +6,8 @@ Saves are synchronous: when `save` returns, the checkpoint is on disk (a later N
 because the training loop only saves after checking that every step since the last save was finite).
 With several processes, orbax writes each process's shards of the arrays; the JSON items (data-iterator state,
 metadata) come from the primary process, which is enough because every process's iterator is at the same index.
+A checkpoint saved with parameter names from before the renames (LEGACY_NAMES) restores too: its arrays are read
+without a target, renamed, and placed like the target's leaves.
 """
 
 from __future__ import annotations
@@ -15,12 +17,53 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+# Attribute names before the shape-letter legend (slmjax/shapes.py) -> today's: checkpoints of sweeps started
+# before the renames (tests/fixtures/legacy_v1) restore through `Checkpointer.restore` all the same.
+LEGACY_NAMES: dict[str, str] = {
+    'w_q_DNH': 'w_q_DHZ', 'w_k_DKH': 'w_k_DKZ', 'w_v_DKH': 'w_v_DKZ', 'w_o_NHD': 'w_o_HZD',  # GQA attention
+    'b_q_NH': 'b_q_HZ', 'b_k_KH': 'b_k_KZ', 'b_v_KH': 'b_v_KZ',
+    'w_dq_DL': 'w_dq_DI', 'w_uq_LNQ': 'w_uq_IHO', 'w_q_DNQ': 'w_q_DHO', 'w_dkv_DC': 'w_dkv_DJ',  # MLA
+    'w_uk_CNH': 'w_uk_JHZ', 'w_uv_CNU': 'w_uv_JHY', 'w_o_NUD': 'w_o_HYD',
+    'scale_D': 'scale', 'bias_D': 'bias',  # Norm (of any width)
+}
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
   """The newest complete checkpoint in `directory` without creating or cleaning anything (None if none)."""
   steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
   return max(steps, default=None)
+
+
+def path_key(entry) -> str:
+  """One element of a pytree path as a string: dict keys, sequence indices and attribute names alike (a saved
+  tree's keys are strings, a target's may be ints or attributes)."""
+  for field in ('key', 'idx', 'name'):
+    if hasattr(entry, field):
+      return str(getattr(entry, field))
+  return str(entry)
+
+
+def flat_by_path(tree) -> dict[tuple[str, ...], Any]:
+  return {tuple(map(path_key, path)): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def rename_legacy(saved, target):
+  """`saved` (arrays restored without a target, keyed by legacy names) in the structure of `target`: each leaf
+  matched by its path after LEGACY_NAMES, with the target leaf's dtype and sharding."""
+  values = {tuple(LEGACY_NAMES.get(k, k) for k in path): v for path, v in flat_by_path(saved).items()}
+  paths_likes, treedef = jax.tree_util.tree_flatten_with_path(target)
+  leaves = []
+  for path, like in paths_likes:
+    name = '/'.join(map(path_key, path))
+    value = values.pop(tuple(map(path_key, path)), None)
+    if value is None or value.shape != like.shape:
+      raise ValueError(f'legacy checkpoint: no saved array of shape {like.shape} for {name}')
+    leaves.append(jax.device_put(value.astype(like.dtype), getattr(like, 'sharding', None)))
+  if values:
+    raise ValueError(f'legacy checkpoint: saved array {"/".join(next(iter(values)))} matches no leaf of the target')
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class Checkpointer:
@@ -46,12 +89,26 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore(self, step: int, model_state_like, opt_state_like) -> tuple[Any, Any, dict, dict]:
-    """Restore into the structure, shapes, dtypes and shardings of `model_state_like` / `opt_state_like`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'model': model_state_like, 'opt_state': opt_state_like})
+    """Restore into the structure, shapes, dtypes and shardings of `model_state_like` / `opt_state_like`.
+
+    A checkpoint with legacy parameter names is restored without a target and renamed (`rename_legacy`)."""
+    target = {'model': model_state_like, 'opt_state': opt_state_like}
+    legacy = self.has_legacy_names(step)
+    state_args = (ocp.args.StandardRestore() if legacy else
+                  ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, target)))
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    state = restored['state']
+        state=state_args, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    state = rename_legacy(restored['state'], target) if legacy else restored['state']
     return state['model'], state['opt_state'], restored['data'], restored['meta']
+
+  def has_legacy_names(self, step: int) -> bool:
+    """Whether the saved state of `step` names any parameter by one of LEGACY_NAMES (read from its metadata)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      saved = handler.metadata(epath.Path(self.directory) / str(step) / 'state')
+    finally:
+      handler.close()
+    return any(set(path) & LEGACY_NAMES.keys() for path in flat_by_path(saved))
 
   def close(self) -> None:
     self.manager.close()

@@ -20,24 +20,44 @@ Conventions
 - device fit: the smallest rung of DEVICE_LADDER whose memory holds the weights alone in FIT_FRACTION of it
   (the rest left for activations, KV cache and the runtime); int8 / int4 are 1 / 0.5 byte a weight, without
   quantisation scales.
+- every parameter says what it is in its `role` metadata (set by `slmjax.layers.make_param`); ROLES maps a role to
+  its component of `breakdown` and how it counts, so the counts never depend on attribute names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
-import jax
 import numpy as np
 from flax import nnx
 
+from slmjax import sharding
 from slmjax.config import ModelConfig
 from slmjax.layers import is_gated
+from slmjax.model import abstract_model
+from slmjax.moe import SelectionBias
 
 BYTES_PER_PARAM = {'float32': 4.0, 'bfloat16': 2.0, 'int8': 1.0, 'int4': 0.5}
-EMBEDDING_PARAMS = ('embed_VD', 'lm_head_DV', 'b_lm_head_V')
-ROUTED_EXPERT_PARAMS = ('w_gate_EDF', 'w_up_EDF', 'w_down_EFD')
-NORM_PARAMS = ('scale_D', 'bias_D')
-BIAS_PREFIX = 'b_'  # every other leaf named b_* is an additive bias (projection biases, router selection bias)
+COMPONENTS = ('embedding', 'attention', 'norms', 'dense_ffn', 'routed_experts', 'shared_experts', 'router')
+# role -> (component, kind). Kinds: 'embedding' (outside non_embedding), 'lm_head' (embedding, and the weights of
+# the unembedding matmul), 'norm' and 'bias' (non-embedding, not matmul), 'matmul' (non-embedding, every token
+# uses it), 'routed' (a matmul of which one token uses top_k / n_experts).
+ROLES: dict[str, tuple[str, str]] = {
+    'embedding': ('embedding', 'embedding'),  # the input embedding table, untied
+    'tied_embedding': ('embedding', 'lm_head'),  # the input embedding table, also the unembedding matrix
+    'lm_head': ('embedding', 'lm_head'),  # the untied output projection
+    'lm_head_bias': ('embedding', 'embedding'),
+    'attention': ('attention', 'matmul'),  # q/k/v/o projections, MLA latent projections
+    'attention_bias': ('attention', 'bias'),
+    'attention_norm': ('attention', 'norm'),  # QK-norms, MLA latent norms
+    'norm': ('norms', 'norm'),  # a block's norms and the final norm
+    'dense_ffn': ('dense_ffn', 'matmul'),
+    'routed_expert': ('routed_experts', 'routed'),
+    'shared_expert': ('shared_experts', 'matmul'),  # shared experts and their gate
+    'router': ('router', 'matmul'),
+    'selection_bias': ('router', 'bias'),  # stored, not trained (see the conventions above)
+}
 DEVICE_LADDER = (('phone', 4e9), ('laptop', 16e9), ('gpu-80GB', 80e9), ('node-8x80GB', 640e9))
 FIT_FRACTION = 0.8
 FIT_DTYPES = ('int4', 'int8', 'bfloat16')
@@ -115,70 +135,66 @@ def analytic_counts(cfg: ModelConfig) -> ParamCounts:
   return ParamCounts(embedding, total, active, norms, V * D, biases)
 
 
-def stored_weights(model) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
-  """(path, shape) of every stored weight of a model: its nnx.Params and router selection biases."""
-  from slmjax.moe import SelectionBias  # local: keep this module importable without building models
-  state = nnx.state(model, nnx.Any(nnx.Param, SelectionBias))
-  return [(tuple(str(p) for p in path), tuple(var.shape)) for path, var in nnx.to_flat_state(state)]
+class Weight(NamedTuple):
+  path: tuple[str, ...]
+  shape: tuple[int, ...]
+  role: str
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+
+def stored_weights(model) -> list[Weight]:
+  """Every stored weight of a model (its nnx.Params and router selection biases), with its role from metadata."""
+  weights = []
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, SelectionBias))):
+    path, role = tuple(str(p) for p in path), var.get_metadata().get('role')
+    if role not in ROLES:
+      raise ValueError(f'{"/".join(path)}: role {role!r} is not one of counting.ROLES: {", ".join(ROLES)}')
+    weights.append(Weight(path, tuple(var.shape), role))
+  return weights
+
+
+def _active(cfg: ModelConfig, kind: str, size: int) -> int:
+  return size * cfg.top_k // cfg.n_experts if kind == 'routed' else size
 
 
 def module_counts(cfg: ModelConfig) -> ParamCounts:
-  """Parameter counts read off the real module tree built with `nnx.eval_shape` (nothing allocated).
-
-  Leaves are classified by name: EMBEDDING_PARAMS, ROUTED_EXPERT_PARAMS (active share top_k / n_experts),
-  NORM_PARAMS, biases (`b_*`); everything else is a matmul weight every token uses.
-  """
-  from slmjax.model import abstract_model  # local: model imports this module's users, keep import light
-  embedding = non_embedding = active = norms = biases = 0
-  lm_head = 0
-  for path, shape in stored_weights(abstract_model(cfg)):
-    name, size = path[-1], int(np.prod(shape))
-    if name in EMBEDDING_PARAMS:
-      embedding += size
-      if name == 'lm_head_DV' or (name == 'embed_VD' and cfg.tie_embeddings):
-        lm_head = size
+  """Parameter counts read off the real module tree built with `nnx.eval_shape` (nothing allocated), each weight
+  counted by its role (ROLES)."""
+  embedding = non_embedding = active = norms = biases = lm_head = 0
+  for weight in stored_weights(abstract_model(cfg)):
+    _, kind = ROLES[weight.role]
+    if kind in ('embedding', 'lm_head'):
+      embedding += weight.size
+      lm_head += weight.size if kind == 'lm_head' else 0
       continue
-    non_embedding += size
-    if name in ROUTED_EXPERT_PARAMS:
-      active += size * cfg.top_k // cfg.n_experts
-    else:
-      active += size
-    if name in NORM_PARAMS:
-      norms += size
-    elif name.startswith(BIAS_PREFIX):
-      biases += size
+    non_embedding += weight.size
+    active += _active(cfg, kind, weight.size)
+    norms += weight.size if kind == 'norm' else 0
+    biases += weight.size if kind == 'bias' else 0
   return ParamCounts(embedding, non_embedding, active, norms, lm_head, biases)
 
 
-COMPONENTS = ('embedding', 'attention', 'norms', 'dense_ffn', 'routed_experts', 'shared_experts', 'router')
-
-
-def component_of(path: tuple[str, ...]) -> str:
-  """Which part of the model a weight belongs to (attention includes its biases and QK / latent norms)."""
-  name = path[-1]
-  if name in EMBEDDING_PARAMS:
-    return 'embedding'
-  if 'attn' in path:
-    return 'attention'
-  if name in NORM_PARAMS:
-    return 'norms'
-  if name in ROUTED_EXPERT_PARAMS:
-    return 'routed_experts'
-  if 'shared' in path or name == 'w_shared_gate_D':
-    return 'shared_experts'
-  if name in ('w_router_DE', 'b_select_E'):
-    return 'router'
-  return 'dense_ffn'
+def checked_counts(cfg: ModelConfig) -> ParamCounts:
+  """`module_counts`, after checking that they equal the closed form (a mismatch is a bug: RuntimeError)."""
+  counts, analytic = module_counts(cfg), analytic_counts(cfg)
+  if counts != analytic:
+    raise RuntimeError(f'module tree {counts} disagrees with analytic {analytic}')
+  return counts
 
 
 def breakdown(cfg: ModelConfig) -> dict[str, dict[str, int]]:
-  """Total and active parameters of each of COMPONENTS, read off the module tree (where the parameters are)."""
-  from slmjax.model import abstract_model
+  """Total and active parameters of each of COMPONENTS, read off the module tree (where the parameters are).
+
+  Attention includes its biases and its QK / latent norms; the router its selection bias; the shared experts
+  their gate."""
   parts = {component: {'total': 0, 'active': 0} for component in COMPONENTS}
-  for path, shape in stored_weights(abstract_model(cfg)):
-    component, size = component_of(path), int(np.prod(shape))
-    parts[component]['total'] += size
-    parts[component]['active'] += size * cfg.top_k // cfg.n_experts if component == 'routed_experts' else size
+  for weight in stored_weights(abstract_model(cfg)):
+    component, kind = ROLES[weight.role]
+    parts[component]['total'] += weight.size
+    parts[component]['active'] += _active(cfg, kind, weight.size)
   return parts
 
 
@@ -222,6 +238,15 @@ def summary(cfg: ModelConfig, seq_len: int | None = None, counts: ParamCounts | 
   }
 
 
-def tree_size(tree) -> int:
-  """Number of scalars in a pytree of arrays or ShapeDtypeStructs."""
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+def describe(cfg: ModelConfig, seq_len: int | None = None, preset: str | None = None,
+             mesh_sizes: dict[str, int] | None = None) -> dict:
+  """Everything `experiments/count.py` prints about a model: `summary` of the checked counts, `breakdown`, the
+  config and preset name and, on a mesh of `mesh_sizes` (`sharding.hypothetical_mesh`), the weight bytes one
+  device holds in each dtype."""
+  row = {**summary(cfg, seq_len, checked_counts(cfg)), 'breakdown': breakdown(cfg), 'config': cfg.to_dict(),
+         'preset': preset}
+  if mesh_sizes:
+    row['mesh'] = mesh_sizes
+    row['weight_bytes_per_device'] = {dtype: int(sharding.bytes_per_device(cfg, mesh_sizes, b))
+                                      for dtype, b in BYTES_PER_PARAM.items()}
+  return row

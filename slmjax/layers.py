@@ -1,9 +1,8 @@
 """Building blocks shared by dense and MoE models: norms, rotary embeddings, attention, the dense FFN.
 
-Dimension letters used in tensor names (nanodo style):
-  B batch, T query time, S key time, D d_model, N query heads, K kv heads, G query heads per kv head (N = K * G),
-  H head_dim, U value head width, F ffn width, V vocab.
-Parameters carry logical axis names (`out_sharding` metadata) that `slmjax.sharding` maps onto a device mesh.
+Shape letters: slmjax/shapes.py (here B, T, U, D, H, K, Q, Z, Y, R, F, N).
+Parameters carry logical axis names (`out_sharding` metadata) that `slmjax.sharding` maps onto a device mesh, and
+a `role` (metadata too) that says how `slmjax.counting` counts them, whatever the attribute is called.
 """
 
 from __future__ import annotations
@@ -21,11 +20,12 @@ def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def make_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...], dtype: str,
+def make_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...], dtype: str, *, role: str,
                fan_in: int | None = None, init: str = 'normal', std: float | None = None) -> nnx.Param:
   """A parameter initialised with truncated-normal std (default 1/sqrt(fan_in)), ones or zeros.
 
-  `names` are the logical axis names of the parameter's dimensions; `fan_in` defaults to shape[0].
+  `names` are the logical axis names of the parameter's dimensions; `role` is what the parameter is for counting
+  (one of `slmjax.counting.ROLES`); `fan_in` defaults to shape[0].
   `rngs=None` builds zeros instead of random draws: shapes only, for `abstract_model`.
   """
   if init == 'ones':
@@ -35,67 +35,74 @@ def make_param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, 
   else:
     std = std if std is not None else (fan_in if fan_in is not None else shape[0]) ** -0.5
     value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, dtype_of(dtype))
-  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False, role=role)
 
 
 class Norm(nnx.Module):
-  """RMSNorm (scale only) or LayerNorm (scale and bias) over the last axis, statistics in float32.
+  """RMSNorm (`scale` only) or LayerNorm (`scale` and `bias`) over the last axis, statistics in float32.
 
-  The parameters are named `scale_D` / `bias_D` whatever the normalised width is (counting finds norms by name).
+  The parameters have the width of what they normalise (D, Z, H * Z, I or J), so their names carry no shape
+  letters (flax's own names); `role` is 'norm' for a block's norms, 'attention_norm' for those inside attention.
   """
 
-  def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs, role: str = 'norm'):
     self.kind, self.eps = cfg.norm, cfg.norm_eps
-    self.scale_D = make_param(rngs, (dim,), ('norm',), cfg.param_dtype, init='ones')
+    self.scale = make_param(rngs, (dim,), ('norm',), cfg.param_dtype, role=role, init='ones')
     if cfg.norm == 'layernorm':
-      self.bias_D = make_param(rngs, (dim,), ('norm',), cfg.param_dtype, init='zeros')
+      self.bias = make_param(rngs, (dim,), ('norm',), cfg.param_dtype, role=role, init='zeros')
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    x32_BTD = x_BTD.astype(jnp.float32)
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x of any leading axes, the normalised width last."""
+    x32 = x.astype(jnp.float32)
     if self.kind == 'layernorm':
-      x32_BTD = x32_BTD - x32_BTD.mean(-1, keepdims=True)
-    y_BTD = x32_BTD * jax.lax.rsqrt(jnp.mean(x32_BTD * x32_BTD, -1, keepdims=True) + self.eps)
-    y_BTD = y_BTD * self.scale_D[...].astype(jnp.float32)
+      x32 = x32 - x32.mean(-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+    y = y * self.scale[...].astype(jnp.float32)
     if self.kind == 'layernorm':
-      y_BTD = y_BTD + self.bias_D[...].astype(jnp.float32)
-    return y_BTD.astype(x_BTD.dtype)
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos and sin of shape [T, H/2] for rotary embeddings (Su et al. 2021), half-split layout as in Llama."""
-  inv_freq = theta ** -(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles_TH = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  return jnp.cos(angles_TH), jnp.sin(angles_TH)
+def rope_tables(seq_len: int, rope_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos_TR and sin_TR, R = rope_dim / 2 columns, for rotary embeddings (Su et al. 2021), half-split as in Llama.
+
+  (The tables' R is half the rotary width of a head: each column rotates one pair.)
+  """
+  inv_freq = theta ** -(jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim)
+  angles_TR = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles_TR), jnp.sin(angles_TR)
 
 
-def apply_rope(x_BTNH: jax.Array, cos_TH: jax.Array, sin_TH: jax.Array) -> jax.Array:
-  """Rotate pairs (x[i], x[i + H/2]) by the position angle; computed in float32.
+def apply_rope(x_BTHR: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.Array:
+  """Rotate pairs (x[i], x[i + R/2]) by the position angle; computed in float32.
+
+  H is any heads axis (query heads, K key heads, or 1 for MLA's shared rotary key); R the rotary width.
 
   Written as x * [cos, cos] + swap_halves(x) * [-sin, sin], the swap a reversed axis of size 2: XLA:CPU fuses
   that into one elementwise loop, where the concatenate of the textbook form was a slow fusion of its own
   (a 16 x 256 llama training step: 795 -> 769 ms, measured).
   """
-  H = x_BTNH.shape[-1]
-  x32_BTNH = x_BTNH.astype(jnp.float32)
-  swapped_BTNH = x32_BTNH.reshape(*x_BTNH.shape[:-1], 2, H // 2)[..., ::-1, :].reshape(x_BTNH.shape)
-  cos_1T1H = jnp.concatenate([cos_TH, cos_TH], axis=-1)[None, :, None, :]
-  sin_1T1H = jnp.concatenate([-sin_TH, sin_TH], axis=-1)[None, :, None, :]
-  return (x32_BTNH * cos_1T1H + swapped_BTNH * sin_1T1H).astype(x_BTNH.dtype)
+  R = x_BTHR.shape[-1]
+  x32_BTHR = x_BTHR.astype(jnp.float32)
+  swapped_BTHR = x32_BTHR.reshape(*x_BTHR.shape[:-1], 2, R // 2)[..., ::-1, :].reshape(x_BTHR.shape)
+  cos_1T1R = jnp.concatenate([cos_TR, cos_TR], axis=-1)[None, :, None, :]
+  sin_1T1R = jnp.concatenate([-sin_TR, sin_TR], axis=-1)[None, :, None, :]
+  return (x32_BTHR * cos_1T1R + swapped_BTHR * sin_1T1R).astype(x_BTHR.dtype)
 
 
-def linear(x_BTI: jax.Array, w_I_O: jax.Array, n_in: int = 1) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   """Contract the last `n_in` axes of x with the first `n_in` axes of w, as one 2-D matmul on flattened rows.
 
-  Same result as the einsum, but XLA:CPU differentiates a [B, T, I] einsum through transposed copies of the
-  activations and slower matmuls; flat [B*T, I] @ [I, O] rows make a dense FFN's forward + backward 1.7x faster
+  Same result as the einsum, but XLA:CPU differentiates a [B, T, D] einsum through transposed copies of the
+  activations and slower matmuls; flat [B*T, D] @ [D, F] rows make a dense FFN's forward + backward 1.7x faster
   (142 vs 244 ms, 4096 tokens, d_model 256, d_ff 1024, measured). Reshapes of contiguous arrays are free.
   """
-  lead, in_shape, out_shape = x_BTI.shape[:-n_in], w_I_O.shape[:n_in], w_I_O.shape[n_in:]
-  if x_BTI.shape[-n_in:] != in_shape:
-    raise ValueError(f'linear: input axes {x_BTI.shape[-n_in:]} do not match weight axes {in_shape}')
+  lead, in_shape, out_shape = x.shape[:-n_in], w.shape[:n_in], w.shape[n_in:]
+  if x.shape[-n_in:] != in_shape:
+    raise ValueError(f'linear: input axes {x.shape[-n_in:]} do not match weight axes {in_shape}')
   size = math.prod(in_shape)
-  y_XO = x_BTI.reshape(-1, size) @ w_I_O.reshape(size, -1)
-  return y_XO.reshape(*lead, *out_shape)
+  y = x.reshape(-1, size) @ w.reshape(size, -1)
+  return y.reshape(*lead, *out_shape)
 
 
 def softcap(x: jax.Array, cap: float) -> jax.Array:
@@ -106,81 +113,84 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
 QUERY_BLOCKS = 4  # causal attention runs in this many query blocks, each against its key prefix only
 
 
-def causal_attention(q_BTKGH: jax.Array, k_BSKH: jax.Array, v_BSKU: jax.Array, cap: float = 0.0) -> jax.Array:
-  """softmax(q k^T / sqrt(H) + causal mask) v, logits and softmax in float32; returns out_BTKGU.
+def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float = 0.0) -> jax.Array:
+  """softmax(q k^T / sqrt(Z) + causal mask) v, logits and softmax in float32; returns out_BTKQY.
 
-  G query heads share each of the K key/value heads (G = 1 is plain multi-head attention); U is the value width.
-  Two speed choices, measured on CPU (16 x 256 tokens, 4 heads of 64, forward + backward of one layer):
-  heads-major [B, K, G, T, H] operands, so each score and value product is one batched matmul with no
+  Q query heads share each of the K key/value heads (Q = 1 is plain multi-head attention); Y is the value width
+  (Z in GQA). Two speed choices, measured on CPU (16 x 256 tokens, 4 heads of 64, forward + backward of one layer):
+  heads-major [B, K, Q, T, Z] operands, so each score and value product is one batched matmul with no
   transposed copies inside the gradient (83 -> 59 ms); and QUERY_BLOCKS query blocks, block i computing scores
   against keys [0, (i + 1) T / QUERY_BLOCKS) only, which skips 3/8 of the masked upper triangle (59 -> 42 ms).
   """
-  T, H = q_BTKGH.shape[1], q_BTKGH.shape[-1]
-  q_BKGTH = jnp.transpose(q_BTKGH, (0, 2, 3, 1, 4))
-  k_BKSH = jnp.transpose(k_BSKH, (0, 2, 1, 3))
-  v_BKSU = jnp.transpose(v_BSKU, (0, 2, 1, 3))
+  T, Z = q_BTKQZ.shape[1], q_BTKQZ.shape[-1]
+  q_BKQTZ = jnp.transpose(q_BTKQZ, (0, 2, 3, 1, 4))
+  k_BKUZ = jnp.transpose(k_BUKZ, (0, 2, 1, 3))
+  v_BKUY = jnp.transpose(v_BUKY, (0, 2, 1, 3))
   blocks = QUERY_BLOCKS if T % QUERY_BLOCKS == 0 and T >= 16 * QUERY_BLOCKS else 1
-  Q = T // blocks
+  size = T // blocks
   outs = []
   for i in range(blocks):
-    end = (i + 1) * Q  # query block i sees keys [0, end)
-    logits_BKGQS = jnp.einsum('BKGQH,BKSH->BKGQS', q_BKGTH[:, :, :, i * Q:end], k_BKSH[:, :, :end])
-    logits_BKGQS = softcap(logits_BKGQS.astype(jnp.float32) * H ** -0.5, cap)
-    causal_QS = jnp.arange(end)[None, :] <= jnp.arange(i * Q, end)[:, None]
-    logits_BKGQS = jnp.where(causal_QS, logits_BKGQS, jnp.finfo(jnp.float32).min)
-    probs_BKGQS = jax.nn.softmax(logits_BKGQS, axis=-1).astype(v_BSKU.dtype)
-    outs.append(jnp.einsum('BKGQS,BKSU->BKGQU', probs_BKGQS, v_BKSU[:, :, :end]))
-  out_BKGTU = jnp.concatenate(outs, axis=3)
-  return jnp.transpose(out_BKGTU, (0, 3, 1, 2, 4))
+    end = (i + 1) * size  # query block i (its T axis: `size` positions) sees keys [0, end)
+    logits_BKQTU = jnp.einsum('BKQTZ,BKUZ->BKQTU', q_BKQTZ[:, :, :, i * size:end], k_BKUZ[:, :, :end])
+    logits_BKQTU = softcap(logits_BKQTU.astype(jnp.float32) * Z ** -0.5, cap)
+    causal_TU = jnp.arange(end)[None, :] <= jnp.arange(i * size, end)[:, None]
+    logits_BKQTU = jnp.where(causal_TU, logits_BKQTU, jnp.finfo(jnp.float32).min)
+    probs_BKQTU = jax.nn.softmax(logits_BKQTU, axis=-1).astype(v_BUKY.dtype)
+    outs.append(jnp.einsum('BKQTU,BKUY->BKQTY', probs_BKQTU, v_BKUY[:, :, :end]))
+  out_BKQTY = jnp.concatenate(outs, axis=3)
+  return jnp.transpose(out_BKQTY, (0, 3, 1, 2, 4))
 
 
 class Attention(nnx.Module):
-  """Causal attention with rotary embeddings and grouped-query attention (K kv heads).
+  """Causal attention with rotary embeddings and grouped-query attention (K kv heads, Q = H / K query heads each).
 
   Options: biases on q/k/v (`qkv_bias`) and on the output (`o_bias`); QK-norm before rotary, either per head
-  (`qk_norm='head'`, one gain vector of size H shared by the heads, Qwen3) or over the whole projection
-  (`'full'`, gains of size N*H and K*H, OLMoE); tanh soft-capping of the logits (`attn_softcap`, Gemma 2).
+  (`qk_norm='head'`, one gain vector of size Z shared by the heads, Qwen3) or over the whole projection
+  (`'full'`, gains of size H*Z and K*Z, OLMoE); tanh soft-capping of the logits (`attn_softcap`, Gemma 2).
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
+    D, H, K, Z = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
+    p = cfg.param_dtype
     self.cfg = cfg
-    self.w_q_DNH = make_param(rngs, (D, N, H), ('embed', 'q_heads', 'head_dim'), cfg.param_dtype, fan_in=D)
-    self.w_k_DKH = make_param(rngs, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg.param_dtype, fan_in=D)
-    self.w_v_DKH = make_param(rngs, (D, K, H), ('embed', 'kv_heads', 'head_dim'), cfg.param_dtype, fan_in=D)
-    self.w_o_NHD = make_param(rngs, (N, H, D), ('q_heads', 'head_dim', 'embed'), cfg.param_dtype, fan_in=N * H)
+    self.w_q_DHZ = make_param(rngs, (D, H, Z), ('embed', 'q_heads', 'head_dim'), p, role='attention', fan_in=D)
+    self.w_k_DKZ = make_param(rngs, (D, K, Z), ('embed', 'kv_heads', 'head_dim'), p, role='attention', fan_in=D)
+    self.w_v_DKZ = make_param(rngs, (D, K, Z), ('embed', 'kv_heads', 'head_dim'), p, role='attention', fan_in=D)
+    self.w_o_HZD = make_param(rngs, (H, Z, D), ('q_heads', 'head_dim', 'embed'), p, role='attention',
+                              fan_in=H * Z)
     if cfg.qkv_bias:
-      self.b_q_NH = make_param(rngs, (N, H), ('q_heads', 'head_dim'), cfg.param_dtype, init='zeros')
-      self.b_k_KH = make_param(rngs, (K, H), ('kv_heads', 'head_dim'), cfg.param_dtype, init='zeros')
-      self.b_v_KH = make_param(rngs, (K, H), ('kv_heads', 'head_dim'), cfg.param_dtype, init='zeros')
+      self.b_q_HZ = make_param(rngs, (H, Z), ('q_heads', 'head_dim'), p, role='attention_bias', init='zeros')
+      self.b_k_KZ = make_param(rngs, (K, Z), ('kv_heads', 'head_dim'), p, role='attention_bias', init='zeros')
+      self.b_v_KZ = make_param(rngs, (K, Z), ('kv_heads', 'head_dim'), p, role='attention_bias', init='zeros')
     if cfg.o_bias:
-      self.b_o_D = make_param(rngs, (D,), ('embed',), cfg.param_dtype, init='zeros')
+      self.b_o_D = make_param(rngs, (D,), ('embed',), p, role='attention_bias', init='zeros')
     if cfg.qk_norm == 'head':
-      self.q_norm, self.k_norm = Norm(H, cfg, rngs), Norm(H, cfg, rngs)
+      self.q_norm, self.k_norm = Norm(Z, cfg, rngs, 'attention_norm'), Norm(Z, cfg, rngs, 'attention_norm')
     elif cfg.qk_norm == 'full':
-      self.q_norm, self.k_norm = Norm(N * H, cfg, rngs), Norm(K * H, cfg, rngs)
+      self.q_norm = Norm(H * Z, cfg, rngs, 'attention_norm')
+      self.k_norm = Norm(K * Z, cfg, rngs, 'attention_norm')
 
-  def __call__(self, x_BTD: jax.Array, cos_TH: jax.Array, sin_TH: jax.Array) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.Array:
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     B, T, _ = x_BTD.shape
-    N, K, G, H = cfg.n_heads, cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
-    q_BTNH = linear(x_BTD, self.w_q_DNH[...].astype(dt))
-    k_BSKH = linear(x_BTD, self.w_k_DKH[...].astype(dt))
-    v_BSKH = linear(x_BTD, self.w_v_DKH[...].astype(dt))
+    H, K, Q, Z = cfg.n_heads, cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
+    q_BTHZ = linear(x_BTD, self.w_q_DHZ[...].astype(dt))
+    k_BUKZ = linear(x_BTD, self.w_k_DKZ[...].astype(dt))  # keys at the same positions: U = T
+    v_BUKZ = linear(x_BTD, self.w_v_DKZ[...].astype(dt))
     if cfg.qkv_bias:
-      q_BTNH = q_BTNH + self.b_q_NH[...].astype(dt)
-      k_BSKH = k_BSKH + self.b_k_KH[...].astype(dt)
-      v_BSKH = v_BSKH + self.b_v_KH[...].astype(dt)
+      q_BTHZ = q_BTHZ + self.b_q_HZ[...].astype(dt)
+      k_BUKZ = k_BUKZ + self.b_k_KZ[...].astype(dt)
+      v_BUKZ = v_BUKZ + self.b_v_KZ[...].astype(dt)
     if cfg.qk_norm == 'head':
-      q_BTNH, k_BSKH = self.q_norm(q_BTNH), self.k_norm(k_BSKH)
+      q_BTHZ, k_BUKZ = self.q_norm(q_BTHZ), self.k_norm(k_BUKZ)
     elif cfg.qk_norm == 'full':
-      q_BTNH = self.q_norm(q_BTNH.reshape(B, T, N * H)).reshape(B, T, N, H)
-      k_BSKH = self.k_norm(k_BSKH.reshape(B, T, K * H)).reshape(B, T, K, H)
-    q_BTNH = apply_rope(q_BTNH, cos_TH, sin_TH)
-    k_BSKH = apply_rope(k_BSKH, cos_TH, sin_TH)
-    out_BTKGH = causal_attention(q_BTNH.reshape(B, T, K, G, H), k_BSKH, v_BSKH, cfg.attn_softcap)
-    y_BTD = linear(out_BTKGH.reshape(B, T, N, H), self.w_o_NHD[...].astype(dt), n_in=2)
+      q_BTHZ = self.q_norm(q_BTHZ.reshape(B, T, H * Z)).reshape(B, T, H, Z)
+      k_BUKZ = self.k_norm(k_BUKZ.reshape(B, T, K * Z)).reshape(B, T, K, Z)
+    q_BTHZ = apply_rope(q_BTHZ, cos_TR, sin_TR)
+    k_BUKZ = apply_rope(k_BUKZ, cos_TR, sin_TR)
+    out_BTKQZ = causal_attention(q_BTHZ.reshape(B, T, K, Q, Z), k_BUKZ, v_BUKZ, cfg.attn_softcap)
+    y_BTD = linear(out_BTKQZ.reshape(B, T, H, Z), self.w_o_HZD[...].astype(dt), n_in=2)
     if cfg.o_bias:
       y_BTD = y_BTD + self.b_o_D[...].astype(dt)
     return y_BTD
@@ -200,15 +210,18 @@ def is_gated(activation: str) -> bool:
 
 
 class DenseFFN(nnx.Module):
-  """Position-wise feed-forward block of width `d_ff`: gated (SwiGLU/GeGLU, three matrices) or GELU (two)."""
+  """Position-wise feed-forward block of width `d_ff`: gated (SwiGLU/GeGLU, three matrices) or GELU (two).
 
-  def __init__(self, cfg: ModelConfig, d_ff: int, rngs: nnx.Rngs):
+  `role` is 'dense_ffn', or 'shared_expert' for an MoE layer's always-on shared experts.
+  """
+
+  def __init__(self, cfg: ModelConfig, d_ff: int, rngs: nnx.Rngs, role: str = 'dense_ffn'):
     D, F = cfg.d_model, d_ff
     self.cfg = cfg
     if is_gated(cfg.activation):
-      self.w_gate_DF = make_param(rngs, (D, F), ('embed', 'mlp'), cfg.param_dtype)
-    self.w_up_DF = make_param(rngs, (D, F), ('embed', 'mlp'), cfg.param_dtype)
-    self.w_down_FD = make_param(rngs, (F, D), ('mlp', 'embed'), cfg.param_dtype)
+      self.w_gate_DF = make_param(rngs, (D, F), ('embed', 'mlp'), cfg.param_dtype, role=role)
+    self.w_up_DF = make_param(rngs, (D, F), ('embed', 'mlp'), cfg.param_dtype, role=role)
+    self.w_down_FD = make_param(rngs, (F, D), ('mlp', 'embed'), cfg.param_dtype, role=role)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dt = dtype_of(self.cfg.dtype)

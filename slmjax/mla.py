@@ -6,11 +6,11 @@ key shared by all heads, because rotary does not commute with the latent up-proj
 (latents expanded to per-head keys and values); the inference trick of absorbing the up-projections into the query
 and output matrices changes speed, not the parameters or the function. Rotary uses the half-split layout of
 `layers.apply_rope` (DeepSeek's checkpoints pair interleaved dimensions: a fixed permutation of the rotary columns)
-and the plain 1/sqrt(H + R) logit scale (DeepSeek's YaRN factor for long context has no parameters).
+and the plain 1/sqrt(Z + R) logit scale (DeepSeek's YaRN factor for long context has no parameters).
 
-Dimension letters: B batch, T query time, S key time, D d_model, N heads, H no-rope q/k width per head
-(`head_dim`), R rotary width (`qk_rope_dim`), U value width per head (`v_head_dim`), L query latent rank
-(`q_lora_rank`), C key/value latent rank (`kv_lora_rank`), Q = H + R the q/k width per head.
+Shape letters: slmjax/shapes.py. Here: B batch, T query time, U key time, D d_model, H heads, Z no-rope q/k width
+per head (`head_dim`), R rotary width (`qk_rope_dim`), O = Z + R the q/k width per head, Y value width per head
+(`v_head_dim`), I query latent rank (`q_lora_rank`), J key/value latent rank (`kv_lora_rank`).
 """
 
 from __future__ import annotations
@@ -26,50 +26,50 @@ from slmjax.layers import Norm, apply_rope, causal_attention, dtype_of, linear, 
 class MLAttention(nnx.Module):
   """Causal MLA. Parameter layout (HF DeepSeek names in brackets):
 
-  query: w_dq_DL [q_a_proj], q_norm [q_a_layernorm], w_uq_LNQ [q_b_proj] with Q = H + R, when q_lora_rank > 0;
-         else one w_q_DNQ [q_proj] (DeepSeek-V2-Lite);
-  key/value: w_dkv_DC and w_kr_DR [together kv_a_proj_with_mqa], kv_norm [kv_a_layernorm],
-         w_uk_CNH and w_uv_CNU [together kv_b_proj]; output: w_o_NUD [o_proj] (+ b_o_D if o_bias).
+  query: w_dq_DI [q_a_proj], q_norm [q_a_layernorm], w_uq_IHO [q_b_proj] with O = Z + R, when q_lora_rank > 0;
+         else one w_q_DHO [q_proj] (DeepSeek-V2-Lite);
+  key/value: w_dkv_DJ and w_kr_DR [together kv_a_proj_with_mqa], kv_norm [kv_a_layernorm],
+         w_uk_JHZ and w_uv_JHY [together kv_b_proj]; output: w_o_HYD [o_proj] (+ b_o_D if o_bias).
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    D, N, H, R, U, L, C = (cfg.d_model, cfg.n_heads, cfg.head_size, cfg.rope_size, cfg.v_head_size,
+    D, H, Z, R, Y, I, J = (cfg.d_model, cfg.n_heads, cfg.head_size, cfg.rope_size, cfg.v_head_size,
                            cfg.q_lora_rank, cfg.kv_rank)
     p = cfg.param_dtype
     self.cfg = cfg
-    if L:
-      self.w_dq_DL = make_param(rngs, (D, L), ('embed', 'latent'), p)
-      self.q_norm = Norm(L, cfg, rngs)
-      self.w_uq_LNQ = make_param(rngs, (L, N, H + R), ('latent', 'q_heads', 'head_dim'), p)
+    if I:
+      self.w_dq_DI = make_param(rngs, (D, I), ('embed', 'latent'), p, role='attention')
+      self.q_norm = Norm(I, cfg, rngs, 'attention_norm')
+      self.w_uq_IHO = make_param(rngs, (I, H, Z + R), ('latent', 'q_heads', 'head_dim'), p, role='attention')
     else:
-      self.w_q_DNQ = make_param(rngs, (D, N, H + R), ('embed', 'q_heads', 'head_dim'), p)
-    self.w_dkv_DC = make_param(rngs, (D, C), ('embed', 'latent'), p)
-    self.w_kr_DR = make_param(rngs, (D, R), ('embed', 'head_dim'), p)
-    self.kv_norm = Norm(C, cfg, rngs)
-    self.w_uk_CNH = make_param(rngs, (C, N, H), ('latent', 'q_heads', 'head_dim'), p)
-    self.w_uv_CNU = make_param(rngs, (C, N, U), ('latent', 'q_heads', 'head_dim'), p)
-    self.w_o_NUD = make_param(rngs, (N, U, D), ('q_heads', 'head_dim', 'embed'), p, fan_in=N * U)
+      self.w_q_DHO = make_param(rngs, (D, H, Z + R), ('embed', 'q_heads', 'head_dim'), p, role='attention')
+    self.w_dkv_DJ = make_param(rngs, (D, J), ('embed', 'latent'), p, role='attention')
+    self.w_kr_DR = make_param(rngs, (D, R), ('embed', 'head_dim'), p, role='attention')
+    self.kv_norm = Norm(J, cfg, rngs, 'attention_norm')
+    self.w_uk_JHZ = make_param(rngs, (J, H, Z), ('latent', 'q_heads', 'head_dim'), p, role='attention')
+    self.w_uv_JHY = make_param(rngs, (J, H, Y), ('latent', 'q_heads', 'head_dim'), p, role='attention')
+    self.w_o_HYD = make_param(rngs, (H, Y, D), ('q_heads', 'head_dim', 'embed'), p, role='attention', fan_in=H * Y)
     if cfg.o_bias:
-      self.b_o_D = make_param(rngs, (D,), ('embed',), p, init='zeros')
+      self.b_o_D = make_param(rngs, (D,), ('embed',), p, role='attention_bias', init='zeros')
 
   def __call__(self, x_BTD: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.Array:
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
     B, T, _ = x_BTD.shape
-    N, H = cfg.n_heads, cfg.head_size
+    H, Z = cfg.n_heads, cfg.head_size
     if cfg.q_lora_rank:
-      cq_BTL = self.q_norm(linear(x_BTD, self.w_dq_DL[...].astype(dt)))
-      q_BTNQ = linear(cq_BTL, self.w_uq_LNQ[...].astype(dt))
+      cq_BTI = self.q_norm(linear(x_BTD, self.w_dq_DI[...].astype(dt)))
+      q_BTHO = linear(cq_BTI, self.w_uq_IHO[...].astype(dt))
     else:
-      q_BTNQ = linear(x_BTD, self.w_q_DNQ[...].astype(dt))
-    q_BTNQ = jnp.concatenate([q_BTNQ[..., :H], apply_rope(q_BTNQ[..., H:], cos_TR, sin_TR)], axis=-1)
-    ckv_BSC = self.kv_norm(linear(x_BTD, self.w_dkv_DC[...].astype(dt)))
-    kr_BS1R = apply_rope(linear(x_BTD, self.w_kr_DR[...].astype(dt))[:, :, None], cos_TR, sin_TR)
-    k_BSNH = linear(ckv_BSC, self.w_uk_CNH[...].astype(dt))
-    k_BSNQ = jnp.concatenate([k_BSNH, jnp.broadcast_to(kr_BS1R, (B, T, N, kr_BS1R.shape[-1]))], axis=-1)
-    v_BSNU = linear(ckv_BSC, self.w_uv_CNU[...].astype(dt))
-    out_BTN1U = causal_attention(q_BTNQ[:, :, :, None], k_BSNQ, v_BSNU, cfg.attn_softcap)
-    y_BTD = linear(out_BTN1U[:, :, :, 0], self.w_o_NUD[...].astype(dt), n_in=2)
+      q_BTHO = linear(x_BTD, self.w_q_DHO[...].astype(dt))
+    q_BTHO = jnp.concatenate([q_BTHO[..., :Z], apply_rope(q_BTHO[..., Z:], cos_TR, sin_TR)], axis=-1)
+    ckv_BUJ = self.kv_norm(linear(x_BTD, self.w_dkv_DJ[...].astype(dt)))  # keys at the same positions: U = T
+    kr_BU1R = apply_rope(linear(x_BTD, self.w_kr_DR[...].astype(dt))[:, :, None], cos_TR, sin_TR)
+    k_BUHZ = linear(ckv_BUJ, self.w_uk_JHZ[...].astype(dt))
+    k_BUHO = jnp.concatenate([k_BUHZ, jnp.broadcast_to(kr_BU1R, (B, T, H, kr_BU1R.shape[-1]))], axis=-1)
+    v_BUHY = linear(ckv_BUJ, self.w_uv_JHY[...].astype(dt))
+    out_BTH1Y = causal_attention(q_BTHO[:, :, :, None], k_BUHO, v_BUHY, cfg.attn_softcap)  # K = H heads, Q = 1
+    y_BTD = linear(out_BTH1Y[:, :, :, 0], self.w_o_HYD[...].astype(dt), n_in=2)
     if cfg.o_bias:
       y_BTD = y_BTD + self.b_o_D[...].astype(dt)
     return y_BTD

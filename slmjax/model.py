@@ -1,6 +1,6 @@
 """The Transformer: pre-norm blocks of one shared attention design plus a dense or routed-expert FFN.
 
-Dimension letters: B batch, T time, D d_model, V vocab, E experts, H rotary width per head.
+Shape letters: slmjax/shapes.py (here B, T, D, V, E, R).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ class Block(nnx.Module):
       self.post_attn_norm = Norm(cfg.d_model, cfg, rngs)
       self.post_ffn_norm = Norm(cfg.d_model, cfg, rngs)
 
-  def __call__(self, x_BTD, cos_TH, sin_TH) -> tuple[jax.Array, dict | None]:
-    y_BTD = self.attn(self.attn_norm(x_BTD), cos_TH, sin_TH)
+  def __call__(self, x_BTD, cos_TR, sin_TR) -> tuple[jax.Array, dict | None]:
+    y_BTD = self.attn(self.attn_norm(x_BTD), cos_TR, sin_TR)
     x_BTD = x_BTD + (self.post_attn_norm(y_BTD) if self.post_norms else y_BTD)
     extras = None
     if self.is_moe:
@@ -58,13 +58,16 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     # GPT-2 style std 0.02: tied logits start O(1) whatever d_model is.
-    self.embed_VD = make_param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), cfg.param_dtype, std=0.02)
+    self.embed_VD = make_param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), cfg.param_dtype,
+                               role='tied_embedding' if cfg.tie_embeddings else 'embedding', std=0.02)
     self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
     self.final_norm = Norm(cfg.d_model, cfg, rngs)
     if not cfg.tie_embeddings:
-      self.lm_head_DV = make_param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.param_dtype)
+      self.lm_head_DV = make_param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.param_dtype,
+                                   role='lm_head')
     if cfg.lm_head_bias:
-      self.b_lm_head_V = make_param(rngs, (cfg.vocab_size,), ('vocab',), cfg.param_dtype, init='zeros')
+      self.b_lm_head_V = make_param(rngs, (cfg.vocab_size,), ('vocab',), cfg.param_dtype, role='lm_head_bias',
+                                     init='zeros')
 
   def embed(self, tokens_BT: jax.Array) -> jax.Array:
     x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dtype_of(self.cfg.dtype))
@@ -79,10 +82,10 @@ class Transformer(nnx.Module):
     T = x_BTD.shape[1]
     if T > cfg.max_seq_len:
       raise ValueError(f'sequence length {T} exceeds max_seq_len={cfg.max_seq_len}')
-    cos_TH, sin_TH = rope_tables(T, cfg.rope_size, cfg.rope_theta)
+    cos_TR, sin_TR = rope_tables(T, cfg.rope_size, cfg.rope_theta)
     layer_extras = []
     for block in self.blocks:
-      x_BTD, extras = block(x_BTD, cos_TH, sin_TH)
+      x_BTD, extras = block(x_BTD, cos_TR, sin_TR)
       if extras is not None:
         layer_extras.append(extras)
     x_BTD = self.final_norm(x_BTD)

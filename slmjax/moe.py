@@ -1,7 +1,7 @@
 """Top-k router, its auxiliary losses, and the routed expert FFN.
 
-Dimension letters: X tokens (flattened batch x time), G groups, S tokens per group, A assignments per token
-(top_k), E experts, D d_model, F expert width.
+Shape letters: slmjax/shapes.py (here X tokens, G groups, S tokens per group, A assignments per token, E experts,
+D d_model, F expert width).
 """
 
 from __future__ import annotations
@@ -114,21 +114,21 @@ class MoEFFN(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    D, E, F = cfg.d_model, cfg.n_experts, cfg.expert_size
+    D, E, F, p = cfg.d_model, cfg.n_experts, cfg.expert_size, cfg.param_dtype
     self.cfg = cfg
-    self.w_router_DE = make_param(rngs, (D, E), ('embed', 'expert'), 'float32')
+    self.w_router_DE = make_param(rngs, (D, E), ('embed', 'expert'), 'float32', role='router')
     if is_gated(cfg.activation):
-      self.w_gate_EDF = make_param(rngs, (E, D, F), ('expert', 'embed', 'mlp'), cfg.param_dtype, fan_in=D)
-    self.w_up_EDF = make_param(rngs, (E, D, F), ('expert', 'embed', 'mlp'), cfg.param_dtype, fan_in=D)
-    self.w_down_EFD = make_param(rngs, (E, F, D), ('expert', 'mlp', 'embed'), cfg.param_dtype, fan_in=F)
+      self.w_gate_EDF = make_param(rngs, (E, D, F), ('expert', 'embed', 'mlp'), p, role='routed_expert', fan_in=D)
+    self.w_up_EDF = make_param(rngs, (E, D, F), ('expert', 'embed', 'mlp'), p, role='routed_expert', fan_in=D)
+    self.w_down_EFD = make_param(rngs, (E, F, D), ('expert', 'mlp', 'embed'), p, role='routed_expert', fan_in=F)
     if cfg.router_bias:
       self.b_select_E = SelectionBias(jnp.zeros((E,), jnp.float32), out_sharding=('expert',),
-                                      eager_sharding=False)
+                                      eager_sharding=False, role='selection_bias')
     # n shared experts of width Fs are exactly one dense FFN of width n * Fs (hidden units are independent).
-    self.shared = (DenseFFN(cfg, cfg.n_shared_experts * cfg.shared_size, rngs)
+    self.shared = (DenseFFN(cfg, cfg.n_shared_experts * cfg.shared_size, rngs, 'shared_expert')
                    if cfg.n_shared_experts else None)
     if cfg.shared_gate:  # Qwen MoE: the shared output is scaled by sigmoid(x . w), one scalar per token
-      self.w_shared_gate_D = make_param(rngs, (D,), ('embed',), cfg.param_dtype, fan_in=D)
+      self.w_shared_gate_D = make_param(rngs, (D,), ('embed',), p, role='shared_expert', fan_in=D)
 
   def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.cfg

@@ -1,9 +1,12 @@
 """Parameter counts: the closed form from the config equals the real module tree, in every variant."""
 
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from slmjax import counting
 from slmjax.config import ModelConfig
+from slmjax.model import abstract_model
 
 BASE = ModelConfig(d_model=48, n_layers=3, n_heads=4, d_ff=96, vocab_size=300)
 VARIANTS = {
@@ -53,3 +56,35 @@ def test_flops_per_token_convention():
   assert summary['train_flops_per_token'] == 6 * counts.active_matmul + 6 * 2 * 64 * 64
   assert summary['weight_bytes'] == {'float32': 4 * counts.total, 'bfloat16': 2 * counts.total,
                                      'int8': counts.total, 'int4': counts.total // 2}
+
+
+def test_counts_come_from_roles_not_attribute_names():
+  """A weight is counted by the role in its metadata: renamed, it counts the same; without a role, it is an error."""
+  cfg = VARIANTS['moe-shared']
+  model = abstract_model(cfg)
+  weights = counting.stored_weights(model)
+  assert {w.role for w in weights} == {'tied_embedding', 'attention', 'norm', 'routed_expert', 'router',
+                                       'shared_expert'}
+  by_role = lambda: {r: sum(w.size for w in counting.stored_weights(model) if w.role == r)  # noqa: E731
+                     for r in counting.ROLES}
+  before = by_role()
+  ffn = model.blocks[0].ffn
+  ffn.w_renamed_EDF = ffn.w_up_EDF
+  del ffn.w_up_EDF
+  assert 'w_renamed_EDF' in {w.path[-1] for w in counting.stored_weights(model)} and by_role() == before
+  model.blocks[0].extra = nnx.Param(jnp.zeros(3))
+  with pytest.raises(ValueError, match='blocks/0/extra: role None is not one of'):
+    counting.stored_weights(model)
+
+
+def test_checked_counts_and_describe(monkeypatch):
+  cfg = VARIANTS['moe']
+  assert counting.checked_counts(cfg) == counting.analytic_counts(cfg)
+  row = counting.describe(cfg, 64, 'tiny', {'data': 1, 'fsdp': 1, 'expert': 2, 'tensor': 1})
+  assert row['preset'] == 'tiny' and row['seq_len'] == 64 and row['config'] == cfg.to_dict()
+  assert sum(part['total'] for part in row['breakdown'].values()) == row['total_params']
+  assert row['weight_bytes']['float32'] > row['weight_bytes_per_device']['float32'] > 0
+  assert 'mesh' not in counting.describe(cfg)
+  monkeypatch.setattr(counting, 'analytic_counts', lambda cfg: counting.ParamCounts(0, 0, 0, 0, 0))
+  with pytest.raises(RuntimeError, match='disagrees with analytic'):
+    counting.checked_counts(cfg)

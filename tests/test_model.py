@@ -46,7 +46,7 @@ def test_one_expert_moe_model_equals_dense_model():
   moe_cfg = DENSE.replace(n_experts=1, top_k=1, d_expert=DENSE.ffn_size, capacity_factor=None)
   moe = create_model(moe_cfg, seed=1)
   moe.embed_VD[...] = dense.embed_VD[...]
-  moe.final_norm.scale_D[...] = dense.final_norm.scale_D[...]
+  moe.final_norm.scale[...] = dense.final_norm.scale[...]
   for moe_block, dense_block in zip(moe.blocks, dense.blocks):
     nnx.update(moe_block.attn, nnx.state(dense_block.attn))
     nnx.update(moe_block.attn_norm, nnx.state(dense_block.attn_norm))

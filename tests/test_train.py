@@ -87,7 +87,7 @@ def test_schedule_and_weight_decay_mask():
   mask = nnx.to_flat_state(optim.decay_mask(params))
   decayed = {str(path[-1]) for path, v in mask if v.get_value()}
   kept = {str(path[-1]) for path, v in mask if not v.get_value()}
-  assert kept == {'scale_D', 'bias_D'} and 'embed_VD' in decayed and 'w_up_EDF' in decayed
+  assert kept == {'scale', 'bias'} and 'embed_VD' in decayed and 'w_up_EDF' in decayed
 
 
 def test_train_step_learns_and_reports_router_metrics():
