@@ -9,7 +9,8 @@ so held-out loss is measured on text the model never trained on. Corpora (the `d
   a path, directory or glob of text files (byte tokenizer), or of pre-tokenized `.npy` / `.bin` token files
   (`.bin` is raw little-endian uint16, nanoGPT's format, or uint32 when the name ends in `.u32.bin`).
 
-Dimension letters: N tokens in a stream, B batch (per process), T sequence length (a window is T + 1 tokens).
+Shape letters: slmjax/shapes.py (here N tokens of a stream, B batch per process, T sequence length; a window is T + 1
+tokens).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Building blocks shared by dense and MoE models: norms, rotary embeddings, attention, the dense FFN.
 
 Shape letters: slmjax/shapes.py (here B, T, U, D, H, K, Q, Z, Y, R, F, N).
-Parameters carry logical axis names (`out_sharding` metadata) that `slmjax.sharding` maps onto a device mesh, and
+Parameters carry logical axis names (`out_sharding` metadata) that `slmjax.axes` maps onto a device mesh, and
 a `role` (metadata too) that says how `slmjax.counting` counts them, whatever the attribute is called.
 """
 

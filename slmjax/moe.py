@@ -143,7 +143,7 @@ class MoEFFN(nnx.Module):
     weights = ExpertWeights(
         self.w_gate_EDF[...].astype(dt) if is_gated(cfg.activation) else None,
         self.w_up_EDF[...].astype(dt), self.w_down_EFD[...].astype(dt))
-    y_GSD, kept_GSA = get_dispatch(cfg.dispatch, cfg.capacity_factor is None)(
+    y_GSD, kept_GSA = get_dispatch(cfg.dispatch, cfg.dropless)(
         x_XD.reshape(G, S, D), (cfg.routed_scale * routing.gates_XA).reshape(G, S, -1),
         routing.experts_XA.reshape(G, S, -1),
         weights, cfg.capacity(S), cfg.activation)

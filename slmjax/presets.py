@@ -350,7 +350,7 @@ def structural_features(cfg: ModelConfig) -> dict:
         router_renormalize=cfg.router_renormalize, router_bias=cfg.router_bias,
         routed_scale=cfg.routed_scale != 1.0, shared=cfg.n_shared_experts > 0, shared_gate=cfg.shared_gate,
         shared_width_differs=cfg.shared_size != cfg.expert_size,
-        dense_width_differs=cfg.ffn_size != cfg.expert_size, dropless=cfg.capacity_factor is None)
+        dense_width_differs=cfg.ffn_size != cfg.expert_size, dropless=cfg.dropless)
   return features
 
 
