@@ -7,13 +7,17 @@ because the training loop only saves after checking that every step since the la
 With several processes, orbax writes each process's shards of the arrays; the JSON items (data-iterator state,
 metadata) come from the primary process, which is enough because every process's iterator is at the same index.
 A checkpoint saved with parameter names from before the renames (LEGACY_NAMES) restores too: its arrays are read
-without a target, renamed, and placed like the target's leaves.
+without a target, renamed, and placed like the target's leaves. A checkpoint that cannot be read (a truncated or
+corrupted file: disk full, a copy cut short) is moved aside to `<dir>.corrupt/` by `restore_latest`, with a
+warning, and the previous one is restored instead.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -100,6 +104,29 @@ class Checkpointer:
         state=state_args, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     state = rename_legacy(restored['state'], target) if legacy else restored['state']
     return state['model'], state['opt_state'], restored['data'], restored['meta']
+
+  def restore_latest(self, model_state_like, opt_state_like, warn: Callable[[str], None]
+                     ) -> tuple[int, Any, Any, dict, dict] | None:
+    """(step, model state, opt_state, data state, meta) of the newest checkpoint that restores; None if there is
+    none. One that fails to read is moved to `<dir>.corrupt/<step>-<time>` (so later saves can reuse its step)
+    with a `warn`ing, and the one before it is tried; ValueError if every checkpoint fails."""
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return (step, *self.restore(step, model_state_like, opt_state_like))
+      except Exception as e:  # orbax / tensorstore raise plain Exceptions for unreadable data
+        aside = f'{self.directory}.corrupt'
+        os.makedirs(aside, exist_ok=True)
+        moved = os.path.join(aside, f'{step}-{time.strftime("%Y%m%dT%H%M%S")}')
+        shutil.move(os.path.join(self.directory, str(step)), moved)
+        self.manager.reload()
+        failures.append(step)
+        warn(f'warning: checkpoint step {step} in {self.directory} cannot be restored ({str(e).splitlines()[0][:160]}); '
+             f'moved to {moved}, trying the previous one')
+    if failures:
+      raise ValueError(f'no checkpoint in {self.directory} can be restored (steps {failures}, moved to '
+                       f'{self.directory}.corrupt); remove the run directory to start over')
+    return None
 
   def has_legacy_names(self, step: int) -> bool:
     """Whether the saved state of `step` names any parameter by one of LEGACY_NAMES (read from its metadata)."""

@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import shutil
+import sys
 from typing import Any, Callable
 
 import flax
@@ -164,12 +165,13 @@ class _Loop:
         'versions': {m.__name__: m.__version__ for m in (jax, optax, flax)}})
     iterator = data.train_iterator(self.dataset)
     with checkpoint.Checkpointer(run.checkpoints, keep=train_cfg.keep_checkpoints) as ckpt:
-      start = ckpt.latest_step() or 0
-      finished = run.read_summary() if start == train_cfg.steps else None
+      finished = run.read_summary() if ckpt.latest_step() == train_cfg.steps else None
       if finished and (not measure or 'cost' in finished):
         return finished
-      if start:
-        state, opt_state, data_state, _ = ckpt.restore(start, state, opt_state)
+      restored = ckpt.restore_latest(state, opt_state, warn=self.log or _stderr)
+      start = 0
+      if restored:
+        start, state, opt_state, data_state, _ = restored
         iterator.set_state(data_state)
         if self.log:
           self.log(f'resuming {run.path} from step {start}')
@@ -244,6 +246,10 @@ class _Loop:
       log.write(row)
     if self.log:
       self.log(progress_line(row, self.train_cfg.steps, eta_s))
+
+
+def _stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
 
 
 def _check_finite(host: list[dict], step: int, state, metrics_log: MetricsLog, ckpt) -> None:

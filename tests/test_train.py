@@ -329,3 +329,30 @@ def test_interleaved_times_pairs_each_sample_with_the_baseline():
                                  repeats=4, baseline='base', max_ratio=10)
   assert 3 < stats['x4']['ratio'] < 5 and stats['x4']['samples'] == 4
   assert stats['x40']['samples'] == 1 and stats['x40']['ratio'] > 10  # too slow: timed once only
+
+
+def truncate_largest_array_file(step_dir: pathlib.Path) -> None:
+  largest = max((p for p in (step_dir / 'state').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:200])
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path):
+  out_a, summary_a = straight
+  cfg = SMALL.replace(checkpoint_every=4)
+  train(MOE, cfg, tmp_path, log=None, stop_at_step=8)
+  truncate_largest_array_file(tmp_path / 'checkpoints' / '8')
+  lines = []
+  summary = train(MOE, cfg, tmp_path, log=lines.append)
+  assert any('checkpoint step 8' in line and 'cannot be restored' in line for line in lines)
+  assert any('resuming' in line and 'from step 4' in line for line in lines)
+  assert (summary['train_loss'], summary['eval_loss']) == (summary_a['train_loss'], summary_a['eval_loss'])
+  assert [p.name.split('-')[0] for p in (tmp_path / 'checkpoints.corrupt').iterdir()] == ['8']
+
+
+def test_every_checkpoint_unreadable_is_a_one_line_error(tmp_path):
+  cfg = SMALL.replace(checkpoint_every=4)
+  train(MOE, cfg, tmp_path, log=None, stop_at_step=4)
+  truncate_largest_array_file(tmp_path / 'checkpoints' / '4')
+  with pytest.raises(ValueError, match=r'no checkpoint in .* can be restored \(steps \[4\]') as e:
+    train(MOE, cfg, tmp_path, log=None)
+  assert '\n' not in str(e.value)
