@@ -126,16 +126,10 @@ class ModelConfig(ConfigDict):
   z_loss_weight: float = option(0.001, 'Router z-loss weight.', runtime=True)
 
   def __post_init__(self):
-    positive = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len', 'group_size', 'moe_every')
-    for name in positive:
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}')
-    for name in ('n_kv_heads', 'head_dim', 'd_ff', 'd_expert', 'd_shared', 'kv_lora_rank', 'qk_rope_dim',
-                 'v_head_dim'):
-      value = getattr(self, name)
-      if value is not None and (not isinstance(value, int) or value <= 0):
-        raise ValueError(f'{name} must be a positive integer or None (derive it), got {value!r}')
+    check_integers(self, minimum=1, names=('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len',
+                                           'group_size', 'moe_every'))
+    check_integers(self, minimum=1, or_none=True, names=('n_kv_heads', 'head_dim', 'd_ff', 'd_expert', 'd_shared',
+                                                         'kv_lora_rank', 'qk_rope_dim', 'v_head_dim'))
     check_choices(self)
     if self.attention == 'mla':
       if self.n_kv_heads not in (None, self.n_heads):
@@ -284,14 +278,9 @@ class TrainConfig(ConfigDict):
   log_every: int = option(10, 'Write a metrics line every n steps.')
 
   def __post_init__(self):
-    for name in ('steps', 'batch_size', 'seq_len', 'eval_batches', 'log_every', 'keep_checkpoints'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}')
-    for name in ('warmup', 'eval_every', 'checkpoint_every', 'seed'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 0:
-        raise ValueError(f'{name} must be a non-negative integer, got {value!r}')
+    check_integers(self, minimum=1, names=('steps', 'batch_size', 'seq_len', 'eval_batches', 'log_every',
+                                           'keep_checkpoints'))
+    check_integers(self, minimum=0, names=('warmup', 'eval_every', 'checkpoint_every', 'seed'))
     if self.warmup >= self.steps:
       raise ValueError(f'warmup={self.warmup} must be smaller than steps={self.steps}')
     if not self.lr > 0:
@@ -316,6 +305,15 @@ def default_warmup(steps: int, warmup: int = TrainConfig.warmup) -> int:
   """The warmup a run of `steps` gets when none is asked for: the default, or steps // 10 where it would not fit
   (a short run must not fail on a default it never chose)."""
   return warmup if warmup < steps else steps // 10
+
+
+def check_integers(cfg, minimum: int, names: tuple[str, ...], or_none: bool = False) -> None:
+  """ValueError unless each field in `names` is an integer >= `minimum` (or None, with `or_none`: derived)."""
+  kind = 'a positive integer' if minimum == 1 else f'an integer >= {minimum}'
+  for name in names:
+    value = getattr(cfg, name)
+    if (value is not None or not or_none) and (not isinstance(value, int) or value < minimum):
+      raise ValueError(f'{name} must be {kind}{" or None (derive it)" if or_none else ""}, got {value!r}')
 
 
 def check_choices(cfg) -> None:
