@@ -100,10 +100,35 @@ def ladder(template: ModelConfig, sizes, n_experts: int = 0, top_k: int = 2, mat
   return dense if n_experts == 0 else [moe_rung(cfg, n_experts, top_k, match) for cfg in dense]
 
 
+# The fields the configs had when run ids were first written (slmjax 0.1). A field added since enters the hash
+# only when it differs from its default, so adding a field never renames the runs of existing sweeps.
+FIRST_FIELDS = {
+    ModelConfig: frozenset((
+        'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'activation', 'norm',
+        'norm_eps', 'rope_theta', 'tie_embeddings', 'lm_head_bias', 'embed_scale', 'logit_softcap', 'post_norms',
+        'max_seq_len', 'dtype', 'param_dtype', 'attention', 'qkv_bias', 'o_bias', 'qk_norm', 'attn_softcap',
+        'q_lora_rank', 'kv_lora_rank', 'qk_rope_dim', 'v_head_dim', 'n_experts', 'top_k', 'd_expert',
+        'n_shared_experts', 'd_shared', 'moe_every', 'first_dense', 'capacity_factor', 'group_size', 'dispatch',
+        'router', 'router_renormalize', 'router_bias', 'routed_scale', 'shared_gate', 'lb_loss_weight',
+        'z_loss_weight')),
+    TrainConfig: frozenset((
+        'steps', 'batch_size', 'seq_len', 'lr', 'warmup', 'min_lr_ratio', 'weight_decay', 'b1', 'b2', 'grad_clip',
+        'data', 'eval_fraction', 'seed', 'eval_every', 'eval_batches', 'checkpoint_every', 'keep_checkpoints',
+        'log_every')),
+}
+
+
+def identity(cfg: ModelConfig | TrainConfig) -> str:
+  """The JSON a run id hashes: every first field, and any later field that is not at its default."""
+  defaults = type(cfg)().to_dict()
+  fields = {k: v for k, v in cfg.to_dict().items() if k in FIRST_FIELDS[type(cfg)] or v != defaults[k]}
+  return json.dumps(fields, sort_keys=True)
+
+
 def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
   """Readable and unique: arch, size, seed, and a hash of both configs (other settings never collide)."""
   arch = f'moe{model_cfg.n_experts}k{model_cfg.top_k}' if model_cfg.is_moe else 'dense'
-  digest = hashlib.sha256((model_cfg.to_json() + json.dumps(train_cfg.to_dict(), sort_keys=True)).encode())
+  digest = hashlib.sha256((identity(model_cfg) + identity(train_cfg)).encode())
   return f'{arch}-d{model_cfg.d_model}-l{model_cfg.n_layers}-s{train_cfg.seed}-{digest.hexdigest()[:8]}'
 
 

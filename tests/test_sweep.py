@@ -1,5 +1,6 @@
 """Sweeps: matched ladders, budgets, resumable runs without duplicate rows, one-line errors on bad flags."""
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -86,6 +87,14 @@ def test_sweep_resumes_an_interrupted_point_and_never_duplicates_rows(corpus_dir
   assert '3 already finished' in lines[0] and len(lines) == 1
   assert again == rows
   assert len(results.read_rows(tmp_path)) == 3
+
+
+def test_run_ids_are_stable_across_releases():
+  """Ids written by slmjax 0.1: a sweep directory from then must resume, so these may never change."""
+  assert sweep.run_id(ModelConfig(), TrainConfig()) == 'dense-d128-l4-s0-55a5517a'
+  moe = ModelConfig(n_experts=8, d_expert=256)
+  assert sweep.run_id(moe, TrainConfig(seed=1, steps=977, warmup=97)) == 'moe8k2-d128-l4-s1-b1fa8608'
+  assert sweep.FIRST_FIELDS[ModelConfig] <= {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 def test_sweep_points_cap_warmup_at_a_tenth_of_each_budget():
