@@ -16,7 +16,7 @@ from flax import nnx
 from slmjax import sharding
 from slmjax.config import ModelConfig
 from slmjax.model import create_model
-from slmjax.train import loss_fn
+from slmjax.steps import loss_fn
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, n_experts=8, top_k=2, d_expert=16, group_size=32,
                   max_seq_len=16, capacity_factor=2.0)
