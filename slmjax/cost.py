@@ -124,7 +124,10 @@ def throughput(tokens_per_step: int, step_time_s: float, flops_per_token: float,
 
 def compiled_memory(jitted: Callable, *args) -> dict[str, int] | None:
   """Bytes the compiled program needs (arguments, outputs, temporaries), where the backend reports it, and
-  `peak_bytes` = arguments + outputs + temporaries - aliased (donated buffers reused for outputs)."""
+  `peak_bytes` = arguments + outputs + temporaries - aliased (donated buffers reused for outputs). None for a
+  plain Python callable (no compiled program to read)."""
+  if not hasattr(jitted, 'lower'):
+    return None
   analysis = jitted.lower(*args).compile().memory_analysis()
   if analysis is None:
     return None
