@@ -135,10 +135,15 @@ def _intervals(refit: Callable[[np.ndarray], object], n_points: int, usable: Cal
         values[f].append(getattr(boot, f))
   if not values[fields[0]]:
     return {}
-  q = [(1 - ci) / 2, (1 + ci) / 2]
-  # Sample quantiles without interpolation where a field can be inf (E_max): interpolating inf gives nan.
-  method = lambda v: 'linear' if np.all(np.isfinite(v)) else 'inverted_cdf'
-  return {f'{f}_ci': tuple(float(x) for x in np.quantile(values[f], q, method=method(values[f]))) for f in fields}
+  return {f'{f}_ci': interval(values[f], ci) for f in fields}
+
+
+def interval(values, ci: float) -> tuple[float, float]:
+  """The central `ci` range of bootstrap `values`: sample quantiles, not interpolated when some value is inf
+  (E_max, N_eff: interpolating inf gives nan)."""
+  values = np.asarray(values, dtype=float)
+  method = 'linear' if np.all(np.isfinite(values)) else 'inverted_cdf'
+  return tuple(float(v) for v in np.quantile(values, [(1 - ci) / 2, (1 + ci) / 2], method=method))
 
 
 def _distinct(*columns: np.ndarray) -> int:
@@ -253,10 +258,11 @@ def e_hat(e, e_start: float = 1.0, e_max: float = math.inf):
 
 @dataclasses.dataclass(frozen=True)
 class MoELaw:
-  """The joint dense/MoE law of Clark et al. 2022 ("Unified scaling laws for routed language models"): bilinear in
-  log N and the saturating log E_hat, log L = a log(N / n_ref) + b log E_hat + c log(N / n_ref) log E_hat + d, N the active (dense) parameter count
-  and E the expert count (1 for dense). a is the dense exponent (negative), b the gain per e-fold of experts at
-  N = n_ref, c > 0 when that gain shrinks with size. Intervals are bootstrap (lo, hi), None when not bootstrapped."""
+  """The joint dense/MoE law of Clark et al. 2022 ("Unified scaling laws for routed language models"), bilinear
+  in log N and the saturating log E_hat: log L = a log(N/n_ref) + b log E_hat + c log(N/n_ref) log E_hat + d,
+  N the active (dense) parameter count and E the expert count (1 for dense). a is the dense exponent (negative),
+  b the gain per e-fold of experts at N = n_ref, c > 0 when that gain shrinks with size. Intervals are bootstrap
+  (lo, hi), None when not bootstrapped."""
   a: float
   b: float
   c: float
