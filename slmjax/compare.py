@@ -120,10 +120,10 @@ def compare(rows: list[dict], n_bootstrap: int = 200, seed: int = 0, level: floa
       groups[arch_label(row)].append(row)
   dense = _rungs(groups.pop('dense', []))
   rng = np.random.default_rng(seed)
-  laws = _dense_laws(dense, n_bootstrap, rng) if len(dense) >= 3 and groups else None
-  dense_multi = all(len(r['seeds']) >= 2 for r in dense.values())
+  dense_multi = all(len(r['seeds']) >= 2 for r in dense.values())  # else resampling holds a rung fixed
+  laws = _dense_laws(dense, n_bootstrap if dense_multi else 0, rng) if len(dense) >= 3 and groups else None
   out = []
-  for label in sorted(groups):
+  for label in sorted(groups, key=lambda label: (groups[label][0]['n_experts'], groups[label][0]['top_k'])):
     moe = _rungs(groups[label])
     for rung in sorted(moe.keys() | dense.keys()):
       entry = {'arch': label, 'd_model': rung[0], 'n_layers': rung[1], 'skipped': None, 'level': level}
@@ -150,8 +150,8 @@ def compare(rows: list[dict], n_bootstrap: int = 200, seed: int = 0, level: floa
 
 
 def _verdict(gaps: list[dict], what: str, level: float) -> str:
-  """'beats <what> on 3 of 4 rungs by 0.6-6.0% (95% intervals exclude zero on 3 of 4, 0.2 expected by chance)':
-  with many rungs an interval or two excludes zero by chance alone, so the text says how many to expect."""
+  """'beats <what> on 4 of 4 rungs by 0.6-6.0% (95% intervals exclude zero on 3 of 4, 0.2 expected by chance)':
+  over many rungs an interval or two excludes zero by chance alone, so the text says how many to expect."""
   pc = f'{level:.0%}'
   pct = [g['pct'] for g in gaps]
   better, worse = sum(p < 0 for p in pct), sum(p > 0 for p in pct)
@@ -168,8 +168,8 @@ def _verdict(gaps: list[dict], what: str, level: float) -> str:
   if below + above == 0:
     return f'{head}: within noise (every {pc} interval includes zero)'
   split = f': {below} better, {above} worse' if below and above else ''
-  return (f'{head} ({pc} intervals exclude zero on {below + above} of {len(cis)}{split}, '
-          f'{(1 - level) * len(cis):.2g} expected by chance)')
+  chance = f', {(1 - level) * len(cis):.2g} expected by chance' if below + above < len(cis) else ''
+  return f'{head} ({pc} intervals exclude zero on {below + above} of {len(cis)}{split}{chance})'
 
 
 def _arch_answer(label: str, items: list[dict]) -> str:

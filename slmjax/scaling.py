@@ -268,9 +268,9 @@ class MoELaw:
   c: float
   d: float
   n_ref: float
-  e_start: float
-  e_max: float
   n_points: int
+  e_start: float = 1.0
+  e_max: float = math.inf
   a_ci: tuple[float, float] | None = None
   b_ci: tuple[float, float] | None = None
   c_ci: tuple[float, float] | None = None
