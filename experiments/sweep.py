@@ -29,7 +29,8 @@ flags.DEFINE_string('ladder', 'cpu', f'Named ladder ({", ".join(sweep.LADDERS)})
 flags.DEFINE_enum('match', 'active', list(sweep.MATCHES), 'What an MoE rung holds equal to its dense rung.')
 flags.DEFINE_float('tokens_per_param', None, 'Token budget per model as a multiple of its active non-embedding '
                    'parameters (instead of --tokens).')
-flags.DEFINE_list('seeds', ['0'], 'Seeds; every size is trained once per seed.')
+flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; every size is trained once per seed (three by default: the '
+                  'dense-vs-MoE gaps get intervals).')
 flags.DEFINE_string('out', 'runs', 'Output directory, shared by sweeps of both architectures.')
 flags.DEFINE_boolean('plot', True, 'Draw the plots at the end.')
 FLAGS = flags.FLAGS
@@ -41,6 +42,7 @@ FLAGS.set_default('eval_every', 0)
 FLAGS.set_default('eval_batches', 16)
 FLAGS.set_default('log_every', 25)
 FLAGS.set_default('tensorboard', True)
+FLAGS.set_default('capacity_factor', 0.0)  # sweeps train MoE dropless: see README, 'Fair defaults'
 LADDER_FLAGS = ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'd_expert', 'steps')
 
 

@@ -112,6 +112,10 @@ class ModelConfig(ConfigDict):
   capacity_factor: float | None = option(
       1.25, 'Expert capacity factor: slots = ceil(cf * S * k / E) per group; None (flag: 0) = dropless.',
       runtime=True, zero_is_none=True)
+  eval_capacity_factor: float | None = option(
+      None, 'Capacity factor when evaluating; None (flag: 0) = dropless. Evaluating at the training capacity drops '
+      'held-out tokens (3% at cf 1.25, +0.04 nats on the cpu ladder); GShard and Switch evaluate with more.',
+      runtime=True, zero_is_none=True)
   group_size: int = option(512, 'Tokens per dispatch group (S); keeps the [G,S,E,C] one-hot tensors small.',
                            runtime=True)
   dispatch: str = option('auto', 'MoE dispatch implementation; auto = gather with a capacity factor, ragged '
@@ -155,8 +159,9 @@ class ModelConfig(ConfigDict):
     if self.n_experts:
       if not 1 <= self.top_k <= self.n_experts:
         raise ValueError(f'top_k={self.top_k} must be between 1 and n_experts={self.n_experts}')
-      if not self.dropless and self.capacity_factor <= 0:
-        raise ValueError(f'capacity_factor must be positive or None (dropless), got {self.capacity_factor}')
+      for name in ('capacity_factor', 'eval_capacity_factor'):
+        if getattr(self, name) is not None and getattr(self, name) <= 0:
+          raise ValueError(f'{name} must be positive or None (dropless), got {getattr(self, name)}')
       if self.n_shared_experts < 0:
         raise ValueError(f'n_shared_experts must be >= 0, got {self.n_shared_experts}')
       if not 0 <= self.first_dense <= self.n_layers:
@@ -234,6 +239,10 @@ class ModelConfig(ConfigDict):
   @property
   def n_moe_layers(self) -> int:
     return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+  def for_eval(self) -> 'ModelConfig':
+    """This model as it is evaluated: the same parameters, capacity `eval_capacity_factor`."""
+    return self.replace(capacity_factor=self.eval_capacity_factor)
 
   @property
   def dropless(self) -> bool:

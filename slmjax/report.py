@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from slmjax import scaling
+from slmjax import atomic, compare, scaling
 from slmjax.results import arch_label, group_rows
 
 FIT_AXES = ('total_params', 'active_params', 'train_flops')
@@ -63,12 +63,45 @@ def fits_text(rows: list[dict], fits: dict) -> str:
   return '\n'.join(lines)
 
 
+def _interval(gap: dict | None, pct: bool = True) -> str:
+  if not gap:
+    return '-'
+  value, ci = (gap['pct'], gap.get('ci_pct')) if pct else (gap['nats'], gap.get('ci'))
+  unit = '%' if pct else ''
+  return f'{value:+.2f}{unit}' + (f' [{ci[0]:+.2f}, {ci[1]:+.2f}]' if ci else '')
+
+
+def comparison_text(comparisons: list[dict]) -> str:
+  """One line per MoE rung: its loss minus dense at matched active / total parameters and FLOPs (percent of the
+  dense loss, 95% interval over seeds), and N_eff / N_active."""
+  lines = ['MoE minus dense held-out loss, % of dense (95% interval over seeds; negative = MoE better):',
+           f'  {"arch":<20}{"rung":>8}{"seeds":>7}  {"matched active":<22}{"matched total":<22}'
+           f'{"matched FLOPs":<22}{"N_eff / active"}']
+  for c in comparisons:
+    rung = f'{c["d_model"]}x{c["n_layers"]}'
+    if c.get('skipped'):
+      lines.append(f'  {c["arch"]:<20}{rung:>8}  skipped: {c["skipped"]}')
+      continue
+    n_eff = c.get('n_eff_ratio') or {}
+    ratio = '-' if n_eff.get('value') is None else f'{n_eff["value"]:.2f}x' + (
+        f' [{n_eff["ci"][0]:.2f}, {n_eff["ci"][1]:.2f}]' if n_eff.get('ci') else '')
+    lines.append(f'  {c["arch"]:<20}{rung:>8}{len(c["moe_seeds"]):>7}  {_interval(c["gap_active"]):<22}'
+                 f'{_interval(c.get("gap_total")):<22}{_interval(c.get("gap_flops")):<22}{ratio}')
+  return '\n'.join(lines)
+
+
 def summarize(rows: list[dict], out_dir: str, plot: bool = True, log: Callable[[str], None] = print) -> None:
-  """The end of a sweep (and all of experiments/plot.py): the table, the fitted laws and, with `plot`, the
-  figures scaling.png and cost.png in `out_dir`."""
+  """The end of a sweep (and all of experiments/plot.py): the table, the fitted laws, the paired dense-vs-MoE
+  comparison (also written to `out_dir`/comparison.json) ending in one line that states the answer, and, with
+  `plot`, the figures scaling.png and cost.png in `out_dir`."""
   log(table(rows))
   fits = fit_all(rows)
   log('\n' + fits_text(rows, fits))
+  comparisons = compare.compare(rows)
+  if comparisons:
+    atomic.write_json(f'{out_dir}/comparison.json', comparisons)
+    log('\n' + comparison_text(comparisons) + f'\n(all figures: {out_dir}/comparison.json)')
+    log('\n' + compare.answer(comparisons))
   if plot:
     from slmjax import plots  # lazy, deliberately: matplotlib is imported only when figures are drawn
     for path in plots.plot_all(rows, out_dir, fits):

@@ -78,9 +78,12 @@ def append_row(out_dir: str | os.PathLike, row: dict) -> None:
 
 
 def arch_label(row: dict) -> str:
+  """'dense', or 'moe E=8 k=2' (dropless), or 'moe E=8 k=2 cf=1.25': runs that drop tokens never share a curve
+  with dropless ones."""
   if row.get('arch') == 'dense' or not row.get('n_experts'):
     return 'dense'
-  return f'moe E={row["n_experts"]} k={row["top_k"]}'
+  cf = (row.get('model_config') or {}).get('capacity_factor')
+  return f'moe E={row["n_experts"]} k={row["top_k"]}' + (f' cf={cf:g}' if cf is not None else '')
 
 
 def group_rows(rows: list[dict]) -> dict[str, list[dict]]:

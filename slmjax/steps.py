@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from slmjax.config import ModelConfig, TrainConfig
-from slmjax.model import create_model
+from slmjax.model import abstract_model, create_model
 from slmjax.optim import make_optimizer
 
 
@@ -71,28 +71,43 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, **
   return jax.jit(train_step_fn(graphdef, tx), donate_argnums=(0, 1), **jit_kwargs)
 
 
+EVAL_METRICS = ('ce', 'drop_fraction')
+
+
 def make_eval_step(graphdef: nnx.GraphDef, **jit_kwargs) -> Callable:
-  """Jitted `(state, batch_BT1) -> mean cross-entropy` (no aux loss: comparable across architectures)."""
+  """Jitted `(state, batch_BT1) -> {'ce': mean cross-entropy[, 'drop_fraction']}` (no aux loss: comparable across
+  architectures). `graphdef` may be the model's evaluation twin (`ModelConfig.for_eval`: its own capacity)."""
   def step(state, batch_BT1):
-    return loss_fn(nnx.merge(graphdef, state), batch_BT1)[1]['ce']
+    metrics = loss_fn(nnx.merge(graphdef, state), batch_BT1)[1]
+    return {k: metrics[k] for k in EVAL_METRICS if k in metrics}
   return jax.jit(step, **jit_kwargs)
 
 
-def cached_steps(graphdef: nnx.GraphDef, train_cfg: TrainConfig) -> tuple[Callable, Callable]:
+def eval_graphdef(model_cfg: ModelConfig) -> nnx.GraphDef:
+  """The graph of the model as it is evaluated (`ModelConfig.for_eval`); the same parameters as in training."""
+  return nnx.graphdef(abstract_model(model_cfg.for_eval()))
+
+
+def cached_steps(graphdef: nnx.GraphDef, train_cfg: TrainConfig, eval_graph: nnx.GraphDef | None = None
+                 ) -> tuple[Callable, Callable]:
   """(train step, eval step) for a model structure and optimizer, compiled once per process: repeated
-  `train()` calls (resuming, a sweep revisiting a configuration, a benchmark) reuse them."""
+  `train()` calls (resuming, a sweep revisiting a configuration, a benchmark) reuse them. The eval step runs
+  `eval_graph` (default: the training graph)."""
   keep = ('steps', 'lr', 'warmup', 'min_lr_ratio', 'weight_decay', 'b1', 'b2', 'grad_clip')
-  return _cached_steps(graphdef, TrainConfig().replace(**{k: getattr(train_cfg, k) for k in keep}))
+  return _cached_steps(graphdef, eval_graph or graphdef,
+                       TrainConfig().replace(**{k: getattr(train_cfg, k) for k in keep}))
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_steps(graphdef: nnx.GraphDef, optimizer_cfg: TrainConfig) -> tuple[Callable, Callable]:
-  return make_train_step(graphdef, make_optimizer(optimizer_cfg)), make_eval_step(graphdef)
+def _cached_steps(graphdef: nnx.GraphDef, eval_graph: nnx.GraphDef, optimizer_cfg: TrainConfig
+                  ) -> tuple[Callable, Callable]:
+  return make_train_step(graphdef, make_optimizer(optimizer_cfg)), make_eval_step(eval_graph)
 
 
-def evaluate(eval_step: Callable, state, batches_NBT1: np.ndarray) -> float:
-  """Mean held-out cross-entropy (nats/token) over the fixed eval batches."""
-  return float(np.mean(jax.device_get([eval_step(state, b) for b in batches_NBT1])))
+def evaluate(eval_step: Callable, state, batches_NBT1: np.ndarray) -> dict[str, float]:
+  """Means over the fixed held-out batches of the eval step's metrics: 'ce' in nats/token, 'drop_fraction'."""
+  host = jax.device_get([eval_step(state, b) for b in batches_NBT1])
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
 def on_first_device(state, opt_state):

@@ -157,6 +157,7 @@ def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, s
       'active_non_embedding_params': counts.active_non_embedding, 'tokens': tokens,
       'train_flops_per_token': flops_per_token, 'train_flops': flops_per_token * tokens,
       'train_loss': summary['train_loss'], 'eval_loss': summary['eval_loss'], 'eval_bpb': summary.get('eval_bpb'),
+      **router_health(summary),
       'unigram_eval_loss': summary.get('unigram_eval_loss'), **measured,
       'weight_bytes': int(counts.total * param_bytes), 'optimizer_state_bytes': summary['optimizer_state_bytes'],
       'mesh': dict(mesh.shape) if mesh is not None else None,
@@ -199,6 +200,33 @@ class SweepEta:
     return sum(self.step_time(f) * steps + float(np.mean(self.overhead_s)) for f, steps in points)
 
 
+def router_health(summary: dict) -> dict:
+  """An MoE point's router at the end of training: drops (train, and held-out at the eval capacity), the
+  busiest expert's load over the uniform share, LB and z losses, entropy (nats); {} for dense."""
+  if 'final_drop_fraction' not in summary:
+    return {}
+  return {'train_drop_fraction': summary['final_drop_fraction'],
+          'eval_drop_fraction': summary.get('eval_drop_fraction'),
+          'expert_load_max_over_mean': summary['final_expert_load_max_over_mean'],
+          'lb_loss': summary['final_lb_loss'], 'z_loss': summary['final_z_loss'],
+          'router_entropy': summary['final_router_entropy']}
+
+
+COLLAPSED_LOAD = 3.0  # the busiest expert holds 3x its uniform share or more
+HEAVY_DROPS = 0.10
+
+
+def router_warning(row: dict) -> str | None:
+  """A one-line warning for an MoE row whose router collapsed or dropped heavily (None if healthy or dense)."""
+  problems = []
+  if row.get('expert_load_max_over_mean', 0) >= COLLAPSED_LOAD:
+    problems.append(f'busiest expert at {row["expert_load_max_over_mean"]:.1f}x its share (collapsing router)')
+  if (row.get('train_drop_fraction') or 0) >= HEAVY_DROPS:
+    problems.append(f'{row["train_drop_fraction"]:.0%} of assignments dropped in training (raise '
+                    '--capacity_factor, or 0 for dropless)')
+  return f'warning: {row["run_id"]}: ' + '; '.join(problems) if problems else None
+
+
 def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out_dir: str,
               log: Callable[[str], None] = print, mesh=None, tensorboard: bool = False) -> list[dict]:
   """Train every point not yet in `<out_dir>/results.jsonl`; returns this sweep's rows (old and new).
@@ -231,6 +259,8 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
                     log=(lambda line: log(f'  {line}')) if is_writer else None)
     eta.add(flops_per_step[i], train_cfg.steps, summary.get('step_time_s'), time.perf_counter() - started)
     row = result_row(model_cfg, train_cfg, budget, summary, counts, ids[i], mesh)
+    if router_warning(row):
+      log(router_warning(row))
     if is_writer:
       results.append_row(out, row)
     done[ids[i]] = row

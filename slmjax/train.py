@@ -25,8 +25,12 @@ from slmjax.config import ModelConfig, TrainConfig
 from slmjax.model import abstract_model
 from slmjax.optim import lr_schedule, make_optimizer
 from slmjax.run_dir import MetricsLog, RunDir
-from slmjax.steps import all_finite, cached_steps, evaluate, init_state, on_first_device
+from slmjax.steps import all_finite, cached_steps, eval_graphdef, evaluate, init_state, on_first_device
 from slmjax.tensorboard import TensorBoardLog
+
+
+# Router health at the end of training (the last logged interval's means), kept in the summary as final_<name>.
+ROUTER_METRICS = ('drop_fraction', 'expert_load_max_over_mean', 'lb_loss', 'z_loss', 'router_entropy')
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,7 +142,7 @@ class _Loop:
       graphdef, state, _, opt_state = init_state(self.model_cfg, self.train_cfg)
       # Committed (like restored arrays, so a resumed run reuses the compiled step) to one device or a mesh.
       state, opt_state = place_state(state, opt_state)
-      self.train_step, self.eval_step = cached_steps(graphdef, self.train_cfg)
+      self.train_step, self.eval_step = cached_steps(graphdef, self.train_cfg, eval_graphdef(self.model_cfg))
       memory = cost.compiled_memory(self.train_step, state, opt_state, self._fixed_batch())  # compiled once
     except jax.errors.JaxRuntimeError as e:
       if 'RESOURCE_EXHAUSTED' not in str(e):
@@ -226,7 +230,8 @@ class _Loop:
                'train_loss': row.get('train_loss'), **last_eval, 'unigram_eval_loss': self.corpus.unigram_loss(),
                'total_params': self.counts.total, 'active_params': self.counts.active,
                'train_flops_per_token': self.flops_per_token, 'timed_steps': timer.steps,
-               'optimizer_state_bytes': cost.tree_bytes(opt_state)}
+               'optimizer_state_bytes': cost.tree_bytes(opt_state),
+               **{f'final_{k}': row[k] for k in ROUTER_METRICS if k in row}}
     if timer.steps:
       summary.update(cost.throughput(tokens_per_step, timer.mean_s, self.flops_per_token, self.peak_flops))
     if summary['complete'] and measure:  # after the last checkpoint: the timed steps are never saved
@@ -237,9 +242,13 @@ class _Loop:
     return summary
 
   def _eval_row(self, state) -> dict[str, float]:
-    eval_loss = evaluate(self.eval_step, state, self.eval_NBT1)
-    return {'eval_loss': eval_loss, **({'eval_bpb': eval_loss / math.log(2)} if self.corpus.tokenizer == 'bytes'
-                                       else {})}
+    metrics = evaluate(self.eval_step, state, self.eval_NBT1)
+    row = {'eval_loss': metrics['ce']}
+    if self.corpus.tokenizer == 'bytes':
+      row['eval_bpb'] = metrics['ce'] / math.log(2)
+    if 'drop_fraction' in metrics:
+      row['eval_drop_fraction'] = metrics['drop_fraction']
+    return row
 
   def _emit(self, row: dict, eta_s: float | None) -> None:
     for log in self.logs:

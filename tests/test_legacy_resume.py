@@ -1,5 +1,6 @@
 """A sweep directory written by an older slmjax (tests/fixtures/legacy_v1, see its README) still resumes: the
-finished point is not redone, the interrupted one continues from its checkpoint, bit for bit."""
+finished point is not redone, the interrupted one continues from its checkpoint and trains bit for bit as the
+old code did (its held-out loss differs on purpose: evaluation is dropless now, see eval_capacity_factor)."""
 
 import json
 import pathlib
@@ -28,4 +29,5 @@ def test_old_sweep_directory_resumes_bit_for_bit(tmp_path):
   rows = [json.loads(line) for line in (work / 'runs' / 'results.jsonl').read_text().splitlines()]
   assert sorted(r['run_id'] for r in rows) == sorted(['dense-d16-l1-s0-eff295db', expected['run_id']])
   row = next(r for r in rows if r['run_id'] == expected['run_id'])
-  assert (row['eval_loss'], row['train_loss']) == (expected['eval_loss'], expected['train_loss'])
+  assert row['train_loss'] == expected['train_loss']
+  assert row['eval_drop_fraction'] == 0.0 and abs(row['eval_loss'] - expected['eval_loss']) < 0.1

@@ -183,8 +183,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_nan_between_logs_is_caught_before_the_save(tmp_path, monkeypatch):
   real = train_lib.cached_steps
 
-  def poisoned(graphdef, cfg):
-    step_fn, eval_fn = real(graphdef, cfg)
+  def poisoned(graphdef, cfg, *eval_graph):
+    step_fn, eval_fn = real(graphdef, cfg, *eval_graph)
     calls = [0]
     def step(state, opt_state, batch):
       calls[0] += 1
