@@ -17,6 +17,7 @@ from typing import Any
 ACTIVATIONS = ('swiglu', 'geglu', 'gelu')
 NORMS = ('rmsnorm', 'layernorm')
 ROUTERS = ('softmax_topk', 'topk_softmax', 'sigmoid')
+BALANCES = ('aux_loss', 'bias', 'both')
 ATTENTIONS = ('gqa', 'mla')
 QK_NORMS = ('none', 'head', 'full')
 DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense')
@@ -122,12 +123,17 @@ class ModelConfig(ConfigDict):
                          'dropless (see slmjax.dispatch).', choices=DISPATCHES, runtime=True)
   router: str = option('softmax_topk', 'Router variant.', choices=ROUTERS)
   router_renormalize: bool = option(True, 'softmax_topk, sigmoid: rescale the k kept gates to sum to one.')
-  router_bias: bool = option(False, 'Sigmoid router only: a selection-only bias, not trained by gradients '
-                             '(DeepSeek V3).')
+  router_bias: bool = option(False, 'A selection-only router bias, not trained by gradients: added to the scores '
+                             'that pick the top_k, not to the gates (DeepSeek V3; --balance moves it).')
   routed_scale: float = option(1.0, "Multiply the routed experts' output (DeepSeek routed_scaling_factor).")
   shared_gate: bool = option(False, "Shared experts' output times sigmoid(x . w), w of shape [D] (Qwen MoE).")
   lb_loss_weight: float = option(0.01, 'Load-balancing loss weight.', runtime=True)
   z_loss_weight: float = option(0.001, 'Router z-loss weight.', runtime=True)
+  balance: str = option('aux_loss', 'Expert load balancing: aux_loss = the load-balancing loss (lb_loss_weight); '
+                        'bias = auxiliary-loss-free (DeepSeek V3): the router_bias moves after each step, the loss '
+                        'weight counts as 0; both = the bias and the loss.', choices=BALANCES, runtime=True)
+  bias_update_rate: float = option(0.001, 'With balance=bias|both: the selection bias step, bias += rate * '
+                                   'sign(mean load - load) (DeepSeek V3 gamma).', runtime=True)
 
   def __post_init__(self):
     check_integers(self, minimum=1, names=('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len',
@@ -174,13 +180,13 @@ class ModelConfig(ConfigDict):
       if self.router == 'sigmoid' and self.top_k == 1 and self.router_renormalize:
         raise ValueError('router=sigmoid with top_k=1 and router_renormalize gives gate 1.0 and no router '
                          'gradient; set router_renormalize=False (Llama 4)')
-      if self.router_bias and self.router != 'sigmoid':
-        raise ValueError(f'router_bias needs router=sigmoid (DeepSeek V3), got router={self.router}')
+      if self.balance != 'aux_loss' and not self.router_bias:
+        raise ValueError(f'balance={self.balance} needs router_bias=True (the selection bias it moves)')
       if self.shared_gate and not self.n_shared_experts:
         raise ValueError('shared_gate needs n_shared_experts > 0')
       if self.routed_scale <= 0:
         raise ValueError(f'routed_scale must be positive, got {self.routed_scale}')
-    for name in ('lb_loss_weight', 'z_loss_weight'):
+    for name in ('lb_loss_weight', 'z_loss_weight', 'bias_update_rate'):
       if getattr(self, name) < 0:
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
 
@@ -243,6 +249,17 @@ class ModelConfig(ConfigDict):
   def for_eval(self) -> 'ModelConfig':
     """This model as it is evaluated: the same parameters, capacity `eval_capacity_factor`."""
     return self.replace(capacity_factor=self.eval_capacity_factor)
+
+  @property
+  def moves_selection_bias(self) -> bool:
+    """Whether the train step balances the experts by moving the router's selection bias (balance=bias|both)."""
+    return self.is_moe and self.balance != 'aux_loss'
+
+  @property
+  def lb_loss_scale(self) -> float:
+    """The load-balancing loss weight the loss uses: 0 with balance=bias (the bias balances alone; the loss is
+    still computed and reported)."""
+    return 0.0 if self.balance == 'bias' else self.lb_loss_weight
 
   @property
   def dropless(self) -> bool:

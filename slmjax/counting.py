@@ -5,7 +5,7 @@ Conventions
   shared experts, dense FFNs and top_k of the routed experts (expert weights scaled by top_k / n_experts).
 - embedding parameters: the input embedding table, plus the output projection when it is untied and its bias
   (`lm_head_bias`); everything else is non-embedding (Kaplan et al. 2020 exclude embeddings from N).
-- stored weights that gradients do not train (the sigmoid router's selection bias of DeepSeek-V3) are counted,
+- stored weights that gradients do not train (the router's selection bias of DeepSeek-V3) are counted,
   in total and active, as the published checkpoints count them (HF's `e_score_correction_bias`): they must be
   resident, and every token reads them.
 - training FLOPs per token (same as PaLM, Chowdhery et al. 2022, appendix B, and Kaplan et al. 2020, table 1):

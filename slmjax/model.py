@@ -12,7 +12,7 @@ from flax import nnx
 from slmjax.config import ModelConfig
 from slmjax.layers import Attention, DenseFFN, Norm, dtype_of, linear, make_param, rope_tables, softcap
 from slmjax.mla import MLAttention
-from slmjax.moe import MoEFFN, balance_selection_bias
+from slmjax.moe import MoEFFN, SelectionBias, balance_selection_bias
 
 MOE_METRICS = ('lb_loss', 'z_loss', 'drop_fraction', 'router_entropy')
 
@@ -49,7 +49,8 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
   """Decoder-only language model. `__call__(tokens_BT)` returns float32 logits_BTV and an extras dict.
 
-  extras: `aux_loss` (lb_loss_weight * lb_loss + z_loss_weight * z_loss, already weighted), the per-layer
+  extras: `aux_loss` (lb_loss_weight * lb_loss + z_loss_weight * z_loss, already weighted; no lb_loss term with
+  balance='bias'), the per-layer
   means `lb_loss`, `z_loss`, `drop_fraction`, `router_entropy` over MoE layers (zeros for a dense model), and
   `moe_layers`: one dict per MoE layer with its `expert_load` [E], `drop_fraction`, `router_entropy`,
   `lb_loss`, `z_loss`. Losses are averaged over MoE layers so their weights do not depend on depth.
@@ -104,18 +105,25 @@ def summarize_extras(cfg: ModelConfig, layer_extras: list[dict]) -> dict:
   """Average the per-layer router metrics and weight the auxiliary losses."""
   zero = jnp.zeros((), jnp.float32)
   means = {k: (jnp.mean(jnp.stack([e[k] for e in layer_extras])) if layer_extras else zero) for k in MOE_METRICS}
-  aux = cfg.lb_loss_weight * means['lb_loss'] + cfg.z_loss_weight * means['z_loss'] if layer_extras else zero
+  aux = cfg.lb_loss_scale * means['lb_loss'] + cfg.z_loss_weight * means['z_loss'] if layer_extras else zero
   return {'aux_loss': aux, **means, 'moe_layers': layer_extras}
 
 
-def balance_router_biases(model: Transformer, extras: dict, rate: float) -> None:
-  """Aux-loss-free balancing step for every MoE layer with a selection bias, from a forward pass's extras
-  (their `moe_layers` come in block order). Call it after the optimizer step, outside the gradient."""
-  if not model.cfg.router_bias:
-    return
-  moe_blocks = [block for block in model.blocks if block.is_moe]
-  for block, layer in zip(moe_blocks, extras['moe_layers'], strict=True):
-    block.ffn.b_select_E[...] = balance_selection_bias(block.ffn.b_select_E[...], layer['expert_load'], rate)
+def balanced_router_biases(model: Transformer, extras: dict) -> nnx.State:
+  """The model's selection biases after one auxiliary-loss-free balancing step from a forward pass's expert
+  loads (their `moe_layers` come in block order), as a State to merge over the model's; empty unless
+  `cfg.moves_selection_bias`. Pure: the model is read, not changed (the jitted train step merges the result
+  after the optimizer update)."""
+  cfg = model.cfg
+  if not cfg.moves_selection_bias:
+    return nnx.State({})
+  biases = nnx.state(model, SelectionBias)
+  moe_blocks = [i for i, block in enumerate(model.blocks) if block.is_moe]
+  for i, layer in zip(moe_blocks, extras['moe_layers'], strict=True):
+    bias = biases['blocks'][i]['ffn']['b_select_E']
+    biases['blocks'][i]['ffn']['b_select_E'] = bias.replace(
+        balance_selection_bias(bias[...], layer['expert_load'], cfg.bias_update_rate))
+  return biases
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -31,33 +31,39 @@ def route(logits_XE: jax.Array, top_k: int, variant: str, renormalize: bool,
 
   softmax_topk: softmax over all experts, keep the k largest probabilities (renormalised to sum to 1 if asked);
   topk_softmax: keep the k largest logits, softmax over those k (Mixtral);
-  sigmoid: independent sigmoid scores; the k largest of `scores + bias_E` are chosen, but the gates are the
-  unbiased scores (renormalised if asked): the bias steers selection only and gets no gradient (DeepSeek-V3,
-  auxiliary-loss-free balancing). For the balance loss and entropy, `probs_XE` are the scores normalised to sum 1.
+  sigmoid: independent sigmoid scores, keep the k largest (renormalised if asked). For the balance loss and
+  entropy, `probs_XE` are the scores normalised to sum 1.
+  A selection bias `bias_E` (DeepSeek-V3's auxiliary-loss-free balancing) is added to the scores that choose the
+  k (probabilities, logits or sigmoid scores) but not to the gates, and gets no gradient: it steers selection only.
   """
   logits_XE = logits_XE.astype(jnp.float32)
   if variant == 'sigmoid':
     scores_XE = jax.nn.sigmoid(logits_XE)
-    select_XE = scores_XE if bias_E is None else scores_XE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
-    _, experts_XA = jax.lax.top_k(select_XE, top_k)
-    gates_XA = jnp.take_along_axis(scores_XE, experts_XA, axis=-1)
+    gates_XA, experts_XA = select_top_k(scores_XE, top_k, bias_E)
     if renormalize:
       gates_XA = gates_XA / jnp.sum(gates_XA, axis=-1, keepdims=True)
     probs_XE = scores_XE / jnp.sum(scores_XE, axis=-1, keepdims=True)
     return Routing(gates_XA, experts_XA.astype(jnp.int32), probs_XE, logits_XE)
-  if bias_E is not None:
-    raise ValueError(f'a selection bias needs the sigmoid router, got {variant!r}')
   probs_XE = jax.nn.softmax(logits_XE, axis=-1)
   if variant == 'softmax_topk':
-    gates_XA, experts_XA = jax.lax.top_k(probs_XE, top_k)
+    gates_XA, experts_XA = select_top_k(probs_XE, top_k, bias_E)
     if renormalize:
       gates_XA = gates_XA / jnp.sum(gates_XA, axis=-1, keepdims=True)
   elif variant == 'topk_softmax':
-    top_logits_XA, experts_XA = jax.lax.top_k(logits_XE, top_k)
+    top_logits_XA, experts_XA = select_top_k(logits_XE, top_k, bias_E)
     gates_XA = jax.nn.softmax(top_logits_XA, axis=-1)
   else:
     raise ValueError(f'unknown router variant {variant!r}')
   return Routing(gates_XA, experts_XA.astype(jnp.int32), probs_XE, logits_XE)
+
+
+def select_top_k(scores_XE: jax.Array, top_k: int, bias_E: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(scores_XA, experts_XA): the k experts with the largest `scores_XE + bias_E` and their unbiased scores;
+  the bias gets no gradient."""
+  if bias_E is None:
+    return jax.lax.top_k(scores_XE, top_k)
+  _, experts_XA = jax.lax.top_k(scores_XE + jax.lax.stop_gradient(bias_E.astype(jnp.float32)), top_k)
+  return jnp.take_along_axis(scores_XE, experts_XA, axis=-1), experts_XA
 
 
 def balance_selection_bias(bias_E: jax.Array, expert_load_E: jax.Array, rate: float) -> jax.Array:
@@ -69,8 +75,8 @@ def balance_selection_bias(bias_E: jax.Array, expert_load_E: jax.Array, rate: fl
 
 
 class SelectionBias(nnx.Variable):
-  """The router's selection-only bias: a stored weight that gradients never touch (an optimizer built with
-  `wrt=nnx.Param` skips it); `balance_selection_bias` updates it from the expert loads."""
+  """The router's selection-only bias: a stored weight, not an nnx.Param, so gradients and the optimizer never
+  touch it; with balance=bias|both the train step moves it by `balance_selection_bias` from the expert loads."""
 
 
 def load_balancing_loss(probs_XE: jax.Array, experts_XA: jax.Array) -> jax.Array:
@@ -109,7 +115,7 @@ def group_size_for(n_tokens: int, group_size: int) -> int:
 class MoEFFN(nnx.Module):
   """Routed expert FFN: a router picks top_k of n_experts per token; optional always-on shared experts.
 
-  Options: a selection-only router bias (`router_bias`, sigmoid router), a constant scale on the routed output
+  Options: a selection-only router bias (`router_bias`), a constant scale on the routed output
   (`routed_scale`), a per-token sigmoid gate on the shared experts (`shared_gate`).
   """
 

@@ -252,11 +252,15 @@ def deepseek_v2_lite():
 
 
 def _deepseek_v3(**fields) -> ModelConfig:
+  # Balanced as published (arXiv:2412.19437, sections 2.1.2 and 4.2): the selection bias moves by gamma = 0.001
+  # (the default bias_update_rate) a step, beside a tiny balance loss (alpha = 0.0001; DeepSeek's is
+  # sequence-wise, ours over the batch).
   return _llama(**{'vocab_size': 129280, 'd_model': 7168, 'n_layers': 61, 'n_heads': 128, 'attention': 'mla',
                    'head_dim': 128, 'q_lora_rank': 1536, 'kv_lora_rank': 512, 'qk_rope_dim': 64, 'v_head_dim': 128,
                    'norm_eps': 1e-6, 'd_ff': 18432, 'n_experts': 256, 'top_k': 8, 'd_expert': 2048,
                    'n_shared_experts': 1, 'd_shared': 2048, 'first_dense': 3, 'router': 'sigmoid',
-                   'router_bias': True, 'routed_scale': 2.5, **fields})
+                   'router_bias': True, 'routed_scale': 2.5, 'balance': 'both', 'lb_loss_weight': 0.0001,
+                   **fields})
 
 
 @preset('deepseek-v3', 671_026_419_200, '37B')

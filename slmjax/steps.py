@@ -18,7 +18,8 @@ import optax
 from flax import nnx
 
 from slmjax.config import ModelConfig, TrainConfig
-from slmjax.model import abstract_model, create_model
+from slmjax.model import abstract_model, balanced_router_biases, create_model
+from slmjax.moe import SelectionBias
 from slmjax.optim import make_optimizer
 
 
@@ -36,6 +37,12 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig):
 
 def loss_fn(model, batch_BT1: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Next-token cross-entropy + the model's weighted aux loss (lb_loss_weight * lb + z_loss_weight * z)."""
+  loss, metrics, _ = loss_and_extras(model, batch_BT1)
+  return loss, metrics
+
+
+def loss_and_extras(model, batch_BT1: jax.Array) -> tuple[jax.Array, dict[str, jax.Array], dict]:
+  """`loss_fn`, plus the model's extras (the train step balances the router biases from their expert loads)."""
   inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
   logits_BTV, extras = model(inputs_BT)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
@@ -46,23 +53,31 @@ def loss_fn(model, batch_BT1: jax.Array) -> tuple[jax.Array, dict[str, jax.Array
     # Balance: the busiest expert's share over the uniform share (1 = perfectly balanced), worst MoE layer.
     loads_LE = jnp.stack([layer['expert_load'] for layer in extras['moe_layers']])
     metrics['expert_load_max_over_mean'] = jnp.max(loads_LE) * loads_LE.shape[-1]
-  return loss, metrics
+    biases = jax.tree.leaves(nnx.state(model, SelectionBias))
+    if biases:  # how far the balancing has pushed the selection bias apart (max - min), worst MoE layer
+      metrics['selection_bias_spread'] = jnp.max(jnp.stack([jnp.max(b) - jnp.min(b) for b in biases]))
+  return loss, metrics, extras
 
 
 def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
-  """The pure (unjitted) train step `(state, opt_state, batch_BT1) -> (state, opt_state, metrics)`."""
+  """The pure (unjitted) train step `(state, opt_state, batch_BT1) -> (state, opt_state, metrics)`.
+
+  The optimizer sees the nnx.Param part only. With balance=bias|both each MoE layer's selection bias then takes
+  one balancing step from this step's expert loads (`model.balanced_router_biases`): integer top-k choices, so
+  no gradient, merged over the state after the optimizer update.
+  """
   def step(state, opt_state, batch_BT1):
     params, rest = nnx.split_state(state, nnx.Param, ...)
 
     def loss_of(p):
       model = nnx.merge(graphdef, p, rest)
-      loss, metrics = loss_fn(model, batch_BT1)
-      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+      loss, metrics, extras = loss_and_extras(model, batch_BT1)
+      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)), balanced_router_biases(model, extras))
 
-    (_, (metrics, rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+    (_, (metrics, rest, biases)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     metrics['grad_norm'] = optax.tree.norm(grads)
-    return nnx.merge_state(optax.apply_updates(params, updates), rest), opt_state, metrics
+    return nnx.merge_state(optax.apply_updates(params, updates), rest, biases), opt_state, metrics
   return step
 
 

@@ -18,6 +18,7 @@ TAGS = {  # metrics.jsonl key -> TensorBoard tag
     'aux_loss': 'router/aux_loss', 'lb_loss': 'router/lb_loss', 'z_loss': 'router/z_loss',
     'drop_fraction': 'router/drop_fraction', 'router_entropy': 'router/entropy',
     'expert_load_max_over_mean': 'router/expert_load_max_over_mean',
+    'selection_bias_spread': 'router/selection_bias_spread',
     'tokens_per_s': 'speed/tokens_per_s', 'step_time_s': 'speed/step_time_s',
 }
 

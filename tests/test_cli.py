@@ -83,3 +83,20 @@ def test_train_flags_tokens_and_short_runs(parse):
   parse('--tokens=10000', '--steps=5')
   with pytest.raises(ValueError, match='not both'):
     cli.train_config_from_flags()
+
+
+def test_balance_flags_reach_the_config(parse):
+  parse('--arch=moe', '--router_bias', '--balance=bias', '--bias_update_rate=0.01')
+  cfg = cli.model_config_from_flags()
+  assert (cfg.router_bias, cfg.balance, cfg.bias_update_rate, cfg.moves_selection_bias) == (True, 'bias', 0.01, True)
+  parse('--preset=deepseek-v3', '--scale_down', '--balance=bias')  # a runtime field: allowed on a preset
+  assert cli.model_config_from_flags().balance == 'bias'
+  for argv, message in [(('--arch=moe', '--balance=both'), 'balance=both needs router_bias=True'),
+                        (('--preset=mixtral-8x7b', '--balance=bias'), 'balance=bias needs router_bias=True')]:
+    parse(*argv)
+    with pytest.raises(ValueError, match=message) as info:
+      cli.model_config_from_flags()
+    assert '\n' not in str(info.value)
+  with pytest.raises(flags.IllegalFlagValueError, match='value should be one of <aux_loss|bias|both>') as info:
+    parse('--balance=loss_free')
+  assert '\n' not in str(info.value)

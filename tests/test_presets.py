@@ -16,8 +16,9 @@ import pytest
 from flax import nnx
 
 from slmjax import counting, moe, presets
-from slmjax.config import ModelConfig
-from slmjax.model import abstract_model, balance_router_biases, create_model
+from slmjax.config import ModelConfig, TrainConfig
+from slmjax.model import abstract_model, balanced_router_biases, create_model
+from slmjax.steps import init_state, make_train_step
 
 SCRIPT = pathlib.Path(__file__).parent.parent / 'experiments' / 'count.py'
 UNITS = {'M': 1e6, 'B': 1e9, 'T': 1e12}
@@ -184,16 +185,37 @@ def test_selection_bias_is_stored_but_not_trained():
   graphdef, state = nnx.split(model)
   extras = jax.jit(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 16), jnp.int32))[1],
                    compiler_options=FAST_COMPILE)(state)
-  balance_router_biases(model, extras, 0.01)
-  bias_E = np.asarray(model.blocks[1].ffn.b_select_E[...])
-  assert np.all(np.isclose(np.abs(bias_E), 0.01) | (bias_E == 0)) and np.abs(bias_E).sum() > 0
+  biases = balanced_router_biases(model, extras)
+  np.testing.assert_array_equal(model.blocks[1].ffn.b_select_E[...], 0.0)  # pure: the model is not changed
+  bias_E = np.asarray(biases['blocks'][1]['ffn']['b_select_E'][...])
+  assert np.all(np.isclose(np.abs(bias_E), cfg.bias_update_rate) | (bias_E == 0)) and np.abs(bias_E).sum() > 0
+
+
+def test_deepseek_v3_balances_its_experts_as_published():
+  for name in ('deepseek-v3', 'kimi-k2'):  # the bias moves beside a tiny balance loss (arXiv:2412.19437, 2.1.2)
+    cfg = presets.get(name)
+    assert (cfg.balance, cfg.bias_update_rate, cfg.lb_loss_weight) == ('both', 0.001, 0.0001)
+  cfg = presets.scale_down(presets.get('deepseek-v3'), d_model=32, max_seq_len=16).replace(balance='bias')
+  train_cfg = TrainConfig(steps=10, warmup=0, batch_size=2, seq_len=16)
+  graphdef, state, tx, opt_state = init_state(cfg, train_cfg)
+  step = make_train_step(graphdef, tx, compiler_options=FAST_COMPILE)
+  batch_BT1 = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 17), dtype=np.int32)
+  for _ in range(3):
+    state, opt_state, metrics = step(state, opt_state, batch_BT1)
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['selection_bias_spread']) > 0
+  biases = jax.tree.leaves(nnx.split_state(state, moe.SelectionBias, ...)[0])
+  assert len(biases) == cfg.n_moe_layers and all(np.abs(b).max() > 0 for b in biases)
+  # balance='bias': the balance loss is reported but left out of the loss
+  assert float(metrics['lb_loss']) > 0
+  np.testing.assert_allclose(float(metrics['aux_loss']), cfg.z_loss_weight * float(metrics['z_loss']), rtol=1e-6)
 
 
 def test_new_fields_validate_with_one_line_errors():
   for changes, message in [(dict(attention='mla', n_kv_heads=2), 'attention=mla has no kv heads'),
                            (dict(attention='mla', qkv_bias=True), 'supports neither qkv_bias nor qk_norm'),
                            (dict(qk_norm='layer'), "qk_norm='layer' is not one of"),
-                           (dict(n_experts=4, router_bias=True), 'router_bias needs router=sigmoid'),
+                           (dict(n_experts=4, balance='bias'), 'balance=bias needs router_bias=True'),
+                           (dict(n_experts=4, router_bias=True, bias_update_rate=-1.0), 'bias_update_rate must be'),
                            (dict(n_experts=4, shared_gate=True), 'shared_gate needs n_shared_experts'),
                            (dict(n_experts=4, router='sigmoid', top_k=1), 'set router_renormalize=False'),
                            (dict(attention='mla', head_dim=16, qk_rope_dim=5), 'qk_rope_dim=5 must be even')]:

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,3 +48,23 @@ def test_z_loss_and_entropy_by_hand():
 @pytest.mark.parametrize('n_tokens, group_size, expected', [(64, 16, 16), (64, 128, 64), (48, 32, 16), (7, 4, 1)])
 def test_group_size_divides_tokens(n_tokens, group_size, expected):
   assert moe.group_size_for(n_tokens, group_size) == expected
+
+
+@pytest.mark.parametrize('variant', ['softmax_topk', 'topk_softmax', 'sigmoid'])
+def test_selection_bias_steers_every_router_variant_but_not_its_gates(variant):
+  logits_XE = jnp.array([[0.0, 1.0, 2.0, -1.0], [0.5, -0.5, 1.5, 0.0]])
+  plain = moe.route(logits_XE, 2, variant, renormalize=True)
+  zero = moe.route(logits_XE, 2, variant, renormalize=True, bias_E=jnp.zeros(4))
+  for a, b in zip(plain, zero):  # a zero bias routes exactly as no bias
+    np.testing.assert_array_equal(a, b)
+  bias_E = jnp.array([0.0, 0.0, 0.0, 10.0])
+  r = moe.route(logits_XE, 2, variant, renormalize=True, bias_E=bias_E)
+  assert r.experts_XA.tolist() == [[3, 2], [3, 2]]  # expert 3 only by its bias, then each token's best
+  chosen_XA = {'softmax_topk': jax.nn.softmax(logits_XE), 'topk_softmax': logits_XE,
+               'sigmoid': jax.nn.sigmoid(logits_XE)}[variant][:, [3, 2]]  # the unbiased scores of the chosen two
+  expected_XA = (jax.nn.softmax(chosen_XA) if variant == 'topk_softmax' else
+                 chosen_XA / chosen_XA.sum(-1, keepdims=True))
+  np.testing.assert_allclose(r.gates_XA, expected_XA, rtol=1e-6)
+  np.testing.assert_array_equal(r.probs_XE, plain.probs_XE)
+  grad_E = jax.grad(lambda b: jnp.sum(moe.route(logits_XE, 2, variant, True, b).gates_XA ** 2))(bias_E)
+  np.testing.assert_array_equal(grad_E, 0.0)

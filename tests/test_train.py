@@ -21,7 +21,9 @@ from slmjax import ModelConfig, abstract_model, checkpoint, cost, optim
 from slmjax import steps as steps_lib
 from slmjax import train as train_lib
 from slmjax.config import TrainConfig
+from slmjax.moe import SelectionBias
 from slmjax.train import train
+from test_presets import FAST_COMPILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MOE = ModelConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=32, n_experts=4, top_k=2)
@@ -52,8 +54,8 @@ def losses(rows: list[dict]) -> list[tuple]:
   return [tuple(r.get(k) for k in keys) for r in rows]
 
 
-def restore_latest(out):
-  graphdef, state, _, opt_state = steps_lib.init_state(MOE, SMALL)
+def restore_latest(out, model_cfg=MOE):
+  graphdef, state, _, opt_state = steps_lib.init_state(model_cfg, SMALL)
   with checkpoint.Checkpointer(pathlib.Path(out) / 'checkpoints') as ck:
     step = ck.latest_step()
     state, opt_state, data_state, _ = ck.restore(step, state, opt_state)
@@ -356,3 +358,78 @@ def test_every_checkpoint_unreadable_is_a_one_line_error(tmp_path):
   with pytest.raises(ValueError, match=r'no checkpoint in .* can be restored \(steps \[4\]') as e:
     train(MOE, cfg, tmp_path, log=None)
   assert '\n' not in str(e.value)
+
+
+# Auxiliary-loss-free balancing (balance='bias'): a sigmoid router whose experts 0 and 1 are favoured on purpose.
+SKEWED = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=32, n_experts=8, top_k=2,
+                     router='sigmoid', router_bias=True, capacity_factor=None, lb_loss_weight=0.0)
+STILL = TrainConfig(steps=100, warmup=0, lr=1e-9, batch_size=8, seq_len=32)  # lr ~ 0: only the bias moves
+
+
+def skewed_run(model_cfg: ModelConfig, train_cfg: TrainConfig, steps: int):
+  """`steps` train steps on one fixed batch with experts 0 and 1 favoured: +1 on each of their router weights
+  (a token's normed input sums to a few units, so their scores saturate, high for about half the tokens).
+  Returns each step's max/mean expert load [N], the bias before each step and after the last [N+1, E], the
+  final state and the batch."""
+  graphdef, state, tx, opt_state = steps_lib.init_state(model_cfg, train_cfg)
+  router = state['blocks'][0]['ffn']['w_router_DE']
+  router[...] = router[...].at[:, :2].add(1.0)
+  step = steps_lib.make_train_step(graphdef, tx, compiler_options=FAST_COMPILE)
+  batch_BT1 = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (train_cfg.batch_size,
+                                                train_cfg.seq_len + 1), dtype=np.int32)
+  loads_N, bias_NE = [], [np.array(state['blocks'][0]['ffn']['b_select_E'][...])]
+  for _ in range(steps):
+    state, opt_state, metrics = step(state, opt_state, batch_BT1)
+    loads_N.append(float(metrics['expert_load_max_over_mean']))
+    bias_NE.append(np.array(state['blocks'][0]['ffn']['b_select_E'][...]))  # a copy: the buffer is donated
+  return np.array(loads_N), np.stack(bias_NE), state, batch_BT1
+
+
+def assert_only_balancing_steps(bias_NE: np.ndarray, rate: float) -> None:
+  """Every step moved each bias entry by exactly +-rate (or 0 at exactly the mean load): the balancing rule,
+  nothing from gradients or weight decay."""
+  step_NE = np.abs(np.diff(bias_NE, axis=0))
+  assert step_NE.max() > 0
+  np.testing.assert_allclose(step_NE[step_NE > 0], rate, rtol=1e-4)
+
+
+def test_bias_balancing_evens_out_a_skewed_router_and_the_loss_free_baseline_does_not():
+  rate = 0.01
+  loads_N, bias_NE, _, _ = skewed_run(SKEWED.replace(balance='bias', bias_update_rate=rate), STILL, 40)
+  assert loads_N[0] > 1.7  # experts 0 and 1 take 44% of the assignments (their fair share: 25%)
+  assert loads_N[-10:].mean() < 1.35 and loads_N[-10:].max() < 1.45  # within a few bias steps of even
+  assert_only_balancing_steps(bias_NE, rate)
+  assert bias_NE[-1, :2].max() < 0 < bias_NE[-1, 2:].max()  # the favoured experts pushed down
+  still_N, bias_NE, _, _ = skewed_run(SKEWED, STILL, 40)  # balance='aux_loss' with lb_loss_weight 0
+  assert still_N[0] == loads_N[0] and still_N.min() > 1.7
+  np.testing.assert_array_equal(bias_NE, 0.0)
+
+
+def test_the_selection_bias_gets_no_gradient_and_adamw_never_touches_it():
+  learning = TrainConfig(steps=100, warmup=0, lr=1e-2, weight_decay=1.0, batch_size=8, seq_len=32)
+  _, bias_NE, state, batch_BT1 = skewed_run(SKEWED.replace(balance='bias'), learning, 4)
+  assert_only_balancing_steps(bias_NE, SKEWED.bias_update_rate)
+  _, bias_NE, state, _ = skewed_run(SKEWED, learning, 4)
+  np.testing.assert_array_equal(bias_NE, 0.0)  # balance='aux_loss': exactly zero, while the weights learn
+  assert not np.allclose(state['blocks'][0]['ffn']['w_router_DE'][:, 2:], 0.0)
+  graphdef = nnx.graphdef(abstract_model(SKEWED))
+  params, biases, other = nnx.split_state(state, nnx.Param, SelectionBias, ...)
+  biases['blocks'][0]['ffn']['b_select_E'][...] = jnp.linspace(-0.5, 0.5, SKEWED.n_experts)
+  grads = jax.jit(jax.grad(lambda b: steps_lib.loss_fn(nnx.merge(graphdef, params, b, other), batch_BT1)[0]),
+                  compiler_options=FAST_COMPILE)(biases)
+  np.testing.assert_array_equal(grads['blocks'][0]['ffn']['b_select_E'][...], 0.0)
+
+
+def test_the_selection_bias_survives_checkpoint_and_resume(tmp_path):
+  cfg = MOE.replace(router_bias=True, balance='bias', bias_update_rate=0.01)  # any router takes a bias
+  train(cfg, SMALL, tmp_path / 'a', log=None)
+  train(cfg, SMALL, tmp_path / 'b', log=None, stop_at_step=5)
+  train(cfg, SMALL, tmp_path / 'b', log=None)
+  rows_a, rows_b = read_metrics(tmp_path / 'a'), read_metrics(tmp_path / 'b')
+  spread = [r.get('selection_bias_spread') for r in rows_a]
+  assert spread == [r.get('selection_bias_spread') for r in rows_b] and spread[1] == 0 < spread[-1]
+  _, state_a, opt_a, _ = restore_latest(tmp_path / 'a', cfg)
+  _, state_b, opt_b, _ = restore_latest(tmp_path / 'b', cfg)
+  assert np.abs(state_a['blocks'][0]['ffn']['b_select_E'][...]).max() > 0
+  for x, y in zip(jax.tree.leaves((state_a, opt_a)), jax.tree.leaves((state_b, opt_b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
