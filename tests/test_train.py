@@ -130,7 +130,8 @@ def test_metrics_and_files(straight):
   assert ModelConfig.from_dict(config['model']) == MOE and TrainConfig.from_dict(config['train']) == SMALL
   rows = read_metrics(out)
   assert [r['step'] for r in rows] == list(range(13))
-  assert set(rows[0]) == {'step', 'tokens', 'eval_loss', 'eval_bpb'}
+  assert set(rows[0]) == {'step', 'tokens', 'eval_loss', 'eval_bpb', 'eval_drop_fraction'}
+  assert rows[0]['eval_drop_fraction'] == 0.0 and rows[5]['drop_fraction'] > 0  # evaluated dropless, trained at 1.25
   assert {'train_loss', 'lr', 'tokens_per_s', 'lb_loss', 'z_loss', 'aux_loss', 'drop_fraction',
           'expert_load_max_over_mean', 'train_total_loss'} <= set(rows[5])
   assert 'eval_loss' in rows[6] and 'eval_loss' not in rows[5]
