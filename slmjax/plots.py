@@ -49,31 +49,86 @@ def plot_scaling(rows: list[dict], path: str, fits: dict | None = None) -> str:
 
 
 def plot_cost(rows: list[dict], path: str) -> str:
-  """Measured cost: weight memory against total parameters, step time against active parameters."""
+  """Measured cost: the train step's peak memory (XLA's memory analysis of the compiled step) beside the weights
+  alone, against total parameters; step time against active parameters. Seeds are averaged per rung."""
   groups = group_rows(rows)
   fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(12, 4.8))
   for color, (label, group) in zip(COLORS, groups.items()):
-    total = [r['total_params'] for r in group]
-    ax_mem.plot(total, [r['weight_bytes'] / 2**20 for r in group], 'o-', color=color, label=label)
-    ax_time.plot([r['active_params'] for r in group], [r['step_time_s'] * 1e3 for r in group], 'o-', color=color,
+    rungs = _rung_means(group, ('total_params', 'active_params', 'weight_bytes', 'peak_memory_bytes',
+                                'step_time_s'))
+    total = [r['total_params'] for r in rungs]
+    measured = [(r['total_params'], r['peak_memory_bytes'] / 2**20) for r in rungs if r.get('peak_memory_bytes')]
+    if measured:
+      ax_mem.plot(*zip(*measured), 'o-', color=color, label=f'{label}: train step peak (measured)')
+    ax_mem.plot(total, [r['weight_bytes'] / 2**20 for r in rungs], 's--', color=color, alpha=0.7,
+                label=f'{label}: weights')
+    ax_time.plot([r['active_params'] for r in rungs], [r['step_time_s'] * 1e3 for r in rungs], 'o-', color=color,
                  label=label)
-  ax_mem.set(xscale='log', yscale='log', xlabel='total parameters', ylabel='weight memory (MiB)',
+  ax_mem.set(xscale='log', yscale='log', xlabel='total parameters', ylabel='memory (MiB)',
              title='memory follows total parameters')
   ax_time.set(xscale='log', yscale='log', xlabel='active parameters (per token)', ylabel='train step time (ms)',
               title='speed follows active parameters')
   for ax in (ax_mem, ax_time):
     ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   return _save(fig, path)
 
 
-def plot_all(rows: list[dict], out_dir: str, fits: dict | None = None) -> list[str]:
-  """Write scaling.png and cost.png into out_dir; returns their paths."""
+def _rung_means(group: list[dict], keys: tuple[str, ...]) -> list[dict]:
+  """One dict per rung (d_model, n_layers) with the mean over its seeds of each key (None where missing)."""
+  rungs = {}
+  for r in group:
+    rungs.setdefault((r['d_model'], r['n_layers']), []).append(r)
+  means = []
+  for same in rungs.values():
+    values = lambda k: [r[k] for r in same if r.get(k) is not None]
+    means.append({k: float(np.mean(values(k))) if values(k) else None for k in keys})
+  return sorted(means, key=lambda r: r[keys[0]])
+
+
+GAP_PANELS = (('gap_active', 'matched active parameters'), ('gap_total', 'matched total parameters (dense law)'),
+              ('gap_flops', 'matched training FLOPs (dense law)'))
+
+
+def plot_gap(comparisons: list[dict], path: str) -> str:
+  """MoE minus dense held-out loss (% of dense) per rung with its 95% interval over seeds, one panel per
+  matching (`slmjax.compare`), against the MoE rung's active parameters: below zero, MoE is better."""
+  fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), sharey=True)
+  done = [c for c in comparisons if not c.get('skipped')]
+  for color, label in zip(COLORS[1:], sorted({c['arch'] for c in done})):
+    mine = sorted((c for c in done if c['arch'] == label), key=lambda c: c['active_params'])
+    for ax, (key, title) in zip(axes, GAP_PANELS):
+      points = [(c['active_params'], c[key]) for c in mine if c.get(key)]
+      if not points:
+        continue
+      x = np.array([p for p, _ in points], dtype=float)
+      y = np.array([g['pct'] for _, g in points])
+      lo = np.array([g['pct'] - g['ci_pct'][0] if g.get('ci_pct') else 0.0 for _, g in points])
+      hi = np.array([g['ci_pct'][1] - g['pct'] if g.get('ci_pct') else 0.0 for _, g in points])
+      ax.errorbar(x, y, yerr=[lo, hi], fmt='o-', color=color, capsize=4, label=label)
+      ax.set_title(title, fontsize=10)
+  for ax in axes:
+    ax.axhline(0.0, color='black', lw=1)
+    ax.set(xscale='log', xlabel='MoE active parameters (per token)')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0].set_ylabel('MoE - dense held-out loss (% of dense)')
+  fig.suptitle('The MoE gain, rung by rung (95% intervals over seeds; below zero: MoE better)')
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_all(rows: list[dict], out_dir: str, fits: dict | None = None, comparisons: list[dict] | None = None
+             ) -> list[str]:
+  """Write scaling.png, cost.png and (given MoE-vs-dense comparisons) gap.png into out_dir; returns their paths."""
   if not rows:
     raise ValueError(f'no finished runs to plot in {out_dir}')
-  return [plot_scaling(rows, os.path.join(out_dir, 'scaling.png'), fits),
-          plot_cost(rows, os.path.join(out_dir, 'cost.png'))]
+  paths = [plot_scaling(rows, os.path.join(out_dir, 'scaling.png'), fits),
+           plot_cost(rows, os.path.join(out_dir, 'cost.png'))]
+  if comparisons and any(not c.get('skipped') for c in comparisons):
+    paths.append(plot_gap(comparisons, os.path.join(out_dir, 'gap.png')))
+  return paths
 
 
 def _save(fig, path: str) -> str:

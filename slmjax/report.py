@@ -104,5 +104,5 @@ def summarize(rows: list[dict], out_dir: str, plot: bool = True, log: Callable[[
     log('\n' + compare.answer(comparisons))
   if plot:
     from slmjax import plots  # lazy, deliberately: matplotlib is imported only when figures are drawn
-    for path in plots.plot_all(rows, out_dir, fits):
+    for path in plots.plot_all(rows, out_dir, fits, comparisons):
       log(f'wrote {path}')

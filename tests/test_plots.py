@@ -6,7 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from slmjax import plots, report, results
+from slmjax import compare, plots, report, results
 
 
 def synthetic_rows():
@@ -14,9 +14,12 @@ def synthetic_rows():
   for arch, n_experts, offset in (('dense', 0, 0.0), ('moe', 8, -0.1)):
     for total in (1e5, 3e5, 1e6, 3e6):
       active = total if arch == 'dense' else total / 3
-      rows.append({'arch': arch, 'n_experts': n_experts, 'top_k': 2, 'total_params': total, 'active_params': active,
-                   'train_flops': 6 * active * 1e6, 'eval_loss': 1.5 + 30 * total ** -0.3 + offset,
-                   'weight_bytes': 4 * total, 'step_time_s': active * 1e-7})
+      for seed in (0, 1):
+        rows.append({'arch': arch, 'n_experts': n_experts, 'top_k': 2, 'total_params': total,
+                     'active_params': active, 'train_flops': 6 * active * 1e6, 'seed': seed,
+                     'eval_loss': 1.5 + 30 * total ** -0.3 + offset + 0.002 * seed, 'd_model': int(total) // 1000,
+                     'n_layers': 2, 'weight_bytes': 4 * total, 'peak_memory_bytes': 20 * total,
+                     'step_time_s': active * 1e-7})
   return rows
 
 
@@ -28,8 +31,11 @@ def test_rows_group_by_architecture():
 
 
 def test_plot_all_writes_pngs(tmp_path):
-  paths = plots.plot_all(synthetic_rows(), str(tmp_path))
-  assert sorted(os.path.basename(p) for p in paths) == ['cost.png', 'scaling.png']
+  rows = synthetic_rows()
+  for row in rows:  # MoE rungs get their dense rung's size, as the sweep gives them
+    row['d_model'] = int(row['active_params']) // 1000 if row['arch'] == 'moe' else row['d_model']
+  paths = plots.plot_all(rows, str(tmp_path), comparisons=compare.compare(rows, n_bootstrap=20))
+  assert sorted(os.path.basename(p) for p in paths) == ['cost.png', 'gap.png', 'scaling.png']
   for path in paths:
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 300 and image.shape[1] > 600
