@@ -36,7 +36,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from slmjax import cli, cost, dispatch, steps
+from slmjax import cli, cost, dispatch, steps, sweep
 from slmjax.config import ModelConfig, TrainConfig
 from slmjax.layers import DenseFFN, activate
 from slmjax.moe import MoEFFN
@@ -61,6 +61,9 @@ flags.DEFINE_integer('model_batch', 16, 'Sequences per training step in the whol
 flags.DEFINE_integer('model_seq_len', 256, 'Sequence length in the whole-model check.')
 flags.DEFINE_integer('model_layers', 4, 'Transformer blocks in the whole-model check.')
 flags.DEFINE_integer('model_d_ff', 1024, 'Dense FFN width of the whole-model check (MoE: 8 experts of d_ff / 2).')
+flags.DEFINE_string('model_ladder', None, 'Instead of that one model: every rung of a sweep ladder (cpu, or '
+                    '32x2,64x2,...) against its matched MoE (8 experts, top-2, as the sweep builds it), dropless '
+                    'and at --capacity_factor; use --model_seq_len=128 for the sweep\'s batches.')
 flags.DEFINE_boolean('json', False, 'Print one JSON list of rows instead of tables.')
 FLAGS = flags.FLAGS
 
@@ -132,45 +135,44 @@ def layer_rows(setting: str) -> list[dict]:
   return rows
 
 
-def model_rows() -> list[dict]:
-  """Training step time of MoE Transformers (8 experts, top-2, d_expert = d_ff / 2) vs the matched dense one."""
+def model_sets() -> list[tuple[ModelConfig, dict[str, ModelConfig]]]:
+  """(dense config, {name: MoE config}) per table: the one model of the --model_* flags with each of
+  --model_impls, or with --model_ladder every rung as the sweep builds it, dropless and at --capacity_factor."""
   f = FLAGS
-  dense_cfg = ModelConfig(vocab_size=256, d_model=f.d_model, n_layers=f.model_layers, n_heads=4,
-                          d_ff=f.model_d_ff, max_seq_len=f.model_seq_len, activation=f.activation,
-                          dtype=f.dtype, param_dtype=f.dtype)
+  common = dict(vocab_size=256, max_seq_len=f.model_seq_len, activation=f.activation, dtype=f.dtype,
+                param_dtype=f.dtype)
+  if f.model_ladder:
+    sets = []
+    for dense in sweep.ladder(ModelConfig(**common), sweep.parse_sizes(f.model_ladder)):
+      moe = sweep.moe_rung(dense, 8, 2, 'active')
+      sets.append((dense, {'dropless': moe.replace(capacity_factor=None),
+                           f'cf {f.capacity_factor:g}': moe.replace(capacity_factor=f.capacity_factor)}))
+    return sets
+  dense = ModelConfig(d_model=f.d_model, n_layers=f.model_layers, n_heads=4, d_ff=f.model_d_ff, **common)
+  return [(dense, {impl: dense.replace(n_experts=8, top_k=2, d_expert=f.model_d_ff // 2,
+                                       capacity_factor=f.capacity_factor, dispatch=impl)
+                   for impl in f.model_impls})]
+
+
+def model_rows(dense_cfg: ModelConfig, moes: dict[str, ModelConfig]) -> list[dict]:
+  """Training step time of MoE Transformers against the dense one with the same active parameters."""
+  f = FLAGS
   train_cfg = TrainConfig(steps=1000, warmup=10, batch_size=f.model_batch, seq_len=f.model_seq_len)
-  configs = {'dense': dense_cfg}
-  for impl in f.model_impls:
-    configs[impl] = dense_cfg.replace(n_experts=8, top_k=2, d_expert=f.model_d_ff // 2,
-                                      capacity_factor=f.capacity_factor, dispatch=impl)
-  batch_BT1 = jnp.asarray(np.random.default_rng(0).integers(0, 256, (f.model_batch, f.model_seq_len + 1)),
-                          jnp.int32)
-  carried = {}  # name -> [step, state, opt_state]: the train step donates its state, so thread it through
-
-  def thunk(name):
-    def run():
-      step, state, opt_state = carried[name]
-      state, opt_state, metrics = step(state, opt_state, batch_BT1)
-      carried[name] = [step, state, opt_state]
-      return metrics
-    return run
-
-  fns = {}
-  for name, cfg in configs.items():
+  batch_BT1 = np.random.default_rng(0).integers(0, 256, (f.model_batch, f.model_seq_len + 1), dtype=np.int32)
+  runs = {}
+  for name, cfg in {'dense': dense_cfg, **moes}.items():
     graphdef, state, tx, opt_state = steps.init_state(cfg, train_cfg)
-    carried[name] = [steps.make_train_step(graphdef, tx), state, opt_state]
-    fns[name] = thunk(name)
-  times = cost.interleaved_times(fns, 1, f.repeats, 1, baseline='dense', max_ratio=f.max_ratio)
+    runs[name] = [steps.make_train_step(graphdef, tx), state, opt_state, batch_BT1]
+  times = cost.time_train_steps(runs, warmup=1, repeats=f.repeats, baseline='dense')
   rows = []
-  for impl, cfg in configs.items():
-    if impl == 'dense':
-      continue
-    rows.append(dict(kind='model', setting='model', impl=dispatch.resolve(impl, cfg.dropless), group_size=cfg.group_size,
-                     tokens=f.model_batch * f.model_seq_len, d_model=cfg.d_model, d_expert=cfg.expert_size,
-                     n_experts=cfg.n_experts, top_k=cfg.top_k, capacity_factor=cfg.capacity_factor,
-                     activation=cfg.activation, dtype=cfg.dtype, n_layers=cfg.n_layers, dense_d_ff=f.model_d_ff,
-                     time_s=times[impl]['median_s'], dense_time_s=times['dense']['median_s'],
-                     ratio=times[impl]['ratio'], repeats=times[impl]['samples']))
+  for name, cfg in moes.items():
+    rows.append(dict(kind='model', setting='model', impl=dispatch.resolve(cfg.dispatch, cfg.dropless),
+                     label=name, group_size=cfg.group_size, tokens=f.model_batch * f.model_seq_len,
+                     d_model=cfg.d_model, d_expert=cfg.expert_size, n_experts=cfg.n_experts, top_k=cfg.top_k,
+                     capacity_factor=cfg.capacity_factor, activation=cfg.activation, dtype=cfg.dtype,
+                     n_layers=cfg.n_layers, dense_d_ff=dense_cfg.ffn_size, time_s=times[name]['median_s'],
+                     dense_time_s=times['dense']['median_s'], ratio=times[name]['ratio'],
+                     repeats=times[name]['samples']))
   return rows
 
 
@@ -185,11 +187,12 @@ def format_table(rows: list[dict]) -> str:
              f"{r0['dense_d_ff']} vs {r0['n_experts']} experts top-{r0['top_k']} d_expert {r0['d_expert']}: "
              f"dense {r0['dense_time_s'] * 1e3:.1f} ms\n(the dense model runs slmjax.layers.DenseFFN: see its row "
              f"in the layer tables for its cost against the flat dense FFN)")
-  lines = [title, f"  {'impl':<8} {'group':>6} {'time ms':>9} {'ratio':>7} {'drop %':>7} {'runs':>5}"]
+  lines = [title, f"  {'impl':<16} {'group':>6} {'time ms':>9} {'ratio':>7} {'drop %':>7} {'runs':>5}"]
   for r in rows:
     drop = f"{100 * r['drop_fraction']:.2f}" if 'drop_fraction' in r else '-'
     group = r['group_size'] if r['group_size'] and r['impl'] in ('einsum', 'gather') else '-'
-    lines.append(f"  {r['impl']:<8} {group:>6} {r['time_s'] * 1e3:>9.1f} {r['ratio']:>7.2f} {drop:>7} "
+    name = r['impl'] if r.get('label', r['impl']) == r['impl'] else f"{r['impl']} ({r['label']})"
+    lines.append(f"  {name:<16} {group:>6} {r['time_s'] * 1e3:>9.1f} {r['ratio']:>7.2f} {drop:>7} "
                  f"{r['repeats']:>5}")
   return '\n'.join(lines)
 
@@ -205,7 +208,7 @@ def main(argv):
   platform = f'{jax.default_backend()} ({jax.devices()[0].device_kind}, {os.cpu_count()} cores)'
   tables = [layer_rows(name) for name in FLAGS.settings]
   if FLAGS.model:
-    tables.append(model_rows())
+    tables += [model_rows(dense, moes) for dense, moes in model_sets()]
   tables = [rows for rows in tables if rows]
   for rows in tables:
     for row in rows:

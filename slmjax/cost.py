@@ -99,16 +99,17 @@ def time_train_step(step_fn: Callable, state, opt_state, batch, warmup: int = 2,
   return stats, run[1], run[2]
 
 
-def time_train_steps(runs: dict[str, list], warmup: int = 2, repeats: int = 10) -> dict[str, dict[str, float]]:
+def time_train_steps(runs: dict[str, list], warmup: int = 2, repeats: int = 10, baseline: str | None = None
+                     ) -> dict[str, dict[str, float]]:
   """`interleaved_times` of several train steps, each list [step_fn, state, opt_state, batch] in `runs` threading
-  its (donated) state through the calls: the lists are updated in place."""
+  its (donated) state through the calls: the lists are updated in place. `baseline`: paired ratios to it."""
   def thunk(run):
     def call():
       step_fn, state, opt_state, batch = run
       run[1], run[2], metrics = step_fn(state, opt_state, batch)
       return metrics
     return call
-  return interleaved_times({name: thunk(run) for name, run in runs.items()}, warmup, repeats)
+  return interleaved_times({name: thunk(run) for name, run in runs.items()}, warmup, repeats, baseline=baseline)
 
 
 def throughput(tokens_per_step: int, step_time_s: float, flops_per_token: float,
