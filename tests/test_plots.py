@@ -1,6 +1,8 @@
 """Plots are drawn from results rows alone, written atomically, and readable (one legend entry per arch)."""
 
 import os
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -48,11 +50,12 @@ def test_plot_all_refuses_no_rows(tmp_path):
     plots.plot_all([], str(tmp_path))
 
 
-def test_text_report_does_not_import_matplotlib():
-  import subprocess, sys
-  code = ('import sys; from slmjax import report; rows = %r; report.summarize(rows, ".", plot=False, log=lambda s: None);'
-          'assert "matplotlib" not in sys.modules, "report pulled in matplotlib"') % (synthetic_rows_plain(),)
-  subprocess.run([sys.executable, '-c', code], check=True)
+def test_text_report_does_not_import_matplotlib(tmp_path):
+  code = (f'import sys; from slmjax import report; rows = {synthetic_rows_plain()!r}; '
+          f'report.summarize(rows, {str(tmp_path)!r}, plot=False, log=lambda s: None); '
+          'assert "matplotlib" not in sys.modules, "report pulled in matplotlib"')
+  subprocess.run([sys.executable, '-c', code], check=True, cwd=tmp_path)
+  assert (tmp_path / 'comparison.json').exists()
 
 
 def synthetic_rows_plain():
