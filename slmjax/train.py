@@ -116,6 +116,8 @@ class _Loop:
     if place_batch is not None:  # the same held-out windows on every process, as one global array each
       self.eval_NBT1 = [place_batch(b, whole=True) for b in self.eval_NBT1]
     self.dataset = data.train_dataset(corpus.train_N, T, B, train_cfg.seed, jax.process_index(), jax.process_count())
+    # Built here, outside the mesh context `run` executes in: abstract variables would be laid out on the mesh.
+    self.eval_graph = eval_graphdef(model_cfg)
 
   def run(self, place_state: Callable, stop_at_step: int | None, measure: bool, tensorboard: bool
           ) -> dict[str, Any]:
@@ -142,7 +144,7 @@ class _Loop:
       graphdef, state, _, opt_state = init_state(self.model_cfg, self.train_cfg)
       # Committed (like restored arrays, so a resumed run reuses the compiled step) to one device or a mesh.
       state, opt_state = place_state(state, opt_state)
-      self.train_step, self.eval_step = cached_steps(graphdef, self.train_cfg, eval_graphdef(self.model_cfg))
+      self.train_step, self.eval_step = cached_steps(graphdef, self.train_cfg, self.eval_graph)
       memory = cost.compiled_memory(self.train_step, state, opt_state, self._fixed_batch())  # compiled once
     except jax.errors.JaxRuntimeError as e:
       if 'RESOURCE_EXHAUSTED' not in str(e):

@@ -11,7 +11,8 @@ import sys
 FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'legacy_v1'
 SCRIPT = pathlib.Path(__file__).parent.parent / 'experiments' / 'sweep.py'
 FLAGS = ['--ladder=16x1', '--batch_size=4', '--seq_len=32', '--tokens=1024', '--checkpoint_every=4',
-         '--data=corpus.txt', '--out=runs', '--noplot']
+         '--data=corpus.txt', '--out=runs', '--noplot',
+         '--seeds=0', '--capacity_factor=1.25']  # the sweep defaults of then (one seed, cf 1.25), not of today
 
 
 def test_old_sweep_directory_resumes_bit_for_bit(tmp_path):
