@@ -151,8 +151,8 @@ def preset_config_from_flags(name: str) -> ModelConfig:
 
 def apply_runtime_flags(cfg: ModelConfig) -> ModelConfig:
   """`cfg` with the runtime flags given on the command line (dtypes, dispatch, capacity, seq_len) applied."""
-  runtime = tuple(f.name for f in dataclasses.fields(ModelConfig) if not f.metadata['runtime'])
-  changes = flag_values(ModelConfig, skip=runtime, only_present=True)
+  architecture = tuple(f.name for f in dataclasses.fields(ModelConfig) if not f.metadata['runtime'])
+  changes = flag_values(ModelConfig, skip=architecture, only_present=True)
   if FLAGS['seq_len'].present and not FLAGS['max_seq_len'].present:
     changes['max_seq_len'] = max(cfg.max_seq_len, FLAGS.seq_len)
   return cfg.replace(**changes)

@@ -174,10 +174,10 @@ def tree_bytes(tree: Any) -> int:
 
 
 def measure_train_step(step_fn: Callable, state, opt_state, batch, tokens_per_step: int, flops_per_token: float,
-                       peak_flops: float | None) -> tuple[dict, Any, Any]:
+                       peak_flops: float | None, memory: dict[str, int] | None) -> tuple[dict, Any, Any]:
   """The measured cost of a (donating) train step on one batch: step time (median of 5 after 2 warm-up calls),
-  tokens/s, achieved FLOP/s, MFU, and the compiled program's peak memory; with the threaded state."""
-  memory = compiled_memory(step_fn, state, opt_state, batch)
+  tokens/s, achieved FLOP/s, MFU, and the peak of `memory` (its `compiled_memory`, which the caller has already
+  read, so the step is not lowered again); with the threaded state."""
   stats, state, opt_state = time_train_step(step_fn, state, opt_state, batch, warmup=2, repeats=5)
   measured = throughput(tokens_per_step, stats['median_s'], flops_per_token, peak_flops)
   return {'step_time_s': measured['step_time_s'], 'tokens_per_s': measured['tokens_per_s'],

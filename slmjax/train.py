@@ -111,6 +111,7 @@ class _Loop:
     self.model_cfg, self.train_cfg, self.run_dir, self.corpus = model_cfg, train_cfg, run, corpus
     self.counts, self.peak_flops, self.log, self.place_batch = counts, peak_flops, log, place_batch
     self.flops_per_token = counting.train_flops_per_token(model_cfg, train_cfg.seq_len, counts)
+    self.unigram_loss = corpus.unigram_loss()  # config.json and the summary
     T, B = train_cfg.seq_len, train_cfg.batch_size
     self.eval_NBT1 = data.eval_batches(corpus.eval_N, T, B, train_cfg.eval_batches)
     if place_batch is not None:  # the same held-out windows on every process, as one global array each
@@ -145,13 +146,13 @@ class _Loop:
       # Committed (like restored arrays, so a resumed run reuses the compiled step) to one device or a mesh.
       state, opt_state = place_state(state, opt_state)
       self.train_step, self.eval_step = cached_steps(graphdef, self.train_cfg, self.eval_graph)
-      memory = cost.compiled_memory(self.train_step, state, opt_state, self._fixed_batch())  # compiled once
+      self.memory = cost.compiled_memory(self.train_step, state, opt_state, self._fixed_batch())  # compiled once
     except jax.errors.JaxRuntimeError as e:
       if 'RESOURCE_EXHAUSTED' not in str(e):
         raise
       raise ValueError(f'out of memory building the model and its train step ({str(e).splitlines()[0][:200]}); '
                        f'{shrink}') from None
-    cost.check_fits(memory, f'the train step (batch {B} x seq_len {T})', shrink)
+    cost.check_fits(self.memory, f'the train step (batch {B} x seq_len {T})', shrink)
     return state, opt_state
 
   def _fixed_batch(self):
@@ -166,7 +167,7 @@ class _Loop:
     run.write_json(run.config_path, {
         'model': model_cfg.to_dict(), 'train': train_cfg.to_dict(), 'data': self.corpus.summary(),
         'counts': counting.summary(model_cfg, train_cfg.seq_len, self.counts),
-        'unigram_eval_loss': self.corpus.unigram_loss(),
+        'unigram_eval_loss': self.unigram_loss,
         'devices': [d.device_kind for d in jax.devices()], 'process_count': jax.process_count(),
         'versions': {m.__name__: m.__version__ for m in (jax, optax, flax)}})
     iterator = data.train_iterator(self.dataset)
@@ -229,7 +230,7 @@ class _Loop:
   def _summary(self, step, row, last_eval, timer, state, opt_state, measure) -> dict[str, Any]:
     train_cfg, tokens_per_step = self.train_cfg, self.train_cfg.tokens_per_step
     summary = {'step': step, 'tokens': step * tokens_per_step, 'complete': step >= train_cfg.steps,
-               'train_loss': row.get('train_loss'), **last_eval, 'unigram_eval_loss': self.corpus.unigram_loss(),
+               'train_loss': row.get('train_loss'), **last_eval, 'unigram_eval_loss': self.unigram_loss,
                'total_params': self.counts.total, 'active_params': self.counts.active,
                'train_flops_per_token': self.flops_per_token, 'timed_steps': timer.steps,
                'optimizer_state_bytes': cost.tree_bytes(opt_state),
@@ -238,7 +239,8 @@ class _Loop:
       summary.update(cost.throughput(tokens_per_step, timer.mean_s, self.flops_per_token, self.peak_flops))
     if summary['complete'] and measure:  # after the last checkpoint: the timed steps are never saved
       summary['cost'], _, _ = cost.measure_train_step(self.train_step, state, opt_state, self._fixed_batch(),
-                                                     tokens_per_step, self.flops_per_token, self.peak_flops)
+                                                     tokens_per_step, self.flops_per_token, self.peak_flops,
+                                                     self.memory)
     if summary['complete']:
       self.run_dir.write_json(self.run_dir.summary_path, summary)
     return summary
