@@ -22,6 +22,7 @@ ATTENTIONS = ('gqa', 'mla')
 QK_NORMS = ('none', 'head', 'full')
 DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense')
 DTYPES = ('float32', 'bfloat16', 'float16')
+SCHEDULES = ('cosine', 'wsd')
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, runtime: bool = False,
@@ -285,10 +286,17 @@ class TrainConfig(ConfigDict):
   steps: int = option(1000, 'Optimizer steps (or give --tokens).')
   batch_size: int = option(32, 'Sequences per step (global, over all processes).')
   seq_len: int = option(256, 'Training / counting sequence length.')
-  lr: float = option(3e-3, 'Peak learning rate (AdamW), reached after warmup, then cosine decay to lr * '
-                     'min_lr_ratio.')
+  lr: float = option(3e-3, 'Peak learning rate (AdamW), reached after warmup, then decayed to lr * min_lr_ratio '
+                     '(see --schedule).')
   warmup: int = option(100, 'Linear warmup steps (flags: steps // 10 when the default would not fit).')
   min_lr_ratio: float = option(0.1, 'Final learning rate as a fraction of lr.')
+  schedule: str = option('cosine', 'cosine: warmup then cosine decay over all --steps (a larger --steps re-stretches '
+                         'it). wsd: warmup-stable-decay (Hagele et al. 2024): the peak lr held, then a 1-sqrt '
+                         'cooldown over the last --cooldown_fraction of the steps; with --branches one run yields '
+                         'several token counts.', choices=SCHEDULES)
+  cooldown_fraction: float = option(0.2, 'wsd: the fraction of a run (or branch) spent cooling down.')
+  branches: str = option('', 'wsd: extra cooldown branches forked from the stable trunk, as fractions of --steps '
+                         '(e.g. 0.25,0.5); each yields its own (N, D) point. The full --steps is always one.')
   weight_decay: float = option(0.1, 'Decoupled weight decay on matrices (not norm gains or biases).')
   b1: float = option(0.9, 'AdamW first-moment decay.')
   b2: float = option(0.95, 'AdamW second-moment decay.')
@@ -321,10 +329,48 @@ class TrainConfig(ConfigDict):
       raise ValueError(f'eval_fraction must be in (0, 1), got {self.eval_fraction}')
     if not self.data:
       raise ValueError('data must name a corpus, path or glob')
+    check_choices(self)
+    if not 0 < self.cooldown_fraction < 1:
+      raise ValueError(f'cooldown_fraction must be in (0, 1), got {self.cooldown_fraction}')
+    if self.branches and self.schedule != 'wsd':
+      raise ValueError(f'branches={self.branches!r} needs schedule=wsd (cooldown branches fork from its stable '
+                       'trunk)')
+    if self.schedule == 'wsd':
+      for steps in self.branch_steps:
+        if self.warmup > steps - self.decay_steps(steps):
+          raise ValueError(f'warmup={self.warmup} does not fit the wsd run of {steps} steps (its cooldown starts at '
+                           f'step {steps - self.decay_steps(steps)}); lower --warmup or raise the branches')
+
+  def decay_steps(self, steps: int | None = None) -> int:
+    """wsd: steps of the cooldown that ends a run (or branch) of `steps` (default: this run's), at least 1."""
+    steps = self.steps if steps is None else steps
+    return max(1, round(self.cooldown_fraction * steps))
+
+  @property
+  def branch_steps(self) -> tuple[int, ...]:
+    """wsd: the lengths of the cooldown branches, ascending and ending with `steps` itself."""
+    return branch_steps(self.branches, self.steps)
 
   @property
   def tokens_per_step(self) -> int:
     return self.batch_size * self.seq_len
+
+
+def branch_steps(branches: str, steps: int) -> tuple[int, ...]:
+  """The run lengths `branches` (fractions of `steps`, comma-separated) names, with `steps` itself: distinct,
+  ascending; ValueError (one line) on a fraction outside (0, 1] or one that rounds to no step."""
+  lengths = {steps}
+  for item in filter(None, (part.strip() for part in branches.split(','))):
+    try:
+      fraction = float(item)
+    except ValueError:
+      raise ValueError(f'branches={branches!r}: {item!r} is not a number; give fractions of --steps like '
+                       '0.25,0.5') from None
+    if not 0 < fraction <= 1 or round(fraction * steps) < 1:
+      raise ValueError(f'branches={branches!r}: {item!r} must be a fraction in (0, 1] of steps={steps} that is at '
+                       'least one step')
+    lengths.add(round(fraction * steps))
+  return tuple(sorted(lengths))
 
 
 def default_warmup(steps: int, warmup: int = TrainConfig.warmup) -> int:

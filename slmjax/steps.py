@@ -108,7 +108,8 @@ def cached_steps(graphdef: nnx.GraphDef, train_cfg: TrainConfig, eval_graph: nnx
   """(train step, eval step) for a model structure and optimizer, compiled once per process: repeated
   `train()` calls (resuming, a sweep revisiting a configuration, a benchmark) reuse them. The eval step runs
   `eval_graph` (default: the training graph)."""
-  keep = ('steps', 'lr', 'warmup', 'min_lr_ratio', 'weight_decay', 'b1', 'b2', 'grad_clip')
+  keep = ('steps', 'lr', 'warmup', 'min_lr_ratio', 'schedule', 'cooldown_fraction', 'weight_decay', 'b1', 'b2',
+          'grad_clip')
   return _cached_steps(graphdef, eval_graph or graphdef,
                        TrainConfig().replace(**{k: getattr(train_cfg, k) for k in keep}))
 
