@@ -4,6 +4,8 @@
   python experiments/sweep.py --arch=moe --experts=8 --k=2      # the matched MoE ladder, same --out
   python experiments/sweep.py --arch=moe --ladder=32x2,64x2,128x4 --match=total --tokens_per_param=20
   python experiments/sweep.py --preset=deepseek-v3 --tokens=500000    # DeepSeek-V3's architecture, CPU widths
+  python experiments/sweep.py --arch=moe --experts=4,8,16 --k=2        # three expert counts: the joint MoE law
+  python experiments/sweep.py --arch=dense --schedule=wsd --branches=0.25,0.5   # 3 token counts per size: isoFLOPs
 
 Writes <out>/results.jsonl (one row per finished run), <out>/<run_id>/ (checkpoints, metrics), and
 <out>/scaling.png, <out>/cost.png over every run in <out>. Rerun the same command to resume after an interruption.
@@ -22,7 +24,7 @@ from absl import flags
 
 from slmjax import cli, distributed, presets, report, results, sharding, sweep
 
-cli.define_model_flags()
+cli.define_model_flags(lists=('n_experts',))  # --experts=4,8,16: one matched ladder per expert count
 cli.define_train_flags()
 distributed.define_flags()
 flags.DEFINE_string('ladder', 'cpu', f'Named ladder ({", ".join(sweep.LADDERS)}) or sizes D x L, e.g. 32x2,64x2.')
@@ -57,14 +59,16 @@ def sweep_points() -> tuple[list, sweep.Budget]:
     seeds = [int(s) for s in FLAGS.seeds]
   except ValueError:
     raise ValueError(f'--seeds={",".join(FLAGS.seeds)} must be a comma-separated list of integers') from None
-  template = cli.model_config_from_flags()
   if FLAGS.preset:  # a published architecture's own family, scaled down to CPU widths
     if FLAGS['ladder'].present:
       raise ValueError('--ladder does not apply with --preset (the preset family has its own widths)')
+    cli.reject_arch_flags(FLAGS.preset)
     configs = [cli.apply_runtime_flags(cfg).replace(max_seq_len=max(cfg.max_seq_len, FLAGS.seq_len))
                for cfg in presets.preset_ladder(FLAGS.preset)]
   else:
-    configs = sweep.ladder(template, sweep.parse_sizes(FLAGS.ladder), template.n_experts, template.top_k, FLAGS.match)
+    configs = [cfg for template in cli.model_configs_from_flags()
+               for cfg in sweep.ladder(template, sweep.parse_sizes(FLAGS.ladder), template.n_experts, template.top_k,
+                                       FLAGS.match)]
   return sweep.sweep_points(configs, budget, cli.train_fields_from_flags(), seeds), budget
 
 

@@ -3,6 +3,7 @@
   python experiments/train.py --arch=dense --steps=500 --out=runs/dense
   python experiments/train.py --arch=moe --experts=8 --k=2 --steps=500 --out=runs/moe
   python experiments/train.py --out=runs/dense --steps=1000      # continues runs/dense to step 1000
+  python experiments/train.py --schedule=wsd --branches=0.25,0.5 --steps=800 --out=runs/wsd   # 3 token counts
 
 The output directory holds config.json, metrics.jsonl (one JSON object per logged step), summary.json and
 checkpoints/. Default data: the Python standard library source (see slmjax/data.py and README "Training").
@@ -22,7 +23,7 @@ import sys
 import jax
 from absl import flags
 
-from slmjax import cli, cost, distributed, sharding, train
+from slmjax import cli, cost, distributed, sharding, train, wsd
 
 flags.DEFINE_string('out', None, 'Run directory (created; resumed if it holds this run). Default: runs/<arch>.')
 flags.DEFINE_boolean('mfu', True, 'Measure the matmul peak of this machine and report model FLOP utilisation.')
@@ -40,10 +41,16 @@ def main(argv):
   train_cfg = cli.train_config_from_flags()
   out = FLAGS.out or os.path.join('runs', FLAGS.arch)
   peak = cost.matmul_peak_flops() if FLAGS.mfu else None  # measured here, now: never a datasheet number
+  kwargs = dict(peak_flops=peak, mesh=sharding.make_mesh(FLAGS.mesh), tensorboard=FLAGS.tensorboard,
+                log=print if jax.process_index() == 0 else None)
   try:
-    summary = train.train(model_cfg, train_cfg, out, peak_flops=peak, mesh=sharding.make_mesh(FLAGS.mesh),
-                          tensorboard=FLAGS.tensorboard,
-                          log=print if jax.process_index() == 0 else None)
+    if train_cfg.schedule == 'wsd':  # the stable trunk and its cooldown branches (slmjax/wsd.py)
+      branches = wsd.train_wsd(model_cfg, train_cfg, out, **kwargs)
+      for steps, branch in branches.items():
+        print(f'wsd branch {steps} steps ({branch["tokens"]:,} tokens): held-out loss {branch["eval_loss"]:.4f}')
+      summary = branches[train_cfg.steps]
+    else:
+      summary = train.train(model_cfg, train_cfg, out, **kwargs)
   except train.NonFiniteLossError as e:
     print(f'{os.path.basename(sys.argv[0])}: error: {e}', file=sys.stderr)
     sys.exit(1)

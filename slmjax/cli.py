@@ -11,6 +11,7 @@ import, then `model_config_from_flags()` / `train_config_from_flags()` in main.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import sys
@@ -32,10 +33,14 @@ ARCH_FLAGS = ('arch',) + tuple(FLAG_ALIASES.get(f.name, f.name) for f in datacla
                                if not f.metadata['runtime'])
 
 
-def _define(field: dataclasses.Field, default) -> None:
+def _define(field: dataclasses.Field, default, as_list: bool = False) -> None:
   name, meta = FLAG_ALIASES.get(field.name, field.name), field.metadata
   kind = field.type.replace(' | None', '')
-  if meta['choices']:
+  if as_list:  # several values, one config each (a sweep axis)
+    if meta['choices'] or kind not in ('int', 'float'):
+      raise TypeError(f'{field.name}: only numeric fields can be listed')
+    flags.DEFINE_list(name, [str(default)], meta['help'] + ' A comma-separated list gives one config per value.')
+  elif meta['choices']:
     flags.DEFINE_enum(name, default, list(meta['choices']), meta['help'])
   elif kind in ('bool', 'int', 'float', 'str'):
     define = {'bool': flags.DEFINE_boolean, 'int': flags.DEFINE_integer, 'float': flags.DEFINE_float,
@@ -45,12 +50,31 @@ def _define(field: dataclasses.Field, default) -> None:
     raise TypeError(f'{field.name}: no flag type for a field of type {field.type}')
 
 
-def define_config_flags(cls, skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
-  """One flag per field of the config dataclass `cls` (except `skip`), defaulting to the field's default."""
+def define_config_flags(cls, skip: tuple[str, ...] = (), defaults: dict | None = None,
+                        lists: tuple[str, ...] = ()) -> None:
+  """One flag per field of the config dataclass `cls` (except `skip`), defaulting to the field's default; the
+  fields in `lists` take comma-separated lists (LISTED remembers them)."""
   defaults = defaults or {}
   for field in dataclasses.fields(cls):
     if field.name not in skip:
-      _define(field, defaults.get(field.name, field.default))
+      _define(field, defaults.get(field.name, field.default), as_list=field.name in lists)
+  LISTED.update(lists)
+
+
+LISTED: set[str] = set()  # fields whose flag is a list (define_model_flags(lists=...))
+
+
+def _listed_values(name: str, field_type: str) -> list:
+  """The parsed values of a list flag; ValueError (one line) on an item that is not a number."""
+  flag = FLAG_ALIASES.get(name, name)
+  parse = int if field_type.startswith('int') else float
+  try:
+    values = [parse(v) for v in FLAGS[flag].value]
+  except ValueError:
+    raise ValueError(f'--{flag}={",".join(FLAGS[flag].value)}: every item must be a number') from None
+  if not values:
+    raise ValueError(f'--{flag} is empty: give at least one value')
+  return values
 
 
 def flag_values(cls, skip: tuple[str, ...] = (), only_present: bool = False) -> dict:
@@ -62,18 +86,25 @@ def flag_values(cls, skip: tuple[str, ...] = (), only_present: bool = False) -> 
     if field.name in skip or (only_present and not flag.present):
       continue
     value = flag.value
+    if field.name in LISTED:  # one config per value: model_configs_from_flags; here, the only value
+      values_ = _listed_values(field.name, field.type)
+      if len(values_) > 1:
+        raise ValueError(f'--{flag.name}={",".join(flag.value)}: this needs one value (several give one config '
+                         'each: model_configs_from_flags)')
+      value = values_[0]
     if field.metadata['zero_is_none'] and value is not None and value <= 0:
       value = None
     values[field.name] = value
   return values
 
 
-def define_model_flags() -> None:
-  """Define the architecture flags and --seq_len (idempotent, so scripts importing each other do not clash)."""
+def define_model_flags(lists: tuple[str, ...] = ()) -> None:
+  """Define the architecture flags and --seq_len (idempotent, so scripts importing each other do not clash).
+  `lists`: numeric fields whose flag takes several values, e.g. ('n_experts',) for sweep.py's --experts=4,8,16."""
   if 'arch' in FLAGS:
     return
   flags.DEFINE_enum('arch', 'dense', ['dense', 'moe'], 'Feed-forward type: dense FFN or routed experts.')
-  define_config_flags(ModelConfig, defaults=MODEL_FLAG_DEFAULTS)
+  define_config_flags(ModelConfig, defaults=MODEL_FLAG_DEFAULTS, lists=lists)
   _define(next(f for f in dataclasses.fields(TrainConfig) if f.name == 'seq_len'), TrainConfig.seq_len)
   flags.DEFINE_string('preset', None, f'A published architecture ({", ".join(presets.names())}); fixes the '
                       'architecture flags. count.py also takes "all".')
@@ -90,16 +121,31 @@ def define_train_flags() -> None:
                        '(tensorboard --logdir=<out>).')
 
 
-def model_config_from_flags() -> ModelConfig:
-  """Build and validate the ModelConfig the flags describe (raises ValueError on nonsense)."""
+def model_configs_from_flags() -> list[ModelConfig]:
+  """One ModelConfig per combination of the list flags' values (`define_model_flags(lists=...)`), in the order
+  given, duplicates dropped (--arch=dense makes every --experts the same model)."""
+  listed = sorted(LISTED)
+  combos = itertools.product(*(_listed_values(name, next(f.type for f in dataclasses.fields(ModelConfig)
+                                                          if f.name == name)) for name in listed))
+  configs = []
+  for combo in combos:
+    cfg = model_config_from_flags(**dict(zip(listed, combo)))
+    if cfg not in configs:
+      configs.append(cfg)
+  return configs
+
+
+def model_config_from_flags(**overrides) -> ModelConfig:
+  """Build and validate the ModelConfig the flags describe (raises ValueError on nonsense); `overrides` replace
+  flag values (a list flag's one value each)."""
   f = FLAGS
   if f.preset:
     return preset_config_from_flags(f.preset)
   if f.scale_down:
     raise ValueError('--scale_down needs --preset=NAME')
-  values = flag_values(ModelConfig)
+  values = {**flag_values(ModelConfig, skip=tuple(overrides)), **overrides}
   if f.arch == 'moe' and values['n_experts'] <= 0:
-    raise ValueError(f'--experts={f.experts}: --arch=moe needs at least one expert (or use --arch=dense)')
+    raise ValueError(f'--experts={values["n_experts"]}: --arch=moe needs at least one expert (or use --arch=dense)')
   if f.arch == 'dense':
     values['n_experts'] = 0
   values['max_seq_len'] = values['max_seq_len'] or f.seq_len

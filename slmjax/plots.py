@@ -1,4 +1,5 @@
-"""Figures from results rows (the dicts of `<out>/results.jsonl`): scaling curves with fitted laws, and cost.
+"""Figures from results rows (the dicts of `<out>/results.jsonl`): scaling curves with fitted laws, cost, the
+MoE gap, isoFLOP profiles with the compute-optimal frontier, and the joint dense/MoE law.
 
 Each architecture (dense, or MoE with its E and k) gets its own colour; the fitted law and its exponent with a
 bootstrap interval go in the legend. Everything needed is in the rows, so plots can be redrawn without training.
@@ -14,7 +15,7 @@ matplotlib.use('Agg')  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from slmjax import atomic, report  # noqa: E402
+from slmjax import atomic, report, scaling  # noqa: E402
 from slmjax.results import group_rows  # noqa: E402
 
 SCALING_AXES = (('total_params', 'total parameters'), ('active_params', 'active parameters (per token)'),
@@ -119,15 +120,96 @@ def plot_gap(comparisons: list[dict], path: str) -> str:
   return _save(fig, path)
 
 
-def plot_all(rows: list[dict], out_dir: str, fits: dict | None = None, comparisons: list[dict] | None = None
+def plot_isoflop(rows: list[dict], laws: dict, path: str) -> str:
+  """One panel per architecture with an L(N, D) fit: isoFLOP profiles, held-out loss against N (active params)
+  at fixed C = 6 N D, measured (interpolated between each size's token counts, `scaling.isoflop_points`) as
+  markers and the fitted law as lines, the fitted optimum starred; and a last panel, the compute-optimal
+  frontier N_opt(C) of every architecture (exponent with its 90% interval) with the measured profiles' minima."""
+  groups = {label: group for label, group in group_rows(rows).items() if label in laws}
+  fig, axes = plt.subplots(1, len(groups) + 1, figsize=(5.5 * (len(groups) + 1), 4.8), squeeze=False)
+  axes = axes[0]
+  frontier = axes[-1]
+  for arch_color, (ax, (label, group)) in zip(COLORS, zip(axes, groups.items())):
+    law = laws[label]
+    n, d, loss = report._grid(group)
+    levels = scaling.isoflop_levels(n, d)
+    grid = np.geomspace(n.min() / 2, n.max() * 2, 200)
+    minima = []
+    for color, compute in zip(plt.cm.viridis(np.linspace(0, 0.9, len(levels))), levels):
+      sizes, measured = scaling.isoflop_points(n, d, loss, compute)
+      ax.plot(grid, scaling.isoflop_curve(law, compute, grid), color=color, lw=1.3, label=f'C = {compute:.2g}')
+      ax.scatter(sizes, measured, color=color, s=30, zorder=3)
+      n_opt, _ = scaling.optimal_allocation(law, compute)
+      ax.scatter([n_opt], [float(law(n_opt, compute / (6 * n_opt)))], marker='*', s=120, color=color, zorder=4)
+      if len(sizes):
+        minima.append((compute, sizes[np.argmin(measured)]))
+    ax.set(xscale='log', xlabel='active parameters N', title=f'{label}: isoFLOP profiles (lines: fitted law)')
+    ax.set_ylabel('held-out loss (nats / token)')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=7)
+    compute = np.geomspace(levels.min() / 3, levels.max() * 3, 50) if len(levels) else np.geomspace(
+        6 * n.min() * d.min(), 6 * n.max() * d.max(), 50)
+    ci = law.n_exponent_ci
+    frontier.plot(compute, scaling.optimal_allocation(law, compute)[0], color=arch_color,
+                  label=f'{label}: N_opt ~ C^{law.n_exponent:.2f}' + (f' [{ci[0]:.2f}, {ci[1]:.2f}]' if ci else ''))
+    if minima:
+      frontier.scatter(*zip(*minima), color=arch_color, s=30, zorder=3)
+  frontier.set(xscale='log', yscale='log', xlabel='training compute C = 6 N D (FLOPs)',
+               ylabel='compute-optimal N (active)', title='compute-optimal frontier (dots: measured minima)')
+  frontier.grid(True, which='both', alpha=0.3)
+  frontier.legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_joint(rows: list[dict], laws: dict, path: str) -> str:
+  """The joint dense/MoE law per family (`report.joint_rows`): held-out loss against active parameters, one
+  colour per expert count (dense = 1), runs as markers and the fitted law as lines; and against the expert count
+  at each measured size."""
+  families = report.joint_rows(rows)
+  fig, axes = plt.subplots(len(laws), 2, figsize=(12, 4.6 * len(laws)), squeeze=False)
+  for (ax_n, ax_e), (key, law) in zip(axes, laws.items()):
+    group = families[key]
+    n = np.array([r['active_params'] for r in group], dtype=float)
+    e = np.array([r.get('n_experts') or 1 for r in group], dtype=float)
+    loss = np.array([r['eval_loss'] for r in group], dtype=float)
+    grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 100)
+    for color, count in zip(COLORS, sorted(set(e))):
+      mine = e == count
+      name = 'dense' if count == 1 else f'E={count:g}'
+      ax_n.scatter(n[mine], loss[mine], color=color, s=28, zorder=3, label=name)
+      ax_n.plot(grid, law(grid, count), color=color, lw=1.3)
+    e_grid = np.geomspace(1, e.max() * 2, 100)
+    for color, size in zip(plt.cm.viridis(np.linspace(0, 0.9, len(set(n)))), sorted(set(n))):
+      mine = n == size
+      ax_e.scatter(e[mine], loss[mine], color=color, s=28, zorder=3, label=f'N={size:,.0f}')
+      ax_e.plot(e_grid, law(size, e_grid), color=color, lw=1.3)
+    ax_n.set(xscale='log', xlabel='active parameters N', ylabel='held-out loss (nats / token)',
+             title=f'{key}: b = {law.b:.3f}, c = {law.c:+.4f}')
+    ax_e.set(xscale='log', xlabel='experts E (dense = 1)', title='loss against expert count (lines: fitted law)')
+    for ax in (ax_n, ax_e):
+      ax.grid(True, which='both', alpha=0.3)
+      ax.legend(fontsize=7)
+  fig.suptitle('Joint dense/MoE law (Clark et al. 2022): log L bilinear in log N and log E')
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_all(rows: list[dict], out_dir: str, fits: dict | None = None, comparisons: list[dict] | None = None,
+             grid_rows: list[dict] | None = None, grid: dict | None = None, joint: dict | None = None
              ) -> list[str]:
-  """Write scaling.png, cost.png and (given MoE-vs-dense comparisons) gap.png into out_dir; returns their paths."""
+  """Write scaling.png, cost.png and (given MoE-vs-dense comparisons) gap.png into out_dir; with L(N, D) fits
+  of `grid_rows` (every WSD branch) isoflop.png, with joint laws joint.png; returns their paths."""
   if not rows:
     raise ValueError(f'no finished runs to plot in {out_dir}')
   paths = [plot_scaling(rows, os.path.join(out_dir, 'scaling.png'), fits),
            plot_cost(rows, os.path.join(out_dir, 'cost.png'))]
   if comparisons and any(not c.get('skipped') for c in comparisons):
     paths.append(plot_gap(comparisons, os.path.join(out_dir, 'gap.png')))
+  if grid:
+    paths.append(plot_isoflop(grid_rows or rows, grid, os.path.join(out_dir, 'isoflop.png')))
+  if joint:
+    paths.append(plot_joint(rows, joint, os.path.join(out_dir, 'joint.png')))
   return paths
 
 

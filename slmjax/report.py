@@ -1,4 +1,6 @@
-"""Text report of a sweep: one table row per run, fitted scaling laws, and MoE effective parameter counts.
+"""Text report of a sweep: one table row per run, fitted scaling laws, and MoE effective parameter counts; with
+WSD cooldown branches the (N, D) grid, its L(N, D) fit and compute-optimal frontier; with several expert counts
+the joint dense/MoE law.
 
 Nothing here needs matplotlib: `summarize` imports slmjax.plots only when it draws.
 """
@@ -7,12 +9,93 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import numpy as np
 
 from slmjax import atomic, compare, scaling
 from slmjax.results import arch_label, group_rows
 
 FIT_AXES = ('total_params', 'active_params', 'train_flops')
+
+
+def full_budget(rows: list[dict]) -> list[dict]:
+  """The rows trained on their sweep's whole budget: all but the shorter WSD cooldown branches (L(N) fits and
+  the dense-vs-MoE comparison hold D fixed)."""
+  return [r for r in rows if r.get('budget_fraction', 1.0) == 1.0]
+
+
+def _grid(group: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(N active params, D tokens, eval loss) of one architecture's rows with a finite loss."""
+  ok = [r for r in group if r.get('eval_loss') is not None and math.isfinite(r['eval_loss'])]
+  return tuple(np.array([r[k] for r in ok], dtype=float) for k in ('active_params', 'tokens', 'eval_loss'))
+
+
+def grid_fits(rows: list[dict], n_bootstrap: int = 100) -> dict[str, scaling.ChinchillaLaw]:
+  """{arch label: L(N, D) fitted on its (N, D) grid} for every architecture with at least 5 distinct (N, D)
+  points over at least 2 sizes and 2 token counts (WSD branches give them from one run per size)."""
+  laws = {}
+  for label, group in group_rows(rows).items():
+    n, d, loss = _grid(group)
+    if len(set(zip(n, d))) >= 5 and len(set(n)) >= 2 and len(set(d)) >= 2:
+      laws[label] = scaling.fit_chinchilla(n, d, loss, n_bootstrap=n_bootstrap)
+  return laws
+
+
+def grid_text(rows: list[dict], laws: dict[str, scaling.ChinchillaLaw]) -> str:
+  """The measured (N, D) grid (eval loss, mean over seeds) and, per architecture, its L(N, D) law and the
+  compute-optimal frontier N_opt ~ C^a, D_opt ~ C^b (90% bootstrap intervals)."""
+  lines = ['(N, D) grid: held-out loss, mean over seeds (N = active params, D = training tokens):']
+  for label, group in group_rows(rows).items():
+    if label not in laws:
+      continue
+    n, d, loss = _grid(group)
+    tokens = sorted(set(d))
+    lines.append(f'  {label:<20}' + ''.join(f'{f"D={t:,.0f}":>14}' for t in tokens))
+    for size in sorted(set(n)):
+      cells = [loss[(n == size) & (d == t)] for t in tokens]
+      lines.append(f'  {f"N={size:,.0f}":<20}' + ''.join(f'{c.mean():>14.4f}' if len(c) else f'{"-":>14}'
+                                                        for c in cells))
+  lines.append('fitted L(N, D) = E + A N^-alpha + B D^-beta and its compute-optimal frontier (C = 6 N D):')
+  for label, law in laws.items():
+    ci = lambda v: f' [{v[0]:.2f}, {v[1]:.2f}]' if v else ''
+    lines.append(f'  {label:<20} {law.label()}')
+    lines.append(f'  {"":<20} N_opt ~ C^{law.n_exponent:.2f}{ci(law.n_exponent_ci)}, '
+                 f'D_opt ~ C^{law.d_exponent:.2f}{ci(law.d_exponent_ci)} ({law.n_points} runs)')
+  return '\n'.join(lines)
+
+
+def joint_rows(rows: list[dict]) -> dict[str, list[dict]]:
+  """{family: rows} of the joint dense/MoE law: dense rows with the MoE rows of one top-k and capacity setting,
+  for every family holding at least 2 expert counts (dense counting as 1) and 5 runs over 2 sizes."""
+  dense = [r for r in rows if arch_label(r) == 'dense']
+  families = {}
+  for r in rows:
+    if arch_label(r) != 'dense':
+      key = arch_label(r).replace(f'E={r["n_experts"]} ', 'E=* ')
+      families.setdefault(key, list(dense)).append(r)
+  return {key: group for key, group in families.items()
+          if len({r.get('n_experts') or 1 for r in group}) >= 2 and len(group) >= 5
+          and len({r['active_params'] for r in group}) >= 2}
+
+
+def joint_fits(rows: list[dict], n_bootstrap: int = 100) -> dict[str, scaling.MoELaw]:
+  """{family: Clark et al.'s joint law fitted over active params and expert count} (`joint_rows`)."""
+  laws = {}
+  for key, group in joint_rows(rows).items():
+    laws[key] = scaling.fit_moe_law([r['active_params'] for r in group], [r.get('n_experts') or 1 for r in group],
+                                    [r['eval_loss'] for r in group], n_bootstrap=n_bootstrap)
+  return laws
+
+
+def joint_text(laws: dict[str, scaling.MoELaw]) -> str:
+  lines = ['joint dense/MoE law (Clark et al. 2022; N active params, E experts, dense E = 1; 90% intervals):']
+  for key, law in laws.items():
+    lines.append(f'  {key}: {law.label()}')
+    lines.append(f'    {law.n_points} runs; doubling E (unsaturated) at N = {law.n_ref:.0e} multiplies the loss by '
+                 f'2^b = {2 ** law.b:.4f}; the log-loss slope in log E {"flattens" if law.c > 0 else "steepens"} '
+                 f'with N (c {law.c:+.4f})')
+  return '\n'.join(lines)
 
 
 def fit_group(rows: list[dict], x_key: str, n_bootstrap: int = 100) -> scaling.PowerLaw | None:
@@ -91,12 +174,21 @@ def comparison_text(comparisons: list[dict]) -> str:
 
 
 def summarize(rows: list[dict], out_dir: str, plot: bool = True, log: Callable[[str], None] = print) -> None:
-  """The end of a sweep (and all of experiments/plot.py): the table, the fitted laws, the paired dense-vs-MoE
-  comparison (also written to `out_dir`/comparison.json) ending in one line that states the answer, and, with
-  `plot`, the figures scaling.png and cost.png in `out_dir`."""
+  """The end of a sweep (and all of experiments/plot.py): the table, the fitted laws, the (N, D) grid with its
+  frontier (WSD branches) and the joint MoE law (several expert counts), the paired dense-vs-MoE comparison
+  (also written to `out_dir`/comparison.json) ending in one line that states the answer, and, with `plot`, the
+  figures (scaling.png, cost.png, gap.png, isoflop.png, joint.png) in `out_dir`. Table, L(N) fits and
+  comparison use the full-budget rows only (`full_budget`)."""
+  everything, rows = rows, full_budget(rows)
   log(table(rows))
   fits = fit_all(rows)
   log('\n' + fits_text(rows, fits))
+  grid = grid_fits(everything)
+  if grid:
+    log('\n' + grid_text(everything, grid))
+  joint = joint_fits(rows)
+  if joint:
+    log('\n' + joint_text(joint))
   comparisons = compare.compare(rows)
   if comparisons:
     atomic.write_json(f'{out_dir}/comparison.json', comparisons)
@@ -104,5 +196,5 @@ def summarize(rows: list[dict], out_dir: str, plot: bool = True, log: Callable[[
     log('\n' + compare.answer(comparisons))
   if plot:
     from slmjax import plots  # lazy, deliberately: matplotlib is imported only when figures are drawn
-    for path in plots.plot_all(rows, out_dir, fits, comparisons):
+    for path in plots.plot_all(rows, out_dir, fits, comparisons, grid_rows=everything, grid=grid, joint=joint):
       log(f'wrote {path}')

@@ -1,5 +1,6 @@
 """Scaling-law fits: L(N) = E + A N^-alpha, L(N, D) = E + A N^-alpha + B D^-beta, and the joint dense/MoE law of
-Clark et al. 2022, with bootstrap intervals; the compute-optimal frontier of a fitted L(N, D).
+Clark et al. 2022, with bootstrap intervals; the compute-optimal frontier of a fitted L(N, D) and measured
+isoFLOP profiles from an (N, D) grid.
 
 Fitted as Hoffmann et al. 2022 (Chinchilla, appendix D.2): minimise the Huber loss (delta 1e-3) between the
 predicted and observed log-loss, with the prediction written as a log-sum-exp of log-terms so every parameter is
@@ -63,6 +64,18 @@ class ChinchillaLaw:
   alpha_ci: tuple[float, float] | None = None
   beta_ci: tuple[float, float] | None = None
   E_ci: tuple[float, float] | None = None
+  n_exponent_ci: tuple[float, float] | None = None
+  d_exponent_ci: tuple[float, float] | None = None
+
+  @property
+  def n_exponent(self) -> float:
+    """a in N_opt ~ C^a on the compute-optimal frontier: beta / (alpha + beta) (Hoffmann et al. 2022, eq. 4)."""
+    return self.beta / (self.alpha + self.beta)
+
+  @property
+  def d_exponent(self) -> float:
+    """b in D_opt ~ C^b on the compute-optimal frontier: alpha / (alpha + beta); a + b = 1."""
+    return self.alpha / (self.alpha + self.beta)
 
   def __call__(self, n, d):
     n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
@@ -209,7 +222,8 @@ def _fit_chinchilla_once(n: np.ndarray, d: np.ndarray, loss: np.ndarray, grid=No
 
 def fit_chinchilla(n, d, loss, n_bootstrap: int = 100, seed: int = 0, ci: float = 0.9) -> ChinchillaLaw:
   """Fit L(N, D) = E + A N^-alpha + B D^-beta (needs several token budgets D, at least 5 points); bootstrap a
-  `ci` interval on alpha, beta and E."""
+  `ci` interval on alpha, beta, E and the frontier exponents (`n_exponent`, `d_exponent`: each resample's own,
+  so their interval carries the correlation of alpha and beta)."""
   n, d, loss = (np.asarray(v, dtype=float) for v in (n, d, loss))
   if len(n) < 5 or _distinct(d) < 2:
     raise ValueError('the L(N, D) fit needs at least 5 points and at least 2 distinct token budgets; '
@@ -222,7 +236,7 @@ def fit_chinchilla(n, d, loss, n_bootstrap: int = 100, seed: int = 0, ci: float 
   return dataclasses.replace(law, **_intervals(
       lambda idx: _fit_chinchilla_once(n[idx], d[idx], loss[idx], boot_grid), len(n),
       lambda idx: _distinct(n[idx]) >= 2 and _distinct(d[idx]) >= 2 and _distinct(n[idx], d[idx]) >= 5,
-      ('alpha', 'beta', 'E'), n_bootstrap, seed, ci))
+      ('alpha', 'beta', 'E', 'n_exponent', 'd_exponent'), n_bootstrap, seed, ci))
 
 
 def optimal_allocation(law: ChinchillaLaw, compute):
@@ -242,6 +256,37 @@ def isoflop_curve(law: ChinchillaLaw, compute: float, n_grid) -> np.ndarray:
   """Predicted loss at each model size in `n_grid` trained on the tokens a fixed compute buys: D = C / (6 N)."""
   n_grid = np.asarray(n_grid, dtype=float)
   return law(n_grid, compute / (6 * n_grid))
+
+
+def isoflop_points(n, d, loss, compute: float) -> tuple[np.ndarray, np.ndarray]:
+  """Measured isoFLOP profile at training compute C = 6 N D: for each model size N whose runs bracket
+  D = C / (6 N), the loss interpolated linearly in log D between that size's nearest two token counts (runs of
+  one (N, D) averaged first, e.g. over seeds). WSD branches give each size several D, so one run per size gives
+  the profiles of Hoffmann et al.'s approach 2 without a run per compute level. Returns (sizes, losses), sorted."""
+  n, d, loss = (np.asarray(v, dtype=float) for v in (n, d, loss))
+  sizes, losses = [], []
+  for size in np.unique(n):
+    here = n == size
+    d_here = np.unique(d[here])
+    mean = np.array([loss[here & (d == x)].mean() for x in d_here])
+    target = compute / (6 * size)
+    if len(d_here) >= 2 and d_here[0] <= target <= d_here[-1]:
+      sizes.append(size)
+      losses.append(float(np.interp(np.log(target), np.log(d_here), mean)))
+  return np.array(sizes), np.array(losses)
+
+
+def isoflop_levels(n, d, count: int = 4) -> np.ndarray:
+  """`count` compute levels, log-spaced over the range where at least two sizes' runs bracket D = C / (6N) (so
+  each level's measured profile has two points or more); empty when no such range exists."""
+  n, d = np.asarray(n, dtype=float), np.asarray(d, dtype=float)
+  spans = sorted((6 * size * d[n == size].min(), 6 * size * d[n == size].max()) for size in np.unique(n)
+                 if len(np.unique(d[n == size])) >= 2)
+  edges = sorted({c for span in spans for c in span})
+  covered = [c for c in edges if sum(lo <= c <= hi for lo, hi in spans) >= 2]
+  if len(covered) < 2 or covered[0] >= covered[-1]:
+    return np.array([])
+  return np.geomspace(covered[0], covered[-1], count)
 
 
 E_MAX_GRID = np.concatenate([np.geomspace(2, 1e4, 40), [math.inf]])

@@ -26,8 +26,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from slmjax import cost, counting, results, sharding
-from slmjax.config import ModelConfig, TrainConfig
+from slmjax import cost, counting, results, sharding, wsd
+from slmjax.config import ModelConfig, TrainConfig, branch_steps
 from slmjax.train import format_duration, train
 
 # Named ladders of dense sizes (d_model, n_layers); heads of width 32, d_ff = 4 d_model. 'cpu' spans 26x in
@@ -142,9 +142,9 @@ def check_budget(rows: list[dict], budget: Budget, out_dir: str) -> None:
 
 
 def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, summary: dict,
-               counts: counting.ParamCounts, rid: str, mesh=None) -> dict:
+               counts: counting.ParamCounts, rid: str, mesh=None, branch: dict | None = None) -> dict:
   """Everything needed to redraw every plot without rerunning (see README 'Results'): the point's counts, its
-  summary from `train` and the cost measured there."""
+  summary from `train` and the cost measured there. `branch`: a WSD cooldown branch's marks (`branch_marks`)."""
   flops_per_token = summary['train_flops_per_token']
   tokens = train_cfg.steps * train_cfg.tokens_per_step
   param_bytes = counting.BYTES_PER_PARAM.get(model_cfg.param_dtype, 2.0)
@@ -166,8 +166,22 @@ def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, s
       'seed': train_cfg.seed, 'budget': dataclasses.asdict(budget), 'device': jax.devices()[0].device_kind,
       'platform': jax.default_backend(), 'device_count': jax.device_count(), 'host': platform.node(),
       'jax_version': jax.__version__, 'model_config': model_cfg.to_dict(), 'train_config': train_cfg.to_dict(),
-      'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S'),
+      'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S'), 'schedule': train_cfg.schedule, **(branch or {}),
   }
+
+
+def branch_marks(point_cfg: TrainConfig, steps: int, point_id: str) -> dict:
+  """What a WSD branch's row carries besides an ordinary row: the run it branched from, its length and its
+  share of the point's full budget (1.0 for the full --steps; reports fit L(N) on those only)."""
+  return {'wsd_run': point_id, 'branch_steps': steps, 'budget_fraction': steps / point_cfg.steps}
+
+
+def row_ids(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[int, str]:
+  """{steps: run id} of the rows a sweep point yields: one, or with schedule=wsd one per cooldown branch (each
+  named like the plain WSD run of its length)."""
+  if train_cfg.schedule != 'wsd':
+    return {train_cfg.steps: run_id(model_cfg, train_cfg)}
+  return {steps: run_id(model_cfg, wsd.branch_config(train_cfg, steps)) for steps in train_cfg.branch_steps}
 
 
 class SweepEta:
@@ -231,6 +245,8 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
               log: Callable[[str], None] = print, mesh=None, tensorboard: bool = False) -> list[dict]:
   """Train every point not yet in `<out_dir>/results.jsonl`; returns this sweep's rows (old and new).
 
+  A point with schedule=wsd trains its stable trunk and cooldown branches (slmjax/wsd.py) in `<out_dir>/<run_id>/`
+  and appends one row per branch as the branch finishes; rerun, it trains only the branches without a row.
   With a `mesh` every point trains sharded on it; with several processes only process 0 writes rows.
   `tensorboard`: event files per point in `<out_dir>/<run_id>/tensorboard/`.
   """
@@ -240,31 +256,49 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
   check_budget(existing, budget, out_dir)
   done = {row['run_id']: row for row in existing}
   ids = [run_id(m, t) for m, t in points]
-  todo = [i for i, rid in enumerate(ids) if rid not in done]
+  rows_of = [row_ids(m, t) for m, t in points]
+  todo = [i for i, rids in enumerate(rows_of) if any(rid not in done for rid in rids.values())]
   log(f'sweep: {len(points)} points, {len(points) - len(todo)} already finished in {out}/results.jsonl')
   peak = cost.matmul_peak_flops() if todo else None
   if peak:
     log(f'measured matmul peak of this {jax.default_backend()} device: {peak / 1e9:.1f} GFLOP/s')
   flops_per_step = [counting.train_flops_per_token(m, t.seq_len) * t.tokens_per_step for m, t in points]
+  trained = [wsd.trained_steps(t) if t.schedule == 'wsd' else t.steps for _, t in points]
   eta = SweepEta()
   for n, i in enumerate(todo):
     model_cfg, train_cfg = points[i]
-    left = eta.remaining_s([(flops_per_step[j], points[j][1].steps) for j in todo[n:]])
+    left = eta.remaining_s([(flops_per_step[j], trained[j]) for j in todo[n:]])
     counts = counting.analytic_counts(model_cfg)  # once per point, carried into train and the row
+    branches = (f' (wsd: branches of {", ".join(map(str, rows_of[i]))} steps, {trained[i]} in all)'
+                if train_cfg.schedule == 'wsd' else '')
     log(f'[point {n + 1}/{len(todo)}] {ids[i]}: {counts.total:,} params ({counts.active:,} active), '
-        f'{train_cfg.steps} steps' + (f', sweep ETA {format_duration(left)}' if left is not None else ''))
+        f'{train_cfg.steps} steps{branches}' + (f', sweep ETA {format_duration(left)}' if left is not None else ''))
     started = time.perf_counter()
-    summary = train(model_cfg, train_cfg, out / ids[i], peak_flops=peak, mesh=mesh, counts=counts,
-                    measure_cost=True, tensorboard=tensorboard,
-                    log=(lambda line: log(f'  {line}')) if is_writer else None)
-    eta.add(flops_per_step[i], train_cfg.steps, summary.get('step_time_s'), time.perf_counter() - started)
-    row = result_row(model_cfg, train_cfg, budget, summary, counts, ids[i], mesh)
-    if router_warning(row):
-      log(router_warning(row))
-    if is_writer:
-      results.append_row(out, row)
-    done[ids[i]] = row
-  return [done[rid] for rid in ids]
+    kwargs = dict(peak_flops=peak, mesh=mesh, counts=counts, measure_cost=True, tensorboard=tensorboard,
+                  log=(lambda line: log(f'  {line}')) if is_writer else None)
+
+    def add_row(cfg: TrainConfig, summary: dict, rid: str, branch: dict | None = None) -> None:
+      row = result_row(model_cfg, cfg, budget, summary, counts, rid, mesh, branch)
+      if router_warning(row):
+        log(router_warning(row))
+      if is_writer:
+        results.append_row(out, row)
+      done[rid] = row
+
+    if train_cfg.schedule == 'wsd':
+      summaries = wsd.train_wsd(
+          model_cfg, train_cfg, out / ids[i], skip=frozenset(s for s, rid in rows_of[i].items() if rid in done),
+          on_branch=lambda steps, summary: add_row(wsd.branch_config(train_cfg, steps), summary,
+                                                   rows_of[i][steps], branch_marks(train_cfg, steps, ids[i])),
+          **kwargs)
+      step_times = [s['step_time_s'] for s in summaries.values() if s.get('step_time_s')]
+      step_time = float(np.mean(step_times)) if step_times else None
+    else:
+      summary = train(model_cfg, train_cfg, out / ids[i], **kwargs)
+      add_row(train_cfg, summary, ids[i])
+      step_time = summary.get('step_time_s')
+    eta.add(flops_per_step[i], trained[i], step_time, time.perf_counter() - started)
+  return [done[rid] for rids in rows_of for rid in rids.values()]
 
 
 def steps_for(budget: Budget, model_cfg: ModelConfig, batch_size: int, seq_len: int) -> int:
@@ -277,11 +311,12 @@ def sweep_points(configs: list[ModelConfig], budget: Budget, train_fields: dict,
                  ) -> list[tuple[ModelConfig, TrainConfig]]:
   """(model, training) pairs of a sweep: each config trained once per seed for the steps its budget buys, with
   the TrainConfig `train_fields` (e.g. `cli.train_fields_from_flags()`) whose warmup is capped at a tenth of the
-  steps (the smallest rung's budget must not be spent warming up)."""
+  steps, of the shortest cooldown branch's with schedule=wsd (the smallest budget must not be spent warming up)."""
   points = []
   for model_cfg in configs:
     steps = steps_for(budget, model_cfg, train_fields['batch_size'], train_fields['seq_len'])
+    shortest = branch_steps(train_fields.get('branches', ''), steps)[0]  # wsd: the first branch's warmup too
     for seed in seeds:
       points.append((model_cfg, TrainConfig(**{**train_fields, 'steps': steps, 'seed': seed,
-                                               'warmup': min(train_fields['warmup'], steps // 10)})))
+                                               'warmup': min(train_fields['warmup'], shortest // 10)})))
   return points

@@ -61,6 +61,9 @@ def train_wsd(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.
     raise ValueError('wsd branches copy checkpoints between run directories and run in one process only; train '
                      'each branch as a plain --schedule=wsd run of its --steps instead')
   out = pathlib.Path(out_dir)
+  if (out / 'config.json').exists():
+    raise ValueError(f'{out} holds a run without cooldown branches (its config.json); a wsd run keeps its trunk '
+                     'and branches in a directory of their own: use another --out')
   trunk_dir = out / TRUNK
   trunk_cfg = train_cfg.replace(branches='')
   trunk_kwargs = {k: v for k, v in train_kwargs.items() if k != 'measure_cost'}
