@@ -20,7 +20,7 @@ from typing import Callable
 from absl import app, flags, logging
 
 from slmjax import presets
-from slmjax.config import ModelConfig, TrainConfig, default_warmup
+from slmjax.config import ModelConfig, SamplingConfig, TrainConfig, default_warmup
 
 FLAGS = flags.FLAGS
 FLAG_ALIASES = {'n_experts': 'experts', 'top_k': 'k', 'n_shared_experts': 'shared_experts'}
@@ -119,6 +119,17 @@ def define_train_flags() -> None:
   flags.DEFINE_integer('tokens', None, 'Token budget instead of --steps: steps = ceil(tokens / (batch * seq_len)).')
   flags.DEFINE_boolean('tensorboard', False, 'Also write TensorBoard event files into <run>/tensorboard/ '
                        '(tensorboard --logdir=<out>).')
+
+
+def define_sampling_flags() -> None:
+  """Define the SamplingConfig flags (idempotent): --max_new_tokens, --temperature, --top_k_tokens, --top_p,
+  --sample_seed."""
+  if 'temperature' not in FLAGS:
+    define_config_flags(SamplingConfig)
+
+
+def sampling_config_from_flags() -> SamplingConfig:
+  return SamplingConfig(**flag_values(SamplingConfig))
 
 
 def model_configs_from_flags() -> list[ModelConfig]:

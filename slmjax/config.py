@@ -20,7 +20,7 @@ ROUTERS = ('softmax_topk', 'topk_softmax', 'sigmoid')
 BALANCES = ('aux_loss', 'bias', 'both')
 ATTENTIONS = ('gqa', 'mla')
 QK_NORMS = ('none', 'head', 'full')
-DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense')
+DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense', 'select')
 DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('cosine', 'wsd')
 
@@ -371,6 +371,27 @@ def branch_steps(branches: str, steps: int) -> tuple[int, ...]:
                        'least one step')
     lengths.add(round(fraction * steps))
   return tuple(sorted(lengths))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig(ConfigDict):
+  """How `slmjax.generate` picks each new token from the model's logits."""
+
+  max_new_tokens: int = option(200, 'Tokens to generate after the prompt.')
+  temperature: float = option(0.8, 'Divide the logits by this before sampling; 0 = greedy (always the most likely '
+                              'token).')
+  top_k_tokens: int = option(0, 'Sample only among the k most likely tokens (top-k sampling); 0 = all.')
+  top_p: float = option(1.0, 'Sample only among the most likely tokens whose probabilities add up to top_p '
+                        '(nucleus sampling); 1 = all.')
+  sample_seed: int = option(0, 'Seed of the sampling: the same seed, prompt and model give the same tokens.')
+
+  def __post_init__(self):
+    check_integers(self, minimum=1, names=('max_new_tokens',))
+    check_integers(self, minimum=0, names=('top_k_tokens', 'sample_seed'))
+    if not self.temperature >= 0:
+      raise ValueError(f'temperature must be >= 0 (0 = greedy), got {self.temperature}')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p must be in (0, 1] (1 = off), got {self.top_p}')
 
 
 def default_warmup(steps: int, warmup: int = TrainConfig.warmup) -> int:

@@ -39,6 +39,7 @@ from slmjax.model import abstract_model
 from slmjax.moe import SelectionBias
 
 BYTES_PER_PARAM = {'float32': 4.0, 'bfloat16': 2.0, 'int8': 1.0, 'int4': 0.5}
+CACHE_BYTES = {'float32': 4.0, 'bfloat16': 2.0, 'float16': 2.0, 'int8': 1.0}  # per cached number
 COMPONENTS = ('embedding', 'attention', 'norms', 'dense_ffn', 'routed_experts', 'shared_experts', 'router')
 # role -> (component, kind). Kinds: 'embedding' (outside non_embedding), 'lm_head' (embedding, and the weights of
 # the unembedding matmul), 'norm' and 'bias' (non-embedding, not matmul), 'matmul' (non-embedding, every token
@@ -203,6 +204,24 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, counts: 
   counts = counts or analytic_counts(cfg)
   T = seq_len or cfg.max_seq_len
   return 6 * counts.active_matmul + 3 * cfg.n_layers * T * cfg.n_heads * (cfg.qk_head_size + cfg.v_head_size)
+
+
+def kv_cache_values_per_token(cfg: ModelConfig) -> int:
+  """Numbers one token adds to the inference cache over all layers: keys and values, 2 * K * Z, a GQA layer (MHA:
+  K = H); the latent and the shared rotary key, J + R, an MLA layer (DeepSeek caches only those)."""
+  per_layer = cfg.kv_rank + cfg.rope_size if cfg.attention == 'mla' else 2 * cfg.kv_heads * cfg.head_size
+  return cfg.n_layers * per_layer
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> int:
+  """Bytes one token adds to the inference cache, in `dtype` (default: the compute dtype, what
+  `slmjax.generate` stores)."""
+  return int(kv_cache_values_per_token(cfg) * CACHE_BYTES[dtype or cfg.dtype])
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype: str | None = None) -> int:
+  """Bytes of the inference cache of `batch` sequences of `context` tokens."""
+  return kv_cache_bytes_per_token(cfg, dtype) * context * batch
 
 
 def weight_bytes(n_params: int) -> dict[str, int]:

@@ -8,6 +8,7 @@ a `role` (metadata too) that says how `slmjax.counting` counts them, whatever th
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +69,13 @@ def rope_tables(seq_len: int, rope_dim: int, theta: float) -> tuple[jax.Array, j
 
   (The tables' R is half the rotary width of a head: each column rotates one pair.)
   """
+  return rope_at(jnp.arange(seq_len, dtype=jnp.float32), rope_dim, theta)
+
+
+def rope_at(positions_T: jax.Array, rope_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos_TR and sin_TR at the given positions (the rows of `rope_tables` there): a decode step's tables."""
   inv_freq = theta ** -(jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim)
-  angles_TR = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  angles_TR = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
   return jnp.cos(angles_TR), jnp.sin(angles_TR)
 
 
@@ -141,6 +147,37 @@ def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, c
   return jnp.transpose(out_BKQTY, (0, 3, 1, 2, 4))
 
 
+def cached_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, start: jax.Array,
+                     cap: float = 0.0) -> jax.Array:
+  """Attention of T new queries at positions start.. over a KV cache of U slots (slots after a query's own
+  position are masked: not yet written, or in its future); returns out_BTKQY. Same arithmetic as
+  `causal_attention` (float32 logits, scale, soft-cap, mask, softmax), so cached decoding reproduces it."""
+  T, U, Z = q_BTKQZ.shape[1], k_BUKZ.shape[1], q_BTKQZ.shape[-1]
+  logits_BKQTU = jnp.einsum('BTKQZ,BUKZ->BKQTU', q_BTKQZ, k_BUKZ)
+  logits_BKQTU = softcap(logits_BKQTU.astype(jnp.float32) * Z ** -0.5, cap)
+  visible_TU = jnp.arange(U)[None, :] <= (start + jnp.arange(T))[:, None]
+  logits_BKQTU = jnp.where(visible_TU, logits_BKQTU, jnp.finfo(jnp.float32).min)
+  probs_BKQTU = jax.nn.softmax(logits_BKQTU, axis=-1).astype(v_BUKY.dtype)
+  return jnp.einsum('BKQTU,BUKY->BTKQY', probs_BKQTU, v_BUKY)
+
+
+def write_cache(cache_BU: jax.Array, new_BT: jax.Array, start) -> jax.Array:
+  """`cache_BU` (any trailing axes) with the T new rows written at positions start..start + T - 1."""
+  index = (0, start) + (0,) * (cache_BU.ndim - 2)
+  return jax.lax.dynamic_update_slice(cache_BU, new_BT.astype(cache_BU.dtype), index)
+
+
+class KVCache(NamedTuple):
+  """One GQA layer's inference cache: rotated keys and values of every position so far (U slots)."""
+  k_BUKZ: jax.Array
+  v_BUKZ: jax.Array
+
+  @staticmethod
+  def empty(cfg: ModelConfig, batch: int, length: int) -> 'KVCache':
+    shape = (batch, length, cfg.kv_heads, cfg.head_size)
+    return KVCache(jnp.zeros(shape, dtype_of(cfg.dtype)), jnp.zeros(shape, dtype_of(cfg.dtype)))
+
+
 class Attention(nnx.Module):
   """Causal attention with rotary embeddings and grouped-query attention (K kv heads, Q = H / K query heads each).
 
@@ -172,9 +209,36 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.Array:
     cfg = self.cfg
-    dt = dtype_of(cfg.dtype)
     B, T, _ = x_BTD.shape
     H, K, Q, Z = cfg.n_heads, cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
+    q_BTHZ, k_BUKZ, v_BUKZ = self.project(x_BTD, cos_TR, sin_TR)
+    out_BTKQZ = causal_attention(q_BTHZ.reshape(B, T, K, Q, Z), k_BUKZ, v_BUKZ, cfg.attn_softcap)
+    return self.output(out_BTKQZ.reshape(B, T, H, Z))
+
+  def cached(self, x_BTD: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array, cache: KVCache, start
+             ) -> tuple[jax.Array, KVCache]:
+    """Attention of T new positions start.. (the rows of cos_TR / sin_TR) that also writes their keys and
+    values into `cache`. `start` the Python int 0 is a prefill: attention over the new keys alone, the exact
+    arithmetic of `__call__`; otherwise (a traced position) over the cache."""
+    cfg = self.cfg
+    B, T, _ = x_BTD.shape
+    H, K, Q, Z = cfg.n_heads, cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
+    q_BTHZ, k_BTKZ, v_BTKZ = self.project(x_BTD, cos_TR, sin_TR)
+    cache = KVCache(write_cache(cache.k_BUKZ, k_BTKZ, start), write_cache(cache.v_BUKZ, v_BTKZ, start))
+    q_BTKQZ = q_BTHZ.reshape(B, T, K, Q, Z)
+    if isinstance(start, int) and start == 0:
+      out_BTKQZ = causal_attention(q_BTKQZ, k_BTKZ, v_BTKZ, cfg.attn_softcap)
+    else:
+      out_BTKQZ = cached_attention(q_BTKQZ, cache.k_BUKZ, cache.v_BUKZ, start, cfg.attn_softcap)
+    return self.output(out_BTKQZ.reshape(B, T, H, Z)), cache
+
+  def project(self, x_BTD: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(q_BTHZ, k_BUKZ, v_BUKZ) of the positions of x (U = T): projections, biases, QK-norm, rotary."""
+    cfg = self.cfg
+    dt = dtype_of(cfg.dtype)
+    B, T, _ = x_BTD.shape
+    H, K, Z = cfg.n_heads, cfg.kv_heads, cfg.head_size
     q_BTHZ = linear(x_BTD, self.w_q_DHZ[...].astype(dt))
     k_BUKZ = linear(x_BTD, self.w_k_DKZ[...].astype(dt))  # keys at the same positions: U = T
     v_BUKZ = linear(x_BTD, self.w_v_DKZ[...].astype(dt))
@@ -187,11 +251,13 @@ class Attention(nnx.Module):
     elif cfg.qk_norm == 'full':
       q_BTHZ = self.q_norm(q_BTHZ.reshape(B, T, H * Z)).reshape(B, T, H, Z)
       k_BUKZ = self.k_norm(k_BUKZ.reshape(B, T, K * Z)).reshape(B, T, K, Z)
-    q_BTHZ = apply_rope(q_BTHZ, cos_TR, sin_TR)
-    k_BUKZ = apply_rope(k_BUKZ, cos_TR, sin_TR)
-    out_BTKQZ = causal_attention(q_BTHZ.reshape(B, T, K, Q, Z), k_BUKZ, v_BUKZ, cfg.attn_softcap)
-    y_BTD = linear(out_BTKQZ.reshape(B, T, H, Z), self.w_o_HZD[...].astype(dt), n_in=2)
-    if cfg.o_bias:
+    return apply_rope(q_BTHZ, cos_TR, sin_TR), apply_rope(k_BUKZ, cos_TR, sin_TR), v_BUKZ
+
+  def output(self, out_BTHZ: jax.Array) -> jax.Array:
+    """The output projection (and its bias) of the heads' attention outputs."""
+    dt = dtype_of(self.cfg.dtype)
+    y_BTD = linear(out_BTHZ, self.w_o_HZD[...].astype(dt), n_in=2)
+    if self.cfg.o_bias:
       y_BTD = y_BTD + self.b_o_D[...].astype(dt)
     return y_BTD
 

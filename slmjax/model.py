@@ -10,8 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slmjax.config import ModelConfig
-from slmjax.layers import Attention, DenseFFN, Norm, dtype_of, linear, make_param, rope_tables, softcap
-from slmjax.mla import MLAttention
+from slmjax.layers import (Attention, DenseFFN, KVCache, Norm, dtype_of, linear, make_param, rope_at, rope_tables,
+                           softcap)
+from slmjax.mla import LatentCache, MLAttention
 from slmjax.moe import MoEFFN, SelectionBias, balance_selection_bias
 
 MOE_METRICS = ('lb_loss', 'z_loss', 'drop_fraction', 'router_entropy')
@@ -37,7 +38,15 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD, cos_TR, sin_TR) -> tuple[jax.Array, dict | None]:
     y_BTD = self.attn(self.attn_norm(x_BTD), cos_TR, sin_TR)
-    x_BTD = x_BTD + (self.post_attn_norm(y_BTD) if self.post_norms else y_BTD)
+    return self.ffn_residual(x_BTD + (self.post_attn_norm(y_BTD) if self.post_norms else y_BTD))
+
+  def cached(self, x_BTD, cos_TR, sin_TR, cache, start) -> tuple[jax.Array, KVCache | LatentCache]:
+    """The block on T new positions start.., reading and extending its layer's attention cache."""
+    y_BTD, cache = self.attn.cached(self.attn_norm(x_BTD), cos_TR, sin_TR, cache, start)
+    x_BTD, _ = self.ffn_residual(x_BTD + (self.post_attn_norm(y_BTD) if self.post_norms else y_BTD))
+    return x_BTD, cache
+
+  def ffn_residual(self, x_BTD) -> tuple[jax.Array, dict | None]:
     extras = None
     if self.is_moe:
       y_BTD, extras = self.ffn(self.ffn_norm(x_BTD))
@@ -89,6 +98,32 @@ class Transformer(nnx.Module):
       x_BTD, extras = block(x_BTD, cos_TR, sin_TR)
       if extras is not None:
         layer_extras.append(extras)
+    return self.head(x_BTD), summarize_extras(cfg, layer_extras)
+
+  def cached_forward(self, tokens_BT: jax.Array, caches: tuple, start, last_only: bool = False
+                     ) -> tuple[jax.Array, tuple]:
+    """Logits of T new tokens at positions start.. and the layers' caches with them written in (inference; see
+    slmjax/generate.py). `start` the Python int 0 is a prefill (attention over the new tokens, the arithmetic of
+    `__call__`); a traced position is a decode step over the cache. `last_only`: logits of the last position
+    only (all a prefill needs to sample from). No router extras: nothing is trained."""
+    cfg = self.cfg
+    x_BTD = self.embed(tokens_BT)
+    T = x_BTD.shape[1]
+    if isinstance(start, int) and start + T > caches[0][0].shape[1]:
+      raise ValueError(f'{start + T} positions do not fit a cache of {caches[0][0].shape[1]}')
+    if isinstance(start, int) and start == 0:
+      cos_TR, sin_TR = rope_tables(T, cfg.rope_size, cfg.rope_theta)
+    else:
+      cos_TR, sin_TR = rope_at(start + jnp.arange(T), cfg.rope_size, cfg.rope_theta)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches, strict=True):
+      x_BTD, cache = block.cached(x_BTD, cos_TR, sin_TR, cache, start)
+      new_caches.append(cache)
+    return self.head(x_BTD[:, -1:] if last_only else x_BTD), tuple(new_caches)
+
+  def head(self, x_BTD: jax.Array) -> jax.Array:
+    """Final norm and the (tied or untied) output projection: float32 logits_BTV."""
+    cfg = self.cfg
     x_BTD = self.final_norm(x_BTD)
     dt = dtype_of(cfg.dtype)
     if cfg.tie_embeddings:
@@ -97,8 +132,14 @@ class Transformer(nnx.Module):
       logits_BTV = linear(x_BTD, self.lm_head_DV[...].astype(dt))
     if cfg.lm_head_bias:
       logits_BTV = logits_BTV + self.b_lm_head_V[...].astype(dt)
-    logits_BTV = softcap(logits_BTV.astype(jnp.float32), cfg.logit_softcap)
-    return logits_BTV, summarize_extras(cfg, layer_extras)
+    return softcap(logits_BTV.astype(jnp.float32), cfg.logit_softcap)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
+  """Empty inference caches of every layer for `batch` sequences of up to `length` positions, in the compute
+  dtype: keys and values (GQA) or latents (MLA)."""
+  kind = LatentCache if cfg.attention == 'mla' else KVCache
+  return tuple(kind.empty(cfg, batch, length) for _ in range(cfg.n_layers))
 
 
 def summarize_extras(cfg: ModelConfig, layer_extras: list[dict]) -> dict:

@@ -20,8 +20,11 @@ later token's first choice evict an earlier token's second: information from the
           back. Forward and backward are gathers only: no scatter-add, no [G,S,E,C] tensor.
   ragged  dropless: assignments sorted by expert, grouped matmuls with `jax.lax.ragged_dot`; `capacity` ignored.
   dense   every expert on every token, mixed by the gates: the correctness oracle (E / k times the FLOPs).
+  select  decode: each assignment gathers its expert's weights, so a step of few tokens reads only the experts they
+          chose (not all E); dropless, and `ragged` once the assignments outnumber the experts.
 
-One implementation a module: einsum.py, gather.py, ragged.py (with grouped.py, its row tiles on CPU), dense.py.
+One implementation a module: einsum.py, gather.py, ragged.py (with grouped.py, its row tiles on CPU), dense.py,
+select.py.
 What they share: experts.py (the stacked expert weights and their FFNs), slots.py (capacity slots in token
 order), rows.py (row gathers into and out of expert buffers, gathers in the backward pass too).
 
@@ -39,12 +42,14 @@ from slmjax.dispatch.einsum import einsum_dispatch
 from slmjax.dispatch.experts import ExpertWeights
 from slmjax.dispatch.gather import gather_dispatch
 from slmjax.dispatch.ragged import ragged_dispatch
+from slmjax.dispatch.select import select_dispatch
 
 __all__ = ['DISPATCH', 'DispatchFn', 'ExpertWeights', 'default_dispatch', 'get_dispatch', 'resolve']
 
 DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
 DISPATCH: dict[str, DispatchFn] = {'einsum': einsum_dispatch, 'gather': gather_dispatch,
-                                   'ragged': ragged_dispatch, 'dense': dense_dispatch}
+                                   'ragged': ragged_dispatch, 'dense': dense_dispatch,
+                                   'select': select_dispatch}
 
 
 def default_dispatch(dropless: bool = False) -> str:

@@ -1,0 +1,151 @@
+"""KV-cache generation: cached decoding reproduces the full forward, seeds fix samples, bad requests fail in one line."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from slmjax import counting, dispatch, generate
+from slmjax.config import ModelConfig, SamplingConfig
+from slmjax.dispatch.experts import ExpertWeights
+from slmjax.model import create_model, init_cache
+
+BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=24)
+CASES = {
+    'mha-tied': BASE,
+    'gqa-untied': BASE.replace(n_kv_heads=2, tie_embeddings=False, qk_norm='head', qkv_bias=True, o_bias=True),
+    'moe-dropless': BASE.replace(n_kv_heads=1, n_experts=8, top_k=2, d_expert=16, n_shared_experts=1,
+                                 first_dense=1, capacity_factor=1.0),  # generation ignores the capacity: dropless
+    'mla': BASE.replace(attention='mla', q_lora_rank=12, kv_lora_rank=20, qk_rope_dim=4, tie_embeddings=False,
+                        attn_softcap=20.0, logit_softcap=30.0, post_norms=True),
+    'mla-moe': BASE.replace(attention='mla', n_experts=4, top_k=1, d_expert=16, router='sigmoid',
+                            router_renormalize=False),
+}
+PROMPT = 5
+
+
+def _randomized(model):
+  """Norm gains and biases away from their 1 / 0 init, so the test sees them."""
+  rng = np.random.default_rng(1)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if var.ndim == 1 or 'b_' in str(path[-1]):
+      var[...] = jnp.asarray(var[...] + 0.3 * rng.normal(size=var.shape), var.dtype)
+  return model
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_fn(cfg):
+  graph = nnx.graphdef(create_model(generate.decode_config(cfg)))
+
+  @jax.jit
+  def step(state, caches, token_B1, start):
+    return nnx.merge(graph, state).cached_forward(token_B1, caches, start)
+  return step
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_cached_decode_logits_equal_the_full_forward(name):
+  cfg = CASES[name]
+  model = _randomized(create_model(cfg, seed=0))
+  tokens_BT = jax.random.randint(jax.random.key(2), (2, cfg.max_seq_len), 0, cfg.vocab_size)
+  graph = nnx.graphdef(create_model(generate.prefill_config(cfg)))
+
+  @jax.jit
+  def reference(state, tokens_BT):
+    full = nnx.merge(graph, state)
+    return full(tokens_BT)[0], full.cached_forward(tokens_BT[:, :PROMPT], init_cache(cfg, 2, cfg.max_seq_len), 0)
+  full_BTV, (prefill_BTV, caches) = reference(nnx.state(model), tokens_BT)
+  np.testing.assert_allclose(prefill_BTV, full_BTV[:, :PROMPT], atol=1e-5, rtol=1e-5)
+  step, state = _decode_fn(cfg), nnx.state(model)
+  for t in range(PROMPT, cfg.max_seq_len):
+    logits_B1V, caches = step(state, caches, tokens_BT[:, t:t + 1], jnp.int32(t))
+    np.testing.assert_allclose(logits_B1V[:, 0], full_BTV[:, t], atol=1e-5, rtol=1e-5, err_msg=f'position {t}')
+
+
+def test_cache_bytes_match_the_count():
+  for cfg in CASES.values():
+    caches = init_cache(cfg, 3, 7)
+    assert sum(x.nbytes for x in jax.tree.leaves(caches)) == 3 * 7 * counting.kv_cache_bytes_per_token(cfg)
+
+
+def test_select_dispatch_equals_dropless():
+  """Fewer assignments than experts: per-assignment weight gathers; more: the ragged fallback. Both equal the
+  compute-all oracle (and so the dropless dispatch), outputs and gradients."""
+  rng = np.random.default_rng(0)
+  E, D, F = 16, 8, 12
+  w = ExpertWeights(*(jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in ((E, D, F), (E, D, F), (E, F, D))))
+  for X, A in ((3, 2), (1, 4), (12, 2)):
+    x_GSD = jnp.asarray(rng.normal(size=(1, X, D)), jnp.float32)
+    experts_GSA = jnp.asarray(np.argsort(rng.uniform(size=(1, X, E)), axis=-1)[..., :A], jnp.int32)
+    gates_GSA = jnp.asarray(rng.uniform(0.1, 1, size=(1, X, A)), jnp.float32)
+
+    def loss(name, x, g, w):
+      return jnp.sum(jnp.sin(dispatch.DISPATCH[name](x, g, experts_GSA, w, X, 'swiglu')[0]))
+    run = jax.jit(lambda x, g, w, e: {n: dispatch.DISPATCH[n](x, g, e, w, X, 'swiglu')[0]
+                                      for n in ('select', 'ragged', 'dense')})
+    y = run(x_GSD, gates_GSA, w, experts_GSA)
+    for name in ('select', 'ragged'):
+      np.testing.assert_allclose(y[name], y['dense'], atol=1e-5, rtol=1e-5)
+    grads = [jax.jit(jax.grad(functools.partial(loss, n), argnums=(0, 1, 2)))(x_GSD, gates_GSA, w)
+             for n in ('select', 'dense')]
+    for a, b in zip(*map(jax.tree.leaves, grads)):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_select_decode_reads_only_the_chosen_experts():
+  """At batch 1 the compiled MoE decode step gathers k expert matrices: no operand of the dispatch is E wide."""
+  cfg = CASES['moe-dropless']
+  x_GSD = jnp.ones((1, 1, cfg.d_model))
+  w = ExpertWeights(*(jnp.ones(s) for s in ((8, 32, 16), (8, 32, 16), (8, 16, 32))))
+  hlo = jax.jit(lambda x, w: dispatch.DISPATCH['select'](
+      x, jnp.ones((1, 1, 2)), jnp.array([[[1, 5]]], jnp.int32), w, 1, 'swiglu')[0]).lower(x_GSD, w).as_text()
+  products = [line for line in hlo.splitlines() if 'dot_general' in line]
+  assert 'stablehlo.gather' in hlo and 'stablehlo.sort' not in hlo and len(products) == 3
+  assert not any('tensor<8x' in line for line in products)  # every product on the 2 gathered experts only
+
+
+def test_generation_is_seeded_and_greedy_is_the_argmax():
+  cfg = CASES['moe-dropless']
+  model = create_model(cfg, seed=0)
+  prompt_BT = np.arange(8, dtype=np.int32).reshape(2, 4)
+  sampled = generate.Generator(model, 2, 16, SamplingConfig(max_new_tokens=10, temperature=1.0, top_k_tokens=20,
+                                                            top_p=0.9))
+  a, b, c = sampled.generate(prompt_BT), sampled.generate(prompt_BT), sampled.generate(prompt_BT, seed=1)
+  assert a.shape == (2, 10) and (a == b).all() and not (a == c).all()
+  greedy = generate.Generator(model, 2, 16, SamplingConfig(max_new_tokens=6, temperature=0.0)).generate(prompt_BT)
+  graph = nnx.graphdef(create_model(generate.prefill_config(cfg)))
+  forward = jax.jit(lambda state, tokens_BT: nnx.merge(graph, state)(tokens_BT)[0])
+  sequence_BT = np.zeros((2, 10), np.int32)  # causal: the zeros after position t do not change its logits
+  sequence_BT[:, :4] = prompt_BT
+  for t in range(4, 10):  # the greedy continuation, one full forward per token
+    sequence_BT[:, t] = np.argmax(forward(nnx.state(model), sequence_BT)[:, t - 1], -1)
+  np.testing.assert_array_equal(greedy, sequence_BT[:, 4:])
+
+
+def test_top_k_and_top_p_restrict_the_draws():
+  logits_BV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  keys = jax.random.split(jax.random.key(0), 1)[0]
+  top2 = generate.sample_tokens(logits_BV, keys, SamplingConfig(temperature=1.0, top_k_tokens=2))
+  assert set(np.unique(top2)) == {0, 1}
+  nucleus = generate.sample_tokens(logits_BV, keys, SamplingConfig(temperature=1.0, top_p=0.7))
+  assert set(np.unique(nucleus)) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+  everything = generate.sample_tokens(logits_BV, keys, SamplingConfig(temperature=1.0))
+  assert set(np.unique(everything)) == {0, 1, 2, 3}
+  assert 0.45 < np.mean(np.asarray(everything) == 0) < 0.55
+
+
+@pytest.mark.parametrize('call, message', [
+    (lambda m: generate.Generator(m, 0, 16), 'batch must be a positive number'),
+    (lambda m: generate.Generator(m, 1, 16).generate(np.zeros((1, 30), np.int32), 4), 'exceeds the model'),
+    (lambda m: generate.Generator(m, 1, 16).generate(np.zeros((1, 10), np.int32), 10), 'exceeds the cache'),
+    (lambda m: generate.Generator(m, 1, 64), 'max_seq_len=24'),
+    (lambda m: generate.Generator(m, 1, 16).generate(np.zeros((1, 0), np.int32), 4), 'the prompt is empty'),
+    (lambda m: SamplingConfig(top_p=0.0), 'top_p must be in'),
+])
+def test_bad_requests_fail_in_one_line(call, message):
+  with pytest.raises(ValueError, match=message) as e:
+    call(create_model(BASE))
+  assert '\n' not in str(e.value)
