@@ -34,10 +34,14 @@ LEGACY_NAMES: dict[str, str] = {
 }
 
 
+def finished_steps(directory: str | os.PathLike) -> list[int]:
+  """The steps of the complete checkpoints in `directory`, without creating or cleaning anything."""
+  return list(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
+
+
 def latest_step(directory: str | os.PathLike) -> int | None:
   """The newest complete checkpoint in `directory` without creating or cleaning anything (None if none)."""
-  steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
-  return max(steps, default=None)
+  return max(finished_steps(directory), default=None)
 
 
 def path_key(entry) -> str:

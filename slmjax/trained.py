@@ -33,10 +33,10 @@ def load_model(path: str | os.PathLike) -> tuple[Transformer, int]:
     raise ValueError(f'{run.path} has no checkpoint yet: train it first (or wait for its first save)')
   graph, state_like = nnx.split(abstract_model(cfg))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  state_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state_like)
+  on_device = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  state_like = on_device(state_like)
   params_like, _ = nnx.split_state(state_like, nnx.Param, ...)
-  opt_like = jax.eval_shape(make_optimizer(train_cfg).init, params_like)
-  opt_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), opt_like)
+  opt_like = on_device(jax.eval_shape(make_optimizer(train_cfg).init, params_like))
   with checkpoint.Checkpointer(run.checkpoints) as ckpt:
     state, _, _, _ = ckpt.restore(step, state_like, opt_like)
   return nnx.merge(graph, state), step

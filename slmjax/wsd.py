@@ -93,7 +93,7 @@ def _fork(trunk_dir: pathlib.Path, target: pathlib.Path, fork: int) -> int:
   """Create the branch directory `target` from the trunk's newest checkpoint at or before step `fork` (its
   config.json and that checkpoint, copied whole into a temporary directory that is then renamed, so an
   interruption never leaves half a branch); returns that step, 0 (nothing created) when there is none."""
-  steps = [s for s in _checkpoint_steps(trunk_dir / 'checkpoints') if s <= fork]
+  steps = [s for s in checkpoint.finished_steps(trunk_dir / 'checkpoints') if s <= fork]
   if not steps:
     return 0
   start = max(steps)
@@ -105,9 +105,3 @@ def _fork(trunk_dir: pathlib.Path, target: pathlib.Path, fork: int) -> int:
   os.replace(staging, target)
   return start
 
-
-def _checkpoint_steps(directory: pathlib.Path) -> list[int]:
-  """The steps of the finished checkpoints in an orbax checkpoint directory (step-named subdirectories)."""
-  if not directory.exists():
-    return []
-  return [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
