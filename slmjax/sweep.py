@@ -176,6 +176,16 @@ def branch_marks(point_cfg: TrainConfig, steps: int, point_id: str) -> dict:
   return {'wsd_run': point_id, 'branch_steps': steps, 'budget_fraction': steps / point_cfg.steps}
 
 
+def point_dir(out: pathlib.Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> pathlib.Path:
+  """Where a point trains: `<out>/<run id>/`. With schedule=wsd the id is that of the point without its
+  `branches` (one directory per stable trunk), so a rerun with more --branches forks the new cooldowns from the
+  trunk already trained; a directory of the older naming (branches in the id) is used when it is there."""
+  if train_cfg.schedule != 'wsd':
+    return out / run_id(model_cfg, train_cfg)
+  older = out / run_id(model_cfg, train_cfg)
+  return older if older.exists() else out / run_id(model_cfg, train_cfg.replace(branches=''))
+
+
 def row_ids(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict[int, str]:
   """{steps: run id} of the rows a sweep point yields: one, or with schedule=wsd one per cooldown branch (each
   named like the plain WSD run of its length)."""
@@ -245,8 +255,9 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
               log: Callable[[str], None] = print, mesh=None, tensorboard: bool = False) -> list[dict]:
   """Train every point not yet in `<out_dir>/results.jsonl`; returns this sweep's rows (old and new).
 
-  A point with schedule=wsd trains its stable trunk and cooldown branches (slmjax/wsd.py) in `<out_dir>/<run_id>/`
-  and appends one row per branch as the branch finishes; rerun, it trains only the branches without a row.
+  A point with schedule=wsd trains its stable trunk and cooldown branches (slmjax/wsd.py) in `point_dir`
+  and appends one row per branch as the branch finishes; rerun (also with more --branches), it trains only the
+  branches without a row, from the same trunk.
   With a `mesh` every point trains sharded on it; with several processes only process 0 writes rows.
   `tensorboard`: event files per point in `<out_dir>/<run_id>/tensorboard/`.
   """
@@ -255,7 +266,7 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
   existing = results.read_rows(out)
   check_budget(existing, budget, out_dir)
   done = {row['run_id']: row for row in existing}
-  ids = [run_id(m, t) for m, t in points]
+  dirs = [point_dir(out, m, t) for m, t in points]
   rows_of = [row_ids(m, t) for m, t in points]
   todo = [i for i, rids in enumerate(rows_of) if any(rid not in done for rid in rids.values())]
   log(f'sweep: {len(points)} points, {len(points) - len(todo)} already finished in {out}/results.jsonl')
@@ -271,7 +282,7 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
     counts = counting.analytic_counts(model_cfg)  # once per point, carried into train and the row
     branches = (f' (wsd: branches of {", ".join(map(str, rows_of[i]))} steps, {trained[i]} in all)'
                 if train_cfg.schedule == 'wsd' else '')
-    log(f'[point {n + 1}/{len(todo)}] {ids[i]}: {counts.total:,} params ({counts.active:,} active), '
+    log(f'[point {n + 1}/{len(todo)}] {dirs[i].name}: {counts.total:,} params ({counts.active:,} active), '
         f'{train_cfg.steps} steps{branches}' + (f', sweep ETA {format_duration(left)}' if left is not None else ''))
     started = time.perf_counter()
     kwargs = dict(peak_flops=peak, mesh=mesh, counts=counts, measure_cost=True, tensorboard=tensorboard,
@@ -287,15 +298,15 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
 
     if train_cfg.schedule == 'wsd':
       summaries = wsd.train_wsd(
-          model_cfg, train_cfg, out / ids[i], skip=frozenset(s for s, rid in rows_of[i].items() if rid in done),
+          model_cfg, train_cfg, dirs[i], skip=frozenset(s for s, rid in rows_of[i].items() if rid in done),
           on_branch=lambda steps, summary: add_row(wsd.branch_config(train_cfg, steps), summary,
-                                                   rows_of[i][steps], branch_marks(train_cfg, steps, ids[i])),
+                                                   rows_of[i][steps], branch_marks(train_cfg, steps, dirs[i].name)),
           **kwargs)
       step_times = [s['step_time_s'] for s in summaries.values() if s.get('step_time_s')]
       step_time = float(np.mean(step_times)) if step_times else None
     else:
-      summary = train(model_cfg, train_cfg, out / ids[i], **kwargs)
-      add_row(train_cfg, summary, ids[i])
+      summary = train(model_cfg, train_cfg, dirs[i], **kwargs)
+      add_row(train_cfg, summary, dirs[i].name)
       step_time = summary.get('step_time_s')
     eta.add(flops_per_step[i], trained[i], step_time, time.perf_counter() - started)
   return [done[rid] for rids in rows_of for rid in rids.values()]

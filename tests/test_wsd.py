@@ -4,7 +4,7 @@ stable trunk (no re-stretch), and the grid / frontier / joint-law analysis from 
 import numpy as np
 import pytest
 
-from slmjax import ModelConfig, optim, report, scaling, wsd
+from slmjax import ModelConfig, optim, report, results, scaling, sweep, wsd
 from slmjax.config import TrainConfig
 from slmjax.train import train
 
@@ -43,6 +43,19 @@ def test_branches_equal_straight_runs_and_larger_steps_continue_the_trunk(tmp_pa
   grown = wsd.train_wsd(MODEL, WSD.replace(steps=20, branches=''), tmp_path / 'grow', log=None)
   assert short[10]['eval_loss'] == straight['eval_loss']
   assert grown[20]['eval_loss'] == both[20]['eval_loss']  # continued from the stable trunk, not the cooled end
+
+
+def test_a_sweep_rerun_with_more_branches_forks_them_from_the_same_trunk(tmp_path):
+  budget = sweep.Budget(tokens=WSD.steps * WSD.tokens_per_step)
+  sweep.run_sweep([(MODEL, WSD)], budget, str(tmp_path), log=lambda line: None)
+  lines = []
+  rows = sweep.run_sweep([(MODEL, WSD.replace(branches='0.5,0.75'))], budget, str(tmp_path), log=lines.append)
+  assert [r['branch_steps'] for r in rows] == [10, 15, 20]
+  assert len(results.read_rows(tmp_path)) == 3  # the 10- and 20-step rows were kept, not redone
+  assert not any('wsd trunk' in line for line in lines)  # the trunk was not trained again
+  assert any('branch 15' in line and 'starts from step 8' in line for line in lines)  # the trunk's checkpoint
+  assert len([d for d in tmp_path.iterdir() if d.is_dir()]) == 1
+  assert rows[1]['wsd_run'] == rows[0]['wsd_run'] == sweep.point_dir(tmp_path, MODEL, WSD).name
 
 
 def synthetic_grid():
