@@ -1,0 +1,175 @@
+"""Hugging Face conversion of the dense families (slmjax/convert): logits equal transformers' (stored fixtures,
+tests/scripts/make_hf_fixtures.py), export is bit for bit, counts agree, bad checkpoints fail in one line."""
+
+import json
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import hf_parity
+from slmjax import convert
+from slmjax.config import ModelConfig
+from slmjax.convert import hf_io
+from slmjax.model import init_cache
+
+DENSE = ('llama', 'llama3', 'mistral', 'qwen2', 'qwen3', 'gemma2')
+
+
+@pytest.mark.parametrize('name', DENSE)
+def test_logits_match_transformers(name, tmp_path_factory):
+  diff = hf_parity.logits_diff(hf_parity.fixture(name))
+  hf_parity.record(tmp_path_factory, {'family': name, 'max_abs_logit_diff': diff})
+  assert diff <= hf_parity.TOLERANCE
+
+
+@pytest.mark.parametrize('name', DENSE)
+def test_export_is_bit_for_bit(name, tmp_path):
+  names = hf_parity.export_matches(hf_parity.fixture(name), tmp_path / 'out')
+  assert 'model.layers.1.mlp.down_proj.weight' in names
+
+
+@pytest.mark.parametrize('name', DENSE)
+def test_counts_equal_counting(name):
+  assert hf_parity.counts_match(hf_parity.fixture(name)) > 0
+
+
+def test_sliding_window_and_scale_survive_cached_decoding():
+  """Gemma 2's local layers, query_pre_attn_scalar and soft-caps, decoded one token at a time through the KV
+  cache, give the logits of the full forward."""
+  model = convert.load_hf(hf_parity.fixture('gemma2'))
+  tokens_BT = jnp.asarray(np.load(hf_parity.fixture('gemma2') / 'tokens.npy'))
+  full_BTV, _ = model(tokens_BT)
+  caches = init_cache(model.cfg, tokens_BT.shape[0], tokens_BT.shape[1])
+  _, caches = model.cached_forward(tokens_BT[:, :4], caches, 0)
+  steps = []
+  for t in range(4, tokens_BT.shape[1]):
+    logits_B1V, caches = model.cached_forward(tokens_BT[:, t:t + 1], caches, jnp.asarray(t))
+    steps.append(logits_B1V)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full_BTV[:, 4:], atol=1e-4)
+
+
+def test_sharded_checkpoint_reads_back(tmp_path):
+  cfg, state = convert.from_hf(hf_parity.fixture('qwen2'))
+  convert.to_hf(cfg, state, tmp_path / 'sharded', shard_bytes=100_000)
+  assert (tmp_path / 'sharded' / hf_io.INDEX).exists()
+  assert len(list((tmp_path / 'sharded').glob('model-*-of-*.safetensors'))) > 1
+  _, original = hf_io.read_model_dir(hf_parity.fixture('qwen2'))
+  _, sharded = hf_io.read_model_dir(tmp_path / 'sharded')
+  assert sorted(sharded) == sorted(original)
+  assert all(np.array_equal(sharded[n], original[n]) for n in original)
+
+
+def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path):
+  config, tensors = hf_io.read_model_dir(hf_parity.fixture('llama'))
+  hf_io.write_model_dir(tmp_path / 'bf16', config, {n: t.astype(ml_dtypes.bfloat16) for n, t in tensors.items()})
+  cfg, state = convert.from_hf(tmp_path / 'bf16')
+  assert cfg.param_dtype == 'bfloat16' and cfg.dtype == 'float32'
+  convert.to_hf(cfg, state, tmp_path / 'back')
+  _, back = hf_io.read_model_dir(tmp_path / 'back')
+  assert back['model.norm.weight'].dtype == ml_dtypes.bfloat16
+  assert back['model.norm.weight'].tobytes() == tensors['model.norm.weight'].astype(ml_dtypes.bfloat16).tobytes()
+
+
+def copy_fixture(tmp_path: pathlib.Path, name: str) -> pathlib.Path:
+  return pathlib.Path(shutil.copytree(hf_parity.fixture(name), tmp_path / name))
+
+
+def edit_tensors(path: pathlib.Path, edit) -> None:
+  config, tensors = hf_io.read_model_dir(path)
+  tensors = {n: np.array(t) for n, t in tensors.items()}
+  edit(tensors)
+  (path / 'model.safetensors').unlink()
+  hf_io.write_model_dir(path, config, tensors)
+
+
+def test_unknown_model_type_lists_the_known(tmp_path):
+  path = copy_fixture(tmp_path, 'llama')
+  config = json.loads((path / 'config.json').read_text())
+  (path / 'config.json').write_text(json.dumps({**config, 'model_type': 'rwkv'}))
+  with pytest.raises(ValueError, match=r"model_type 'rwkv' is not supported; known: .*gemma2.*llama.*qwen3"):
+    convert.from_hf(path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+  path = copy_fixture(tmp_path, 'llama')
+  edit_tensors(path, lambda t: t.pop('model.layers.1.self_attn.k_proj.weight'))
+  with pytest.raises(ValueError, match=r'no tensor model\.layers\.1\.self_attn\.k_proj\.weight \(expected shape '
+                                       r'\(32, 64\)'):
+    convert.from_hf(path)
+
+
+def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
+  path = copy_fixture(tmp_path, 'llama')
+  edit_tensors(path, lambda t: t.update({'model.layers.0.mlp.up_proj.weight': np.zeros((95, 64), np.float32)}))
+  with pytest.raises(ValueError, match=r'model\.layers\.0\.mlp\.up_proj\.weight has shape \(95, 64\), but its '
+                                       r'config\.json implies \(96, 64\)'):
+    convert.from_hf(path)
+
+
+def test_unread_tensor_is_an_error(tmp_path):
+  path = copy_fixture(tmp_path, 'llama')
+  edit_tensors(path, lambda t: t.update({'model.layers.0.mlp.up_proj.bias': np.zeros((96,), np.float32)}))
+  with pytest.raises(ValueError, match=r'model\.layers\.0\.mlp\.up_proj\.bias .* not read by the conversion'):
+    convert.from_hf(path)
+
+
+def test_not_a_model_directory(tmp_path):
+  with pytest.raises(ValueError, match='no config.json'):
+    convert.from_hf(tmp_path)
+  (tmp_path / 'config.json').write_text('{"model_type": "llama"}')
+  with pytest.raises(ValueError, match=r'no \*\.safetensors'):
+    convert.from_hf(tmp_path)
+
+
+def test_unsupported_features_fail_in_one_line():
+  base = json.loads((hf_parity.fixture('llama') / 'config.json').read_text())
+  with pytest.raises(ValueError, match="rope type 'yarn' is not implemented"):
+    convert.config_from_hf({**base, 'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4}})
+  with pytest.raises(ValueError, match='mlp_bias'):
+    convert.config_from_hf({**base, 'mlp_bias': True})
+  moe = ModelConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, n_experts=4)
+  with pytest.raises(ValueError, match='llama checkpoints cannot express n_experts=4'):
+    convert.to_hf(moe, None, '/nonexistent', model_type='llama')
+
+
+def test_hub_style_rope_fields_read_like_rope_parameters():
+  base = json.loads((hf_parity.fixture('llama3') / 'config.json').read_text())
+  params = base.pop('rope_parameters')
+  hub = {**base, 'rope_theta': params.pop('rope_theta'), 'rope_scaling': params}
+  assert convert.config_from_hf(hub) == convert.config_from_hf({**base, 'rope_parameters': {
+      **params, 'rope_theta': hub['rope_theta']}})
+  assert convert.config_from_hf(hub).rope_scaling == 'llama3'
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('sliding_window', -1, 'sliding_window must be an integer >= 0'),
+    ('sliding_every', 0, 'sliding_every must be a positive integer'),
+    ('query_pre_attn_scalar', -1.0, 'query_pre_attn_scalar must be >= 0'),
+    ('rope_low_freq_factor', 5.0, 'rope_scaling=llama3 needs'),
+])
+def test_new_config_fields_are_validated(field, value, message):
+  changes = {'rope_scaling': 'llama3'} if field.startswith('rope') else {}
+  with pytest.raises(ValueError, match=message):
+    ModelConfig(**changes, **{field: value})
+
+
+@pytest.mark.parametrize('name', DENSE)
+def test_live_transformers_parity(name, tmp_path):
+  """Built afresh with transformers (skipped where torch is not installed: the fixtures are the CI path); the
+  exported directory loads back into transformers with the same logits."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  maker = hf_parity.live_maker()
+  path = maker.save(name, tmp_path / name)
+  assert hf_parity.logits_diff(path) <= hf_parity.TOLERANCE
+  cfg, state = convert.from_hf(path)
+  convert.to_hf(cfg, state, tmp_path / 'export', model_type=json.loads((path / 'config.json').read_text())[
+      'model_type'])
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'export', attn_implementation='eager')
+  tokens_BT = np.load(path / 'tokens.npy')
+  np.testing.assert_array_equal(maker.logits_of(reloaded, tokens_BT), np.load(path / 'logits.npy'))
+  del torch
