@@ -336,6 +336,8 @@ class TrainConfig(ConfigDict):
   grad_clip: float = option(1.0, 'Clip the global gradient norm to this; 0 = no clipping.')
   data: str = option('stdlib', 'stdlib | stdlib-full | tinystories | tinystories-valid | a path, directory or glob '
                      'of text files or of .npy/.bin token files (see slmjax.data).')
+  tokenizer: str = option('', 'A Hugging Face tokenizer.json to tokenize text --data with (pip install tokenizers); '
+                         'empty = bytes. train.py --init_from sets it from the imported model.')
   eval_fraction: float = option(0.05, 'Fraction of documents held out for evaluation.')
   seed: int = option(0, 'Seed of the initialisation and the data order.')
   eval_every: int = option(100, 'Held-out evaluation every n steps (0 = at the end only).')

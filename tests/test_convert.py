@@ -173,3 +173,116 @@ def test_live_transformers_parity(name, tmp_path):
   tokens_BT = np.load(path / 'tokens.npy')
   np.testing.assert_array_equal(maker.logits_of(reloaded, tokens_BT), np.load(path / 'logits.npy'))
   del torch
+
+
+# Run directories, the command lines and a model's own tokenizer (tokenizer.json built here: no download).
+ROOT = pathlib.Path(__file__).parent.parent
+ENV = {'SLMJAX_HUGEPAGES': '0', 'PATH': '/usr/bin:/bin', 'JAX_PLATFORMS': 'cpu'}
+WORDS = 'the model reads every token of a small corpus and learns which word comes next in the text'.split()
+
+
+def write_texts(path: pathlib.Path, n_docs: int = 120) -> list[str]:  # >= data.MIN_DOCUMENTS: none cut
+  rng = np.random.default_rng(0)
+  path.mkdir()
+  texts = [' '.join(rng.choice(WORDS, 30)) + '.\n' for _ in range(n_docs)]
+  for i, text in enumerate(texts):
+    (path / f'doc{i:02d}.txt').write_text(text)
+  return texts
+
+
+def write_tokenizer(path: pathlib.Path, texts: list[str], vocab: int = 300) -> pathlib.Path:
+  tokenizers = pytest.importorskip('tokenizers')
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab, special_tokens=['<|endoftext|>'],
+                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer)
+  tok.save(str(path))
+  return path
+
+
+def small_hf_model(tmp_path: pathlib.Path) -> pathlib.Path:
+  """A random slmjax Llama exported as a Hugging Face directory with a tokenizer.json (vocab 300)."""
+  texts = write_texts(tmp_path / 'texts')
+  cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64,
+                    tie_embeddings=True)
+  from slmjax.model import create_model
+  from flax import nnx
+  convert.to_hf(cfg, nnx.state(create_model(cfg)), tmp_path / 'hf')
+  write_tokenizer(tmp_path / 'hf' / 'tokenizer.json', texts)
+  return tmp_path / 'hf'
+
+
+def test_tokenizer_corpus_counts_bytes(tmp_path):
+  from slmjax import data
+  texts = write_texts(tmp_path / 'texts')
+  path = write_tokenizer(tmp_path / 'tokenizer.json', texts)
+  corpus = data.load_corpus(str(tmp_path / 'texts'), 0.1, tokenizer=str(path))
+  tok = data.HFTokenizer(path)
+  assert corpus.tokenizer == 'hf:tokenizer.json' and corpus.max_token < tok.vocab_size
+  assert tok.eot is not None and np.sum(corpus.eval_N == tok.eot) == len(corpus.eval_docs)
+  by_hash = {__import__('hashlib').sha1(np.asarray(tok.encode(t).tolist() + [tok.eot], np.int32).tobytes())
+             .hexdigest(): t for t in texts}
+  assert corpus.eval_bytes == sum(len(by_hash[h].encode()) for h in corpus.eval_docs)
+
+
+def test_missing_tokenizers_package_is_one_line(tmp_path, monkeypatch):
+  import builtins
+  from slmjax import data
+  real_import = builtins.__import__
+  monkeypatch.setattr(builtins, '__import__', lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                      if name == 'tokenizers' else real_import(name, *a, **k))
+  with pytest.raises(ValueError, match='pip install tokenizers'):
+    data.HFTokenizer(tmp_path / 'tokenizer.json')
+
+
+def run_script(script: str, *args: str, cwd: pathlib.Path):
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, str(ROOT / 'experiments' / script), *args], cwd=cwd, capture_output=True,
+                          text=True, env={**ENV, 'PYTHONPATH': str(ROOT)})
+  assert result.returncode == 0, result.stderr[-2000:]
+  return result.stdout
+
+
+@pytest.mark.slow
+def test_convert_cli_round_trip_and_sample(tmp_path):
+  """convert.py --from_hf writes a run that load_model reads; --to_hf gives the checkpoint back bit for bit."""
+  run_script('convert.py', f'--from_hf={hf_parity.fixture("qwen3")}', '--out=run', cwd=tmp_path)
+  from slmjax import trained
+  model, step = trained.load_model(tmp_path / 'run')
+  assert step == 0 and model.cfg.qk_norm == 'head'
+  out = run_script('convert.py', '--out=run', '--to_hf=back', cwd=tmp_path)
+  assert '(qwen3)' in out
+  _, original = hf_io.read_model_dir(hf_parity.fixture('qwen3'))
+  _, back = hf_io.read_model_dir(tmp_path / 'back')
+  assert sorted(back) == sorted(original)
+  assert all(back[n].tobytes() == original[n].tobytes() for n in original)
+
+
+@pytest.mark.slow
+def test_train_init_from_evaluates_and_fine_tunes_with_the_models_tokenizer(tmp_path):
+  hf = small_hf_model(tmp_path)
+  common = [f'--init_from={hf}', f'--data={tmp_path / "texts"}', '--seq_len=32', '--batch_size=2',
+            '--eval_batches=2', '--eval_fraction=0.1', '--nomfu']
+  out = run_script('train.py', *common, '--eval_only', '--json', cwd=tmp_path)
+  before = json.loads(out.strip().splitlines()[-1])
+  assert before['eval_loss'] > 0 and 0 < before['eval_bpb'] < 20
+  out = run_script('train.py', *common, '--steps=3', '--lr=1e-2', '--warmup=0', '--out=ft', '--json', cwd=tmp_path)
+  after = json.loads(out.strip().splitlines()[-1])
+  saved = json.loads((tmp_path / 'ft' / 'config.json').read_text())
+  assert saved['train']['tokenizer'].endswith('tokenizer.json') and saved['data']['tokenizer'] == 'hf:tokenizer.json'
+  assert 'eval_bpb' in after and after['step'] == 3
+  rows = [json.loads(line) for line in (tmp_path / 'ft' / 'metrics.jsonl').read_text().splitlines()]
+  assert rows[0]['step'] == 0 and rows[0]['eval_loss'] == pytest.approx(before['eval_loss'], rel=1e-5)
+
+
+def test_init_from_rejects_architecture_flags(tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'train.py'),
+                           f'--init_from={hf_parity.fixture("llama")}', '--d_model=32', '--eval_only'],
+                          cwd=tmp_path, capture_output=True, text=True, env={**ENV, 'PYTHONPATH': str(ROOT)})
+  assert result.returncode == 2
+  assert 'error: --d_model cannot change the model --init_from=' in result.stderr
