@@ -8,8 +8,10 @@ import json
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from slmjax import convert, counting
 from slmjax.convert import hf_io
@@ -30,8 +32,9 @@ def logits_diff(directory: pathlib.Path, tokens_BT: np.ndarray | None = None,
   tokens.npy unless given)."""
   tokens_BT = np.load(directory / 'tokens.npy') if tokens_BT is None else tokens_BT
   reference_BTV = np.load(directory / 'logits.npy') if reference_BTV is None else reference_BTV
-  model = convert.load_hf(directory)
-  logits_BTV, _ = model(jnp.asarray(tokens_BT))
+  graph, state = nnx.split(convert.load_hf(directory))
+  forward = jax.jit(lambda state, tokens_BT: nnx.merge(graph, state)(tokens_BT)[0])  # eager dispatch: seconds
+  logits_BTV = forward(state, jnp.asarray(tokens_BT))
   assert logits_BTV.shape == reference_BTV.shape
   return float(np.max(np.abs(np.asarray(logits_BTV) - reference_BTV)))
 

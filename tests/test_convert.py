@@ -5,15 +5,17 @@ import json
 import pathlib
 import shutil
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 import hf_parity
 from slmjax import convert
 from slmjax.config import ModelConfig
-from slmjax.convert import hf_io
+from slmjax.convert import common, hf_io
 from slmjax.model import init_cache
 
 DENSE = ('llama', 'llama3', 'mistral', 'qwen2', 'qwen3', 'gemma2')
@@ -42,14 +44,31 @@ def test_sliding_window_and_scale_survive_cached_decoding():
   cache, give the logits of the full forward."""
   model = convert.load_hf(hf_parity.fixture('gemma2'))
   tokens_BT = jnp.asarray(np.load(hf_parity.fixture('gemma2') / 'tokens.npy'))
-  full_BTV, _ = model(tokens_BT)
   caches = init_cache(model.cfg, tokens_BT.shape[0], tokens_BT.shape[1])
-  _, caches = model.cached_forward(tokens_BT[:, :4], caches, 0)
+  graph, state = nnx.split(model)
+
+  @jax.jit  # eager op-by-op dispatch would take seconds
+  def reference(state, tokens_BT, caches):
+    model = nnx.merge(graph, state)
+    return model(tokens_BT)[0], model.cached_forward(tokens_BT[:, :4], caches, 0)[1]
+  full_BTV, caches = reference(state, tokens_BT, caches)
+  step = jax.jit(lambda state, tokens_B1, caches, t: nnx.merge(graph, state).cached_forward(tokens_B1, caches, t))
   steps = []
-  for t in range(4, tokens_BT.shape[1]):
-    logits_B1V, caches = model.cached_forward(tokens_BT[:, t:t + 1], caches, jnp.asarray(t))
+  for t in range(4, tokens_BT.shape[1]):  # past the window of 8: the local layer must forget the oldest keys
+    logits_B1V, caches = step(state, tokens_BT[:, t:t + 1], caches, jnp.int32(t))
     steps.append(logits_B1V)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full_BTV[:, 4:], atol=1e-4)
+
+
+def test_stacked_rule_round_trips_per_expert_tensors():
+  rule = common.stacked(['e.0.w', 'e.1.w'], 'ffn.w_up_EDF', (3,), (2,))
+  tensors = {'e.0.w': np.arange(6, dtype=np.float32).reshape(2, 3), 'e.1.w': -np.ones((2, 3), np.float32)}
+  value_EDF = rule.read(tensors)
+  assert value_EDF.shape == (2, 3, 2) and np.array_equal(value_EDF[0], tensors['e.0.w'].T)
+  back = rule.write(value_EDF)
+  assert all(back[n].tobytes() == tensors[n].tobytes() for n in tensors)
+  with pytest.raises(ValueError, match=r'tensor e\.1\.w has shape \(3, 2\)'):
+    rule.read({**tensors, 'e.1.w': np.zeros((3, 2), np.float32)})
 
 
 def test_sharded_checkpoint_reads_back(tmp_path):
@@ -145,6 +164,19 @@ def test_hub_style_rope_fields_read_like_rope_parameters():
   assert convert.config_from_hf(hub).rope_scaling == 'llama3'
 
 
+def test_sliding_layers_of_older_hub_configs():
+  gemma = json.loads((hf_parity.fixture('gemma2') / 'config.json').read_text())
+  del gemma['layer_types']
+  assert (convert.config_from_hf(gemma).sliding_window, convert.config_from_hf(gemma).sliding_every) == (8, 2)
+  qwen = json.loads((hf_parity.fixture('qwen2') / 'config.json').read_text())
+  qwen.pop('layer_types', None)
+  assert convert.config_from_hf({**qwen, 'use_sliding_window': False, 'sliding_window': 4096}).sliding_window == 0
+  assert convert.config_from_hf({**qwen, 'use_sliding_window': True, 'sliding_window': 16,
+                                 'max_window_layers': 0}).window(1) == 16
+  with pytest.raises(ValueError, match='is not a pattern slmjax expresses'):
+    convert.config_from_hf({**qwen, 'use_sliding_window': True, 'sliding_window': 16, 'max_window_layers': 1})
+
+
 @pytest.mark.parametrize('field, value, message', [
     ('sliding_window', -1, 'sliding_window must be an integer >= 0'),
     ('sliding_every', 0, 'sliding_every must be a positive integer'),
@@ -208,7 +240,6 @@ def small_hf_model(tmp_path: pathlib.Path) -> pathlib.Path:
   cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64,
                     tie_embeddings=True)
   from slmjax.model import create_model
-  from flax import nnx
   convert.to_hf(cfg, nnx.state(create_model(cfg)), tmp_path / 'hf')
   write_tokenizer(tmp_path / 'hf' / 'tokenizer.json', texts)
   return tmp_path / 'hf'
@@ -247,7 +278,7 @@ def run_script(script: str, *args: str, cwd: pathlib.Path):
 
 
 @pytest.mark.slow
-def test_convert_cli_round_trip_and_sample(tmp_path):
+def test_convert_cli_round_trip(tmp_path):
   """convert.py --from_hf writes a run that load_model reads; --to_hf gives the checkpoint back bit for bit."""
   run_script('convert.py', f'--from_hf={hf_parity.fixture("qwen3")}', '--out=run', cwd=tmp_path)
   from slmjax import trained

@@ -9,7 +9,8 @@ How to add a family (one module here, one entry in FAMILIES, one fixture, one pa
 1. `slmjax/convert/<family>.py` with `MODEL_TYPES` (the config.json `model_type`s it reads) and
    `config_from_hf(hf: dict) -> ModelConfig`, `config_to_hf(cfg, model_type=None) -> dict`,
    `state_from_hf(tensors, cfg) -> nnx.State`, `state_to_hf(state, cfg) -> {name: array}`. Most families list
-   `common.Rule`s (`linear` for a torch [out, in] weight, `plain` otherwise) and call `common.import_rules` /
+   `common.Rule`s (`linear` for a torch [out, in] weight, `plain` otherwise, `stacked` for one tensor per
+   expert into an [E, ...] parameter) and call `common.import_rules` /
    `export_rules`, which check every tensor's name and shape and that none is left unread; `llama.attention_rules`
    covers a GQA attention. A feature the model lacks goes into slmjax/config.py + layers/model (off by default).
 2. Add the module to FAMILIES below.

@@ -2,8 +2,9 @@
 state built from them (checked against the model's own tree), and the config fields many families spell alike.
 
 A `Rule` pairs one checkpoint tensor with one slmjax parameter: a torch `nn.Linear` weight is [out, in] and
-slmjax stores [in..., out...] (`linear`), everything else only reshapes (`plain`); both ways are exact
-(transposes and reshapes), so an exported tensor equals the imported one bit for bit.
+slmjax stores [in..., out...] (`linear`), everything else only reshapes (`plain`); `stacked` pairs one tensor
+per expert with one slmjax parameter whose leading axis is E. Every way is exact (transposes, reshapes,
+stacking), so an exported tensor equals the imported one bit for bit.
 """
 
 from __future__ import annotations
@@ -24,19 +25,36 @@ IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
 
 class Rule(NamedTuple):
   """Checkpoint tensor `hf` of shape `hf_shape` <-> slmjax parameter `path` ('blocks.0.attn.w_q_DHZ') of shape
-  `shape`; `transpose`: a torch Linear weight, [out, in] there and [in..., out...] here."""
-  hf: str
+  `shape`; `transpose`: a torch Linear weight, [out, in] there and [in..., out...] here. With a tuple of
+  names `hf` (`stacked`), each tensor has `hf_shape` and is row e of the parameter (`shape` = (E, ...))."""
+  hf: str | tuple[str, ...]
   path: str
   hf_shape: tuple[int, ...]
   shape: tuple[int, ...]
   transpose: bool
 
-  def to_slmjax(self, w: np.ndarray) -> np.ndarray:
-    return w.T.reshape(self.shape) if self.transpose else w.reshape(self.shape)
+  @property
+  def names(self) -> tuple[str, ...]:
+    return self.hf if isinstance(self.hf, tuple) else (self.hf,)
 
-  def to_hf(self, w: np.ndarray) -> np.ndarray:
+  def one_to_slmjax(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return w.T.reshape(shape) if self.transpose else w.reshape(shape)
+
+  def one_to_hf(self, w: np.ndarray) -> np.ndarray:
     w = w.reshape(self.hf_shape[::-1]).T if self.transpose else w.reshape(self.hf_shape)
     return np.ascontiguousarray(w)
+
+  def read(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """The slmjax value from the checkpoint tensors (checked by `take`)."""
+    if isinstance(self.hf, str):
+      return self.one_to_slmjax(take(tensors, self.hf, self.hf_shape), self.shape)
+    return np.stack([self.one_to_slmjax(take(tensors, n, self.hf_shape), self.shape[1:]) for n in self.hf])
+
+  def write(self, value: np.ndarray) -> dict[str, np.ndarray]:
+    """{checkpoint name: tensor} of one slmjax value."""
+    if isinstance(self.hf, str):
+      return {self.hf: self.one_to_hf(value)}
+    return {n: self.one_to_hf(row) for n, row in zip(self.hf, value, strict=True)}
 
 
 def linear(hf: str, path: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Rule:
@@ -47,6 +65,14 @@ def linear(hf: str, path: str, in_shape: tuple[int, ...], out_shape: tuple[int, 
 def plain(hf: str, path: str, shape: tuple[int, ...], hf_shape: tuple[int, ...] | None = None) -> Rule:
   """A tensor stored alike but for its shape (embeddings, norm gains, biases: [H * Z] <-> [H, Z])."""
   return Rule(hf, path, hf_shape or shape, shape, False)
+
+
+def stacked(names: list[str], path: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+            transpose: bool = True) -> Rule:
+  """One tensor per expert (Linear weights [prod(out), prod(in)] when `transpose`, else of shape in_shape +
+  out_shape) <-> slmjax [E, *in_shape, *out_shape], E = len(names)."""
+  hf_shape = (math.prod(out_shape), math.prod(in_shape)) if transpose else (*in_shape, *out_shape)
+  return Rule(tuple(names), path, hf_shape, (len(names), *in_shape, *out_shape), transpose)
 
 
 def take(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -92,8 +118,8 @@ def import_rules(rules: list[Rule], tensors: dict[str, np.ndarray], cfg: ModelCo
                  ignore: tuple[str, ...] = ()) -> nnx.State:
   """The model state the rules read from `tensors`; one-line ValueError for a missing tensor, a shape that does
   not match the config, or a tensor no rule reads (a feature the family does not convert)."""
-  params = {r.path: r.to_slmjax(take(tensors, r.hf, r.hf_shape)) for r in rules}
-  used = {r.hf for r in rules} | set(ignore)
+  params = {r.path: r.read(tensors) for r in rules}
+  used = {n for r in rules for n in r.names} | set(ignore)
   unused = sorted(n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES))
   if unused:
     raise ValueError(f'checkpoint tensor {unused[0]} (and {len(unused) - 1} more) is not read by the conversion: '
@@ -104,7 +130,7 @@ def import_rules(rules: list[Rule], tensors: dict[str, np.ndarray], cfg: ModelCo
 def export_rules(rules: list[Rule], state: nnx.State) -> dict[str, np.ndarray]:
   """{checkpoint name: array} the rules write from a model state, in the rules' order."""
   params = flat_params(state)
-  return {r.hf: r.to_hf(params[r.path]) for r in rules}
+  return {name: w for r in rules for name, w in r.write(params[r.path]).items()}
 
 
 def rope_from_hf(hf: dict) -> dict:
@@ -138,17 +164,19 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
 
 
 def sliding_from_hf(hf: dict, n_layers: int) -> dict:
-  """sliding_window / sliding_every from `layer_types` (transformers 5) or, without it, from `sliding_window`
-  alone (all layers local, Mistral); ValueError for a layer pattern slmjax cannot express."""
+  """sliding_window / sliding_every from `layer_types` (transformers 5); without it, from Qwen's
+  `use_sliding_window` + `max_window_layers` (local from that layer on) or, with neither, from `sliding_window`
+  alone (every layer local: Mistral). ValueError for a layer pattern slmjax cannot express."""
   window = hf.get('sliding_window') or 0
-  types = hf.get('layer_types')
-  if not window or (types is None and not hf.get('use_sliding_window', True)):
+  if hf.get('layer_types') is not None:
+    local = [t == 'sliding_attention' for t in hf['layer_types']]
+  elif 'use_sliding_window' in hf:
+    local = [bool(hf['use_sliding_window']) and i >= (hf.get('max_window_layers') or 0) for i in range(n_layers)]
+  else:
+    local = [True] * n_layers
+  if not window or not any(local):
     return {}
-  if types is None:
-    return {'sliding_window': int(window), 'sliding_every': 1}
-  local = [t == 'sliding_attention' for t in types]
-  if not any(local):
-    return {}
+  types = hf.get('layer_types') or ['sliding_attention' if x else 'full_attention' for x in local]
   for every in (1, 2):
     if local == [i % every == 0 for i in range(n_layers)]:
       return {'sliding_window': int(window), 'sliding_every': every}

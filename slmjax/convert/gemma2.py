@@ -28,6 +28,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     raise ValueError('use_bidirectional_attention=true is not implemented (slmjax attention is causal)')
   bias = bool(hf.get('attention_bias', False))
   n_layers = hf['num_hidden_layers']
+  if hf.get('layer_types') is None:  # Hub configs before transformers 5: local attention on even layers
+    hf = {**hf, 'layer_types': ['sliding_attention' if i % 2 == 0 else 'full_attention' for i in range(n_layers)]}
   return ModelConfig(
       vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], n_layers=n_layers,
       n_heads=hf['num_attention_heads'], n_kv_heads=hf['num_key_value_heads'], head_dim=hf.get('head_dim', 256),
