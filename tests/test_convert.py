@@ -105,6 +105,14 @@ def edit_tensors(path: pathlib.Path, edit) -> None:
   hf_io.write_model_dir(path, config, tensors)
 
 
+def test_truncated_file_is_one_line(tmp_path):
+  path = copy_fixture(tmp_path, 'llama')
+  data = (path / 'model.safetensors').read_bytes()
+  (path / 'model.safetensors').write_bytes(data[:len(data) - 100])
+  with pytest.raises(ValueError, match='a truncated or corrupt file'):
+    convert.from_hf(path)
+
+
 def test_unknown_model_type_lists_the_known(tmp_path):
   path = copy_fixture(tmp_path, 'llama')
   config = json.loads((path / 'config.json').read_text())

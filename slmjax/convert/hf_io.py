@@ -28,17 +28,17 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     (n,) = struct.unpack('<Q', f.read(8))
     header = json.loads(f.read(n))
   header.pop('__metadata__', None)
+  data = np.memmap(path, dtype=np.uint8, mode='r', offset=8 + n) if header else None  # one map for all tensors
   tensors = {}
   for name, info in header.items():
     if info['dtype'] not in DTYPES:
       raise ValueError(f'{path}: tensor {name} has dtype {info["dtype"]}, which slmjax cannot read')
     start, end = info['data_offsets']
-    dtype = np.dtype(DTYPES[info['dtype']])
-    shape = tuple(info['shape'])
-    if end == start:
-      tensors[name] = np.zeros(shape, dtype)
-    else:
-      tensors[name] = np.memmap(path, dtype=dtype, mode='r', offset=8 + n + start, shape=shape)
+    dtype, shape = np.dtype(DTYPES[info['dtype']]), tuple(info['shape'])
+    if end - start != dtype.itemsize * int(np.prod(shape)) or end > data.size:
+      raise ValueError(f'{path}: tensor {name} has {end - start} bytes, not those of {shape} {info["dtype"]} '
+                       '(a truncated or corrupt file)')
+    tensors[name] = np.asarray(data[start:end]).view(dtype).reshape(shape) if end > start else np.zeros(shape, dtype)
   return tensors
 
 
