@@ -71,6 +71,18 @@ def test_stacked_rule_round_trips_per_expert_tensors():
     rule.read({**tensors, 'e.1.w': np.zeros((3, 2), np.float32)})
 
 
+def test_flops_count_the_keys_a_sliding_window_sees():
+  from slmjax import counting
+  cfg = ModelConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128)
+  full = counting.train_flops_per_token(cfg, 64)
+  attention = full - 6 * counting.analytic_counts(cfg).active_matmul  # 3 * L * T * H * 2Z
+  assert attention == 3 * 2 * 64 * 4 * 32
+  assert counting.train_flops_per_token(cfg.replace(sliding_window=64), 64) == full  # a window >= T changes nothing
+  # Window 16 on layer 0 only: that layer's mean keys per query fall from 32 to 16 - 16^2 / 128 = 14.
+  local = counting.train_flops_per_token(cfg.replace(sliding_window=16, sliding_every=2), 64)
+  assert full - local == 6 * (32 - 14) * 4 * 32
+
+
 def test_sharded_checkpoint_reads_back(tmp_path):
   cfg, state = convert.from_hf(hf_parity.fixture('qwen2'))
   convert.to_hf(cfg, state, tmp_path / 'sharded', shard_bytes=100_000)
