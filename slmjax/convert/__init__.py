@@ -6,8 +6,9 @@ tensor as transformers names and lays them out. The library reads the files with
   to_hf(cfg, state, 'out/smollm2')
 
 How to add a family (one module here, one entry in FAMILIES, one fixture, one parity test):
-1. `slmjax/convert/<family>.py` with `MODEL_TYPES` (the config.json `model_type`s it reads) and
-   `config_from_hf(hf: dict) -> ModelConfig`, `config_to_hf(cfg, model_type=None) -> dict`,
+1. `slmjax/convert/<family>.py` with `MODEL_TYPES` (the config.json `model_type`s it reads),
+   `model_type_of(cfg) -> str | None` (the model_type `to_hf` writes for `cfg` when none is given; None: not
+   this family's), `config_from_hf(hf: dict) -> ModelConfig`, `config_to_hf(cfg, model_type=None) -> dict`,
    `state_from_hf(tensors, cfg) -> nnx.State`, `state_to_hf(state, cfg) -> {name: array}`. Most families list
    `common.Rule`s (`linear` for a torch [out, in] weight, `plain` otherwise, `stacked` for one tensor per
    expert into an [E, ...] parameter) and call `common.import_rules` /
@@ -69,12 +70,13 @@ def load_hf(directory: str | os.PathLike) -> Transformer:
 def to_hf(cfg: ModelConfig, state: nnx.State, directory: str | os.PathLike, model_type: str | None = None,
           shard_bytes: int = hf_io.SHARD_BYTES) -> dict:
   """Write `state` (of a model of `cfg`) as a Hugging Face model directory transformers loads; `model_type`
-  defaults to what the config's features imply (Gemma 2 for its norms, else the Llama family's). Returns the
-  config.json dict."""
+  defaults to the first family's `model_type_of(cfg)`. Returns the config.json dict."""
   if model_type is None:
-    module = gemma2 if cfg.norm_plus_one else llama
-  else:
-    module = family(model_type)
+    model_type = next(filter(None, (m.model_type_of(cfg) for m in FAMILY_MODULES)), None)
+    if model_type is None:
+      raise ValueError('no Hugging Face family expresses this model; give model_type (known: '
+                       f'{", ".join(sorted(FAMILIES))})')
+  module = family(model_type)
   hf = module.config_to_hf(cfg, model_type)
   hf_io.write_model_dir(directory, hf, module.state_to_hf(state, cfg), shard_bytes)
   return hf

@@ -42,6 +42,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
       **common.rope_from_hf(hf), **common.sliding_from_hf(hf, n_layers))
 
 
+def model_type_of(cfg: ModelConfig) -> str | None:
+  """'gemma2' for a model with Gemma's (1 + w) norms, else None."""
+  return 'gemma2' if cfg.norm_plus_one and not cfg.is_moe else None
+
+
 def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
   common.require(cfg, 'gemma2', n_experts=0, attention='gqa', activation='geglu', norm='rmsnorm', post_norms=True,
                  embed_scale=True, norm_plus_one=True, qk_norm='none', lm_head_bias=False, rope_scaling='none')

@@ -43,8 +43,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
       **common.rope_from_hf(hf), **common.sliding_from_hf(hf, n_layers))
 
 
-def model_type_of(cfg: ModelConfig) -> str:
-  """The model_type an export of `cfg` declares when none is asked for."""
+def model_type_of(cfg: ModelConfig) -> str | None:
+  """The model_type an export of `cfg` declares when none is asked for (None: not a Llama-family model)."""
+  if cfg.is_moe or cfg.attention != 'gqa' or cfg.norm_plus_one or cfg.post_norms:
+    return None
   if cfg.qk_norm == 'head':
     return 'qwen3'
   if cfg.qkv_bias and not cfg.o_bias:
@@ -54,7 +56,7 @@ def model_type_of(cfg: ModelConfig) -> str:
 
 def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
   """The config.json of `cfg` as `model_type` (default `model_type_of(cfg)`); ValueError if it cannot say it."""
-  kind = model_type or model_type_of(cfg)
+  kind = model_type or model_type_of(cfg) or 'llama'
   common.require(cfg, kind, n_experts=0, attention='gqa', activation='swiglu', norm='rmsnorm', post_norms=False,
                  embed_scale=False, logit_softcap=0.0, attn_softcap=0.0, norm_plus_one=False,
                  query_pre_attn_scalar=0.0, lm_head_bias=False,
