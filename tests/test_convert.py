@@ -327,6 +327,12 @@ def test_train_init_from_evaluates_and_fine_tunes_with_the_models_tokenizer(tmp_
   assert 'eval_bpb' in after and after['step'] == 3
   rows = [json.loads(line) for line in (tmp_path / 'ft' / 'metrics.jsonl').read_text().splitlines()]
   assert rows[0]['step'] == 0 and rows[0]['eval_loss'] == pytest.approx(before['eval_loss'], rel=1e-5)
+  # The same model as a converted run directory carries its tokenizer along.
+  run_script('convert.py', f'--from_hf={hf}', '--out=run', cwd=tmp_path)
+  assert (tmp_path / 'run' / 'tokenizer.json').exists()
+  common[0] = '--init_from=run'
+  again = json.loads(run_script('train.py', *common, '--eval_only', '--json', cwd=tmp_path).strip().splitlines()[-1])
+  assert again == before
 
 
 def test_init_from_rejects_architecture_flags(tmp_path):
