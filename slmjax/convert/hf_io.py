@@ -48,7 +48,7 @@ def read_model_dir(directory: str | os.PathLike) -> tuple[dict, dict[str, np.nda
   path = pathlib.Path(directory)
   if not (path / 'config.json').is_file():
     raise ValueError(f'{path} holds no Hugging Face model (no config.json); give the directory save_pretrained or '
-                     '`huggingface-cli download` wrote')
+                     '`hf download` wrote')
   config = json.loads((path / 'config.json').read_text())
   if (path / INDEX).is_file():
     files = sorted(set(json.loads((path / INDEX).read_text())['weight_map'].values()))
