@@ -213,7 +213,7 @@ def test_new_config_fields_are_validated(field, value, message):
 def test_live_transformers_parity(name, tmp_path):
   """Built afresh with transformers (skipped where torch is not installed: the fixtures are the CI path); the
   exported directory loads back into transformers with the same logits."""
-  torch = pytest.importorskip('torch')
+  pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   maker = hf_parity.live_maker()
   path = maker.save(name, tmp_path / name)
@@ -224,7 +224,6 @@ def test_live_transformers_parity(name, tmp_path):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'export', attn_implementation='eager')
   tokens_BT = np.load(path / 'tokens.npy')
   np.testing.assert_array_equal(maker.logits_of(reloaded, tokens_BT), np.load(path / 'logits.npy'))
-  del torch
 
 
 # Run directories, the command lines and a model's own tokenizer (tokenizer.json built here: no download).

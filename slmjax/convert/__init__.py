@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-import numpy as np
 from flax import nnx
 
 from slmjax.config import ModelConfig
