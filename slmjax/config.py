@@ -23,7 +23,7 @@ QK_NORMS = ('none', 'head', 'full')
 DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense', 'select')
 DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('cosine', 'wsd')
-ROPE_SCALINGS = ('none', 'llama3')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, runtime: bool = False,
@@ -112,8 +112,9 @@ class ModelConfig(ConfigDict):
                                'included (Mistral 4096, Gemma 2 4096); 0 = off.')
   sliding_every: int = option(1, 'With sliding_window: layer i is local when i % sliding_every == 0, the others '
                               'global (Mistral 1 = all local; Gemma 2: 2).')
-  rope_scaling: str = option('none', 'Rotary frequency scaling: llama3 = Llama 3.1 long-context scaling by '
-                             'rope_factor between the low/high frequency wavelengths.', choices=ROPE_SCALINGS)
+  rope_scaling: str = option('none', 'Rotary frequency scaling: linear = every frequency divided by rope_factor '
+                             '(position interpolation); llama3 = Llama 3.1 long-context scaling by rope_factor '
+                             'between the low/high frequency wavelengths.', choices=ROPE_SCALINGS)
   rope_factor: float = option(8.0, 'rope_scaling: divide the low frequencies by this (Llama 3.1: 8).')
   rope_low_freq_factor: float = option(1.0, 'rope_scaling=llama3: wavelengths above original_len / this are '
                                        'scaled fully (Llama 3.1: 1).')
@@ -164,6 +165,8 @@ class ModelConfig(ConfigDict):
     check_integers(self, minimum=1, names=('sliding_every', 'rope_original_max_len'))
     if self.query_pre_attn_scalar < 0:
       raise ValueError(f'query_pre_attn_scalar must be >= 0 (0 = head_dim), got {self.query_pre_attn_scalar}')
+    if self.rope_scaling == 'linear' and not self.rope_factor > 0:
+      raise ValueError(f'rope_scaling=linear needs rope_factor > 0, got {self.rope_factor}')
     if self.rope_scaling == 'llama3' and not (self.rope_factor > 0 and
                                               0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
       raise ValueError(f'rope_scaling=llama3 needs rope_factor > 0 and 0 < rope_low_freq_factor < '

@@ -79,12 +79,15 @@ def rope_tables(seq_len: int, rope_dim: int, theta: float, cfg: ModelConfig | No
 
 
 def rope_frequencies(rope_dim: int, theta: float, cfg: ModelConfig | None = None) -> jax.Array:
-  """The R inverse frequencies theta^(-2i / rope_dim), scaled as `cfg.rope_scaling` says: llama3 (Llama 3.1,
+  """The R inverse frequencies theta^(-2i / rope_dim), scaled as `cfg.rope_scaling` says: linear divides them
+  all by rope_factor (position interpolation, Chen et al. 2023); llama3 (Llama 3.1,
   transformers' `_compute_llama3_parameters`) divides wavelengths longer than original_len / low_freq_factor by
   rope_factor, keeps those shorter than original_len / high_freq_factor and interpolates smoothly between."""
   inv_freq = theta ** -(jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim)
   if cfg is None or cfg.rope_scaling == 'none':
     return inv_freq
+  if cfg.rope_scaling == 'linear':
+    return inv_freq / cfg.rope_factor
   factor, low, high, old = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
                             cfg.rope_original_max_len)
   wavelen = 2 * math.pi / inv_freq

@@ -18,7 +18,7 @@ from slmjax.config import ModelConfig
 from slmjax.convert import common, hf_io
 from slmjax.model import init_cache
 
-DENSE = ('llama', 'llama3', 'mistral', 'qwen2', 'qwen3', 'gemma2')
+DENSE = ('llama', 'llama3', 'llama-linear', 'mistral', 'qwen2', 'qwen3', 'gemma2')
 
 
 @pytest.mark.parametrize('name', DENSE)

@@ -146,8 +146,10 @@ def rope_from_hf(hf: dict) -> dict:
                rope_low_freq_factor=float(params['low_freq_factor']),
                rope_high_freq_factor=float(params['high_freq_factor']),
                rope_original_max_len=int(params['original_max_position_embeddings']))
+  elif kind == 'linear':
+    out.update(rope_scaling='linear', rope_factor=float(params['factor']))
   elif kind != 'default':
-    raise ValueError(f'rope type {kind!r} is not implemented (slmjax has default and llama3)')
+    raise ValueError(f'rope type {kind!r} is not implemented (slmjax has default, linear and llama3)')
   if params.get('partial_rotary_factor', 1.0) != 1.0:
     raise ValueError(f'partial_rotary_factor={params["partial_rotary_factor"]} is not implemented (1.0 only)')
   return out
@@ -156,6 +158,8 @@ def rope_from_hf(hf: dict) -> dict:
 def rope_to_hf(cfg: ModelConfig) -> dict:
   """config.json rotary fields in both spellings (transformers 5 reads either)."""
   params = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+  if cfg.rope_scaling == 'linear':
+    params.update(rope_type='linear', factor=cfg.rope_factor)
   if cfg.rope_scaling == 'llama3':
     params.update(rope_type='llama3', factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
                   high_freq_factor=cfg.rope_high_freq_factor,

@@ -19,6 +19,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                          'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 500_000.0, 'factor': 8.0,
                                              'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
                                              'original_max_position_embeddings': 16}}),
+    # Position interpolation (rope_type linear), as in long-context Llama 2 derivatives.
+    'llama-linear': ('llama', {**TINY, 'tie_word_embeddings': True,
+                               'rope_parameters': {'rope_type': 'linear', 'factor': 4.0, 'rope_theta': 10_000.0}}),
     'mistral': ('mistral', {**TINY, 'tie_word_embeddings': False, 'sliding_window': 8, 'rope_theta': 1e6}),
     'qwen2': ('qwen2', {**TINY, 'tie_word_embeddings': True, 'rope_theta': 1e6}),
     # Qwen3: head_dim (32) is not hidden_size / heads (16); per-head q/k norms.
