@@ -23,6 +23,7 @@ QK_NORMS = ('none', 'head', 'full')
 DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense', 'select')
 DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('cosine', 'wsd')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, runtime: bool = False,
@@ -103,6 +104,24 @@ class ModelConfig(ConfigDict):
                                    'default head_dim / 2.')
   v_head_dim: int | None = option(None, 'MLA: width of each value head; default head_dim.')
 
+  # Options that published checkpoints need (slmjax.convert: Llama 3.x, Mistral, Gemma 2); all off by default.
+  norm_plus_one: bool = option(False, 'Norm gains stored zero-centred and applied as (1 + scale) (Gemma).')
+  query_pre_attn_scalar: float = option(0.0, 'Attention logits scaled by this ** -0.5 instead of head_dim ** -0.5 '
+                                        '(Gemma 2: 256); 0 = head_dim.')
+  sliding_window: int = option(0, 'Local attention: a query sees only the last sliding_window keys, itself '
+                               'included (Mistral 4096, Gemma 2 4096); 0 = off.')
+  sliding_every: int = option(1, 'With sliding_window: layer i is local when i % sliding_every == 0, the others '
+                              'global (Mistral 1 = all local; Gemma 2: 2).')
+  rope_scaling: str = option('none', 'Rotary frequency scaling: linear = every frequency divided by rope_factor '
+                             '(position interpolation); llama3 = Llama 3.1 long-context scaling by rope_factor '
+                             'between the low/high frequency wavelengths.', choices=ROPE_SCALINGS)
+  rope_factor: float = option(8.0, 'rope_scaling: divide the low frequencies by this (Llama 3.1: 8).')
+  rope_low_freq_factor: float = option(1.0, 'rope_scaling=llama3: wavelengths above original_len / this are '
+                                       'scaled fully (Llama 3.1: 1).')
+  rope_high_freq_factor: float = option(4.0, 'rope_scaling=llama3: wavelengths below original_len / this are '
+                                        'kept (Llama 3.1: 4).')
+  rope_original_max_len: int = option(8192, 'rope_scaling: the context length of pre-training (Llama 3.1: 8192).')
+
   # Mixture-of-Experts; n_experts == 0 is a dense model and the fields below are ignored.
   n_experts: int = option(0, 'Routed experts per MoE layer; 0 = a dense model (flag: --experts, with --arch=moe).')
   top_k: int = option(2, 'Experts each token is routed to.')
@@ -142,6 +161,19 @@ class ModelConfig(ConfigDict):
     check_integers(self, minimum=1, or_none=True, names=('n_kv_heads', 'head_dim', 'd_ff', 'd_expert', 'd_shared',
                                                          'kv_lora_rank', 'qk_rope_dim', 'v_head_dim'))
     check_choices(self)
+    check_integers(self, minimum=0, names=('sliding_window',))
+    check_integers(self, minimum=1, names=('sliding_every', 'rope_original_max_len'))
+    if self.query_pre_attn_scalar < 0:
+      raise ValueError(f'query_pre_attn_scalar must be >= 0 (0 = head_dim), got {self.query_pre_attn_scalar}')
+    if self.rope_scaling == 'linear' and not self.rope_factor > 0:
+      raise ValueError(f'rope_scaling=linear needs rope_factor > 0, got {self.rope_factor}')
+    if self.rope_scaling == 'llama3' and not (self.rope_factor > 0 and
+                                              0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      raise ValueError(f'rope_scaling=llama3 needs rope_factor > 0 and 0 < rope_low_freq_factor < '
+                       f'rope_high_freq_factor, got {self.rope_factor}, {self.rope_low_freq_factor}, '
+                       f'{self.rope_high_freq_factor}')
+    if self.sliding_window and self.attention == 'mla':
+      raise ValueError('sliding_window is not supported with attention=mla; set sliding_window=0')
     if self.attention == 'mla':
       if self.n_kv_heads not in (None, self.n_heads):
         raise ValueError('attention=mla has no kv heads to group: leave n_kv_heads unset')
@@ -192,6 +224,10 @@ class ModelConfig(ConfigDict):
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
 
   # Derived sizes.
+  def window(self, layer: int) -> int:
+    """The sliding window of block `layer` (0-based): sliding_window on local layers, 0 (global) otherwise."""
+    return self.sliding_window if self.sliding_window and layer % self.sliding_every == 0 else 0
+
   @property
   def kv_heads(self) -> int:
     return self.n_kv_heads or self.n_heads
@@ -303,6 +339,8 @@ class TrainConfig(ConfigDict):
   grad_clip: float = option(1.0, 'Clip the global gradient norm to this; 0 = no clipping.')
   data: str = option('stdlib', 'stdlib | stdlib-full | tinystories | tinystories-valid | a path, directory or glob '
                      'of text files or of .npy/.bin token files (see slmjax.data).')
+  tokenizer: str = option('', 'A Hugging Face tokenizer.json to tokenize text --data with (pip install tokenizers); '
+                         'empty = bytes. train.py --init_from sets it from the imported model.')
   eval_fraction: float = option(0.05, 'Fraction of documents held out for evaluation.')
   seed: int = option(0, 'Seed of the initialisation and the data order.')
   eval_every: int = option(100, 'Held-out evaluation every n steps (0 = at the end only).')

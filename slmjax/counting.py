@@ -15,7 +15,8 @@ Conventions
   not: the unembedding matmul happens either way); not the input embedding (a gather), norm gains nor additive
   biases. 6 = 2 FLOPs per multiply-add x 3 (forward + backward). The attention term is causal: QK^T and AV cost
   2 * T * N * (H_qk + H_v) per token per layer forward (4 * T * N * H when both widths are H), halved for the
-  lower triangle, x 3 for training. Elementwise ops, softmax, the loss and the optimizer are not counted.
+  lower triangle, x 3 for training. A sliding-window layer (window W < T) attends to W - W^2 / (2T) keys per
+  query on average instead of T / 2. Elementwise ops, softmax, the loss and the optimizer are not counted.
   Inference FLOPs per token are a third of training FLOPs (forward only).
 - device fit: the smallest rung of DEVICE_LADDER whose memory holds the weights alone in FIT_FRACTION of it
   (the rest left for activations, KV cache and the runtime); int8 / int4 are 1 / 0.5 byte a weight, without
@@ -200,10 +201,12 @@ def breakdown(cfg: ModelConfig) -> dict[str, dict[str, int]]:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, counts: ParamCounts | None = None) -> int:
-  """6 * N_matmul_active + 3 * n_layers * seq_len * n_heads * (H_qk + H_v) (see the module docstring)."""
+  """6 * N_matmul_active + 3 * n_layers * seq_len * n_heads * (H_qk + H_v) (see the module docstring); local
+  layers count their window's keys."""
   counts = counts or analytic_counts(cfg)
   T = seq_len or cfg.max_seq_len
-  return 6 * counts.active_matmul + 3 * cfg.n_layers * T * cfg.n_heads * (cfg.qk_head_size + cfg.v_head_size)
+  keys2 = sum(2 * W - W * W / T if 0 < W < T else T for W in map(cfg.window, range(cfg.n_layers)))  # 2x mean keys
+  return 6 * counts.active_matmul + round(3 * keys2 * cfg.n_heads * (cfg.qk_head_size + cfg.v_head_size))
 
 
 def kv_cache_values_per_token(cfg: ModelConfig) -> int:

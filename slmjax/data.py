@@ -8,6 +8,8 @@ so held-out loss is measured on text the model never trained on. Corpora (the `d
   'tinystories-valid'  its small validation file (~22 MB), downloaded once
   a path, directory or glob of text files (byte tokenizer), or of pre-tokenized `.npy` / `.bin` token files
   (`.bin` is raw little-endian uint16, nanoGPT's format, or uint32 when the name ends in `.u32.bin`).
+Text corpora are byte tokens unless a Hugging Face `tokenizer.json` is given (`load_corpus(tokenizer=...)`,
+through the `tokenizers` package): then each document is its tokens plus the tokenizer's end-of-text token.
 
 Shape letters: slmjax/shapes.py (here N tokens of a stream, B batch per process, T sequence length; a window is T + 1
 tokens).
@@ -60,6 +62,32 @@ class ByteTokenizer:
     return bytes(np.asarray(tokens, dtype=np.uint8)).decode('utf-8', errors='replace')
 
 
+EOT_NAMES = ('<|endoftext|>', '</s>', '<eos>', '<|end_of_text|>')  # a tokenizer's end-of-text token, first found
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (the `tokenizers` package, an optional dependency: pip install tokenizers)."""
+
+  def __init__(self, path: str | os.PathLike):
+    try:
+      import tokenizers  # optional: only models imported from Hugging Face need it
+    except ImportError:
+      raise ValueError(f'tokenizer {path} needs the tokenizers package: pip install tokenizers') from None
+    if not os.path.isfile(path):
+      raise ValueError(f'tokenizer {path} does not exist (give a tokenizer.json file)')
+    self.path = str(path)
+    self.tokenizer = tokenizers.Tokenizer.from_file(self.path)
+    self.vocab_size = self.tokenizer.get_vocab_size()
+    self.eot = next((i for i in map(self.tokenizer.token_to_id, EOT_NAMES) if i is not None), None)
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    text = text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
+    return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def decode(self, tokens) -> str:
+    return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   """Train and held-out token streams, split by document; `*_docs` are the documents' SHA-1 content hashes."""
@@ -71,6 +99,7 @@ class Corpus:
   train_docs: tuple[str, ...]
   eval_docs: tuple[str, ...]
   fingerprint: str  # SHA-1 over every document, in order: equal fingerprints mean equal data
+  eval_bytes: int = 0  # UTF-8 bytes the held-out tokens decode to (a tokenizer's corpus): for bits per byte
 
   @property
   def max_token(self) -> int:
@@ -86,7 +115,8 @@ class Corpus:
   def summary(self) -> dict:
     return {'data': self.name, 'tokenizer': self.tokenizer, 'train_tokens': int(self.train_N.size),
             'eval_tokens': int(self.eval_N.size), 'train_documents': len(self.train_docs),
-            'eval_documents': len(self.eval_docs), 'data_fingerprint': self.fingerprint}
+            'eval_documents': len(self.eval_docs), 'data_fingerprint': self.fingerprint,
+            **({'eval_bytes': self.eval_bytes} if self.eval_bytes else {})}
 
 
 def cache_dir() -> pathlib.Path:
@@ -119,14 +149,18 @@ def parse_tinystories(path: str | os.PathLike) -> list[bytes]:
   return split_text(pathlib.Path(path).read_bytes())
 
 
-def text_documents(paths: list[pathlib.Path]) -> list[np.ndarray]:
-  """Byte-tokenized documents, each ending in EOT; a file is one document unless it holds separators."""
+def text_pieces(paths: list[pathlib.Path]) -> list[bytes]:
+  """The documents of text files: a file is one document unless it holds separators."""
   docs = []
   for path in paths:
     data = path.read_bytes()
-    pieces = split_text(data) if DOC_SEPARATOR in data else [data]
-    docs += [np.frombuffer(piece + bytes([EOT]), dtype=np.uint8) for piece in pieces if piece]
+    docs += [piece for piece in (split_text(data) if DOC_SEPARATOR in data else [data]) if piece]
   return docs
+
+
+def text_documents(paths: list[pathlib.Path]) -> list[np.ndarray]:
+  """Byte-tokenized documents, each ending in EOT."""
+  return [np.frombuffer(piece + bytes([EOT]), dtype=np.uint8) for piece in text_pieces(paths)]
 
 
 def read_token_file(path: str | os.PathLike) -> np.ndarray:
@@ -220,10 +254,14 @@ def build_corpus(name: str, tokenizer: str, docs: list[np.ndarray], eval_fractio
 
 
 # Loading (with an on-disk cache for the named corpora).
-def load_corpus(spec: str = 'stdlib', eval_fraction: float = 0.05, use_cache: bool = True) -> Corpus:
-  """The corpus a `data` spec names (see the module docstring), split into train and held-out streams."""
+def load_corpus(spec: str = 'stdlib', eval_fraction: float = 0.05, use_cache: bool = True,
+                tokenizer: str = '') -> Corpus:
+  """The corpus a `data` spec names (see the module docstring), split into train and held-out streams;
+  `tokenizer`: a tokenizer.json to tokenize its text with instead of bytes (not cached: tokenizers is fast)."""
   if not 0 < eval_fraction < 1:
     raise ValueError(f'eval_fraction must be in (0, 1), got {eval_fraction}')
+  if tokenizer:
+    return tokenized_corpus(spec, eval_fraction, HFTokenizer(tokenizer))
   if spec in ('stdlib', 'stdlib-full'):
     files = stdlib_files(full=spec == 'stdlib-full')
     stats = [(p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
@@ -242,6 +280,26 @@ def load_corpus(spec: str = 'stdlib', eval_fraction: float = 0.05, use_cache: bo
   if all(token_files):
     return build_corpus(spec, 'pretokenized', [read_token_file(p) for p in paths], eval_fraction)
   return build_corpus(spec, 'bytes', text_documents(paths), eval_fraction)
+
+
+def tokenized_corpus(spec: str, eval_fraction: float, tokenizer: HFTokenizer) -> Corpus:
+  """The text corpus `spec` in `tokenizer`'s tokens (each document ends in its end-of-text token, if any)."""
+  if spec in ('stdlib', 'stdlib-full'):
+    pieces = text_pieces(stdlib_files(full=spec == 'stdlib-full'))
+  elif spec in TINYSTORIES_FILES:
+    pieces = parse_tinystories(download(TINYSTORIES_URL + TINYSTORIES_FILES[spec],
+                                        cache_dir() / 'downloads' / TINYSTORIES_FILES[spec]))
+  else:
+    paths = resolve_paths(spec)
+    if any(p.suffix in ('.npy', '.bin') for p in paths):
+      raise ValueError(f'data {spec!r} is pre-tokenized; a tokenizer applies to text data only')
+    pieces = text_pieces(paths)
+  end = [] if tokenizer.eot is None else [tokenizer.eot]
+  texts = [p.decode('utf-8', errors='replace') for p in pieces]
+  docs = [np.asarray(e.ids + end, dtype=np.int32)
+          for e in tokenizer.tokenizer.encode_batch(texts, add_special_tokens=False)]
+  corpus = build_corpus(spec, f'hf:{os.path.basename(tokenizer.path)}', docs, eval_fraction)
+  return dataclasses.replace(corpus, eval_bytes=len(tokenizer.decode(corpus.eval_N).encode('utf-8')))
 
 
 def _cache_key(*parts) -> str:

@@ -44,11 +44,14 @@ class Norm(nnx.Module):
 
   The parameters have the width of what they normalise (D, Z, H * Z, I or J), so their names carry no shape
   letters (flax's own names); `role` is 'norm' for a block's norms, 'attention_norm' for those inside attention.
+  With `cfg.norm_plus_one` the gain is stored zero-centred and applied as (1 + scale), in float32 (Gemma's
+  convention, kept so that its checkpoints convert bit for bit).
   """
 
   def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs, role: str = 'norm'):
-    self.kind, self.eps = cfg.norm, cfg.norm_eps
-    self.scale = make_param(rngs, (dim,), ('norm',), cfg.param_dtype, role=role, init='ones')
+    self.kind, self.eps, self.plus_one = cfg.norm, cfg.norm_eps, cfg.norm_plus_one
+    self.scale = make_param(rngs, (dim,), ('norm',), cfg.param_dtype, role=role,
+                            init='zeros' if cfg.norm_plus_one else 'ones')
     if cfg.norm == 'layernorm':
       self.bias = make_param(rngs, (dim,), ('norm',), cfg.param_dtype, role=role, init='zeros')
 
@@ -58,23 +61,47 @@ class Norm(nnx.Module):
     if self.kind == 'layernorm':
       x32 = x32 - x32.mean(-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-    y = y * self.scale[...].astype(jnp.float32)
+    scale = self.scale[...].astype(jnp.float32)
+    y = y * (1.0 + scale if self.plus_one else scale)
     if self.kind == 'layernorm':
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(x.dtype)
 
 
-def rope_tables(seq_len: int, rope_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_tables(seq_len: int, rope_dim: int, theta: float, cfg: ModelConfig | None = None
+                ) -> tuple[jax.Array, jax.Array]:
   """cos_TR and sin_TR, R = rope_dim / 2 columns, for rotary embeddings (Su et al. 2021), half-split as in Llama.
 
-  (The tables' R is half the rotary width of a head: each column rotates one pair.)
+  (The tables' R is half the rotary width of a head: each column rotates one pair.) `cfg` brings its
+  `rope_scaling` (none without it).
   """
-  return rope_at(jnp.arange(seq_len, dtype=jnp.float32), rope_dim, theta)
+  return rope_at(jnp.arange(seq_len, dtype=jnp.float32), rope_dim, theta, cfg)
 
 
-def rope_at(positions_T: jax.Array, rope_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos_TR and sin_TR at the given positions (the rows of `rope_tables` there): a decode step's tables."""
+def rope_frequencies(rope_dim: int, theta: float, cfg: ModelConfig | None = None) -> jax.Array:
+  """The R inverse frequencies theta^(-2i / rope_dim), scaled as `cfg.rope_scaling` says: linear divides them
+  all by rope_factor (position interpolation, Chen et al. 2023); llama3 (Llama 3.1,
+  transformers' `_compute_llama3_parameters`) divides wavelengths longer than original_len / low_freq_factor by
+  rope_factor, keeps those shorter than original_len / high_freq_factor and interpolates smoothly between."""
   inv_freq = theta ** -(jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim)
+  if cfg is None or cfg.rope_scaling == 'none':
+    return inv_freq
+  if cfg.rope_scaling == 'linear':
+    return inv_freq / cfg.rope_factor
+  factor, low, high, old = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                            cfg.rope_original_max_len)
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old / low, inv_freq / factor, inv_freq)
+  smooth = (old / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old / high) & (wavelen <= old / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_at(positions_T: jax.Array, rope_dim: int, theta: float, cfg: ModelConfig | None = None
+            ) -> tuple[jax.Array, jax.Array]:
+  """cos_TR and sin_TR at the given positions (the rows of `rope_tables` there): a decode step's tables."""
+  inv_freq = rope_frequencies(rope_dim, theta, cfg)
   angles_TR = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
   return jnp.cos(angles_TR), jnp.sin(angles_TR)
 
@@ -119,8 +146,12 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
 QUERY_BLOCKS = 4  # causal attention runs in this many query blocks, each against its key prefix only
 
 
-def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float = 0.0) -> jax.Array:
+def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float = 0.0, *,
+                     scale: float | None = None, window: int = 0) -> jax.Array:
   """softmax(q k^T / sqrt(Z) + causal mask) v, logits and softmax in float32; returns out_BTKQY.
+
+  `scale` replaces 1 / sqrt(Z) (Gemma 2's query_pre_attn_scalar); `window` > 0 masks keys `window` or more
+  positions back (sliding-window attention: a query sees itself and the window - 1 keys before it).
 
   Q query heads share each of the K key/value heads (Q = 1 is plain multi-head attention); Y is the value width
   (Z in GQA). Two speed choices, measured on CPU (16 x 256 tokens, 4 heads of 64, forward + backward of one layer):
@@ -129,6 +160,7 @@ def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, c
   against keys [0, (i + 1) T / QUERY_BLOCKS) only, which skips 3/8 of the masked upper triangle (59 -> 42 ms).
   """
   T, Z = q_BTKQZ.shape[1], q_BTKQZ.shape[-1]
+  scale = Z ** -0.5 if scale is None else scale
   q_BKQTZ = jnp.transpose(q_BTKQZ, (0, 2, 3, 1, 4))
   k_BKUZ = jnp.transpose(k_BUKZ, (0, 2, 1, 3))
   v_BKUY = jnp.transpose(v_BUKY, (0, 2, 1, 3))
@@ -138,8 +170,8 @@ def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, c
   for i in range(blocks):
     end = (i + 1) * size  # query block i (its T axis: `size` positions) sees keys [0, end)
     logits_BKQTU = jnp.einsum('BKQTZ,BKUZ->BKQTU', q_BKQTZ[:, :, :, i * size:end], k_BKUZ[:, :, :end])
-    logits_BKQTU = softcap(logits_BKQTU.astype(jnp.float32) * Z ** -0.5, cap)
-    causal_TU = jnp.arange(end)[None, :] <= jnp.arange(i * size, end)[:, None]
+    logits_BKQTU = softcap(logits_BKQTU.astype(jnp.float32) * scale, cap)
+    causal_TU = visible(jnp.arange(i * size, end), end, window)
     logits_BKQTU = jnp.where(causal_TU, logits_BKQTU, jnp.finfo(jnp.float32).min)
     probs_BKQTU = jax.nn.softmax(logits_BKQTU, axis=-1).astype(v_BUKY.dtype)
     outs.append(jnp.einsum('BKQTU,BKUY->BKQTY', probs_BKQTU, v_BKUY[:, :, :end]))
@@ -147,15 +179,21 @@ def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, c
   return jnp.transpose(out_BKQTY, (0, 3, 1, 2, 4))
 
 
+def visible(positions_T: jax.Array, keys: int, window: int = 0) -> jax.Array:
+  """visible_TU: whether the query at each position sees key slot u < keys (causal; within `window` if > 0)."""
+  u_1U, t_T1 = jnp.arange(keys)[None, :], positions_T[:, None]
+  return (u_1U <= t_T1) & (u_1U > t_T1 - window) if window else u_1U <= t_T1
+
+
 def cached_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, start: jax.Array,
-                     cap: float = 0.0) -> jax.Array:
+                     cap: float = 0.0, *, scale: float | None = None, window: int = 0) -> jax.Array:
   """Attention of T new queries at positions start.. over a KV cache of U slots (slots after a query's own
   position are masked: not yet written, or in its future); returns out_BTKQY. Same arithmetic as
   `causal_attention` (float32 logits, scale, soft-cap, mask, softmax), so cached decoding reproduces it."""
   T, U, Z = q_BTKQZ.shape[1], k_BUKZ.shape[1], q_BTKQZ.shape[-1]
   logits_BKQTU = jnp.einsum('BTKQZ,BUKZ->BKQTU', q_BTKQZ, k_BUKZ)
-  logits_BKQTU = softcap(logits_BKQTU.astype(jnp.float32) * Z ** -0.5, cap)
-  visible_TU = jnp.arange(U)[None, :] <= (start + jnp.arange(T))[:, None]
+  logits_BKQTU = softcap(logits_BKQTU.astype(jnp.float32) * (Z ** -0.5 if scale is None else scale), cap)
+  visible_TU = visible(start + jnp.arange(T), U, window)
   logits_BKQTU = jnp.where(visible_TU, logits_BKQTU, jnp.finfo(jnp.float32).min)
   probs_BKQTU = jax.nn.softmax(logits_BKQTU, axis=-1).astype(v_BUKY.dtype)
   return jnp.einsum('BKQTU,BUKY->BTKQY', probs_BKQTU, v_BUKY)
@@ -183,13 +221,15 @@ class Attention(nnx.Module):
 
   Options: biases on q/k/v (`qkv_bias`) and on the output (`o_bias`); QK-norm before rotary, either per head
   (`qk_norm='head'`, one gain vector of size Z shared by the heads, Qwen3) or over the whole projection
-  (`'full'`, gains of size H*Z and K*Z, OLMoE); tanh soft-capping of the logits (`attn_softcap`, Gemma 2).
+  (`'full'`, gains of size H*Z and K*Z, OLMoE); tanh soft-capping of the logits (`attn_softcap`, Gemma 2);
+  logits scaled by query_pre_attn_scalar ** -0.5 (Gemma 2); a sliding `window` (this layer's `cfg.window`).
   """
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, window: int = 0):
     D, H, K, Z = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
     p = cfg.param_dtype
-    self.cfg = cfg
+    self.cfg, self.window = cfg, window
+    self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
     self.w_q_DHZ = make_param(rngs, (D, H, Z), ('embed', 'q_heads', 'head_dim'), p, role='attention', fan_in=D)
     self.w_k_DKZ = make_param(rngs, (D, K, Z), ('embed', 'kv_heads', 'head_dim'), p, role='attention', fan_in=D)
     self.w_v_DKZ = make_param(rngs, (D, K, Z), ('embed', 'kv_heads', 'head_dim'), p, role='attention', fan_in=D)
@@ -212,7 +252,8 @@ class Attention(nnx.Module):
     B, T, _ = x_BTD.shape
     H, K, Q, Z = cfg.n_heads, cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
     q_BTHZ, k_BUKZ, v_BUKZ = self.project(x_BTD, cos_TR, sin_TR)
-    out_BTKQZ = causal_attention(q_BTHZ.reshape(B, T, K, Q, Z), k_BUKZ, v_BUKZ, cfg.attn_softcap)
+    out_BTKQZ = causal_attention(q_BTHZ.reshape(B, T, K, Q, Z), k_BUKZ, v_BUKZ, cfg.attn_softcap,
+                                 scale=self.scale, window=self.window)
     return self.output(out_BTKQZ.reshape(B, T, H, Z))
 
   def cached(self, x_BTD: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array, cache: KVCache, start
@@ -227,9 +268,11 @@ class Attention(nnx.Module):
     cache = KVCache(write_cache(cache.k_BUKZ, k_BTKZ, start), write_cache(cache.v_BUKZ, v_BTKZ, start))
     q_BTKQZ = q_BTHZ.reshape(B, T, K, Q, Z)
     if isinstance(start, int) and start == 0:
-      out_BTKQZ = causal_attention(q_BTKQZ, k_BTKZ, v_BTKZ, cfg.attn_softcap)
+      out_BTKQZ = causal_attention(q_BTKQZ, k_BTKZ, v_BTKZ, cfg.attn_softcap, scale=self.scale,
+                                   window=self.window)
     else:
-      out_BTKQZ = cached_attention(q_BTKQZ, cache.k_BUKZ, cache.v_BUKZ, start, cfg.attn_softcap)
+      out_BTKQZ = cached_attention(q_BTKQZ, cache.k_BUKZ, cache.v_BUKZ, start, cfg.attn_softcap,
+                                   scale=self.scale, window=self.window)
     return self.output(out_BTKQZ.reshape(B, T, H, Z)), cache
 
   def project(self, x_BTD: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array

@@ -27,7 +27,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     self.attn_norm = Norm(cfg.d_model, cfg, rngs)
-    self.attn = MLAttention(cfg, rngs) if cfg.attention == 'mla' else Attention(cfg, rngs)
+    self.attn = MLAttention(cfg, rngs) if cfg.attention == 'mla' else Attention(cfg, rngs, cfg.window(layer))
     self.ffn_norm = Norm(cfg.d_model, cfg, rngs)
     self.is_moe = cfg.is_moe_layer(layer)
     self.ffn = MoEFFN(cfg, rngs) if self.is_moe else DenseFFN(cfg, cfg.ffn_size, rngs)
@@ -92,7 +92,7 @@ class Transformer(nnx.Module):
     T = x_BTD.shape[1]
     if T > cfg.max_seq_len:
       raise ValueError(f'sequence length {T} exceeds max_seq_len={cfg.max_seq_len}')
-    cos_TR, sin_TR = rope_tables(T, cfg.rope_size, cfg.rope_theta)
+    cos_TR, sin_TR = rope_tables(T, cfg.rope_size, cfg.rope_theta, cfg)
     layer_extras = []
     for block in self.blocks:
       x_BTD, extras = block(x_BTD, cos_TR, sin_TR)
@@ -112,9 +112,9 @@ class Transformer(nnx.Module):
     if isinstance(start, int) and start + T > caches[0][0].shape[1]:
       raise ValueError(f'{start + T} positions do not fit a cache of {caches[0][0].shape[1]}')
     if isinstance(start, int) and start == 0:
-      cos_TR, sin_TR = rope_tables(T, cfg.rope_size, cfg.rope_theta)
+      cos_TR, sin_TR = rope_tables(T, cfg.rope_size, cfg.rope_theta, cfg)
     else:
-      cos_TR, sin_TR = rope_at(start + jnp.arange(T), cfg.rope_size, cfg.rope_theta)
+      cos_TR, sin_TR = rope_at(start + jnp.arange(T), cfg.rope_size, cfg.rope_theta, cfg)
     new_caches = []
     for block, cache in zip(self.blocks, caches, strict=True):
       x_BTD, cache = block.cached(x_BTD, cos_TR, sin_TR, cache, start)

@@ -25,7 +25,8 @@ from slmjax.config import ModelConfig, TrainConfig
 from slmjax.model import abstract_model
 from slmjax.optim import lr_schedule, make_optimizer
 from slmjax.run_dir import MetricsLog, RunDir
-from slmjax.steps import all_finite, cached_steps, eval_graphdef, evaluate, init_state, on_first_device
+from slmjax.steps import (all_finite, cached_steps, eval_graphdef, evaluate, init_state, make_eval_step,
+                          on_first_device)
 from slmjax.tensorboard import TensorBoardLog
 
 
@@ -60,7 +61,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
           log: Callable[[str], None] | None = functools.partial(print, flush=True),
           place_state: Callable | None = None, place_batch: Callable | None = None,
           mesh: jax.sharding.Mesh | None = None, counts: counting.ParamCounts | None = None,
-          measure_cost: bool = False, tensorboard: bool = False) -> dict[str, Any]:
+          measure_cost: bool = False, tensorboard: bool = False, init_from=None) -> dict[str, Any]:
   """Train one model in `out_dir`, resuming from its latest checkpoint; returns the final metrics.
 
   Every input is checked before anything is written. `stop_at_step` ends this call early (checkpointed) as
@@ -73,7 +74,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
   other than checkpoints (which every process writes its shards of). `counts`: the config's parameter counts
   when the caller has them. `measure_cost`: once the run is complete, time its step on a fixed batch and read the
   compiled program's memory (`cost.measure_train_step`), kept in the summary under 'cost'. `tensorboard`: also
-  write the metrics as TensorBoard events under `<out_dir>/tensorboard/` (slmjax/tensorboard.py).
+  write the metrics as TensorBoard events under `<out_dir>/tensorboard/` (slmjax/tensorboard.py). `init_from`:
+  a model state of `model_cfg` (e.g. `slmjax.convert.from_hf`) that a fresh run starts from instead of a random
+  initialisation (a resumed run restores its checkpoint as always).
   Before anything is written, the compiled train step's memory is checked against the device's (ValueError).
   Raises NonFiniteLossError if a loss, gradient or parameter is not finite (the last good checkpoint is kept).
   """
@@ -90,16 +93,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
     raise ValueError('training with several processes needs a mesh (global arrays from local batches)')
   run = RunDir(out_dir, writer=jax.process_index() == 0)
   previous = run.check(model_cfg, train_cfg)
-  corpus = data.load_corpus(train_cfg.data, train_cfg.eval_fraction)
-  if corpus.max_token >= model_cfg.vocab_size:
-    raise ValueError(f'data {train_cfg.data!r} has token id {corpus.max_token} >= vocab_size={model_cfg.vocab_size}')
+  corpus = load_checked_corpus(model_cfg, train_cfg)
   if previous and previous['data']['data_fingerprint'] != corpus.fingerprint:
     raise ValueError(f'data {train_cfg.data!r} changed since the run in {run.path} started (other content)')
   done = checkpoint.latest_step(run.checkpoints)
   if done is not None and done > train_cfg.steps:
     raise ValueError(f'the run in {run.path} is already at step {done}, past steps={train_cfg.steps}')
   loop = _Loop(model_cfg, train_cfg, run, corpus, counts or counting.analytic_counts(model_cfg), peak_flops, log,
-               place_batch)
+               place_batch, init_from)
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     return loop.run(place_state or on_first_device, stop_at_step, measure_cost, tensorboard)
 
@@ -107,8 +108,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
 class _Loop:
   """The body of `train` once every input is checked (and the mesh, if any, is set)."""
 
-  def __init__(self, model_cfg, train_cfg, run: RunDir, corpus, counts, peak_flops, log, place_batch):
+  def __init__(self, model_cfg, train_cfg, run: RunDir, corpus, counts, peak_flops, log, place_batch, init_from):
     self.model_cfg, self.train_cfg, self.run_dir, self.corpus = model_cfg, train_cfg, run, corpus
+    self.init_from = init_from
     self.counts, self.peak_flops, self.log, self.place_batch = counts, peak_flops, log, place_batch
     self.flops_per_token = counting.train_flops_per_token(model_cfg, train_cfg.seq_len, counts)
     self.unigram_loss = corpus.unigram_loss()  # config.json and the summary
@@ -143,6 +145,10 @@ class _Loop:
               '--dtype=bfloat16, or spread it over more devices with --mesh')
     try:
       graphdef, state, _, opt_state = init_state(self.model_cfg, self.train_cfg)
+      if self.init_from is not None:
+        if jax.tree.structure(self.init_from) != jax.tree.structure(state):
+          raise ValueError('init_from: the given state does not have the structure of the model of model_cfg')
+        state = self.init_from
       # Committed (like restored arrays, so a resumed run reuses the compiled step) to one device or a mesh.
       state, opt_state = place_state(state, opt_state)
       self.train_step, self.eval_step = cached_steps(graphdef, self.train_cfg, self.eval_graph)
@@ -246,19 +252,46 @@ class _Loop:
     return summary
 
   def _eval_row(self, state) -> dict[str, float]:
-    metrics = evaluate(self.eval_step, state, self.eval_NBT1)
-    row = {'eval_loss': metrics['ce']}
-    if self.corpus.tokenizer == 'bytes':
-      row['eval_bpb'] = metrics['ce'] / math.log(2)
-    if 'drop_fraction' in metrics:
-      row['eval_drop_fraction'] = metrics['drop_fraction']
-    return row
+    return eval_row(self.corpus, evaluate(self.eval_step, state, self.eval_NBT1))
 
   def _emit(self, row: dict, eta_s: float | None) -> None:
     for log in self.logs:
       log.write(row)
     if self.log:
       self.log(progress_line(row, self.train_cfg.steps, eta_s))
+
+
+def load_checked_corpus(model_cfg: ModelConfig, train_cfg: TrainConfig) -> data.Corpus:
+  """The run's corpus (its tokenizer's tokens), checked to fit the model's vocabulary."""
+  corpus = data.load_corpus(train_cfg.data, train_cfg.eval_fraction, tokenizer=train_cfg.tokenizer)
+  if corpus.max_token >= model_cfg.vocab_size:
+    raise ValueError(f'data {train_cfg.data!r} has token id {corpus.max_token} >= vocab_size={model_cfg.vocab_size}'
+                     + ('' if train_cfg.tokenizer else ' (a model imported with its own tokenizer: --tokenizer)'))
+  return corpus
+
+
+def eval_row(corpus: data.Corpus, metrics: dict[str, float]) -> dict[str, float]:
+  """Held-out metrics: eval_loss in nats/token, eval_bpb in bits per byte (byte tokens, or a tokenizer's
+  corpus: nats over all held-out tokens / their UTF-8 bytes / ln 2, the windows' mean loss standing for the
+  stream's), eval_drop_fraction."""
+  row = {'eval_loss': metrics['ce']}
+  if corpus.tokenizer == 'bytes':
+    row['eval_bpb'] = metrics['ce'] / math.log(2)
+  elif corpus.eval_bytes:
+    row['eval_bpb'] = metrics['ce'] * corpus.eval_N.size / corpus.eval_bytes / math.log(2)
+  if 'drop_fraction' in metrics:
+    row['eval_drop_fraction'] = metrics['drop_fraction']
+  return row
+
+
+def evaluate_only(model_cfg: ModelConfig, train_cfg: TrainConfig, state) -> dict[str, float]:
+  """Held-out metrics (`eval_row`, plus the unigram baseline) of a model state on the run's data, no training:
+  an imported model's loss on the data before fine-tuning it."""
+  corpus = load_checked_corpus(model_cfg, train_cfg)
+  batches_NBT1 = data.eval_batches(corpus.eval_N, train_cfg.seq_len, train_cfg.batch_size, train_cfg.eval_batches)
+  eval_step = make_eval_step(eval_graphdef(model_cfg))
+  return {**eval_row(corpus, evaluate(eval_step, state, batches_NBT1)), 'unigram_eval_loss': corpus.unigram_loss(),
+          'eval_tokens': int(batches_NBT1[..., 1:].size)}
 
 
 def _stderr(message: str) -> None:

@@ -1,0 +1,33 @@
+"""Tiny configs of every Hugging Face family slmjax converts: name -> (model_type, config.json overrides).
+
+Each is 2 layers of width 64 with a small vocabulary, so a fixture (tests/fixtures/hf/<name>/) stays small; each
+switches on the features its family differs by (rope scaling, biases, QK-norm, sliding windows shorter than
+the test sequence, soft-caps), so the parity test exercises them. Plain data: importable without torch.
+"""
+
+TINY = {'vocab_size': 128, 'hidden_size': 64, 'intermediate_size': 96, 'num_hidden_layers': 2,
+        'num_attention_heads': 4, 'num_key_value_heads': 2, 'max_position_embeddings': 64, 'rms_norm_eps': 1e-6}
+SEQ_LEN = 32  # tokens.npy is [2, SEQ_LEN]; sliding windows below are shorter, so they matter
+SEED = 0
+
+FAMILIES: dict[str, tuple[str, dict]] = {
+    # SmolLM2 / Llama 2 style: tied embeddings, plain rope.
+    'llama': ('llama', {**TINY, 'tie_word_embeddings': True, 'rope_theta': 10_000.0}),
+    # Llama 3.1 style: untied, llama3 rope scaling (a short original context, so the scaling changes the
+    # frequencies at these widths), q/k/v/o biases (attention_bias).
+    'llama3': ('llama', {**TINY, 'tie_word_embeddings': False, 'attention_bias': True,
+                         'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 500_000.0, 'factor': 8.0,
+                                             'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                                             'original_max_position_embeddings': 16}}),
+    # Position interpolation (rope_type linear), as in long-context Llama 2 derivatives.
+    'llama-linear': ('llama', {**TINY, 'tie_word_embeddings': True,
+                               'rope_parameters': {'rope_type': 'linear', 'factor': 4.0, 'rope_theta': 10_000.0}}),
+    'mistral': ('mistral', {**TINY, 'tie_word_embeddings': False, 'sliding_window': 8, 'rope_theta': 1e6}),
+    'qwen2': ('qwen2', {**TINY, 'tie_word_embeddings': True, 'rope_theta': 1e6}),
+    # Qwen3: head_dim (32) is not hidden_size / heads (16); per-head q/k norms.
+    'qwen3': ('qwen3', {**TINY, 'tie_word_embeddings': False, 'head_dim': 32, 'rope_theta': 1e6}),
+    # Gemma 2: query_pre_attn_scalar (24) is not head_dim (16), local attention on even layers.
+    'gemma2': ('gemma2', {**TINY, 'head_dim': 16, 'query_pre_attn_scalar': 24, 'sliding_window': 8,
+                          'attn_logit_softcapping': 50.0, 'final_logit_softcapping': 30.0,
+                          'hidden_activation': 'gelu_pytorch_tanh', 'rope_theta': 10_000.0}),
+}
