@@ -88,6 +88,32 @@ def _rung_means(group: list[dict], keys: tuple[str, ...]) -> list[dict]:
   return sorted(means, key=lambda r: r[keys[0]])
 
 
+def plot_decode(rows: list[dict], path: str, peer_rows: list[dict] | None = None) -> str:
+  """Decode tokens/s against batch size (log axes), one line per model and context (rows of
+  `slmjax.decode_cost.sweep`): dense lines solid, MoE lines dashed, where they cross is where "MoE speed follows
+  active parameters" stops holding; the peer's lines (if given) dotted in grey."""
+  contexts = sorted({r['context'] for r in rows})
+  fig, axes = plt.subplots(1, len(contexts), figsize=(6.2 * len(contexts), 4.8), squeeze=False)
+  for ax, context in zip(axes[0], contexts):
+    names = list(dict.fromkeys(r['model'] for r in rows))
+    for color, name in zip(COLORS, names):
+      line = sorted((r['batch'], r['decode_tokens_per_s'], r['arch']) for r in rows
+                    if r['model'] == name and r['context'] == context)
+      if line:
+        ax.plot([x for x, _, _ in line], [y for _, y, _ in line], '--' if line[0][2] == 'moe' else '-',
+                marker='o', color=color, label=name)
+      peer = sorted((r['batch'], r['decode_tokens_per_s']) for r in (peer_rows or [])
+                    if r['model'] == name and r['context'] == context)
+      if peer:
+        ax.plot(*zip(*peer), ':', marker='x', color=color, alpha=0.6, label=f'{name} (HF peer)')
+    ax.set(xscale='log', yscale='log', xlabel='batch size (sequences decoded together)',
+           ylabel='decode tokens/s', title=f'decode speed, context {context}')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 GAP_PANELS = (('gap_active', 'matched active parameters'), ('gap_total', 'matched total parameters (dense law)'),
               ('gap_flops', 'matched training FLOPs (dense law)'))
 
