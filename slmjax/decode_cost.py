@@ -29,7 +29,7 @@ from flax import nnx
 from slmjax import cost, counting
 from slmjax.config import ModelConfig, SamplingConfig
 from slmjax.generate import Generator
-from slmjax.model import Transformer, create_model
+from slmjax.model import Transformer, create_model, init_cache
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -127,3 +127,31 @@ def crossovers(rows: list[dict], moe: str, dense: str, key: str = 'decode_tokens
                 'moe_faster_at_smallest': log_ratio[0] > 0, 'moe_faster_at_largest': log_ratio[-1] > 0,
                 'ratio_by_batch': {x: math.exp(r) for x, r in zip(batches, log_ratio)}})
   return out
+
+
+def rung_cost(cfg: ModelConfig, context: int, large_batch: int = 64, steps: int = 4, repeats: int = 3) -> dict:
+  """A sweep rung's inference cost, cheap enough to measure after every run (one decode compile per batch, no
+  prefill): decode ms/token at batch 1 and at `large_batch` over a cache of `context` positions, KV-cache bytes
+  per token, and the compiled decode's peak memory at the large batch. Timed with random weights: the decode's
+  cost follows the shapes (a step gathers k experts per token or runs every expert), not the trained values."""
+  model = nnx.jit(create_model, static_argnums=0)(cfg)  # one compiled init, not an eager op per parameter
+  steps = min(steps, context - 1)
+  row = {'kv_cache_bytes_per_token': counting.kv_cache_bytes_per_token(cfg), 'decode_context': context,
+         'decode_large_batch': large_batch}
+  for batch, suffix in ((1, 'b1'), (large_batch, 'large')):
+    gen = Generator(model, batch, context, GREEDY)
+    logits_BV = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+    start, key = jnp.int32(context - steps), jax.random.key(0)
+    caches = init_cache(cfg, batch, context)
+    decode = gen.decode.lower(gen.state, caches, logits_BV, start, key, steps).compile()
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+      caches = cost.block(init_cache(cfg, batch, context))  # a fresh cache: the decode donates its input
+      t0 = time.perf_counter()
+      cost.block(decode(gen.state, caches, logits_BV, start, key))
+      times.append(time.perf_counter() - t0)
+    row[f'decode_ms_per_token_{suffix}'] = statistics.median(times[1:]) / steps * 1e3
+    if suffix == 'large':
+      memory = cost.program_memory(decode)
+      row['decode_peak_bytes'] = memory['peak_bytes'] if memory else None
+  return row
