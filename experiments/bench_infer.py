@@ -45,7 +45,7 @@ flags.DEFINE_list('batches', ['1', '4', '16', '64', '256'], 'Batch sizes (sequen
 flags.DEFINE_list('contexts', ['64', '512'], 'Prompt lengths (tokens per sequence before decoding).')
 flags.DEFINE_integer('new_tokens', 8, 'Tokens decoded per sequence after the prompt.')
 flags.DEFINE_integer('repeats', 2, 'Timed rounds per point (after one that compiles); the median is kept.')
-flags.DEFINE_integer('max_prefill_tokens', 8192, 'Skip points whose prompt tokens, batch x context, exceed this '
+flags.DEFINE_integer('max_prefill_tokens', 16384, 'Skip points whose prompt tokens, batch x context, exceed this '
                      '(0: none).')
 flags.DEFINE_boolean('quick', False, 'Toy shapes (d_model 32, one layer), batches 1,4, context 8, 4 new tokens.')
 flags.DEFINE_string('out', '.', 'Directory for decode.png and decode_rows.json (the rows, and the peer\'s).')
@@ -88,7 +88,7 @@ def format_table(rows: list[dict], peers: list[dict] | None) -> str:
             f'{r["weight_bytes_computed"] / 1e6:>10.2f} {r["kv_cache_bytes"] / 1e6:>8.2f} '
             f'{r["kv_cache_bytes_computed"] / 1e6:>10.2f} {(r["decode_peak_bytes"] or 0) / 1e6:>14.2f}')
     p = peer.get((r['model'], r['batch'], r['context']))
-    if p:
+    if p and p['decode_tokens_per_s']:
       line += f' {p["decode_tokens_per_s"]:>10,.0f} {r["decode_tokens_per_s"] / p["decode_tokens_per_s"]:>11.2f}'
     lines.append(line)
   return '\n'.join(lines)
@@ -132,7 +132,7 @@ def main(argv):
     peer = {(p['model'], p['batch'], p['context']): p for p in peers}
     for r in rows:
       p = peer.get((r['model'], r['batch'], r['context']))
-      if p:
+      if p and p['decode_tokens_per_s']:
         r['peer_decode_tokens_per_s'] = p['decode_tokens_per_s']
         r['peer_prefill_tokens_per_s'] = p['prefill_tokens_per_s']
         r['peer_ratio'] = r['decode_tokens_per_s'] / p['decode_tokens_per_s']

@@ -9,7 +9,8 @@ subprocess and reads the JSON list it prints on its last stdout line.
 
 A point (batch B, context T, new tokens N) times generate(max_new_tokens=1) (the prefill and its one token) and
 generate(max_new_tokens=N + 1), alternately, `--repeats` times after one warm-up of each; prefill = the first,
-decode = the difference (N more forward steps, as slmjax's decode of N tokens after its prefill). Medians kept.
+decode = the difference (N more forward steps, as slmjax's decode of N tokens after its prefill). The fastest call
+of each is kept; a decode lost in the prefill's noise (under 10% of the call) is reported as None.
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ def measure(model, batch: int, context: int, new_tokens: int, repeats: int) -> d
     for _ in range(repeats):
       first.append(run(1))
       full.append(run(new_tokens + 1))
-  prefill, total = statistics.median(first), statistics.median(full)
-  decode = max(total - prefill, 1e-9)
+  prefill, total = min(first), min(full)  # the least-disturbed calls: the difference of medians is too noisy
+  decode = total - prefill
+  if decode < 0.1 * total:  # the N steps vanished in the noise of the prefill: no figure rather than a wrong one
+    decode = None
   return dict(batch=batch, context=context, new_tokens=new_tokens, prefill_s=prefill,
               prefill_tokens_per_s=batch * context / prefill, decode_s=decode,
-              decode_tokens_per_s=batch * new_tokens / decode, decode_ms_per_token=decode / new_tokens * 1e3)
+              decode_tokens_per_s=batch * new_tokens / decode if decode else None,
+              decode_ms_per_token=decode / new_tokens * 1e3 if decode else None)
 
 
 def main():
@@ -89,7 +93,7 @@ def main():
           continue
         row = dict(model=name, **measure(model, batch, context, args.new_tokens, args.repeats),
                    torch_version=torch.__version__, transformers_version=transformers.__version__)
-        print(f'# peer {name} B={batch} T={context}: {row["decode_tokens_per_s"]:,.0f} tok/s', flush=True)
+        print(f'# peer {name} B={batch} T={context}: {row["decode_tokens_per_s"]} tok/s', flush=True)
         rows.append(row)
   print(json.dumps(rows))
 

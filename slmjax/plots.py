@@ -120,7 +120,7 @@ def plot_decode(rows: list[dict], path: str, peer_rows: list[dict] | None = None
         ax.plot([x for x, _, _ in line], [y for _, y, _ in line], '--' if line[0][2] == 'moe' else '-',
                 marker='o', color=color, label=name)
       peer = sorted((r['batch'], r['decode_tokens_per_s']) for r in (peer_rows or [])
-                    if r['model'] == name and r['context'] == context)
+                    if r['model'] == name and r['context'] == context and r['decode_tokens_per_s'])
       if peer:
         ax.plot(*zip(*peer), ':', marker='x', color=color, alpha=0.6, label=f'{name} (HF peer)')
     ax.set(xscale='log', yscale='log', xlabel='batch size (sequences decoded together)',

@@ -84,7 +84,8 @@ def test_bench_infer_quick_rows_and_plot(tmp_path):
     assert r['decode_tokens_per_s'] == pytest.approx(r['batch'] * 4 / r['decode_s'])
     assert r['decode_peak_bytes'] >= r['weight_bytes'] + r['kv_cache_bytes']
   moe, dense = rows[2], rows[0]
-  assert moe['active_params'] - dense['active_params'] == 32 * 4  # matched active: only the router differs
+  assert moe['total_params'] > 1.5 * dense['total_params']
+  assert abs(moe['active_params'] / dense['active_params'] - 1) < 0.02  # matched active (the router differs)
   assert (tmp_path / 'decode.png').stat().st_size > 10_000
   assert json.loads((tmp_path / 'decode_rows.json').read_text())['rows'] == rows
 
