@@ -124,12 +124,18 @@ def throughput(tokens_per_step: int, step_time_s: float, flops_per_token: float,
 
 
 def compiled_memory(jitted: Callable, *args) -> dict[str, int] | None:
-  """Bytes the compiled program needs (arguments, outputs, temporaries), where the backend reports it, and
-  `peak_bytes` = arguments + outputs + temporaries - aliased (donated buffers reused for outputs). None for a
-  plain Python callable (no compiled program to read)."""
+  """Bytes the compiled program needs (`program_memory`) of `jitted` on `args`. None for a plain Python callable
+  (no compiled program to read)."""
   if not hasattr(jitted, 'lower'):
     return None
-  analysis = jitted.lower(*args).compile().memory_analysis()
+  return program_memory(jitted.lower(*args).compile())
+
+
+def program_memory(compiled) -> dict[str, int] | None:
+  """Bytes a compiled program (`jax.jit(f).lower(...).compile()`) needs (arguments, outputs, temporaries), where
+  the backend reports it, and `peak_bytes` = arguments + outputs + temporaries - aliased (donated buffers reused
+  for outputs)."""
+  analysis = compiled.memory_analysis()
   if analysis is None:
     return None
   names = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes', 'alias_size_in_bytes',

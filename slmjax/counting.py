@@ -62,6 +62,7 @@ ROLES: dict[str, tuple[str, str]] = {
 }
 DEVICE_LADDER = (('phone', 4e9), ('laptop', 16e9), ('gpu-80GB', 80e9), ('node-8x80GB', 640e9))
 FIT_FRACTION = 0.8
+KV_FIT_DTYPE = 'bfloat16'  # the cache a deployment keeps, whatever the weights' dtype
 FIT_DTYPES = ('int4', 'int8', 'bfloat16')
 
 
@@ -260,13 +261,33 @@ def summary(cfg: ModelConfig, seq_len: int | None = None, counts: ParamCounts | 
   }
 
 
+def attention_kind(cfg: ModelConfig) -> str:
+  """mla, mha (a key/value head per query head), mqa (one) or gqa (groups): what sets the KV cache's size."""
+  if cfg.attention == 'mla':
+    return 'mla'
+  return 'mha' if cfg.kv_heads == cfg.n_heads else 'mqa' if cfg.kv_heads == 1 else 'gqa'
+
+
+def kv_fit(cfg: ModelConfig, n_weight_bytes: dict[str, int], context: int, batch: int = 1,
+           dtype: str = KV_FIT_DTYPE) -> dict:
+  """The KV cache of `batch` sequences of `context` tokens (in `dtype`) and the smallest device that holds the
+  weights (in each fit dtype) plus that cache."""
+  kv = kv_cache_bytes(cfg, context, batch, dtype)
+  return {'attention_kind': attention_kind(cfg), 'kv_cache_dtype': dtype,
+          'kv_cache_bytes_per_token': kv_cache_bytes_per_token(cfg, dtype), 'kv_cache_context': context,
+          'kv_cache_batch': batch, 'kv_cache_bytes': kv,
+          'smallest_device_with_kv': {d: smallest_device(n_weight_bytes[d] + kv) for d in FIT_DTYPES}}
+
+
 def describe(cfg: ModelConfig, seq_len: int | None = None, preset: str | None = None,
-             mesh_sizes: dict[str, int] | None = None) -> dict:
+             mesh_sizes: dict[str, int] | None = None, context: int | None = None, batch: int = 1) -> dict:
   """Everything `experiments/count.py` prints about a model: `summary` of the checked counts, `breakdown`, the
-  config and preset name and, on a mesh of `mesh_sizes` (`sharding.hypothetical_mesh`), the weight bytes one
-  device holds in each dtype."""
-  row = {**summary(cfg, seq_len, checked_counts(cfg)), 'breakdown': breakdown(cfg), 'config': cfg.to_dict(),
-         'preset': preset}
+  KV cache at `context` (default: seq_len) x `batch` with the device fit including it (`kv_fit`), the config and
+  preset name and, on a mesh of `mesh_sizes` (`sharding.hypothetical_mesh`), the weight bytes one device holds in
+  each dtype."""
+  row = summary(cfg, seq_len, checked_counts(cfg))
+  row = {**row, **kv_fit(cfg, row['weight_bytes'], context or row['seq_len'], batch), 'breakdown': breakdown(cfg),
+         'config': cfg.to_dict(), 'preset': preset}
   if mesh_sizes:
     row['mesh'] = mesh_sizes
     row['weight_bytes_per_device'] = {dtype: int(sharding.bytes_per_device(cfg, mesh_sizes, b))

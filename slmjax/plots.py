@@ -51,12 +51,16 @@ def plot_scaling(rows: list[dict], path: str, fits: dict | None = None) -> str:
 
 def plot_cost(rows: list[dict], path: str) -> str:
   """Measured cost: the train step's peak memory (XLA's memory analysis of the compiled step) beside the weights
-  alone, against total parameters; step time against active parameters. Seeds are averaged per rung."""
+  alone, against total parameters; step time against active parameters; and, for rows that carry it
+  (`decode_cost.rung_cost`; older results do not), decode ms/token at batch 1 and at a large batch against
+  active parameters. Seeds are averaged per rung."""
   groups = group_rows(rows)
-  fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(12, 4.8))
+  fig, (ax_mem, ax_time, ax_decode) = plt.subplots(1, 3, figsize=(18, 4.8))
+  decoded = False
   for color, (label, group) in zip(COLORS, groups.items()):
     rungs = _rung_means(group, ('total_params', 'active_params', 'weight_bytes', 'peak_memory_bytes',
-                                'step_time_s'))
+                                'step_time_s', 'decode_ms_per_token_b1', 'decode_ms_per_token_large',
+                                'decode_large_batch'))
     total = [r['total_params'] for r in rungs]
     measured = [(r['total_params'], r['peak_memory_bytes'] / 2**20) for r in rungs if r.get('peak_memory_bytes')]
     if measured:
@@ -65,13 +69,26 @@ def plot_cost(rows: list[dict], path: str) -> str:
                 label=f'{label}: weights')
     ax_time.plot([r['active_params'] for r in rungs], [r['step_time_s'] * 1e3 for r in rungs], 'o-', color=color,
                  label=label)
+    for key, style, what in (('decode_ms_per_token_b1', 'o-', 'batch 1'),
+                             ('decode_ms_per_token_large', 's--', 'batch {:g}')):
+      line = [(r['active_params'], r[key]) for r in rungs if r.get(key)]
+      if line:
+        big = next((r['decode_large_batch'] for r in rungs if r.get('decode_large_batch')), 0)
+        ax_decode.plot(*zip(*line), style, color=color, label=f'{label}: {what.format(big)}')
+        decoded = True
   ax_mem.set(xscale='log', yscale='log', xlabel='total parameters', ylabel='memory (MiB)',
              title='memory follows total parameters')
   ax_time.set(xscale='log', yscale='log', xlabel='active parameters (per token)', ylabel='train step time (ms)',
               title='speed follows active parameters')
-  for ax in (ax_mem, ax_time):
+  ax_decode.set(xscale='log', yscale='log' if decoded else 'linear', xlabel='active parameters (per token)',
+                ylabel='decode ms / token (one step)', title='decode speed (measured)')
+  if not decoded:
+    ax_decode.text(0.5, 0.5, 'no decode cost in these rows\n(results from before it was measured)',
+                   ha='center', va='center', transform=ax_decode.transAxes)
+  for ax in (ax_mem, ax_time, ax_decode):
     ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
   fig.tight_layout()
   return _save(fig, path)
 
@@ -86,6 +103,32 @@ def _rung_means(group: list[dict], keys: tuple[str, ...]) -> list[dict]:
     values = lambda k: [r[k] for r in same if r.get(k) is not None]
     means.append({k: float(np.mean(values(k))) if values(k) else None for k in keys})
   return sorted(means, key=lambda r: r[keys[0]])
+
+
+def plot_decode(rows: list[dict], path: str, peer_rows: list[dict] | None = None) -> str:
+  """Decode tokens/s against batch size (log axes), one line per model and context (rows of
+  `slmjax.decode_cost.sweep`): dense lines solid, MoE lines dashed, where they cross is where "MoE speed follows
+  active parameters" stops holding; the peer's lines (if given) dotted in grey."""
+  contexts = sorted({r['context'] for r in rows})
+  fig, axes = plt.subplots(1, len(contexts), figsize=(6.2 * len(contexts), 4.8), squeeze=False)
+  for ax, context in zip(axes[0], contexts):
+    names = list(dict.fromkeys(r['model'] for r in rows))
+    for color, name in zip(COLORS, names):
+      line = sorted((r['batch'], r['decode_tokens_per_s'], r['arch']) for r in rows
+                    if r['model'] == name and r['context'] == context)
+      if line:
+        ax.plot([x for x, _, _ in line], [y for _, y, _ in line], '--' if line[0][2] == 'moe' else '-',
+                marker='o', color=color, label=name)
+      peer = sorted((r['batch'], r['decode_tokens_per_s']) for r in (peer_rows or [])
+                    if r['model'] == name and r['context'] == context and r['decode_tokens_per_s'])
+      if peer:
+        ax.plot(*zip(*peer), ':', marker='x', color=color, alpha=0.6, label=f'{name} (HF peer)')
+    ax.set(xscale='log', yscale='log', xlabel='batch size (sequences decoded together)',
+           ylabel='decode tokens/s', title=f'decode speed, context {context}')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, path)
 
 
 GAP_PANELS = (('gap_active', 'matched active parameters'), ('gap_total', 'matched total parameters (dense law)'),

@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from slmjax import cost, counting, results, sharding, wsd
+from slmjax import cost, counting, decode_cost, results, sharding, wsd
 from slmjax.config import ModelConfig, TrainConfig, branch_steps
 from slmjax.train import format_duration, train
 
@@ -142,9 +142,11 @@ def check_budget(rows: list[dict], budget: Budget, out_dir: str) -> None:
 
 
 def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, summary: dict,
-               counts: counting.ParamCounts, rid: str, mesh=None, branch: dict | None = None) -> dict:
+               counts: counting.ParamCounts, rid: str, mesh=None, branch: dict | None = None,
+               inference: dict | None = None) -> dict:
   """Everything needed to redraw every plot without rerunning (see README 'Results'): the point's counts, its
-  summary from `train` and the cost measured there. `branch`: a WSD cooldown branch's marks (`branch_marks`)."""
+  summary from `train` and the cost measured there. `branch`: a WSD cooldown branch's marks (`branch_marks`);
+  `inference`: the rung's decode cost (`decode_cost.rung_cost`)."""
   flops_per_token = summary['train_flops_per_token']
   tokens = train_cfg.steps * train_cfg.tokens_per_step
   param_bytes = counting.BYTES_PER_PARAM.get(model_cfg.param_dtype, 2.0)
@@ -167,6 +169,7 @@ def result_row(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: Budget, s
       'platform': jax.default_backend(), 'device_count': jax.device_count(), 'host': platform.node(),
       'jax_version': jax.__version__, 'model_config': model_cfg.to_dict(), 'train_config': train_cfg.to_dict(),
       'finished_at': time.strftime('%Y-%m-%dT%H:%M:%S'), 'schedule': train_cfg.schedule, **(branch or {}),
+      **(inference or {}),
   }
 
 
@@ -252,14 +255,17 @@ def router_warning(row: dict) -> str | None:
 
 
 def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out_dir: str,
-              log: Callable[[str], None] = print, mesh=None, tensorboard: bool = False) -> list[dict]:
+              log: Callable[[str], None] = print, mesh=None, tensorboard: bool = False,
+              measure_inference: bool = True) -> list[dict]:
   """Train every point not yet in `<out_dir>/results.jsonl`; returns this sweep's rows (old and new).
 
   A point with schedule=wsd trains its stable trunk and cooldown branches (slmjax/wsd.py) in `point_dir`
   and appends one row per branch as the branch finishes; rerun (also with more --branches), it trains only the
   branches without a row, from the same trunk.
   With a `mesh` every point trains sharded on it; with several processes only process 0 writes rows.
-  `tensorboard`: event files per point in `<out_dir>/<run_id>/tensorboard/`.
+  `tensorboard`: event files per point in `<out_dir>/<run_id>/tensorboard/`. `measure_inference`: each row also
+  carries the rung's decode cost (`decode_cost.rung_cost`: ms/token at batch 1 and 64, KV bytes per token, the
+  decode's peak memory), measured once per point after it trains.
   """
   is_writer = jax.process_index() == 0
   out = pathlib.Path(out_dir)
@@ -288,8 +294,12 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
     kwargs = dict(peak_flops=peak, mesh=mesh, counts=counts, measure_cost=True, tensorboard=tensorboard,
                   log=(lambda line: log(f'  {line}')) if is_writer else None)
 
+    inference = {}
+
     def add_row(cfg: TrainConfig, summary: dict, rid: str, branch: dict | None = None) -> None:
-      row = result_row(model_cfg, cfg, budget, summary, counts, rid, mesh, branch)
+      if measure_inference and not inference:
+        inference.update(decode_cost.rung_cost(model_cfg, min(train_cfg.seq_len, model_cfg.max_seq_len)))
+      row = result_row(model_cfg, cfg, budget, summary, counts, rid, mesh, branch, inference)
       if router_warning(row):
         log(router_warning(row))
       if is_writer:

@@ -69,3 +69,31 @@ def test_bench_moe_rows():
     assert (r['tokens'], r['d_model'], r['n_experts'], r['top_k'], r['d_expert']) == (64, 16, 8, 2, 512)
     assert r['time_s'] > 0 and r['ratio'] > 0
   assert rows[2]['drop_fraction'] == 0.0  # ragged never drops
+
+
+@pytest.mark.slow
+def test_bench_infer_quick_rows_and_plot(tmp_path):
+  result = run('bench_infer.py', '--quick', f'--out={tmp_path}', '--json')
+  assert result.returncode == 0, result.stderr
+  rows = json.loads(result.stdout)
+  assert [(r['model'], r['batch']) for r in rows] == [(m, b) for m in ('llama', 'mixtral-512', 'llama-4096')
+                                                      for b in (1, 4)]
+  for r in rows:
+    assert r['context'] == 8 and r['new_tokens'] == 4
+    assert r['weight_bytes'] == r['weight_bytes_computed'] and r['kv_cache_bytes'] == r['kv_cache_bytes_computed']
+    assert r['decode_tokens_per_s'] == pytest.approx(r['batch'] * 4 / r['decode_s'])
+    assert r['decode_peak_bytes'] >= r['weight_bytes'] + r['kv_cache_bytes']
+  moe, dense = rows[2], rows[0]
+  assert moe['total_params'] > 1.5 * dense['total_params']
+  assert abs(moe['active_params'] / dense['active_params'] - 1) < 0.02  # matched active (the router differs)
+  assert (tmp_path / 'decode.png').stat().st_size > 10_000
+  assert json.loads((tmp_path / 'decode_rows.json').read_text())['rows'] == rows
+
+
+def test_bench_infer_peer_without_its_venv_fails_in_one_line():
+  result = run('bench_infer.py', '--peer', '--peer_python=/nonexistent/python')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      'bench_infer.py: error: --peer: no peer python at /nonexistent/python; create the venv with `python3 -m venv '
+      '~/.hfpeer && ~/.hfpeer/bin/pip install torch==2.13.0 transformers==5.23.0 safetensors` '
+      '(../shared/tools/README.md), or give --peer_python']

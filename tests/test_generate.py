@@ -149,3 +149,30 @@ def test_bad_requests_fail_in_one_line(call, message):
   with pytest.raises(ValueError, match=message) as e:
     call(create_model(BASE))
   assert '\n' not in str(e.value)
+
+
+def test_load_model_round_trip(tmp_path):
+  """A run trained 2 steps by the library loads with its trained parameters: logits equal those of the state
+  restored the way training restores it, and differ from the untrained model's."""
+  import pathlib
+  import sysconfig
+
+  from slmjax import checkpoint, steps, trained
+  from slmjax.config import TrainConfig
+  from slmjax.train import train
+  cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16, n_experts=4, top_k=2, d_expert=8)
+  train_cfg = TrainConfig(steps=2, batch_size=2, seq_len=16, warmup=1, lr=1e-2, eval_every=0, eval_batches=1,
+                          log_every=1, checkpoint_every=0,
+                          data=str(pathlib.Path(sysconfig.get_paths()['stdlib']) / 'json' / '__init__.py'))
+  train(cfg, train_cfg, tmp_path / 'run', log=None)
+  model, step = trained.load_model(tmp_path / 'run')
+  graph, state, _, opt_state = steps.init_state(cfg, train_cfg)
+  with checkpoint.Checkpointer(tmp_path / 'run' / 'checkpoints') as ckpt:
+    restored, _, _, _ = ckpt.restore(2, state, opt_state)
+  tokens_BT = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % cfg.vocab_size
+  loaded_BTV = model(tokens_BT)[0]
+  assert step == 2 and model.cfg == cfg
+  np.testing.assert_array_equal(loaded_BTV, nnx.merge(graph, restored)(tokens_BT)[0])
+  assert not np.allclose(loaded_BTV, nnx.merge(graph, state)(tokens_BT)[0], atol=1e-4)  # trained, not fresh
+  with pytest.raises(ValueError, match='holds no run'):
+    trained.load_model(tmp_path / 'nothing')

@@ -61,3 +61,14 @@ def test_text_report_does_not_import_matplotlib(tmp_path):
 def synthetic_rows_plain():
   return [{**r, 'd_model': 32, 'n_layers': 2, 'tokens': 1000, 'eval_bpb': None, 'tokens_per_s': 1.0}
           for r in synthetic_rows()]
+
+
+def test_cost_plot_gains_a_decode_panel_and_still_draws_old_rows(tmp_path):
+  old = synthetic_rows()
+  new = [{**r, 'decode_ms_per_token_b1': r['active_params'] * 1e-6, 'decode_large_batch': 64,
+          'decode_ms_per_token_large': r['total_params'] * 1e-5} for r in old]
+  images = [matplotlib.image.imread(plots.plot_cost(rows, str(tmp_path / f'{name}.png')))
+            for name, rows in (('old', old), ('new', new))]
+  assert images[0].shape == images[1].shape
+  inked = lambda image: int((image[:, 2 * image.shape[1] // 3:, :3].mean(axis=-1) < 0.9).sum())  # decode panel
+  assert inked(images[1]) > inked(images[0]) + 1000  # the decode lines (and legend) of the new rows

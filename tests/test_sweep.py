@@ -77,8 +77,13 @@ def test_sweep_resumes_an_interrupted_point_and_never_duplicates_rows(corpus_dir
   for key in ('arch', 'n_experts', 'top_k', 'd_model', 'n_layers', 'total_params', 'active_params',
               'total_non_embedding_params', 'active_non_embedding_params', 'tokens', 'train_flops', 'train_loss',
               'eval_loss', 'step_time_s', 'tokens_per_s', 'mfu', 'peak_memory_bytes', 'weight_bytes', 'seed',
-              'device', 'jax_version', 'model_config'):
+              'device', 'jax_version', 'model_config', 'decode_ms_per_token_b1', 'decode_ms_per_token_large',
+              'decode_peak_bytes'):
     assert rows[0][key] is not None, key
+  for row, cfg in zip(rows, configs):  # the rung's inference cost
+    assert row['kv_cache_bytes_per_token'] == counting.kv_cache_bytes_per_token(cfg)
+    assert row['decode_large_batch'] == 64 and row['decode_context'] == 32
+    assert row['decode_peak_bytes'] >= row['weight_bytes'] + 64 * 32 * row['kv_cache_bytes_per_token']
   total = counting.analytic_counts(configs[0]).total
   assert rows[0]['total_params'] == total
   assert 8 * total <= rows[0]['optimizer_state_bytes'] <= 8 * total + 64  # AdamW's two moments (+ step counts)
