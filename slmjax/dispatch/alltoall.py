@@ -165,3 +165,15 @@ def _dropless(x_GSD, gates_GSA, experts_GSA, *arrays, names, activation, capacit
   weight_XA = _varying(gates_GSA.reshape(X, A).astype(x_GSD.dtype))
   y_XD = combine_rows((y_back_ND,), weight_XA, dest_XA, (send_asg_N,))
   return _finish(y_XD, jnp.ones(experts_GSA.shape, dtype=bool), x_GSD.shape)
+
+
+def forward_exchange_bytes(tokens: int, d_model: int, n_experts: int, top_k: int, ep: int, value_bytes: int,
+                           capacity: int, group_size: int, ragged: bool = False) -> int:
+  """Bytes of one MoE layer's forward all-to-all results on one device holding `tokens` tokens: dispatch plus
+  combine (the backward moves the same again). Capacity: E x (groups x C) rows; dropless: EP x R rows padded
+  (the dropless layer's [EP, E / EP] int32 row counts too), or with `ragged` the k rows a token really sends.
+  A fraction (EP - 1) / EP of it leaves the device when the experts are evenly loaded."""
+  if capacity < group_size:
+    return 2 * n_experts * (tokens // group_size) * capacity * d_model * value_bytes
+  rows = tokens * top_k if ragged else ep * tokens * min(top_k, n_experts // ep)
+  return 2 * rows * d_model * value_bytes + 4 * n_experts
