@@ -1,7 +1,9 @@
 """Expert-parallel dispatch against one device, and the collectives of each compiled program; prints one JSON line.
 
 Argument: a JSON object {"layer": [case, ...], "model": [case, ...]}, a case being {"experts": E, "top_k": k,
-"dropless": bool, "mesh": spec, "dispatch": name}. Layer cases run one MoE dispatch (loss and gradients with
+"dropless": bool, "mesh": spec, "dispatch": name} and optionally "ragged": true, which runs the dropless
+exchange through `jax.lax.ragged_all_to_all` as GPU / TPU would, emulated here from its documented semantics
+(XLA:CPU has none). Layer cases run one MoE dispatch (loss and gradients with
 respect to tokens, gates and expert weights); model cases a whole model's loss-and-gradient step. Started by
 tests/test_ep.py in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
@@ -20,12 +22,30 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from slmjax import collectives, dispatch, sharding
 from slmjax.axes import BATCH_AXES, logical_to_spec
 from slmjax.config import ModelConfig
+from slmjax.dispatch import alltoall
 from slmjax.dispatch.experts import ExpertWeights
 from slmjax.model import create_model
 from slmjax.steps import loss_fn
 
 G, S, D, F = 8, 32, 16, 8  # 256 tokens in 8 groups: one group per device on 8 devices
 BATCH = np.random.default_rng(0).integers(0, 256, (16, 17), dtype=np.int32)
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name, axis_index_groups=None):
+  """jax.lax.ragged_all_to_all from its docstring: source s's rows [input_offsets[j], + send_sizes[j]) land in
+  peer j's output at output_offsets[j] (all offsets and sizes as the source holds them); other rows keep
+  `output`."""
+  del recv_sizes, axis_index_groups
+  me = jax.lax.axis_index(axis_name)
+  gather = lambda a: jax.lax.all_gather(a, axis_name)
+  rows_SND, starts, sizes, lands = gather(operand), gather(input_offsets), gather(send_sizes), gather(output_offsets)
+  row_N = jnp.arange(output.shape[0])
+  for s in range(rows_SND.shape[0]):
+    here_N = (row_N >= lands[s, me]) & (row_N < lands[s, me] + sizes[s, me])
+    source_N = jnp.clip(starts[s, me] + row_N - lands[s, me], 0, operand.shape[0] - 1)
+    output = jnp.where(here_N[:, None], rows_SND[s][source_N], output)
+  return output
 
 
 def layer_inputs(experts, top_k):
@@ -83,6 +103,17 @@ def layer_reference(experts, top_k, dropless):
 
 
 def layer_case(case):
+  if not case.get('ragged'):
+    return layer_run(case)
+  saved = alltoall.ragged_exchange, jax.lax.ragged_all_to_all
+  alltoall.ragged_exchange, jax.lax.ragged_all_to_all = lambda: True, emulated_ragged_all_to_all
+  try:
+    return layer_run(case)
+  finally:
+    alltoall.ragged_exchange, jax.lax.ragged_all_to_all = saved
+
+
+def layer_run(case):
   (_, ref_kept), ref_grads = layer_reference(case['experts'], case['top_k'], case['dropless'])
   step = layer_step(case['dispatch'], capacity_of(case['experts'], case['top_k'], case['dropless']))
   ((_, kept), grads), found = run(step, layer_args(case['experts'], case['top_k']), case['mesh'], place_layer)
