@@ -34,8 +34,8 @@ from jax.sharding import PartitionSpec as P
 
 from slmjax.axes import BATCH_AXES, MESH_AXES
 from slmjax.dispatch.experts import ExpertWeights, expert_ffn
-from slmjax.dispatch.gather import expert_rows
-from slmjax.dispatch.ragged import slack_rows, sorted_rows_ffn
+from slmjax.dispatch.gather import expert_rows, gather_dispatch
+from slmjax.dispatch.ragged import ragged_dispatch, slack_rows, sorted_rows_ffn
 from slmjax.dispatch.rows import combine_rows, dispatch_rows
 from slmjax.dispatch.slots import slots_and_counts
 
@@ -55,18 +55,13 @@ def expert_mesh():
 
 def alltoall_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str):
   """The dispatch interface of `slmjax.dispatch`, expert parallel over the current mesh's expert axis. Without a
-  mesh there is nothing to exchange: the gather dispatch (ragged when dropless) computes the same result."""
+  mesh, or with fewer dispatch groups than the data x fsdp x expert devices can split evenly (a small evaluation
+  or decoding batch), the gather dispatch (ragged when dropless) computes the same result, XLA placing it."""
   G, S, D = x_GSD.shape
   mesh = expert_mesh()
-  if mesh is None:
-    from slmjax.dispatch.gather import gather_dispatch
-    from slmjax.dispatch.ragged import ragged_dispatch
+  if mesh is None or G % math.prod(mesh.shape[a] for a in BATCH_AXES):
     return (ragged_dispatch if capacity >= S else gather_dispatch)(x_GSD, gates_GSA, experts_GSA, w, capacity,
                                                                    activation)
-  ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  if G % ways:
-    raise ValueError(f'dispatch=alltoall splits the {G} dispatch groups over the data x fsdp x expert mesh axes '
-                     f'({ways} ways); make the tokens per batch / group_size a multiple of {ways}')
   names = tuple(n for n, a in zip(('gate', 'up', 'down'), w) if a is not None)
   arrays = tuple(a for a in w if a is not None)
   specs = tuple(P(EXPERT, 'tensor', None) if n == 'down' else P(EXPERT, None, 'tensor') for n in names)
