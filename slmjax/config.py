@@ -20,7 +20,7 @@ ROUTERS = ('softmax_topk', 'topk_softmax', 'sigmoid')
 BALANCES = ('aux_loss', 'bias', 'both')
 ATTENTIONS = ('gqa', 'mla')
 QK_NORMS = ('none', 'head', 'full')
-DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense', 'select')
+DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense', 'select', 'alltoall')
 DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('cosine', 'wsd')
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
@@ -139,8 +139,9 @@ class ModelConfig(ConfigDict):
       runtime=True, zero_is_none=True)
   group_size: int = option(512, 'Tokens per dispatch group (S); keeps the [G,S,E,C] one-hot tensors small.',
                            runtime=True)
-  dispatch: str = option('auto', 'MoE dispatch implementation; auto = gather with a capacity factor, ragged '
-                         'dropless (see slmjax.dispatch).', choices=DISPATCHES, runtime=True)
+  dispatch: str = option('auto', 'MoE dispatch implementation; auto = alltoall on a mesh with expert > 1, else '
+                         'gather with a capacity factor, ragged dropless (see slmjax.dispatch).',
+                         choices=DISPATCHES, runtime=True)
   router: str = option('softmax_topk', 'Router variant.', choices=ROUTERS)
   router_renormalize: bool = option(True, 'softmax_topk, sigmoid: rescale the k kept gates to sum to one.')
   router_bias: bool = option(False, 'A selection-only router bias, not trained by gradients: added to the scores '

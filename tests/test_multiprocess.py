@@ -1,5 +1,8 @@
-"""The local multi-process launcher: 2 processes x 2 CPU devices train together, agree, and resume."""
+"""The local multi-process launcher: 2 processes x 2 CPU devices train together, agree, and resume; an
+expert-parallel sweep on one mesh across them."""
 
+import json
+import math
 import os
 import pathlib
 import re
@@ -40,3 +43,18 @@ def test_two_processes_agree_and_resume_from_their_checkpoint(tmp_path):
   again = final_losses(logs)
   assert again[0] == again[1] and again[0] != first[0]
   assert (out / 'checkpoints' / '9').is_dir()
+
+
+@pytest.mark.slow
+def test_expert_parallel_sweep_across_two_processes(tmp_path):
+  """launch/ep_sweep.sh: one mesh expert:4 over 2 processes x 2 devices, so the all-to-all crosses processes."""
+  out = tmp_path / 'ep'
+  flags = ['--experts=4', '--k=2', '--ladder=16x1', '--seeds=0', '--tokens=4096', '--batch_size=8', '--seq_len=32',
+           '--warmup=1', '--eval_every=0', '--eval_batches=1', '--plot=false', f'--out={out}']
+  result = subprocess.run(['bash', str(ROOT / 'launch' / 'ep_sweep.sh'), '2', '2', '4', *flags], cwd=ROOT,
+                          env={**os.environ, 'PYTHON': sys.executable}, capture_output=True, text=True, timeout=600)
+  logs = [pathlib.Path(f'{out}.logs/process_{i}.log').read_text() for i in range(2)]
+  assert result.returncode == 0, result.stderr + logs[0][-2000:] + logs[1][-2000:]
+  rows = [json.loads(line) for line in open(out / 'results.jsonl')]
+  assert len(rows) == 1 and rows[0]['mesh'] == {'data': 1, 'fsdp': 1, 'expert': 4, 'tensor': 1}
+  assert rows[0]['tokens'] == 4096 and math.isfinite(rows[0]['train_loss'])

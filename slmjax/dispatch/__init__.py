@@ -20,11 +20,15 @@ later token's first choice evict an earlier token's second: information from the
           back. Forward and backward are gathers only: no scatter-add, no [G,S,E,C] tensor.
   ragged  dropless: assignments sorted by expert, grouped matmuls with `jax.lax.ragged_dot`; `capacity` ignored.
   dense   every expert on every token, mixed by the gates: the correctness oracle (E / k times the FLOPs).
+  alltoall  expert parallel (slmjax/dispatch/alltoall.py): under shard_map each device sends its tokens' rows to
+          the devices holding their experts with all_to_all (capacity C per device pair; dropless: padded, or
+          ragged_all_to_all on GPU / TPU) and gets the outputs back; 'auto' picks it on a mesh whose expert
+          axis is > 1, where XLA's partitioner would move the tokens with all-gathers instead.
   select  decode: each assignment gathers its expert's weights, so a step of few tokens reads only the experts they
           chose (not all E); dropless, and `ragged` once the assignments outnumber the experts.
 
 One implementation a module: einsum.py, gather.py, ragged.py (with grouped.py, its row tiles on CPU), dense.py,
-select.py.
+select.py, alltoall.py.
 What they share: experts.py (the stacked expert weights and their FFNs), slots.py (capacity slots in token
 order), rows.py (row gathers into and out of expert buffers, gathers in the backward pass too).
 
@@ -37,6 +41,7 @@ from typing import Callable
 
 import jax
 
+from slmjax.dispatch.alltoall import alltoall_dispatch, expert_mesh
 from slmjax.dispatch.dense import dense_dispatch
 from slmjax.dispatch.einsum import einsum_dispatch
 from slmjax.dispatch.experts import ExpertWeights
@@ -49,17 +54,22 @@ __all__ = ['DISPATCH', 'DispatchFn', 'ExpertWeights', 'default_dispatch', 'get_d
 DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
 DISPATCH: dict[str, DispatchFn] = {'einsum': einsum_dispatch, 'gather': gather_dispatch,
                                    'ragged': ragged_dispatch, 'dense': dense_dispatch,
-                                   'select': select_dispatch}
+                                   'select': select_dispatch, 'alltoall': alltoall_dispatch}
 
 
 def default_dispatch(dropless: bool = False) -> str:
-  """The implementation 'auto' resolves to: 'gather' for a capacity factor, 'ragged' for a dropless layer, the
-  fastest with those semantics as measured (README, "Speed"; BUILD.md, "Benchmarks"), the same on every platform."""
+  """The implementation 'auto' resolves to: 'alltoall' on a mesh (the current one, `jax.set_mesh`) whose expert
+  axis is > 1; else 'gather' for a capacity factor, 'ragged' for a dropless layer, the fastest with those
+  semantics as measured (README, "Speed"; BUILD.md, "Benchmarks"), the same on every platform."""
+  mesh = expert_mesh()
+  if mesh is not None and mesh.shape['expert'] > 1:
+    return 'alltoall'
   return 'ragged' if dropless else 'gather'
 
 
 def resolve(name: str, dropless: bool = False) -> str:
-  """The implementation `name` stands for here: 'auto' becomes the default for the layer's capacity rule."""
+  """The implementation `name` stands for here: 'auto' becomes the default for the layer's capacity rule (and
+  the current mesh)."""
   return default_dispatch(dropless) if name == 'auto' else name
 
 

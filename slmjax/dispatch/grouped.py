@@ -76,8 +76,9 @@ def _grouped_fwd(x_ND, w, sizes_E, activation, tile, bulk):
 
   # Pre-activations are the residuals (the backward recomputes only the cheap activation); gate and up in
   # buffers of their own, as a concatenated [tile, 2F] write costs a copy per tile.
-  zeros_NF = lambda a: None if a is None else jnp.zeros((N, a.shape[-1]), x_ND.dtype)
-  init = (jnp.zeros((N, D), x_ND.dtype), zeros_NF(w.w_gate_EDF), zeros_NF(w.w_up_EDF))
+  # Zeros made like an operand (full_like keeps its shard_map varying axes, which a loop carry must match).
+  zeros_NF = lambda a: None if a is None else jax.lax.full_like(x_ND, 0, shape=(N, a.shape[-1]))
+  init = (jnp.zeros_like(x_ND), zeros_NF(w.w_gate_EDF), zeros_NF(w.w_up_EDF))
   y_ND, gate_NF, up_NF = jax.lax.fori_loop(0, w.w_up_EDF.shape[0], expert, init)
   return y_ND, (x_ND, w, sizes_E, gate_NF, up_NF)
 
@@ -106,7 +107,7 @@ def _grouped_bwd(activation, tile, bulk, res, dy_ND):
       return jax.lax.dynamic_update_slice_in_dim(dx_ND, dx_WD, row, 0), dwe
 
     # Expert e's weight gradients accumulate in a [D, F] carry and are written once, not added per tile.
-    zeros = ExpertWeights(*(None if a is None else jnp.zeros(a.shape[1:], a.dtype) for a in w))
+    zeros = ExpertWeights(*(None if a is None else jax.lax.full_like(a, 0, shape=a.shape[1:]) for a in w))
     dx_ND, dwe = _over_tiles(e, plan, tile, tile_step, (dx_ND, zeros))
     dw = ExpertWeights(*(None if a is None else jax.lax.dynamic_update_index_in_dim(a, g, e, 0)
                          for a, g in zip(dw, dwe)))

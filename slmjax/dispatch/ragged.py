@@ -17,8 +17,7 @@ from slmjax.layers import activate
 def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str):
   """Dropless: assignments sorted by expert, then grouped matmuls; `capacity` is ignored.
 
-  The grouped matmuls are `jax.lax.ragged_dot` on accelerators with grouped-matmul kernels, `grouped_ffn`'s
-  row tiles on CPU (where ragged_dot lowers to a dense masked product, E times the work).
+  The grouped matmuls: `sorted_rows_ffn`.
   """
   del capacity
   G, S, D = x_GSD.shape
@@ -28,15 +27,25 @@ def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
   dest_XA = jnp.zeros(X * A, jnp.int32).at[asg_N].set(jnp.arange(X * A, dtype=jnp.int32),
                                                        unique_indices=True).reshape(X, A)
   sizes_E = jnp.zeros(E, jnp.int32).at[experts_N].add(1)
-  on_cpu = jax.default_backend() == 'cpu'
-  if on_cpu:  # grouped_ffn's slack rows, read from token X (clipped): empty rows
-    asg_N = jnp.concatenate([asg_N, jnp.full((GROUP_TILE,), X * A, jnp.int32)])
+  if slack_rows():  # grouped_ffn's slack rows, read from token X (clipped): empty rows
+    asg_N = jnp.concatenate([asg_N, jnp.full((slack_rows(),), X * A, jnp.int32)])
   x_ND, = dispatch_rows(x_GSD.reshape(X, D), (asg_N // A,), dest_XA)
-  if on_cpu:
-    y_ND = grouped_ffn(x_ND, w, sizes_E, activation)
-  else:
-    up_NF = jax.lax.ragged_dot(x_ND, w.w_up_EDF, sizes_E)
-    gate_NF = None if w.w_gate_EDF is None else jax.lax.ragged_dot(x_ND, w.w_gate_EDF, sizes_E)
-    y_ND = jax.lax.ragged_dot(activate(gate_NF, up_NF, activation), w.w_down_EFD, sizes_E)
+  y_ND = sorted_rows_ffn(x_ND, w, sizes_E, activation)
   y_XD = combine_rows((y_ND,), gates_GSA.reshape(X, A).astype(x_GSD.dtype), dest_XA, (asg_N,))
   return y_XD.reshape(G, S, D), jnp.ones(experts_GSA.shape, dtype=bool)
+
+
+def slack_rows() -> int:
+  """Rows `sorted_rows_ffn` needs past the last sorted row: grouped_ffn's last tile on CPU, none elsewhere."""
+  return GROUP_TILE if jax.default_backend() == 'cpu' else 0
+
+
+def sorted_rows_ffn(x_ND, w: ExpertWeights, sizes_E, activation: str):
+  """Expert e's FFN on its run of sizes_E[e] rows, for rows sorted by expert (plus `slack_rows()` rows): the
+  grouped matmuls are `jax.lax.ragged_dot` on accelerators with grouped-matmul kernels, `grouped_ffn`'s row
+  tiles on CPU (where ragged_dot lowers to a dense masked product, E times the work)."""
+  if jax.default_backend() == 'cpu':
+    return grouped_ffn(x_ND, w, sizes_E, activation)
+  up_NF = jax.lax.ragged_dot(x_ND, w.w_up_EDF, sizes_E)
+  gate_NF = None if w.w_gate_EDF is None else jax.lax.ragged_dot(x_ND, w.w_gate_EDF, sizes_E)
+  return jax.lax.ragged_dot(activate(gate_NF, up_NF, activation), w.w_down_EFD, sizes_E)
