@@ -4,6 +4,7 @@
   python experiments/bench_train.py --peer                # also run the PyTorch peer (peer_torch.py), print ratios
   python experiments/bench_train.py --peer --dtype=bfloat16   # bf16 compute, f32 weights; the peer under autocast
   python experiments/bench_train.py --models=flags --arch=moe --d_model=512 --n_layers=8   # any size, by flags
+  python experiments/bench_train.py --dtype=bfloat16 --matmuls=xla,mkl --peer   # XLA's dot and MKL's, interleaved
   python experiments/bench_train.py --json
 
 The step is `slmjax.steps.make_train_step` (forward, loss with the router's aux loss, backward, clipping, AdamW),
@@ -39,7 +40,7 @@ import numpy as np
 from absl import flags
 
 from slmjax import cli, cost, counting, dispatch, steps
-from slmjax.config import ModelConfig, TrainConfig
+from slmjax.config import MATMULS, ModelConfig, TrainConfig
 
 PEER_COMMON = dict(vocab_size=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=512,
                    tie_embeddings=False, rope_theta=10_000.0, activation='swiglu', norm='rmsnorm', norm_eps=1e-6)
@@ -66,6 +67,8 @@ flags.DEFINE_string('peer_python', os.path.expanduser('~/.hfpeer/bin/python'),
 flags.DEFINE_integer('rounds', 1, 'Repeat the timing (and the peer, with --peer) this many times, alternating; '
                      'the round with the median step time is reported with the median ratio to the peer, '
                      'every round listed.')
+flags.DEFINE_list('matmuls', [], 'Time every model with each of these ModelConfig.matmul values (xla, mkl), '
+                  'interleaved; rows other than the first are named model/matmul. Default: --matmul alone.')
 flags.DEFINE_boolean('json', False, 'Print one JSON list of rows instead of a table.')
 cli.define_model_flags()
 flags.FLAGS.set_default('seq_len', 256)
@@ -106,7 +109,8 @@ def model_row(name: str, cfg: ModelConfig, run: list, stats: dict, peak_flops: f
               peak_gflops=peak_flops / 1e9, flops_per_step=flops_per_token * FLAGS.batch_size * FLAGS.seq_len,
               drop_fraction=float(metrics['drop_fraction']) if 'drop_fraction' in metrics else None,
               max_expert_load=(float(metrics['expert_load_max_over_mean']) if cfg.is_moe else None),
-              batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dtype=cfg.dtype, loss=float(metrics['loss']),
+              batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, dtype=cfg.dtype, matmul=cfg.matmul,
+              loss=float(metrics['loss']),
               platform=jax.default_backend(), jax_version=jax.__version__)
 
 
@@ -143,14 +147,14 @@ def format_table(rows: list[dict], rounds: list[list[dict]]) -> str:
            f'{len(rounds)} round(s); matmul peak {peak:.1f} GFLOP/s'
            + ('' if 'peer_autocast' not in rows[0] else
               f'; peer: eager, autocast {rows[0]["peer_autocast"]}'),
-           f'{"model":<14}{"dispatch":>9}{"total":>12}{"active":>12}{"step ms":>9}{"tok/s":>8}{"GFLOP/s":>9}'
+           f'{"model":<18}{"dispatch":>9}{"total":>12}{"active":>12}{"step ms":>9}{"tok/s":>8}{"GFLOP/s":>9}'
            f'{"MFU":>7}{"drop %":>8}{"max load":>9}{"peer tok/s":>12}{"ratio":>7}']
   for r in rows:
     drop = '-' if r['drop_fraction'] is None else f'{100 * r["drop_fraction"]:.2f}'
     load = '-' if r['max_expert_load'] is None else f'{r["max_expert_load"]:.2f}'
     peer = '-' if r.get('peer_tokens_per_s') is None else f'{r["peer_tokens_per_s"]:,.0f}'
     ratio = '-' if r.get('ratio_to_peer') is None else f'{r["ratio_to_peer"]:.2f}'
-    lines.append(f'{r["model"]:<14}{r["dispatch"] or "-":>9}{r["total_params"]:>12,}{r["active_params"]:>12,}'
+    lines.append(f'{r["model"]:<18}{r["dispatch"] or "-":>9}{r["total_params"]:>12,}{r["active_params"]:>12,}'
                  f'{r["step_time_s"] * 1e3:>9.1f}{r["tokens_per_s"]:>8,.0f}{r["achieved_gflops"]:>9.1f}'
                  f'{r["mfu"]:>7.1%}{drop:>8}{load:>9}{peer:>12}{ratio:>7}')
   times = [{r['model']: r['step_time_s'] for r in rows_i} for rows_i in rounds]
@@ -168,7 +172,7 @@ def format_table(rows: list[dict], rounds: list[list[dict]]) -> str:
 
 def add_peer(rows: list[dict], peers: dict[str, dict]) -> None:
   for row in rows:
-    peer = peers.get(row['model'])
+    peer = peers.get(row['model'].split('/')[0])
     if peer:
       row.update(peer_tokens_per_s=peer['tokens_per_s'], peer_step_time_s=peer['step_time_s'],
                  peer_achieved_gflops=peer['achieved_gflops'], ratio_to_peer=row['tokens_per_s'] /
@@ -200,7 +204,12 @@ def main(argv):
     raise ValueError(f'--rounds must be >= 1, got {FLAGS.rounds}')
   if FLAGS.peer:
     check_peer()
-  configs = {name: model_config(name) for name in FLAGS.models}
+  matmuls = FLAGS.matmuls or [FLAGS.matmul]
+  for m in matmuls:
+    if m not in MATMULS:
+      raise ValueError(f'--matmuls: unknown matmul {m!r}; known: {", ".join(MATMULS)}')
+  configs = {name if i == 0 else f'{name}/{m}': model_config(name).replace(matmul=m)
+             for name in FLAGS.models for i, m in enumerate(matmuls)}
   peak = cost.matmul_peak_flops(dtype=FLAGS.dtype)
   runs = {name: build_run(cfg) for name, cfg in configs.items()}
   peer_models = [name for name in FLAGS.models if name in PEER_MODELS]

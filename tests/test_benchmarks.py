@@ -71,6 +71,13 @@ def test_bench_train_rejects_a_dtype_without_a_peer_mode():
       'bench_train.py: error: --peer: no peer mode for --dtype=float16; use one of float32, bfloat16')
 
 
+def test_bench_train_rejects_unknown_matmuls():
+  result = run('bench_train.py', '--matmuls=xla,cublas')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "bench_train.py: error: --matmuls: unknown matmul 'cublas'; known: xla, mkl"]
+
+
 def test_bench_train_rejects_zero_rounds():
   result = run('bench_train.py', '--rounds=0')
   assert result.returncode == 2
