@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slmjax.config import ModelConfig
+from slmjax.kernels import mkl
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -123,8 +124,9 @@ def apply_rope(x_BTHR: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.A
   return (x32_BTHR * cos_1T1R + swapped_BTHR * sin_1T1R).astype(x_BTHR.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
-  """Contract the last `n_in` axes of x with the first `n_in` axes of w, as one 2-D matmul on flattened rows.
+def linear(x: jax.Array, w: jax.Array, n_in: int = 1, matmul: str = 'xla') -> jax.Array:
+  """Contract the last `n_in` axes of x with the first `n_in` axes of w, as one 2-D matmul on flattened rows
+  (`matmul`: ModelConfig.matmul, 'mkl' for oneMKL's GEMMs through slmjax/kernels/mkl.py).
 
   Same result as the einsum, but XLA:CPU differentiates a [B, T, D] einsum through transposed copies of the
   activations and slower matmuls; flat [B*T, D] @ [D, F] rows make a dense FFN's forward + backward 1.7x faster
@@ -134,7 +136,8 @@ def linear(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   if x.shape[-n_in:] != in_shape:
     raise ValueError(f'linear: input axes {x.shape[-n_in:]} do not match weight axes {in_shape}')
   size = math.prod(in_shape)
-  y = x.reshape(-1, size) @ w.reshape(size, -1)
+  x_MK, w_KN = x.reshape(-1, size), w.reshape(size, -1)
+  y = mkl.matmul(x_MK, w_KN) if matmul == 'mkl' else x_MK @ w_KN
   return y.reshape(*lead, *out_shape)
 
 
@@ -282,9 +285,9 @@ class Attention(nnx.Module):
     dt = dtype_of(cfg.dtype)
     B, T, _ = x_BTD.shape
     H, K, Z = cfg.n_heads, cfg.kv_heads, cfg.head_size
-    q_BTHZ = linear(x_BTD, self.w_q_DHZ[...].astype(dt))
-    k_BUKZ = linear(x_BTD, self.w_k_DKZ[...].astype(dt))  # keys at the same positions: U = T
-    v_BUKZ = linear(x_BTD, self.w_v_DKZ[...].astype(dt))
+    q_BTHZ = linear(x_BTD, self.w_q_DHZ[...].astype(dt), matmul=cfg.matmul)
+    k_BUKZ = linear(x_BTD, self.w_k_DKZ[...].astype(dt), matmul=cfg.matmul)  # keys at the same positions: U = T
+    v_BUKZ = linear(x_BTD, self.w_v_DKZ[...].astype(dt), matmul=cfg.matmul)
     if cfg.qkv_bias:
       q_BTHZ = q_BTHZ + self.b_q_HZ[...].astype(dt)
       k_BUKZ = k_BUKZ + self.b_k_KZ[...].astype(dt)
@@ -299,7 +302,7 @@ class Attention(nnx.Module):
   def output(self, out_BTHZ: jax.Array) -> jax.Array:
     """The output projection (and its bias) of the heads' attention outputs."""
     dt = dtype_of(self.cfg.dtype)
-    y_BTD = linear(out_BTHZ, self.w_o_HZD[...].astype(dt), n_in=2)
+    y_BTD = linear(out_BTHZ, self.w_o_HZD[...].astype(dt), n_in=2, matmul=self.cfg.matmul)
     if self.cfg.o_bias:
       y_BTD = y_BTD + self.b_o_D[...].astype(dt)
     return y_BTD
@@ -334,9 +337,9 @@ class DenseFFN(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dt = dtype_of(self.cfg.dtype)
-    up_BTF = linear(x_BTD, self.w_up_DF[...].astype(dt))
+    up_BTF = linear(x_BTD, self.w_up_DF[...].astype(dt), matmul=self.cfg.matmul)
     gate_BTF = None
     if is_gated(self.cfg.activation):
-      gate_BTF = linear(x_BTD, self.w_gate_DF[...].astype(dt))
+      gate_BTF = linear(x_BTD, self.w_gate_DF[...].astype(dt), matmul=self.cfg.matmul)
     h_BTF = activate(gate_BTF, up_BTF, self.cfg.activation)
-    return linear(h_BTF, self.w_down_FD[...].astype(dt))
+    return linear(h_BTF, self.w_down_FD[...].astype(dt), matmul=self.cfg.matmul)

@@ -2,6 +2,7 @@
 consistent with each other and with the library's counting, and one-line errors on bad flags."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from slmjax import counting
 from slmjax.config import ModelConfig
 
 EXPERIMENTS = pathlib.Path(__file__).parent.parent / 'experiments'
+PEER_PYTHON = pathlib.Path(os.path.expanduser('~/.hfpeer/bin/python'))
 
 
 def run(script, *flags):
@@ -48,6 +50,32 @@ def test_bench_train_checks_the_peer_before_timing():
   result = run('bench_train.py', '--peer', '--peer_python=/nonexistent/python')
   assert result.returncode == 2 and '# round' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith('bench_train.py: error: --peer: no peer python at')
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PEER_PYTHON.exists(), reason='no peer venv at ~/.hfpeer (BUILD.md, Benchmarks)')
+def test_bench_train_bf16_against_the_peers_autocast():
+  result = run('bench_train.py', '--peer', '--dtype=bfloat16', '--models=llama', '--batch_size=2', '--seq_len=16',
+               '--steps=1', '--warmup=1', '--json')
+  assert result.returncode == 0, result.stderr
+  row, = json.loads(result.stdout)
+  assert row['dtype'] == 'bfloat16' and row['peer_autocast'] == 'bfloat16'
+  assert row['peer_flops_per_step'] == row['flops_per_step']  # the same model shapes, counted the same way
+  assert row['ratio_to_peer'] == pytest.approx(row['tokens_per_s'] / row['peer_tokens_per_s'])
+
+
+def test_bench_train_rejects_a_dtype_without_a_peer_mode():
+  result = run('bench_train.py', '--peer', '--dtype=float16', f'--peer_python={sys.executable}')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      'bench_train.py: error: --peer: no peer mode for --dtype=float16; use one of float32, bfloat16')
+
+
+def test_bench_train_rejects_unknown_matmuls():
+  result = run('bench_train.py', '--matmuls=xla,cublas')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "bench_train.py: error: --matmuls: unknown matmul 'cublas'; known: xla, mkl"]
 
 
 def test_bench_train_rejects_zero_rounds():
