@@ -28,3 +28,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                           'attn_logit_softcapping': 50.0, 'final_logit_softcapping': 30.0,
                           'hidden_activation': 'gelu_pytorch_tanh', 'rope_theta': 10_000.0}),
 }
+
+# The MoE families (tests/test_convert_moe.py): 4-8 experts of width 32, dropless in slmjax.
+TINY_MOE = {**TINY, 'intermediate_size': 32}
+MOE_FAMILIES: dict[str, tuple[str, dict]] = {
+    'mixtral': ('mixtral', {**TINY_MOE, 'num_local_experts': 4, 'num_experts_per_tok': 2, 'rope_theta': 1e6,
+                            'tie_word_embeddings': False}),
+}
+FAMILIES.update(MOE_FAMILIES)
