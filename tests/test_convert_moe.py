@@ -10,7 +10,7 @@ import pytest
 import hf_parity
 from slmjax import convert
 
-MOE = ('mixtral',)
+MOE = ('mixtral', 'qwen3_moe', 'qwen2_moe')
 
 
 @pytest.mark.parametrize('name', MOE)

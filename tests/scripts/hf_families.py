@@ -34,5 +34,13 @@ TINY_MOE = {**TINY, 'intermediate_size': 32}
 MOE_FAMILIES: dict[str, tuple[str, dict]] = {
     'mixtral': ('mixtral', {**TINY_MOE, 'num_local_experts': 4, 'num_experts_per_tok': 2, 'rope_theta': 1e6,
                             'tie_word_embeddings': False}),
+    # Qwen3-MoE: per-head QK-norm, head_dim 32 (not 64 / 4), 8 experts top-4 renormalised.
+    'qwen3_moe': ('qwen3_moe', {**TINY, 'head_dim': 32, 'num_experts': 8, 'num_experts_per_tok': 4,
+                                'moe_intermediate_size': 32, 'norm_topk_prob': True, 'rope_theta': 1e6,
+                                'tie_word_embeddings': False}),
+    # Qwen2-MoE: layer 0 dense (mlp_only_layers), a gated shared expert, gates not renormalised, qkv biases.
+    'qwen2_moe': ('qwen2_moe', {**TINY, 'num_experts': 4, 'num_experts_per_tok': 2, 'moe_intermediate_size': 32,
+                                'shared_expert_intermediate_size': 48, 'norm_topk_prob': False,
+                                'mlp_only_layers': [0], 'rope_theta': 1e6, 'tie_word_embeddings': True}),
 }
 FAMILIES.update(MOE_FAMILIES)
