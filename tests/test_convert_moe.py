@@ -10,7 +10,7 @@ import pytest
 import hf_parity
 from slmjax import convert
 
-MOE = ('mixtral', 'qwen3_moe', 'qwen2_moe')
+MOE = ('mixtral', 'qwen3_moe', 'qwen2_moe', 'olmoe')
 
 
 @pytest.mark.parametrize('name', MOE)

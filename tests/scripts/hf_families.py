@@ -42,5 +42,8 @@ MOE_FAMILIES: dict[str, tuple[str, dict]] = {
     'qwen2_moe': ('qwen2_moe', {**TINY, 'num_experts': 4, 'num_experts_per_tok': 2, 'moe_intermediate_size': 32,
                                 'shared_expert_intermediate_size': 48, 'norm_topk_prob': False,
                                 'mlp_only_layers': [0], 'rope_theta': 1e6, 'tie_word_embeddings': True}),
+    # OLMoE: QK-norm over the whole projection (gains [H * Z], [K * Z]), 8 experts top-2, not renormalised.
+    'olmoe': ('olmoe', {**TINY_MOE, 'num_experts': 8, 'num_experts_per_tok': 2, 'norm_topk_prob': False,
+                        'rope_theta': 10_000.0, 'tie_word_embeddings': False}),
 }
 FAMILIES.update(MOE_FAMILIES)
