@@ -4,7 +4,7 @@ Each real preset is the model's published `config.json` (or technical report) tr
 ModelConfig; its docstring names the source, the published parameter counts and the command that shows ours.
 Only the language model is built (no vision encoder, no multi-token-prediction module). Features that change
 neither the parameters nor the shapes (sliding-window or chunked attention, RoPE scaling, DeepSeek's group-limited
-routing, SparseMixer routing) are left out and said so. `max_seq_len` is 4096 everywhere: RoPE has no parameters,
+routing where a preset does not set it) are left out and said so; Phi-3.5-MoE routes by SparseMixer. `max_seq_len` is 4096 everywhere: RoPE has no parameters,
 and FLOPs per token are then compared at one context length.
 
   python experiments/count.py --preset=mixtral-8x7b                 # one model
@@ -194,12 +194,12 @@ def phi_3_5_moe():
   """Phi-3.5-MoE (HF microsoft/Phi-3.5-MoE-instruct config.json and transformers' modeling_phimoe).
 
   LayerNorm with bias, biases on q/k/v/o (attention_bias) and on the lm_head (lm_head_bias), untied,
-  16 experts of width 6400, top-2. Its SparseMixer router is approximated by top-k->softmax (same parameters).
+  16 experts of width 6400, top-2 by SparseMixer (router='sparsemixer': its inference path, eps 0.01).
   Published 41.9B total, 6.6B active. Run: python experiments/count.py --preset=phi-3.5-moe
   """
   return _llama(vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=6400,
                 norm='layernorm', qkv_bias=True, o_bias=True, lm_head_bias=True, n_experts=16, top_k=2,
-                router='topk_softmax')
+                router='sparsemixer', sparsemixer_eps=0.01)
 
 
 @preset('olmoe-1b-7b', '6.9B', '1.3B')
