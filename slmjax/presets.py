@@ -4,7 +4,7 @@ Each real preset is the model's published `config.json` (or technical report) tr
 ModelConfig; its docstring names the source, the published parameter counts and the command that shows ours.
 Only the language model is built (no vision encoder, no multi-token-prediction module). Features that change
 neither the parameters nor the shapes (sliding-window or chunked attention, RoPE scaling, DeepSeek's group-limited
-routing, SparseMixer routing) are left out and said so. `max_seq_len` is 4096 everywhere: RoPE has no parameters,
+routing where a preset does not set it) are left out and said so; Phi-3.5-MoE routes by SparseMixer. `max_seq_len` is 4096 everywhere: RoPE has no parameters,
 and FLOPs per token are then compared at one context length.
 
   python experiments/count.py --preset=mixtral-8x7b                 # one model
@@ -194,12 +194,12 @@ def phi_3_5_moe():
   """Phi-3.5-MoE (HF microsoft/Phi-3.5-MoE-instruct config.json and transformers' modeling_phimoe).
 
   LayerNorm with bias, biases on q/k/v/o (attention_bias) and on the lm_head (lm_head_bias), untied,
-  16 experts of width 6400, top-2. Its SparseMixer router is approximated by top-k->softmax (same parameters).
+  16 experts of width 6400, top-2 by SparseMixer (router='sparsemixer': its inference path, eps 0.01).
   Published 41.9B total, 6.6B active. Run: python experiments/count.py --preset=phi-3.5-moe
   """
   return _llama(vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=6400,
                 norm='layernorm', qkv_bias=True, o_bias=True, lm_head_bias=True, n_experts=16, top_k=2,
-                router='topk_softmax')
+                router='sparsemixer', sparsemixer_eps=0.01)
 
 
 @preset('olmoe-1b-7b', '6.9B', '1.3B')
@@ -260,7 +260,7 @@ def _deepseek_v3(**fields) -> ModelConfig:
                    'norm_eps': 1e-6, 'd_ff': 18432, 'n_experts': 256, 'top_k': 8, 'd_expert': 2048,
                    'n_shared_experts': 1, 'd_shared': 2048, 'first_dense': 3, 'router': 'sigmoid',
                    'router_bias': True, 'routed_scale': 2.5, 'balance': 'both', 'lb_loss_weight': 0.0001,
-                   **fields})
+                   'router_groups': 8, 'router_topk_groups': 4, 'router_group_score': 'top2_sum', **fields})
 
 
 @preset('deepseek-v3', 671_026_419_200, '37B')
@@ -270,7 +270,8 @@ def deepseek_v3():
   MLA with the query low-rank path (q 1536, kv 512), 3 dense layers (width 18432), then 256 routed experts of
   width 2048, top-8, sigmoid scores with a selection-only bias (e_score_correction_bias: a stored, not
   gradient-trained weight of 256 per MoE layer, counted as the checkpoint counts it), renormalised and scaled by
-  2.5, plus 1 shared expert. Group-limited routing (8 groups, best 4) is not modelled. Without the
+  2.5, plus 1 shared expert; group-limited routing (n_group 8, topk_group 4, groups ranked by the sum of their
+  two best biased scores). Without the
   multi-token-prediction module (14B more: 685B in the checkpoint). Published 671B total, 37B active.
   Run: python experiments/count.py --preset=deepseek-v3
   """
@@ -286,7 +287,7 @@ def kimi_k2():
   Run: python experiments/count.py --preset=kimi-k2
   """
   return _deepseek_v3(vocab_size=163840, n_heads=64, n_experts=384, first_dense=1, routed_scale=2.827,
-                      rope_theta=50_000.0)
+                      rope_theta=50_000.0, router_groups=1, router_topk_groups=1)  # n_group 1: no groups
 
 
 @preset('llama-4-maverick', '400B', '17B')
@@ -334,7 +335,8 @@ def scale_down(cfg: ModelConfig, d_model: int = 64, n_layers: int | None = None,
     d_expert = d_ff if cfg.expert_size == cfg.ffn_size else d_model // 2
     changes.update(n_experts=min(cfg.n_experts, n_experts), top_k=min(cfg.top_k, 2), d_expert=d_expert,
                    n_shared_experts=min(cfg.n_shared_experts, 2),
-                   d_shared=d_expert if cfg.shared_size == cfg.expert_size else 2 * d_expert)
+                   d_shared=d_expert if cfg.shared_size == cfg.expert_size else 2 * d_expert,
+                   router_groups=min(cfg.router_groups, 4), router_topk_groups=min(cfg.router_topk_groups, 2))
   return cfg.replace(**changes)
 
 
@@ -353,6 +355,7 @@ def structural_features(cfg: ModelConfig) -> dict:
         dense_prefix=cfg.first_dense > 0, moe_every=cfg.moe_every, top1=cfg.top_k == 1, router=cfg.router,
         router_renormalize=cfg.router_renormalize, router_bias=cfg.router_bias,
         routed_scale=cfg.routed_scale != 1.0, shared=cfg.n_shared_experts > 0, shared_gate=cfg.shared_gate,
+        router_groups=cfg.router_groups > 1,
         shared_width_differs=cfg.shared_size != cfg.expert_size,
         dense_width_differs=cfg.ffn_size != cfg.expert_size, dropless=cfg.dropless)
   return features

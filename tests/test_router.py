@@ -68,3 +68,80 @@ def test_selection_bias_steers_every_router_variant_but_not_its_gates(variant):
   np.testing.assert_array_equal(r.probs_XE, plain.probs_XE)
   grad_E = jax.grad(lambda b: jnp.sum(moe.route(logits_XE, 2, variant, True, b).gates_XA ** 2))(bias_E)
   np.testing.assert_array_equal(grad_E, 0.0)
+
+
+def test_group_limited_routing_picks_within_the_best_groups():
+  # 8 experts in 4 groups of 2. The two largest scores (experts 0 and 2) sit in groups 0 and 1, but by the sum of
+  # its top 2 (DeepSeek-V3) group 3 (experts 6, 7) wins and group 2 comes second; by its max (V2) groups 0, 1 win.
+  logits_XE = jnp.array([[3.0, -3.0, 2.9, -3.0, 1.0, 1.0, 2.0, 2.0]])
+  scores_E = np.asarray(jax.nn.sigmoid(logits_XE))[0]
+  r = moe.route(logits_XE, 2, 'sigmoid', renormalize=True, groups=(4, 2, 'top2_sum'))
+  assert sorted(r.experts_XA[0].tolist()) == [6, 7]
+  np.testing.assert_allclose(r.gates_XA[0], [0.5, 0.5], rtol=1e-6)
+  r = moe.route(logits_XE, 3, 'sigmoid', renormalize=False, groups=(4, 2, 'top2_sum'))
+  assert sorted(r.experts_XA[0].tolist()) == [4, 6, 7] or sorted(r.experts_XA[0].tolist()) == [5, 6, 7]
+  np.testing.assert_allclose(np.sort(r.gates_XA[0]), np.sort(scores_E[[4, 6, 7]]), rtol=1e-6)
+  r = moe.route(logits_XE, 2, 'softmax_topk', renormalize=False, groups=(4, 1, 'max'))
+  assert sorted(r.experts_XA[0].tolist()) == [0, 1]  # only group 0 kept: its weak expert 1 beats expert 2
+  p_E = np.asarray(jax.nn.softmax(logits_XE))[0]
+  np.testing.assert_allclose(r.gates_XA[0], p_E[[0, 1]], rtol=1e-6)
+  # One group is plain top-k.
+  for a, b in zip(moe.route(logits_XE, 2, 'sigmoid', True), moe.route(logits_XE, 2, 'sigmoid', True,
+                                                                     groups=(1, 1, 'top2_sum'))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_group_scores_include_the_selection_bias():
+  logits_XE = jnp.array([[3.0, 3.0, 0.0, 0.0]])
+  bias_E = jnp.array([0.0, 0.0, 5.0, 5.0])  # moves group 1 ahead; gates stay the unbiased sigmoid scores
+  r = moe.route(logits_XE, 2, 'sigmoid', renormalize=False, bias_E=bias_E, groups=(2, 1, 'top2_sum'))
+  assert sorted(r.experts_XA[0].tolist()) == [2, 3]
+  np.testing.assert_allclose(r.gates_XA[0], [0.5, 0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'router_groups': 3}, 'must divide n_experts'),
+    ({'router_groups': 4, 'router_topk_groups': 5}, 'at most router_groups'),
+    ({'router_groups': 4, 'router_topk_groups': 1, 'top_k': 3}, 'raise router_topk_groups'),
+    ({'router_groups': 8, 'router_topk_groups': 2, 'router_group_score': 'top2_sum'}, 'at least 2 experts'),
+])
+def test_router_group_fields_are_validated(fields, message):
+  from slmjax.config import ModelConfig
+  with pytest.raises(ValueError, match=message):
+    ModelConfig(**{'n_experts': 8, 'top_k': 2, **fields})
+
+
+def test_sparsemixer_matches_the_reference_eval_path():
+  """Phi-3.5-MoE top-2 (transformers' sparsemixer, training=False), written out in numpy."""
+  rng = np.random.default_rng(0)
+  logits_XE = rng.normal(size=(64, 6)).astype(np.float32)
+  logits_XE[0] = [3.0, 2.99, -1.0, 0.0, 1.0, 2.0]  # a near tie: both within 2 eps of the max share the softmax
+  eps = 0.01
+
+  def gate(scores, masked):
+    best = masked.max(-1, keepdims=True)
+    choice = masked.argmax(-1)
+    outside = (best - scores) / np.maximum(np.abs(scores), best) > 2 * eps
+    m = np.where(outside, -np.inf, masked)
+    p = np.exp(m - m.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+    return p[np.arange(len(choice)), choice], choice
+  g1, e1 = gate(logits_XE, logits_XE)
+  rest = logits_XE.copy(); rest[np.arange(64), e1] = -np.inf
+  g2, e2 = gate(logits_XE, rest)
+  r = moe.route(jnp.asarray(logits_XE), 2, 'sparsemixer', renormalize=False, sparsemixer_eps=eps)
+  np.testing.assert_array_equal(r.experts_XA, np.stack([e1, e2], -1))
+  np.testing.assert_allclose(r.gates_XA, np.stack([g1, g2], -1), rtol=1e-6)
+  assert 0.4 < float(r.gates_XA[0, 0]) < 0.6  # the near tie splits the first gate
+  assert np.all(np.isfinite(jax.grad(lambda l: moe.route(l, 2, 'sparsemixer', False).gates_XA.sum())(
+      jnp.asarray(logits_XE))))
+
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(router='sparsemixer', top_k=3), 'top_k=2'),
+    (dict(router='sparsemixer', router_groups=2), 'without router_groups'),
+    (dict(router='sparsemixer', sparsemixer_eps=-1.0), 'sparsemixer_eps must be >= 0'),
+])
+def test_bad_sparsemixer_settings_fail_in_one_line(fields, message):
+  from slmjax.config import ModelConfig
+  with pytest.raises(ValueError, match=message):
+    ModelConfig(n_experts=8, **{'top_k': 2, **fields})

@@ -31,3 +31,26 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                           'attn_logit_softcapping': 50.0, 'final_logit_softcapping': 30.0,
                           'hidden_activation': 'gelu_pytorch_tanh', 'rope_theta': 10_000.0}),
 }
+
+# The MoE families (tests/test_convert_moe.py): 4-8 experts of width 32, dropless in slmjax.
+TINY_MOE = {**TINY, 'intermediate_size': 32}
+MOE_FAMILIES: dict[str, tuple[str, dict]] = {
+    'mixtral': ('mixtral', {**TINY_MOE, 'num_local_experts': 4, 'num_experts_per_tok': 2, 'rope_theta': 1e6,
+                            'tie_word_embeddings': False}),
+    # Qwen3-MoE: per-head QK-norm, head_dim 32 (not 64 / 4), 8 experts top-4 renormalised.
+    'qwen3_moe': ('qwen3_moe', {**TINY, 'head_dim': 32, 'num_experts': 8, 'num_experts_per_tok': 4,
+                                'moe_intermediate_size': 32, 'norm_topk_prob': True, 'rope_theta': 1e6,
+                                'tie_word_embeddings': False}),
+    # Qwen2-MoE: layer 0 dense (mlp_only_layers), a gated shared expert, gates not renormalised, qkv biases.
+    'qwen2_moe': ('qwen2_moe', {**TINY, 'num_experts': 4, 'num_experts_per_tok': 2, 'moe_intermediate_size': 32,
+                                'shared_expert_intermediate_size': 48, 'norm_topk_prob': False,
+                                'mlp_only_layers': [0], 'rope_theta': 1e6, 'tie_word_embeddings': True}),
+    # OLMoE: QK-norm over the whole projection (gains [H * Z], [K * Z]), 8 experts top-2, not renormalised.
+    'olmoe': ('olmoe', {**TINY_MOE, 'num_experts': 8, 'num_experts_per_tok': 2, 'norm_topk_prob': False,
+                        'rope_theta': 10_000.0, 'tie_word_embeddings': False}),
+    # Phi-3.5-MoE: LayerNorm with bias, biases on q/k/v/o and the lm_head, sparsemixer top-2 (eps 0.01).
+    'phimoe': ('phimoe', {**TINY_MOE, 'num_local_experts': 4, 'num_experts_per_tok': 2, 'attention_bias': True,
+                          'lm_head_bias': True, 'router_jitter_noise': 0.01, 'rms_norm_eps': 1e-5,
+                          'rope_theta': 10_000.0, 'tie_word_embeddings': False}),
+}
+FAMILIES.update(MOE_FAMILIES)
