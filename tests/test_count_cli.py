@@ -44,10 +44,10 @@ def test_kv_cache_bytes_and_fit_with_them():
   assert row['attention_kind'] == 'mla'
   assert row['kv_cache_bytes_per_token'] == 61 * (512 + 64) * 2  # DeepSeek-V3 caches the latent + rotary key, bf16
   assert row['kv_cache_bytes'] == row['kv_cache_bytes_per_token'] * 4096 * 2
-  table = run('--preset=all', '--context=131072', '--batch=16')
-  assert table.returncode == 0, table.stderr
-  mixtral = next(line for line in table.stdout.splitlines() if line.startswith('mixtral-8x7b '))
+  result = run('--preset=mixtral-8x7b', '--context=131072', '--batch=16', '--json')
+  assert result.returncode == 0, result.stderr
+  row = json.loads(result.stdout)
   # 32 layers x 8 kv heads x 128 x 2 (k, v) x 2 bytes = 131 KB/token; x 2M tokens = 275 GB: no longer one GPU
-  assert mixtral.split()[5:13] == ['gpu-80GB', 'gpu-80GB', 'node-8x80GB', 'gqa', '131.1', '274.88', 'node-8x80GB',
-                                   'node-8x80GB']
+  assert (row['attention_kind'], row['kv_cache_bytes']) == ('gqa', 32 * 8 * 128 * 2 * 2 * 131072 * 16)
+  assert row['smallest_device']['int4'] == 'gpu-80GB' and row['smallest_device_with_kv']['int4'] == 'node-8x80GB'
   assert run('--batch=0').stderr.strip().splitlines()[-1].endswith('--batch and --context must be >= 1, got 0 and None')
