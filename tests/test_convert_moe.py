@@ -10,7 +10,7 @@ import pytest
 import hf_parity
 from slmjax import convert
 
-MOE = ('mixtral', 'qwen3_moe', 'qwen2_moe', 'olmoe')
+MOE = ('mixtral', 'qwen3_moe', 'qwen2_moe', 'olmoe', 'deepseek_v3', 'deepseek_v2')
 
 
 @pytest.mark.parametrize('name', MOE)
