@@ -24,7 +24,6 @@ DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense', 'select')
 DTYPES = ('float32', 'bfloat16', 'float16')
 SCHEDULES = ('cosine', 'wsd')
 ROPE_SCALINGS = ('none', 'llama3')
-GROUP_SCORES = ('max', 'top2_sum')
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, runtime: bool = False,
@@ -155,14 +154,6 @@ class ModelConfig(ConfigDict):
   bias_update_rate: float = option(0.001, 'With balance=bias|both: the selection bias step, bias += rate * '
                                    'sign(mean load - load) (DeepSeek V3 gamma).', runtime=True)
 
-  # Group-limited routing (DeepSeek V2 / V3; slmjax.convert of the MoE families); off by default.
-  router_groups: int = option(1, 'Experts split into this many contiguous groups; a token picks its top_k within '
-                              'its router_topk_groups best groups (DeepSeek n_group: V3 8); 1 = off.')
-  router_topk_groups: int = option(1, 'Groups each token may route to (DeepSeek topk_group: V3 4).')
-  router_group_score: str = option('max', "A group's score: max = its largest score (DeepSeek-V2 "
-                                   'group_limited_greedy); top2_sum = the sum of its two largest, selection bias '
-                                   'included (DeepSeek-V3 noaux_tc).', choices=GROUP_SCORES)
-
   def __post_init__(self):
     check_integers(self, minimum=1, names=('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len',
                                            'group_size', 'moe_every'))
@@ -225,7 +216,6 @@ class ModelConfig(ConfigDict):
         raise ValueError('shared_gate needs n_shared_experts > 0')
       if self.routed_scale <= 0:
         raise ValueError(f'routed_scale must be positive, got {self.routed_scale}')
-      check_router_groups(self)
     for name in ('lb_loss_weight', 'z_loss_weight', 'bias_update_rate'):
       if getattr(self, name) < 0:
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
@@ -452,21 +442,6 @@ def check_integers(cfg, minimum: int, names: tuple[str, ...], or_none: bool = Fa
     value = getattr(cfg, name)
     if (value is not None or not or_none) and (not isinstance(value, int) or value < minimum):
       raise ValueError(f'{name} must be {kind}{" or None (derive it)" if or_none else ""}, got {value!r}')
-
-
-def check_router_groups(cfg: ModelConfig) -> None:
-  """ValueError unless the group-limited routing fields describe groups a token can route its top_k within."""
-  check_integers(cfg, minimum=1, names=('router_groups', 'router_topk_groups'))
-  G, kept = cfg.router_groups, cfg.router_topk_groups
-  if cfg.n_experts % G:
-    raise ValueError(f'router_groups={G} must divide n_experts={cfg.n_experts}')
-  if kept > G:
-    raise ValueError(f'router_topk_groups={kept} must be at most router_groups={G}')
-  if G > 1 and cfg.top_k > kept * (cfg.n_experts // G):
-    raise ValueError(f'top_k={cfg.top_k} exceeds the {kept * (cfg.n_experts // G)} experts of router_topk_groups='
-                     f'{kept} groups; raise router_topk_groups')
-  if G > 1 and cfg.router_group_score == 'top2_sum' and cfg.n_experts // G < 2:
-    raise ValueError('router_group_score=top2_sum needs at least 2 experts a group; lower router_groups')
 
 
 def check_choices(cfg) -> None:

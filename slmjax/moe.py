@@ -26,7 +26,7 @@ class Routing(NamedTuple):
 
 
 def route(logits_XE: jax.Array, top_k: int, variant: str, renormalize: bool,
-          bias_E: jax.Array | None = None, groups: tuple[int, int, str] = (1, 1, 'max')) -> Routing:
+          bias_E: jax.Array | None = None) -> Routing:
   """Pick top_k experts per token.
 
   softmax_topk: softmax over all experts, keep the k largest probabilities (renormalised to sum to 1 if asked);
@@ -35,61 +35,35 @@ def route(logits_XE: jax.Array, top_k: int, variant: str, renormalize: bool,
   entropy, `probs_XE` are the scores normalised to sum 1.
   A selection bias `bias_E` (DeepSeek-V3's auxiliary-loss-free balancing) is added to the scores that choose the
   k (probabilities, logits or sigmoid scores) but not to the gates, and gets no gradient: it steers selection only.
-  `groups` = (G, kept, score): DeepSeek's group-limited routing, the experts split into G contiguous groups and a
-  token choosing its k only within the `kept` groups of highest score (`group_scores`); (1, 1, ...) = off.
-  Sigmoid renormalisation divides by the sum + 1e-20, as DeepSeek-V3 does.
   """
   logits_XE = logits_XE.astype(jnp.float32)
   if variant == 'sigmoid':
     scores_XE = jax.nn.sigmoid(logits_XE)
-    gates_XA, experts_XA = select_top_k(scores_XE, top_k, bias_E, groups)
+    gates_XA, experts_XA = select_top_k(scores_XE, top_k, bias_E)
     if renormalize:
-      gates_XA = gates_XA / (jnp.sum(gates_XA, axis=-1, keepdims=True) + 1e-20)
+      gates_XA = gates_XA / jnp.sum(gates_XA, axis=-1, keepdims=True)
     probs_XE = scores_XE / jnp.sum(scores_XE, axis=-1, keepdims=True)
     return Routing(gates_XA, experts_XA.astype(jnp.int32), probs_XE, logits_XE)
   probs_XE = jax.nn.softmax(logits_XE, axis=-1)
   if variant == 'softmax_topk':
-    gates_XA, experts_XA = select_top_k(probs_XE, top_k, bias_E, groups)
+    gates_XA, experts_XA = select_top_k(probs_XE, top_k, bias_E)
     if renormalize:
       gates_XA = gates_XA / jnp.sum(gates_XA, axis=-1, keepdims=True)
   elif variant == 'topk_softmax':
-    top_logits_XA, experts_XA = select_top_k(logits_XE, top_k, bias_E, groups)
+    top_logits_XA, experts_XA = select_top_k(logits_XE, top_k, bias_E)
     gates_XA = jax.nn.softmax(top_logits_XA, axis=-1)
   else:
     raise ValueError(f'unknown router variant {variant!r}')
   return Routing(gates_XA, experts_XA.astype(jnp.int32), probs_XE, logits_XE)
 
 
-def select_top_k(scores_XE: jax.Array, top_k: int, bias_E: jax.Array | None,
-                 groups: tuple[int, int, str] = (1, 1, 'max')) -> tuple[jax.Array, jax.Array]:
-  """(scores_XA, experts_XA): the k experts with the largest `scores_XE + bias_E` (within the kept groups, see
-  `route`) and their unbiased scores; the bias gets no gradient."""
-  if bias_E is None and groups[0] == 1:
+def select_top_k(scores_XE: jax.Array, top_k: int, bias_E: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(scores_XA, experts_XA): the k experts with the largest `scores_XE + bias_E` and their unbiased scores;
+  the bias gets no gradient."""
+  if bias_E is None:
     return jax.lax.top_k(scores_XE, top_k)
-  choice_XE = scores_XE
-  if bias_E is not None:
-    choice_XE = scores_XE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
-  if groups[0] > 1:
-    choice_XE = jax.lax.stop_gradient(group_limit(choice_XE, *groups))
-  _, experts_XA = jax.lax.top_k(choice_XE, top_k)
+  _, experts_XA = jax.lax.top_k(scores_XE + jax.lax.stop_gradient(bias_E.astype(jnp.float32)), top_k)
   return jnp.take_along_axis(scores_XE, experts_XA, axis=-1), experts_XA
-
-
-def group_limit(choice_XE: jax.Array, n_groups: int, kept: int, score: str) -> jax.Array:
-  """choice_XE with every expert outside the token's `kept` best groups at -inf. A group's score is its largest
-  choice score (`max`, DeepSeek-V2 group_limited_greedy) or the sum of its two largest (`top2_sum`, DeepSeek-V3
-  noaux_tc); the E experts form G contiguous groups of E / G."""
-  X, E = choice_XE.shape
-  choice_XGN = choice_XE.reshape(X, n_groups, E // n_groups)
-  if score == 'max':
-    group_XG = jnp.max(choice_XGN, axis=-1)
-  elif score == 'top2_sum':
-    group_XG = jnp.sum(jax.lax.top_k(choice_XGN, 2)[0], axis=-1)
-  else:
-    raise ValueError(f'unknown group score {score!r} (max or top2_sum)')
-  _, best_XK = jax.lax.top_k(group_XG, kept)
-  keep_XG = jnp.sum(jax.nn.one_hot(best_XK, n_groups, dtype=jnp.int32), axis=1) > 0
-  return jnp.where(keep_XG[:, :, None], choice_XGN, -jnp.inf).reshape(X, E)
 
 
 def balance_selection_bias(bias_E: jax.Array, expert_load_E: jax.Array, rate: float) -> jax.Array:
@@ -169,8 +143,7 @@ class MoEFFN(nnx.Module):
     x_XD = x_BTD.reshape(B * T, D)
     logits_XE = jnp.einsum('XD,DE->XE', x_XD.astype(jnp.float32), self.w_router_DE[...])
     routing = route(logits_XE, cfg.top_k, cfg.router, cfg.router_renormalize,
-                    self.b_select_E[...] if cfg.router_bias else None,
-                    (cfg.router_groups, cfg.router_topk_groups, cfg.router_group_score))
+                    self.b_select_E[...] if cfg.router_bias else None)
     S = group_size_for(B * T, cfg.group_size)
     G = B * T // S
     weights = ExpertWeights(
