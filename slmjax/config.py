@@ -16,7 +16,7 @@ from typing import Any
 
 ACTIVATIONS = ('swiglu', 'geglu', 'gelu')
 NORMS = ('rmsnorm', 'layernorm')
-ROUTERS = ('softmax_topk', 'topk_softmax', 'sigmoid')
+ROUTERS = ('softmax_topk', 'topk_softmax', 'sigmoid', 'sparsemixer')
 BALANCES = ('aux_loss', 'bias', 'both')
 ATTENTIONS = ('gqa', 'mla')
 QK_NORMS = ('none', 'head', 'full')
@@ -146,6 +146,14 @@ class ModelConfig(ConfigDict):
                              'that pick the top_k, not to the gates (DeepSeek V3; --balance moves it).')
   routed_scale: float = option(1.0, "Multiply the routed experts' output (DeepSeek routed_scaling_factor).")
   shared_gate: bool = option(False, "Shared experts' output times sigmoid(x . w), w of shape [D] (Qwen MoE).")
+  # Routing of published MoE families (DeepSeek's group-limited routing, Phi-3.5-MoE's sparsemixer).
+  router_groups: int = option(1, 'Split the experts into this many equal groups and route each token only within '
+                              'its router_topk_groups best ones (DeepSeek): a group scores its best expert '
+                              '(softmax routers; V2 group_limited_greedy) or the sum of its two best biased sigmoid '
+                              'scores (router=sigmoid; V3 noaux_tc); 1 = off.')
+  router_topk_groups: int = option(1, 'With router_groups > 1: the groups each token may route into.')
+  sparsemixer_eps: float = option(0.01, 'router=sparsemixer (Phi-3.5-MoE, top_k 2): each gate is a softmax over '
+                                  'the experts within a relative 2 * eps of the chosen logit (router_jitter_noise).')
   lb_loss_weight: float = option(0.01, 'Load-balancing loss weight.', runtime=True)
   z_loss_weight: float = option(0.001, 'Router z-loss weight.', runtime=True)
   balance: str = option('aux_loss', 'Expert load balancing: aux_loss = the load-balancing loss (lb_loss_weight); '
@@ -214,11 +222,32 @@ class ModelConfig(ConfigDict):
         raise ValueError(f'balance={self.balance} needs router_bias=True (the selection bias it moves)')
       if self.shared_gate and not self.n_shared_experts:
         raise ValueError('shared_gate needs n_shared_experts > 0')
+      self.check_routing()
       if self.routed_scale <= 0:
         raise ValueError(f'routed_scale must be positive, got {self.routed_scale}')
     for name in ('lb_loss_weight', 'z_loss_weight', 'bias_update_rate'):
       if getattr(self, name) < 0:
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+
+  def check_routing(self) -> None:
+    """ValueError (one line) for group-limited routing or sparsemixer settings that cannot route."""
+    check_integers(self, minimum=1, names=('router_groups', 'router_topk_groups'))
+    G, kept = self.router_groups, self.router_topk_groups
+    if self.n_experts % G:
+      raise ValueError(f'router_groups={G} must divide n_experts={self.n_experts}')
+    if kept > G:
+      raise ValueError(f'router_topk_groups={kept} must be at most router_groups={G}')
+    if G > 1 and kept * (self.n_experts // G) < self.top_k:
+      raise ValueError(f'top_k={self.top_k} does not fit router_topk_groups={kept} groups of '
+                       f'{self.n_experts // G} experts; raise router_topk_groups')
+    if G > 1 and self.router == 'sigmoid' and self.n_experts // G < 2:
+      raise ValueError('router=sigmoid scores a group by its two best experts: give each group at least 2 '
+                       '(lower router_groups)')
+    if self.router == 'sparsemixer':
+      if self.top_k != 2 or G > 1 or self.router_bias:
+        raise ValueError('router=sparsemixer routes top_k=2 without router_groups or router_bias')
+      if self.sparsemixer_eps < 0:
+        raise ValueError(f'sparsemixer_eps must be >= 0, got {self.sparsemixer_eps}')
 
   # Derived sizes.
   def window(self, layer: int) -> int:
