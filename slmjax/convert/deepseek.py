@@ -48,7 +48,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
   groups = {'router_groups': hf.get('n_group') or 1, 'router_topk_groups': hf.get('topk_group') or 1}
   if kind == 'deepseek_v3':
     router = {'router': 'sigmoid', 'router_bias': True, 'router_renormalize': bool(hf.get('norm_topk_prob', True)),
-              'router_group_score': 'top2_sum', **groups}
+              **groups}
   else:
     if hf.get('norm_topk_prob'):
       raise ValueError('deepseek_v2 with norm_topk_prob=true: transformers ignores it, DeepSeek\'s code applies it; '
@@ -58,7 +58,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
       raise ValueError(f'topk_method={method!r} is not implemented for deepseek_v2 (greedy, group_limited_greedy)')
     router = {'router': 'softmax_topk', 'router_renormalize': False}
     if method == 'group_limited_greedy':
-      router.update(router_group_score='max', **groups)
+      router.update(**groups)
   n_shared = hf.get('n_shared_experts') or 0
   return ModelConfig(
       vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], n_layers=hf['num_hidden_layers'], n_heads=heads,
@@ -76,11 +76,9 @@ def model_type_of(cfg: ModelConfig) -> str | None:
   """deepseek_v3 for an MLA MoE with a sigmoid router and selection bias; deepseek_v2 for a softmax one."""
   if not cfg.is_moe or cfg.attention != 'mla' or cfg.moe_every != 1:
     return None
-  if cfg.router == 'sigmoid' and cfg.router_bias and (cfg.router_groups == 1 or
-                                                      cfg.router_group_score == 'top2_sum'):
+  if cfg.router == 'sigmoid' and cfg.router_bias:  # groups score the sum of their top 2 (slmjax.moe)
     return 'deepseek_v3'
-  if (cfg.router == 'softmax_topk' and not cfg.router_renormalize and not cfg.router_bias
-      and (cfg.router_groups == 1 or cfg.router_group_score == 'max')):
+  if cfg.router == 'softmax_topk' and not cfg.router_renormalize and not cfg.router_bias:  # groups: their max
     return 'deepseek_v2'
   return None
 
@@ -88,8 +86,8 @@ def model_type_of(cfg: ModelConfig) -> str | None:
 def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
   kind = model_type or model_type_of(cfg)
   if kind not in MODEL_TYPES or model_type_of(cfg) != kind:
-    raise ValueError(f'{kind} checkpoints cannot express this model (deepseek_v3: router=sigmoid with router_bias '
-                     'and top2_sum groups; deepseek_v2: softmax_topk, not renormalised, max groups; both MLA)')
+    raise ValueError(f'{kind} checkpoints cannot express this model (deepseek_v3: router=sigmoid with router_bias; '
+                     'deepseek_v2: softmax_topk, not renormalised; both MLA)')
   common.require(cfg, kind, activation='swiglu', norm='rmsnorm', post_norms=False, embed_scale=False,
                  logit_softcap=0.0, attn_softcap=0.0, norm_plus_one=False, query_pre_attn_scalar=0.0,
                  lm_head_bias=False, o_bias=False, shared_gate=False, rope_scaling='none')
