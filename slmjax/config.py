@@ -25,7 +25,6 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 MATMULS = ('xla', 'mkl')
 SCHEDULES = ('cosine', 'wsd')
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
-GROUP_SCORES = ('max', 'top2_sum')
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, runtime: bool = False,
@@ -153,6 +152,14 @@ class ModelConfig(ConfigDict):
                              'that pick the top_k, not to the gates (DeepSeek V3; --balance moves it).')
   routed_scale: float = option(1.0, "Multiply the routed experts' output (DeepSeek routed_scaling_factor).")
   shared_gate: bool = option(False, "Shared experts' output times sigmoid(x . w), w of shape [D] (Qwen MoE).")
+  # Routing of published MoE families (DeepSeek's group-limited routing, Phi-3.5-MoE's sparsemixer).
+  router_groups: int = option(1, 'Split the experts into this many equal groups and route each token only within '
+                              'its router_topk_groups best ones (DeepSeek): a group scores its best expert '
+                              '(softmax routers; V2 group_limited_greedy) or the sum of its two best biased sigmoid '
+                              'scores (router=sigmoid; V3 noaux_tc); 1 = off.')
+  router_topk_groups: int = option(1, 'With router_groups > 1: the groups each token may route into.')
+  sparsemixer_eps: float = option(0.01, 'router=sparsemixer (Phi-3.5-MoE, top_k 2): each gate is a softmax over '
+                                  'the experts within a relative 2 * eps of the chosen logit (router_jitter_noise).')
   lb_loss_weight: float = option(0.01, 'Load-balancing loss weight.', runtime=True)
   z_loss_weight: float = option(0.001, 'Router z-loss weight.', runtime=True)
   balance: str = option('aux_loss', 'Expert load balancing: aux_loss = the load-balancing loss (lb_loss_weight); '
@@ -160,16 +167,6 @@ class ModelConfig(ConfigDict):
                         'weight counts as 0; both = the bias and the loss.', choices=BALANCES, runtime=True)
   bias_update_rate: float = option(0.001, 'With balance=bias|both: the selection bias step, bias += rate * '
                                    'sign(mean load - load) (DeepSeek V3 gamma).', runtime=True)
-
-  # Group-limited routing (DeepSeek V2 / V3; slmjax.convert of the MoE families); off by default.
-  router_groups: int = option(1, 'Experts split into this many contiguous groups; a token picks its top_k within '
-                              'its router_topk_groups best groups (DeepSeek n_group: V3 8); 1 = off.')
-  router_topk_groups: int = option(1, 'Groups each token may route to (DeepSeek topk_group: V3 4).')
-  router_group_score: str = option('max', "A group's score: max = its largest score (DeepSeek-V2 "
-                                   'group_limited_greedy); top2_sum = the sum of its two largest, selection bias '
-                                   'included (DeepSeek-V3 noaux_tc).', choices=GROUP_SCORES)
-  sparsemixer_eps: float = option(0.01, 'router=sparsemixer (Phi-3.5-MoE, top_k 2): each gate is a softmax over '
-                                  'the experts within a relative 2 * eps of the chosen logit (router_jitter_noise).')
 
   def __post_init__(self):
     check_integers(self, minimum=1, names=('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len',
@@ -233,12 +230,32 @@ class ModelConfig(ConfigDict):
         raise ValueError(f'balance={self.balance} needs router_bias=True (the selection bias it moves)')
       if self.shared_gate and not self.n_shared_experts:
         raise ValueError('shared_gate needs n_shared_experts > 0')
+      self.check_routing()
       if self.routed_scale <= 0:
         raise ValueError(f'routed_scale must be positive, got {self.routed_scale}')
-      check_router_groups(self)
     for name in ('lb_loss_weight', 'z_loss_weight', 'bias_update_rate'):
       if getattr(self, name) < 0:
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+
+  def check_routing(self) -> None:
+    """ValueError (one line) for group-limited routing or sparsemixer settings that cannot route."""
+    check_integers(self, minimum=1, names=('router_groups', 'router_topk_groups'))
+    G, kept = self.router_groups, self.router_topk_groups
+    if self.n_experts % G:
+      raise ValueError(f'router_groups={G} must divide n_experts={self.n_experts}')
+    if kept > G:
+      raise ValueError(f'router_topk_groups={kept} must be at most router_groups={G}')
+    if G > 1 and kept * (self.n_experts // G) < self.top_k:
+      raise ValueError(f'top_k={self.top_k} does not fit router_topk_groups={kept} groups of '
+                       f'{self.n_experts // G} experts; raise router_topk_groups')
+    if G > 1 and self.router == 'sigmoid' and self.n_experts // G < 2:
+      raise ValueError('router=sigmoid scores a group by its two best experts: give each group at least 2 '
+                       '(lower router_groups)')
+    if self.router == 'sparsemixer':
+      if self.top_k != 2 or G > 1 or self.router_bias:
+        raise ValueError('router=sparsemixer routes top_k=2 without router_groups or router_bias')
+      if self.sparsemixer_eps < 0:
+        raise ValueError(f'sparsemixer_eps must be >= 0, got {self.sparsemixer_eps}')
 
   # Derived sizes.
   def window(self, layer: int) -> int:
@@ -462,26 +479,6 @@ def check_integers(cfg, minimum: int, names: tuple[str, ...], or_none: bool = Fa
     value = getattr(cfg, name)
     if (value is not None or not or_none) and (not isinstance(value, int) or value < minimum):
       raise ValueError(f'{name} must be {kind}{" or None (derive it)" if or_none else ""}, got {value!r}')
-
-
-def check_router_groups(cfg: ModelConfig) -> None:
-  """ValueError unless the group-limited routing fields describe groups a token can route its top_k within, and
-  router=sparsemixer its top-2."""
-  check_integers(cfg, minimum=1, names=('router_groups', 'router_topk_groups'))
-  G, kept = cfg.router_groups, cfg.router_topk_groups
-  if cfg.n_experts % G:
-    raise ValueError(f'router_groups={G} must divide n_experts={cfg.n_experts}')
-  if kept > G:
-    raise ValueError(f'router_topk_groups={kept} must be at most router_groups={G}')
-  if G > 1 and cfg.top_k > kept * (cfg.n_experts // G):
-    raise ValueError(f'top_k={cfg.top_k} exceeds the {kept * (cfg.n_experts // G)} experts of router_topk_groups='
-                     f'{kept} groups; raise router_topk_groups')
-  if G > 1 and cfg.router_group_score == 'top2_sum' and cfg.n_experts // G < 2:
-    raise ValueError('router_group_score=top2_sum needs at least 2 experts a group; lower router_groups')
-  if cfg.router == 'sparsemixer' and (cfg.top_k != 2 or G > 1 or cfg.router_bias):
-    raise ValueError('router=sparsemixer routes top_k=2 without router_groups or router_bias')
-  if cfg.sparsemixer_eps < 0:
-    raise ValueError(f'sparsemixer_eps must be >= 0, got {cfg.sparsemixer_eps}')
 
 
 def check_choices(cfg) -> None:

@@ -1,7 +1,7 @@
 """Top-k router, its auxiliary losses, and the routed expert FFN.
 
 Shape letters: slmjax/shapes.py (here X tokens, G groups, S tokens per group, A assignments per token, E experts,
-D d_model, F expert width).
+D d_model, F expert width; in group-limited routing N expert groups of M experts each).
 """
 
 from __future__ import annotations
@@ -26,20 +26,19 @@ class Routing(NamedTuple):
 
 
 def route(logits_XE: jax.Array, top_k: int, variant: str, renormalize: bool,
-          bias_E: jax.Array | None = None, groups: tuple[int, int, str] = (1, 1, 'max'),
+          bias_E: jax.Array | None = None, groups: int = 1, topk_groups: int = 1,
           sparsemixer_eps: float = 0.01) -> Routing:
   """Pick top_k experts per token.
 
   softmax_topk: softmax over all experts, keep the k largest probabilities (renormalised to sum to 1 if asked);
   topk_softmax: keep the k largest logits, softmax over those k (Mixtral);
   sigmoid: independent sigmoid scores, keep the k largest (renormalised if asked);
-  sparsemixer: Phi-3.5-MoE's top-2 (`sparsemixer`, its eps `sparsemixer_eps`). For the balance loss and
-  entropy, `probs_XE` are the scores normalised to sum 1.
+  sparsemixer: Phi-3.5-MoE's top-2 (`sparsemixer`). For the balance loss and entropy, `probs_XE` are the scores
+  normalised to sum 1.
   A selection bias `bias_E` (DeepSeek-V3's auxiliary-loss-free balancing) is added to the scores that choose the
   k (probabilities, logits or sigmoid scores) but not to the gates, and gets no gradient: it steers selection only.
-  `groups` = (G, kept, score): DeepSeek's group-limited routing, the experts split into G contiguous groups and a
-  token choosing its k only within the `kept` groups of highest score (`group_scores`); (1, 1, ...) = off.
-  Sigmoid renormalisation divides by the sum + 1e-20, as DeepSeek-V3 does.
+  With `groups` > 1 the k are chosen within the `topk_groups` best of `groups` equal expert groups
+  (`group_mask`; DeepSeek V2 / V3).
   """
   logits_XE = logits_XE.astype(jnp.float32)
   if variant == 'sparsemixer':
@@ -47,43 +46,61 @@ def route(logits_XE: jax.Array, top_k: int, variant: str, renormalize: bool,
     return Routing(gates_XA, experts_XA, jax.nn.softmax(logits_XE, axis=-1), logits_XE)
   if variant == 'sigmoid':
     scores_XE = jax.nn.sigmoid(logits_XE)
-    gates_XA, experts_XA = select_top_k(scores_XE, top_k, bias_E, groups)
-    if renormalize:
+    gates_XA, experts_XA = select_top_k(scores_XE, top_k, bias_E, groups, topk_groups, 'top2_sum')
+    if renormalize:  # DeepSeek-V3's + 1e-20 keeps an all-underflow row finite
       gates_XA = gates_XA / (jnp.sum(gates_XA, axis=-1, keepdims=True) + 1e-20)
     probs_XE = scores_XE / jnp.sum(scores_XE, axis=-1, keepdims=True)
     return Routing(gates_XA, experts_XA.astype(jnp.int32), probs_XE, logits_XE)
   probs_XE = jax.nn.softmax(logits_XE, axis=-1)
   if variant == 'softmax_topk':
-    gates_XA, experts_XA = select_top_k(probs_XE, top_k, bias_E, groups)
+    gates_XA, experts_XA = select_top_k(probs_XE, top_k, bias_E, groups, topk_groups, 'max')
     if renormalize:
       gates_XA = gates_XA / jnp.sum(gates_XA, axis=-1, keepdims=True)
   elif variant == 'topk_softmax':
-    top_logits_XA, experts_XA = select_top_k(logits_XE, top_k, bias_E, groups)
+    top_logits_XA, experts_XA = select_top_k(logits_XE, top_k, bias_E, groups, topk_groups, 'max')
     gates_XA = jax.nn.softmax(top_logits_XA, axis=-1)
   else:
     raise ValueError(f'unknown router variant {variant!r}')
   return Routing(gates_XA, experts_XA.astype(jnp.int32), probs_XE, logits_XE)
 
 
-def select_top_k(scores_XE: jax.Array, top_k: int, bias_E: jax.Array | None,
-                 groups: tuple[int, int, str] = (1, 1, 'max')) -> tuple[jax.Array, jax.Array]:
-  """(scores_XA, experts_XA): the k experts with the largest `scores_XE + bias_E` (within the kept groups, see
-  `route`) and their unbiased scores; the bias gets no gradient."""
-  if bias_E is None and groups[0] == 1:
-    return jax.lax.top_k(scores_XE, top_k)
+def select_top_k(scores_XE: jax.Array, top_k: int, bias_E: jax.Array | None, groups: int = 1,
+                 topk_groups: int = 1, group_score: str = 'max') -> tuple[jax.Array, jax.Array]:
+  """(scores_XA, experts_XA): the k experts with the largest `scores_XE + bias_E` (within the kept groups) and
+  their unbiased scores; the bias gets no gradient."""
   choice_XE = scores_XE
   if bias_E is not None:
     choice_XE = scores_XE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
-  if groups[0] > 1:
-    choice_XE = jax.lax.stop_gradient(group_limit(choice_XE, *groups))
+  if groups > 1:
+    choice_XE = jnp.where(group_mask(jax.lax.stop_gradient(choice_XE), groups, topk_groups, group_score),
+                          choice_XE, -jnp.inf)
+  elif bias_E is None:
+    return jax.lax.top_k(scores_XE, top_k)
   _, experts_XA = jax.lax.top_k(choice_XE, top_k)
   return jnp.take_along_axis(scores_XE, experts_XA, axis=-1), experts_XA
+
+
+def group_mask(choice_XE: jax.Array, groups: int, topk_groups: int, group_score: str) -> jax.Array:
+  """bool_XE: the experts of each token's `topk_groups` best groups (of `groups` equal, contiguous ones).
+
+  A group scores its best expert (`max`: DeepSeek-V2 group_limited_greedy) or the sum of its two best
+  (`top2_sum`: DeepSeek-V3 noaux_tc, on the biased scores).
+  """
+  X, E = choice_XE.shape
+  choice_XNM = choice_XE.reshape(X, groups, E // groups)  # N groups of M experts
+  if group_score == 'top2_sum':
+    score_XN = jnp.sum(jax.lax.top_k(choice_XNM, 2)[0], axis=-1)
+  else:
+    score_XN = jnp.max(choice_XNM, axis=-1)
+  _, kept_XK = jax.lax.top_k(score_XN, topk_groups)
+  kept_XN = jnp.any(jax.nn.one_hot(kept_XK, groups, dtype=jnp.bool_), axis=1)
+  return jnp.repeat(kept_XN, E // groups, axis=1)
 
 
 def sparsemixer(logits_XE: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
   """(gates_X2, experts_X2) of Phi-3.5-MoE's sparsemixer at inference (arXiv:2409.12136; transformers'
   `sparsemixer` with training=False): expert 1 is the arg max; its gate is its softmax weight among the experts
-  whose logit is within a relative 2 * eps of the maximum, (max - l) / max(|l|, max) <= 2 eps. Expert 2 is the
+  whose logit is within a relative 2 * eps of the maximum, |max - l| / max(|l|, max) <= 2 eps. Expert 2 is the
   arg max of the rest, gated the same way against its own logit. Training uses this forward too, without the
   reference's Gumbel sampling and Heun-method gradient estimator (gradients flow through the masked softmax).
   """
@@ -94,30 +111,15 @@ def sparsemixer(logits_XE: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]
     expert_X1 = jnp.argmax(masked_XE, axis=-1, keepdims=True)
     factor_XE = jnp.maximum(jnp.abs(logits_XE), best_X1)
     outside_XE = jax.lax.stop_gradient((best_X1 - logits_XE) / factor_XE > 2 * eps)
-    probs_XE = jax.nn.softmax(jnp.where(outside_XE, neg_inf, masked_XE), axis=-1)
-    return jnp.take_along_axis(probs_XE, expert_X1, axis=-1), expert_X1
+    gate_X1 = jnp.take_along_axis(jax.nn.softmax(jnp.where(outside_XE, neg_inf, masked_XE), axis=-1), expert_X1,
+                                  axis=-1)
+    return gate_X1, expert_X1
 
   gate1_X1, expert1_X1 = pick(logits_XE)
-  gate2_X1, expert2_X1 = pick(jnp.where(jnp.arange(logits_XE.shape[-1]) == expert1_X1, neg_inf, logits_XE))
+  rest_XE = jnp.where(jnp.arange(logits_XE.shape[-1]) == expert1_X1, neg_inf, logits_XE)
+  gate2_X1, expert2_X1 = pick(rest_XE)
   return (jnp.concatenate([gate1_X1, gate2_X1], axis=-1),
           jnp.concatenate([expert1_X1, expert2_X1], axis=-1).astype(jnp.int32))
-
-
-def group_limit(choice_XE: jax.Array, n_groups: int, kept: int, score: str) -> jax.Array:
-  """choice_XE with every expert outside the token's `kept` best groups at -inf. A group's score is its largest
-  choice score (`max`, DeepSeek-V2 group_limited_greedy) or the sum of its two largest (`top2_sum`, DeepSeek-V3
-  noaux_tc); the E experts form G contiguous groups of E / G."""
-  X, E = choice_XE.shape
-  choice_XGN = choice_XE.reshape(X, n_groups, E // n_groups)
-  if score == 'max':
-    group_XG = jnp.max(choice_XGN, axis=-1)
-  elif score == 'top2_sum':
-    group_XG = jnp.sum(jax.lax.top_k(choice_XGN, 2)[0], axis=-1)
-  else:
-    raise ValueError(f'unknown group score {score!r} (max or top2_sum)')
-  _, best_XK = jax.lax.top_k(group_XG, kept)
-  keep_XG = jnp.sum(jax.nn.one_hot(best_XK, n_groups, dtype=jnp.int32), axis=1) > 0
-  return jnp.where(keep_XG[:, :, None], choice_XGN, -jnp.inf).reshape(X, E)
 
 
 def balance_selection_bias(bias_E: jax.Array, expert_load_E: jax.Array, rate: float) -> jax.Array:
@@ -197,8 +199,8 @@ class MoEFFN(nnx.Module):
     x_XD = x_BTD.reshape(B * T, D)
     logits_XE = jnp.einsum('XD,DE->XE', x_XD.astype(jnp.float32), self.w_router_DE[...])
     routing = route(logits_XE, cfg.top_k, cfg.router, cfg.router_renormalize,
-                    self.b_select_E[...] if cfg.router_bias else None,
-                    (cfg.router_groups, cfg.router_topk_groups, cfg.router_group_score), cfg.sparsemixer_eps)
+                    self.b_select_E[...] if cfg.router_bias else None, cfg.router_groups, cfg.router_topk_groups,
+                    cfg.sparsemixer_eps)
     S = group_size_for(B * T, cfg.group_size)
     G = B * T // S
     weights = ExpertWeights(

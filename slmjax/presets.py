@@ -260,7 +260,7 @@ def _deepseek_v3(**fields) -> ModelConfig:
                    'norm_eps': 1e-6, 'd_ff': 18432, 'n_experts': 256, 'top_k': 8, 'd_expert': 2048,
                    'n_shared_experts': 1, 'd_shared': 2048, 'first_dense': 3, 'router': 'sigmoid',
                    'router_bias': True, 'routed_scale': 2.5, 'balance': 'both', 'lb_loss_weight': 0.0001,
-                   'router_groups': 8, 'router_topk_groups': 4, 'router_group_score': 'top2_sum', **fields})
+                   'router_groups': 8, 'router_topk_groups': 4, **fields})
 
 
 @preset('deepseek-v3', 671_026_419_200, '37B')

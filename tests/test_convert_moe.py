@@ -10,7 +10,7 @@ import pytest
 import hf_parity
 from slmjax import convert
 
-MOE = ('mixtral', 'qwen3_moe', 'qwen2_moe', 'olmoe', 'phimoe')
+MOE = ('mixtral', 'qwen3_moe', 'qwen2_moe', 'olmoe', 'phimoe', 'deepseek_v3', 'deepseek_v2')
 
 
 @pytest.mark.parametrize('name', MOE)

@@ -70,45 +70,35 @@ def test_selection_bias_steers_every_router_variant_but_not_its_gates(variant):
   np.testing.assert_array_equal(grad_E, 0.0)
 
 
-def test_group_limited_routing_picks_within_the_best_groups():
-  # 8 experts in 4 groups of 2. The two largest scores (experts 0 and 2) sit in groups 0 and 1, but by the sum of
-  # its top 2 (DeepSeek-V3) group 3 (experts 6, 7) wins and group 2 comes second; by its max (V2) groups 0, 1 win.
-  logits_XE = jnp.array([[3.0, -3.0, 2.9, -3.0, 1.0, 1.0, 2.0, 2.0]])
-  scores_E = np.asarray(jax.nn.sigmoid(logits_XE))[0]
-  r = moe.route(logits_XE, 2, 'sigmoid', renormalize=True, groups=(4, 2, 'top2_sum'))
+def test_group_limited_routing_keeps_the_best_groups_only():
+  # 8 experts in 4 groups of 2; DeepSeek V2 ranks groups by their best score, V3 by the sum of their two best.
+  scores_XE = jnp.array([[0.50, 0.45, 0.10, 0.05, 0.0, 0.95, 0.60, 0.01]])
+  # group max: [0.50, 0.10, 0.95, 0.60] -> keep groups 2 and 3 -> top-2 of {0.0, 0.95, 0.60, 0.01} = 5, 6
+  _, experts_XA = moe.select_top_k(scores_XE, 2, None, groups=4, topk_groups=2, group_score='max')
+  assert sorted(experts_XA[0].tolist()) == [5, 6]
+  # top-2 sums: [0.95, 0.15, 0.95, 0.61] -> groups 0 and 2 -> top-2 of {0.50, 0.45, 0.0, 0.95} = 5, 0
+  gates_XA, experts_XA = moe.select_top_k(scores_XE, 2, None, groups=4, topk_groups=2, group_score='top2_sum')
+  assert sorted(experts_XA[0].tolist()) == [0, 5]
+  np.testing.assert_allclose(sorted(gates_XA[0].tolist()), [0.50, 0.95])
+  # one group of everything is plain top-k
+  plain = moe.select_top_k(scores_XE, 2, None)
+  ones = moe.select_top_k(scores_XE, 2, None, groups=1, topk_groups=1)
+  np.testing.assert_array_equal(plain[1], ones[1])
+
+
+def test_deepseek_v3_routing_by_hand():
+  """sigmoid scores; biased scores pick groups (top-2 sums) and experts; gates from unbiased scores,
+  renormalised (the + 1e-20 of transformers' noaux_tc)."""
+  logits_XE = jnp.array([[1.0, -1.0, 0.5, 0.0, 2.0, -2.0, 0.2, 0.1]])
+  bias_E = jnp.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9, 0.9])  # lifts group 3 over group 1
+  s = 1 / (1 + np.exp(-np.array([1.0, -1.0, 0.5, 0.0, 2.0, -2.0, 0.2, 0.1])))
+  # unbiased group sums 1.00, 1.12, 1.00, 1.08 -> groups 1 and 3: the best expert (4, in group 2) is out
+  r = moe.route(logits_XE, 2, 'sigmoid', True, None, groups=4, topk_groups=2)
+  assert sorted(r.experts_XA[0].tolist()) == [2, 6]
+  # biased: group 3 sums 2.88 -> groups 3 and 1; within {2, 3, 6, 7} biased 0.62, 0.50, 1.45, 1.42 -> 6 and 7
+  r = moe.route(logits_XE, 2, 'sigmoid', True, bias_E, groups=4, topk_groups=2)
   assert sorted(r.experts_XA[0].tolist()) == [6, 7]
-  np.testing.assert_allclose(r.gates_XA[0], [0.5, 0.5], rtol=1e-6)
-  r = moe.route(logits_XE, 3, 'sigmoid', renormalize=False, groups=(4, 2, 'top2_sum'))
-  assert sorted(r.experts_XA[0].tolist()) == [4, 6, 7] or sorted(r.experts_XA[0].tolist()) == [5, 6, 7]
-  np.testing.assert_allclose(np.sort(r.gates_XA[0]), np.sort(scores_E[[4, 6, 7]]), rtol=1e-6)
-  r = moe.route(logits_XE, 2, 'softmax_topk', renormalize=False, groups=(4, 1, 'max'))
-  assert sorted(r.experts_XA[0].tolist()) == [0, 1]  # only group 0 kept: its weak expert 1 beats expert 2
-  p_E = np.asarray(jax.nn.softmax(logits_XE))[0]
-  np.testing.assert_allclose(r.gates_XA[0], p_E[[0, 1]], rtol=1e-6)
-  # One group is plain top-k.
-  for a, b in zip(moe.route(logits_XE, 2, 'sigmoid', True), moe.route(logits_XE, 2, 'sigmoid', True,
-                                                                     groups=(1, 1, 'top2_sum'))):
-    np.testing.assert_array_equal(a, b)
-
-
-def test_group_scores_include_the_selection_bias():
-  logits_XE = jnp.array([[3.0, 3.0, 0.0, 0.0]])
-  bias_E = jnp.array([0.0, 0.0, 5.0, 5.0])  # moves group 1 ahead; gates stay the unbiased sigmoid scores
-  r = moe.route(logits_XE, 2, 'sigmoid', renormalize=False, bias_E=bias_E, groups=(2, 1, 'top2_sum'))
-  assert sorted(r.experts_XA[0].tolist()) == [2, 3]
-  np.testing.assert_allclose(r.gates_XA[0], [0.5, 0.5], rtol=1e-6)
-
-
-@pytest.mark.parametrize('fields, message', [
-    ({'router_groups': 3}, 'must divide n_experts'),
-    ({'router_groups': 4, 'router_topk_groups': 5}, 'at most router_groups'),
-    ({'router_groups': 4, 'router_topk_groups': 1, 'top_k': 3}, 'raise router_topk_groups'),
-    ({'router_groups': 8, 'router_topk_groups': 2, 'router_group_score': 'top2_sum'}, 'at least 2 experts'),
-])
-def test_router_group_fields_are_validated(fields, message):
-  from slmjax.config import ModelConfig
-  with pytest.raises(ValueError, match=message):
-    ModelConfig(**{'n_experts': 8, 'top_k': 2, **fields})
+  np.testing.assert_allclose(r.gates_XA[0], [s[6] / (s[6] + s[7]), s[7] / (s[6] + s[7])], rtol=1e-6)
 
 
 def test_sparsemixer_matches_the_reference_eval_path():
@@ -137,11 +127,13 @@ def test_sparsemixer_matches_the_reference_eval_path():
 
 
 @pytest.mark.parametrize('fields, message', [
+    (dict(router_groups=3), 'must divide n_experts=8'),
+    (dict(router_groups=4, router_topk_groups=5), 'at most router_groups=4'),
+    (dict(router_groups=8, router_topk_groups=1, top_k=2), 'raise router_topk_groups'),
+    (dict(router_groups=8, router_topk_groups=2, top_k=2, router='sigmoid'), 'at least 2'),
     (dict(router='sparsemixer', top_k=3), 'top_k=2'),
-    (dict(router='sparsemixer', router_groups=2), 'without router_groups'),
-    (dict(router='sparsemixer', sparsemixer_eps=-1.0), 'sparsemixer_eps must be >= 0'),
 ])
-def test_bad_sparsemixer_settings_fail_in_one_line(fields, message):
+def test_bad_routing_settings_fail_in_one_line(fields, message):
   from slmjax.config import ModelConfig
   with pytest.raises(ValueError, match=message):
-    ModelConfig(n_experts=8, **{'top_k': 2, **fields})
+    ModelConfig(n_experts=8, **fields)

@@ -29,10 +29,10 @@ from types import ModuleType
 from flax import nnx
 
 from slmjax.config import ModelConfig
-from slmjax.convert import gemma2, hf_io, llama, mixtral, olmoe, phimoe, qwen_moe
+from slmjax.convert import deepseek, gemma2, hf_io, llama, mixtral, olmoe, phimoe, qwen_moe
 from slmjax.model import Transformer, abstract_model
 
-FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gemma2, mixtral, qwen_moe, olmoe, phimoe)
+FAMILY_MODULES: tuple[ModuleType, ...] = (llama, gemma2, mixtral, qwen_moe, olmoe, phimoe, deepseek)
 FAMILIES: dict[str, ModuleType] = {t: m for m in FAMILY_MODULES for t in m.MODEL_TYPES}
 
 

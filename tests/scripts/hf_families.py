@@ -52,5 +52,22 @@ MOE_FAMILIES: dict[str, tuple[str, dict]] = {
     'phimoe': ('phimoe', {**TINY_MOE, 'num_local_experts': 4, 'num_experts_per_tok': 2, 'attention_bias': True,
                           'lm_head_bias': True, 'router_jitter_noise': 0.01, 'rms_norm_eps': 1e-5,
                           'rope_theta': 10_000.0, 'tie_word_embeddings': False}),
+    # DeepSeek-V3: MLA with the query latent, interleaved rotary weights, layer 0 dense, sigmoid router with
+    # e_score_correction_bias, 8 experts in 4 groups (best 2), renormalised, scaled by 2.5, 1 shared expert.
+    'deepseek_v3': ('deepseek_v3', {**TINY, 'num_key_value_heads': 4, 'q_lora_rank': 32, 'kv_lora_rank': 32,
+                                    'qk_rope_head_dim': 8, 'qk_nope_head_dim': 16, 'v_head_dim': 24,
+                                    'n_routed_experts': 8, 'n_group': 4, 'topk_group': 2, 'num_experts_per_tok': 2,
+                                    'first_k_dense_replace': 1, 'n_shared_experts': 1, 'moe_intermediate_size': 32,
+                                    'routed_scaling_factor': 2.5, 'norm_topk_prob': True, 'rope_interleave': True,
+                                    'rope_theta': 10_000.0, 'tie_word_embeddings': False}),
+    # DeepSeek-V2 (Lite-style full-rank query): softmax router, group_limited_greedy (4 groups, best 2), gates
+    # not renormalised, scaled by 1.5, 2 shared experts.
+    'deepseek_v2': ('deepseek_v2', {**TINY, 'num_key_value_heads': 4, 'q_lora_rank': None, 'kv_lora_rank': 32,
+                                    'qk_rope_head_dim': 8, 'qk_nope_head_dim': 16, 'v_head_dim': 16,
+                                    'n_routed_experts': 8, 'n_group': 4, 'topk_group': 2, 'num_experts_per_tok': 3,
+                                    'topk_method': 'group_limited_greedy', 'first_k_dense_replace': 1,
+                                    'n_shared_experts': 2, 'moe_intermediate_size': 32,
+                                    'routed_scaling_factor': 1.5, 'norm_topk_prob': False,
+                                    'rope_theta': 10_000.0, 'tie_word_embeddings': False}),
 }
 FAMILIES.update(MOE_FAMILIES)
