@@ -282,6 +282,7 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
   flops_per_step = [counting.train_flops_per_token(m, t.seq_len) * t.tokens_per_step for m, t in points]
   trained = [wsd.trained_steps(t) if t.schedule == 'wsd' else t.steps for _, t in points]
   eta = SweepEta()
+  decode_costs: dict[str, dict] = {}
   for n, i in enumerate(todo):
     model_cfg, train_cfg = points[i]
     left = eta.remaining_s([(flops_per_step[j], trained[j]) for j in todo[n:]])
@@ -294,7 +295,7 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
     kwargs = dict(peak_flops=peak, mesh=mesh, counts=counts, measure_cost=True, tensorboard=tensorboard,
                   log=(lambda line: log(f'  {line}')) if is_writer else None)
 
-    inference = {}
+    inference = decode_costs.setdefault(identity(model_cfg), {})  # once per rung, not per seed or branch
 
     def add_row(cfg: TrainConfig, summary: dict, rid: str, branch: dict | None = None) -> None:
       if measure_inference and not inference:
