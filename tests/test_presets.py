@@ -236,7 +236,9 @@ def test_count_cli_presets_print_the_keys_of_flag_defined_models():
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   rows = json.loads(result.stdout)
-  expected_keys = set(counting.summary(ModelConfig())) | {'breakdown', 'config', 'preset'}
+  expected_keys = set(counting.summary(ModelConfig())) | {'breakdown', 'config', 'preset', 'attention_kind',
+                                                          'kv_cache_batch', 'kv_cache_bytes', 'kv_cache_bytes_per_token',
+                                                          'kv_cache_context', 'kv_cache_dtype', 'smallest_device_with_kv'}
   assert [row['preset'] for row in rows] == presets.names()
   assert all(set(row) == expected_keys for row in rows)
   for row in rows:

@@ -15,7 +15,7 @@ The latent norms use eps 1e-6 in transformers whatever rms_norm_eps says (slmjax
 published DeepSeek config. Not converted (one-line errors): YaRN rope scaling, attention_bias, mlp_bias, and the
 multi-token-prediction layers (layers past num_hidden_layers).
 
-Shape letters: slmjax/mla.py (here D, H, Z, R, Y, I, J) and slmjax/shapes.py (E, F).
+Shape letters: slmjax/shapes.py (here D, H, Z, R, Y, I, J, E, F; MLA's as in slmjax/mla.py).
 """
 
 from __future__ import annotations

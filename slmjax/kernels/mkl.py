@@ -1,6 +1,6 @@
 """2-D matmuls in oneMKL through an XLA:CPU FFI custom call, for `ModelConfig.matmul='mkl'` (the `[mkl]` extra).
 
-Shape letters: M rows, K contracted, N columns.
+Shape letters: slmjax/shapes.py does not cover a bare GEMM; here M rows, K contracted, N columns.
 
 bf16 operands run MKL's cblas_gemm_bf16bf16f32 (f32 accumulation, the CPU's bf16 matrix units where it has them:
 AMX, AVX512_BF16), f32 operands cblas_sgemm. The handler (mkl_gemm.cc) is compiled with the system g++ against
