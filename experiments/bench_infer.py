@@ -1,7 +1,7 @@
 """Inference cost, measured: prefill and decode speed against batch size and context, dense vs MoE, with memory.
 
   python experiments/bench_infer.py                       # the three models below, table + decode.png
-  python experiments/bench_infer.py --peer                # also Hugging Face generate (static cache), ratios
+  python experiments/bench_infer.py --peer                # also transformers, static cache: ratio per round
   python experiments/bench_infer.py --batches=1,16,256 --contexts=64 --json
   python experiments/bench_infer.py --quick               # toy shapes, seconds (the test)
 
@@ -22,6 +22,7 @@ hugepages.reexec()  # first: XLA:CPU steps page-fault far less with huge pages (
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 
 from absl import flags
@@ -50,8 +51,11 @@ flags.DEFINE_integer('max_prefill_tokens', 16384, 'Skip points whose prompt toke
 flags.DEFINE_boolean('quick', False, 'Toy shapes (d_model 32, one layer), batches 1,4, context 8, 4 new tokens.')
 flags.DEFINE_string('out', '.', 'Directory for decode.png and decode_rows.json (the rows, and the peer\'s).')
 flags.DEFINE_boolean('json', False, 'Print one JSON list of rows instead of a table.')
-flags.DEFINE_boolean('peer', False, 'Also run experiments/peer_hf_decode.py in the peer venv, print slmjax / peer.')
+flags.DEFINE_boolean('peer', False, 'Also time experiments/peer_hf_decode.py (peer venv), its rounds alternating '
+                     'with slmjax\'s (at least 3 a point); print slmjax / peer per round and the median.')
 flags.DEFINE_string('peer_python', os.path.expanduser('~/.hfpeer/bin/python'), "The peer venv's python.")
+flags.DEFINE_integer('peer_threads', 1, 'torch threads of the peer (1: its fastest on this shared 2-core CPU, '
+                     'peer_hf_decode.py).')
 FLAGS = flags.FLAGS
 
 
@@ -65,31 +69,66 @@ def positive_ints(name: str) -> list[int]:
   return values
 
 
-def peer_rows(batches, contexts, new_tokens) -> list[dict]:
-  """The peer's rows, from its own process and venv (the last stdout line is its JSON list)."""
-  cmd = [FLAGS.peer_python, str(PEER_SCRIPT), '--batches', ','.join(map(str, batches)), '--contexts',
-         ','.join(map(str, contexts)), '--new-tokens', str(new_tokens), '--repeats', str(FLAGS.repeats),
-         '--max-prefill-tokens', str(FLAGS.max_prefill_tokens)]
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  if done.returncode:
-    raise ValueError(f'--peer: {PEER_SCRIPT.name} failed: {done.stderr.strip().splitlines()[-1:]}')
-  return json.loads(done.stdout.strip().splitlines()[-1])
+class Peer:
+  """experiments/peer_hf_decode.py --serve in the peer venv, a process of its own: one round of a point a call."""
+
+  def __init__(self, python: str, threads: int):
+    self.proc = subprocess.Popen([python, str(PEER_SCRIPT), '--serve', '--threads', str(threads)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.versions = self._answer()
+
+  def _answer(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise ValueError(f'--peer: {PEER_SCRIPT.name} exited with status {self.proc.wait()} (its stderr is above)')
+    answer = json.loads(line)
+    if 'error' in answer:
+      raise ValueError(f'--peer: {PEER_SCRIPT.name}: {answer["error"]}')
+    return answer
+
+  def round(self, model: str, batch: int, context: int, new_tokens: int) -> dict:
+    """{'prefill_s', 'decode_s'} of one peer round at this point."""
+    self.proc.stdin.write(json.dumps(dict(model=model, batch=batch, context=context, new_tokens=new_tokens)) + '\n')
+    self.proc.stdin.flush()
+    return self._answer()
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
 
 
-def format_table(rows: list[dict], peers: list[dict] | None) -> str:
-  peer = {(r['model'], r['batch'], r['context']): r for r in peers or []}
+def add_peer(rows: list[dict], versions: dict) -> list[dict]:
+  """Moves each row's interleaved peer rounds into peer fields: the peer's median tokens/s and the ratio slmjax /
+  peer of every round (the two timed back to back) and its median. Returns the peer's rows (for the plot)."""
+  peers = []
+  for r in rows:
+    rounds = r.pop('interleaved')
+    made = r['batch'] * r['new_tokens']
+    ratios = [made / ours / (made / theirs['decode_s']) for ours, theirs in zip(r['decode_s_rounds'], rounds)]
+    peer = {'model': r['model'], 'batch': r['batch'], 'context': r['context'], **versions,
+            'decode_s_rounds': [p['decode_s'] for p in rounds], 'prefill_s_rounds': [p['prefill_s'] for p in rounds],
+            'decode_tokens_per_s': statistics.median(made / p['decode_s'] for p in rounds),
+            'prefill_tokens_per_s': statistics.median(r['batch'] * r['context'] / p['prefill_s'] for p in rounds)}
+    r.update(peer_decode_tokens_per_s=peer['decode_tokens_per_s'], peer_ratio_rounds=ratios,
+             peer_prefill_tokens_per_s=peer['prefill_tokens_per_s'], peer_ratio=statistics.median(ratios))
+    peers.append(peer)
+  return peers
+
+
+def format_table(rows: list[dict]) -> str:
+  peers = any('peer_ratio' in r for r in rows)
   head = (f'{"model":<12} {"B":>4} {"T":>5} {"decode tok/s":>12} {"ms/token":>9} {"prefill tok/s":>13} '
           f'{"weights MB":>10} {"(computed)":>10} {"KV MB":>8} {"(computed)":>10} {"decode peak MB":>14}'
-          + (f' {"peer tok/s":>10} {"slmjax/peer":>11}' if peers else ''))
+          + (f' {"peer tok/s":>10} {"slmjax/peer":>11}  {"per round":<16}' if peers else ''))
   lines = [head, '-' * len(head)]
   for r in rows:
     line = (f'{r["model"]:<12} {r["batch"]:>4} {r["context"]:>5} {r["decode_tokens_per_s"]:>12,.0f} '
             f'{r["decode_ms_per_token"]:>9.2f} {r["prefill_tokens_per_s"]:>13,.0f} {r["weight_bytes"] / 1e6:>10.2f} '
             f'{r["weight_bytes_computed"] / 1e6:>10.2f} {r["kv_cache_bytes"] / 1e6:>8.2f} '
             f'{r["kv_cache_bytes_computed"] / 1e6:>10.2f} {(r["decode_peak_bytes"] or 0) / 1e6:>14.2f}')
-    p = peer.get((r['model'], r['batch'], r['context']))
-    if p and p['decode_tokens_per_s']:
-      line += f' {p["decode_tokens_per_s"]:>10,.0f} {r["decode_tokens_per_s"] / p["decode_tokens_per_s"]:>11.2f}'
+    if 'peer_ratio' in r:
+      line += (f' {r["peer_decode_tokens_per_s"]:>10,.0f} {r["peer_ratio"]:>11.2f}  '
+               + ' '.join(f'{x:.2f}' for x in r['peer_ratio_rounds']))
     lines.append(line)
   return '\n'.join(lines)
 
@@ -126,23 +165,22 @@ def main(argv):
       raise ValueError(f'--contexts up to {max(contexts)} + --new_tokens={new_tokens} exceed {name}\'s max_seq_len='
                        f'{cfg.max_seq_len}; use shorter contexts')
   log = None if FLAGS.json else (lambda line: print(f'# {line}', flush=True))
-  rows = decode_cost.sweep(models, batches, contexts, new_tokens, FLAGS.repeats, FLAGS.max_prefill_tokens, log)
-  peers = peer_rows(batches, contexts, new_tokens) if FLAGS.peer else None
-  if peers:
-    peer = {(p['model'], p['batch'], p['context']): p for p in peers}
-    for r in rows:
-      p = peer.get((r['model'], r['batch'], r['context']))
-      if p and p['decode_tokens_per_s']:
-        r['peer_decode_tokens_per_s'] = p['decode_tokens_per_s']
-        r['peer_prefill_tokens_per_s'] = p['prefill_tokens_per_s']
-        r['peer_ratio'] = r['decode_tokens_per_s'] / p['decode_tokens_per_s']
+  peer, peers = Peer(FLAGS.peer_python, FLAGS.peer_threads) if FLAGS.peer else None, None
+  try:  # with the peer: rounds of slmjax and of the peer alternate, at least 3 of each a point
+    rows = decode_cost.sweep(models, batches, contexts, new_tokens, max(FLAGS.repeats, 3) if peer else FLAGS.repeats,
+                             FLAGS.max_prefill_tokens, log, interleave=peer and peer.round)
+  finally:
+    if peer:
+      peer.close()
+  if peer:
+    peers = add_peer(rows, peer.versions)
   os.makedirs(FLAGS.out, exist_ok=True)
   path = plots.plot_decode(rows, os.path.join(FLAGS.out, 'decode.png'), peers)
   atomic.write_json(os.path.join(FLAGS.out, 'decode_rows.json'), {'rows': rows, 'peer_rows': peers})
   if FLAGS.json:
     print(json.dumps(rows))
     return
-  print(format_table(rows, peers))
+  print(format_table(rows))
   print(format_crossovers(rows))
   print(f'wrote {path}')
 

@@ -5,8 +5,10 @@ A point is (batch B, context T, new tokens N): a random prompt of T tokens per s
 cache of T + N positions, then N tokens are decoded greedily in one compiled scan. Decode tokens/s = B * N /
 decode seconds; ms per token = decode seconds / N (one step, every sequence advancing by one token). Prefill and
 decode are timed interleaved (a fresh prefill before each decode, since the decode donates its cache), the median
-of `repeats` kept. Memory: weights and KV cache summed from the real arrays; `decode_peak_bytes` from XLA's
-memory analysis of the compiled decode (arguments + outputs + temporaries - donated aliases).
+of `repeats` kept; `interleave` (e.g. the peer's round of the same point, experiments/bench_infer.py --peer) runs
+after every round, so both see the same machine load. Memory: weights and KV cache summed from the real
+arrays; `decode_peak_bytes` from XLA's memory analysis of the compiled decode (arguments + outputs +
+temporaries - donated aliases).
 
 Why it matters: a decode step of B sequences touches up to min(E, B k) experts, so "MoE speed follows active
 parameters" holds at small B and fails as B grows; `crossovers` finds, from measured rows, the batch where the
@@ -17,9 +19,11 @@ Shape letters: slmjax/shapes.py (here B batch, T prompt positions, N new tokens)
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +39,11 @@ GREEDY = SamplingConfig(temperature=0.0)
 
 
 def measure_point(model: Transformer, batch: int, context: int, new_tokens: int, repeats: int = 3,
-                  seed: int = 0) -> dict:
-  """Prefill / decode speed and measured vs computed memory of `model` at one (batch, context, new tokens)."""
+                  seed: int = 0, interleave: Callable[[], dict] | None = None) -> dict:
+  """Prefill / decode speed and measured vs computed memory of `model` at one (batch, context, new tokens).
+
+  The row keeps every timed round (`prefill_s_rounds`, `decode_s_rounds`) and, with `interleave`, what it
+  returned after each of them (`interleaved`; it also runs once after the warm-up round)."""
   cfg = model.cfg
   if context < 1 or new_tokens < 1:
     raise ValueError(f'context and new_tokens must be >= 1, got {context} and {new_tokens}')
@@ -47,7 +54,7 @@ def measure_point(model: Transformer, batch: int, context: int, new_tokens: int,
   kv_bytes = cost.tree_bytes(caches)
   decode = gen.decode.lower(gen.state, caches, logits_BV, start, key, new_tokens).compile()  # compiled once
   memory = cost.program_memory(decode)
-  prefill_s, decode_s = [], []
+  prefill_s, decode_s, interleaved = [], [], []
   for _ in range(repeats + 1):  # the first round compiles
     t0 = time.perf_counter()
     caches, logits_BV = cost.block(gen.prefill(gen.state, prompt_BT))
@@ -56,10 +63,14 @@ def measure_point(model: Transformer, batch: int, context: int, new_tokens: int,
     t2 = time.perf_counter()
     prefill_s.append(t1 - t0)
     decode_s.append(t2 - t1)
+    if interleave:
+      interleaved.append(interleave())
   prefill_time, decode_time = statistics.median(prefill_s[1:]), statistics.median(decode_s[1:])
   counts = counting.analytic_counts(cfg)
   return {
       'batch': batch, 'context': context, 'new_tokens': new_tokens,
+      'prefill_s_rounds': prefill_s[1:], 'decode_s_rounds': decode_s[1:],
+      **({'interleaved': interleaved[1:]} if interleave else {}),
       'prefill_s': prefill_time, 'prefill_tokens_per_s': batch * context / prefill_time,
       'decode_s': decode_time, 'decode_tokens_per_s': batch * new_tokens / decode_time,
       'decode_ms_per_token': decode_time / new_tokens * 1e3,
@@ -83,10 +94,11 @@ def model_facts(cfg: ModelConfig) -> dict:
 
 
 def sweep(models: dict[str, ModelConfig], batches, contexts, new_tokens: int, repeats: int = 3,
-          max_prefill_tokens: int | None = None, log=None) -> list[dict]:
+          max_prefill_tokens: int | None = None, log=None,
+          interleave: Callable[[str, int, int, int], dict] | None = None) -> list[dict]:
   """`measure_point` rows of every model at every (batch, context); points whose prompt tokens B * T exceed
   `max_prefill_tokens` are skipped (prefill cost grows with B T: at batch 256 a long context takes minutes on a
-  CPU)."""
+  CPU). `interleave(name, batch, context, new_tokens)` runs after each round of that point (`measure_point`)."""
   rows = []
   for name, cfg in models.items():
     model = create_model(cfg)
@@ -94,7 +106,9 @@ def sweep(models: dict[str, ModelConfig], batches, contexts, new_tokens: int, re
       for batch in batches:
         if max_prefill_tokens and batch * context > max_prefill_tokens:
           continue
-        row = {'model': name, **model_facts(cfg), **measure_point(model, batch, context, new_tokens, repeats)}
+        between = interleave and functools.partial(interleave, name, batch, context, new_tokens)
+        row = {'model': name, **model_facts(cfg),
+               **measure_point(model, batch, context, new_tokens, repeats, interleave=between)}
         rows.append(row)
         if log:
           log(f'{name:<14} B={batch:<4} T={context:<5} decode {row["decode_tokens_per_s"]:>10,.0f} tok/s '

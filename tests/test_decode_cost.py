@@ -33,3 +33,13 @@ def test_crossover_interpolates_in_log_batch():
   assert never['batch'] is None and never['moe_faster_at_largest']
   rows[1]['decode_tokens_per_s'] = 300  # MoE now below dense at 4: crossing between 1 and 4, at 2 (log midpoint)
   assert decode_cost.crossovers(rows, 'moe', 'dense')[0]['batch'] == pytest.approx(2 ** (2 * 0.6931 / (0.6931 + 0.2877)), rel=1e-3)
+
+
+def test_interleave_runs_after_every_round():
+  """bench_infer --peer: the peer's round follows each slmjax round (the warm-up's too); the row keeps the timed
+  rounds of both, and its medians are those of its own rounds."""
+  calls = []
+  row = decode_cost.measure_point(create_model(ModelConfig(**TINY, d_ff=32)), batch=1, context=4, new_tokens=2,
+                                  repeats=3, interleave=lambda: calls.append(len(calls)) or {'round': len(calls)})
+  assert calls == [0, 1, 2, 3] and row['interleaved'] == [{'round': 2}, {'round': 3}, {'round': 4}]
+  assert len(row['decode_s_rounds']) == 3 and row['decode_s'] == sorted(row['decode_s_rounds'])[1]
