@@ -25,7 +25,8 @@ later token's first choice evict an earlier token's second: information from the
           ragged_all_to_all on GPU / TPU) and gets the outputs back; 'auto' picks it on a mesh whose expert
           axis is > 1, where XLA's partitioner would move the tokens with all-gathers instead.
   select  decode: each assignment gathers its expert's weights, so a step of few tokens reads only the experts they
-          chose (not all E); dropless, and `ragged` once the assignments outnumber the experts.
+          chose (not all E); dropless, and `gather` with a slot for every token once there are as many
+          assignments as experts (on CPU 1.1-5x faster than `ragged` at decode's few tokens, as measured).
 
 One implementation a module: einsum.py, gather.py, ragged.py (with grouped.py, its row tiles on CPU), dense.py,
 select.py, alltoall.py.
