@@ -60,16 +60,21 @@ def sample_tokens(logits_BV: jax.Array, key: jax.Array, sampling: SamplingConfig
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def check_request(cfg: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int) -> None:
-  """One-line ValueErrors for a generation that cannot run: no sequences, no prompt, or too long a sequence."""
+def check_request(cfg: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int,
+                  length: int | None = None) -> None:
+  """One-line ValueErrors for a generation that cannot run: no sequences, no prompt, or a prompt + new tokens
+  longer than the cache of `length` positions (default: the model's max_seq_len, the longest cache)."""
   check_batch(batch)
   if prompt_len < 1:
     raise ValueError('the prompt is empty: give at least one token to continue')
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
-  if prompt_len + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(f'a prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model\'s '
-                     f'max_seq_len={cfg.max_seq_len}; shorten the prompt or ask for fewer new tokens')
+  length = cfg.max_seq_len if length is None else length
+  if prompt_len + max_new_tokens > length:
+    limit = (f"the model's max_seq_len={length}" if length == cfg.max_seq_len else
+             f'the cache of {length} positions (max_seq_len={cfg.max_seq_len})')
+    raise ValueError(f'a prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds {limit}; shorten the '
+                     'prompt or ask for fewer new tokens')
 
 
 def check_batch(batch) -> None:
@@ -109,10 +114,7 @@ class Generator:
     steps = self.sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
     if prompt_BT.ndim != 2 or prompt_BT.shape[0] != self.batch:
       raise ValueError(f'the prompt must be [batch={self.batch}, tokens], got shape {prompt_BT.shape}')
-    check_request(self.cfg, self.batch, prompt_BT.shape[1], steps)
-    if prompt_BT.shape[1] + steps > self.length:
-      raise ValueError(f'a prompt of {prompt_BT.shape[1]} tokens + {steps} new tokens exceeds the cache of '
-                       f'{self.length} positions')
+    check_request(self.cfg, self.batch, prompt_BT.shape[1], steps, self.length)
     if prompt_BT.min() < 0 or prompt_BT.max() >= self.cfg.vocab_size:
       raise ValueError(f'prompt token ids must be in [0, {self.cfg.vocab_size}), got {prompt_BT.min()}..'
                        f'{prompt_BT.max()}')
