@@ -72,19 +72,20 @@ def test_cache_bytes_match_the_count():
 
 
 def test_select_dispatch_equals_dropless():
-  """Fewer assignments than experts: per-assignment weight gathers; more: the ragged fallback. Both equal the
-  compute-all oracle (and so the dropless dispatch), outputs and gradients."""
+  """Fewer assignments than experts: per-assignment weight gathers; as many or more: the dropless gather fallback
+  (no sort: not ragged). Both equal the compute-all oracle (and so the dropless dispatch), outputs and
+  gradients."""
   rng = np.random.default_rng(0)
   E, D, F = 16, 8, 12
   w = ExpertWeights(*(jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in ((E, D, F), (E, D, F), (E, F, D))))
-  for X, A in ((3, 2), (1, 4), (12, 2)):
+  for X, A in ((3, 2), (1, 4), (8, 2), (12, 2)):
     x_GSD = jnp.asarray(rng.normal(size=(1, X, D)), jnp.float32)
     experts_GSA = jnp.asarray(np.argsort(rng.uniform(size=(1, X, E)), axis=-1)[..., :A], jnp.int32)
     gates_GSA = jnp.asarray(rng.uniform(0.1, 1, size=(1, X, A)), jnp.float32)
 
     def loss(name, x, g, w):
-      return jnp.sum(jnp.sin(dispatch.DISPATCH[name](x, g, experts_GSA, w, X, 'swiglu')[0]))
-    run = jax.jit(lambda x, g, w, e: {n: dispatch.DISPATCH[n](x, g, e, w, X, 'swiglu')[0]
+      return jnp.sum(jnp.sin(dispatch.DISPATCH[name](x, g, experts_GSA, w, 1, 'swiglu')[0]))
+    run = jax.jit(lambda x, g, w, e: {n: dispatch.DISPATCH[n](x, g, e, w, 1, 'swiglu')[0]  # capacity 1: ignored
                                       for n in ('select', 'ragged', 'dense')})
     y = run(x_GSD, gates_GSA, w, experts_GSA)
     for name in ('select', 'ragged'):
@@ -93,6 +94,11 @@ def test_select_dispatch_equals_dropless():
              for n in ('select', 'dense')]
     for a, b in zip(*map(jax.tree.leaves, grads)):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    hlo = jax.jit(lambda x: dispatch.DISPATCH['select'](x, gates_GSA, experts_GSA, w, 1, 'swiglu')[0]
+                  ).lower(x_GSD).as_text()
+    products = [line for line in hlo.splitlines() if 'dot_general' in line]
+    assert '"stablehlo.sort"' not in hlo
+    assert any('tensor<16x' in line for line in products) == (X * A >= E)  # E-wide products: gather's buffers
 
 
 def test_select_decode_reads_only_the_chosen_experts():
@@ -139,8 +145,10 @@ def test_top_k_and_top_p_restrict_the_draws():
 
 @pytest.mark.parametrize('call, message', [
     (lambda m: generate.Generator(m, 0, 16), 'batch must be a positive number'),
-    (lambda m: generate.Generator(m, 1, 16).generate(np.zeros((1, 30), np.int32), 4), 'exceeds the model'),
-    (lambda m: generate.Generator(m, 1, 16).generate(np.zeros((1, 10), np.int32), 10), 'exceeds the cache'),
+    (lambda m: generate.Generator(m, 1, 24).generate(np.zeros((1, 30), np.int32), 4), "the model's max_seq_len"),
+    (lambda m: generate.check_request(m.cfg, 1, 20, 5), "exceeds the model's max_seq_len=24"),
+    (lambda m: generate.Generator(m, 1, 16).generate(np.zeros((1, 10), np.int32), 10),
+     'exceeds the cache of 16 positions'),
     (lambda m: generate.Generator(m, 1, 64), 'max_seq_len=24'),
     (lambda m: generate.Generator(m, 1, 16).generate(np.zeros((1, 0), np.int32), 4), 'the prompt is empty'),
     (lambda m: SamplingConfig(top_p=0.0), 'top_p must be in'),
@@ -176,3 +184,39 @@ def test_load_model_round_trip(tmp_path):
   assert not np.allclose(loaded_BTV, nnx.merge(graph, state)(tokens_BT)[0], atol=1e-4)  # trained, not fresh
   with pytest.raises(ValueError, match='holds no run'):
     trained.load_model(tmp_path / 'nothing')
+
+
+@pytest.mark.slow
+def test_sample_init_from_an_hf_directory_uses_its_tokenizer(tmp_path):
+  """sample.py --init_from on the llama fixture (vocabulary 128: byte tokens would not fit) with a tokenizer.json
+  built here: the printed greedy text is the prompt plus the decoded tokens of the same greedy generation run
+  in this process."""
+  import os
+  import pathlib
+  import shutil
+  import subprocess
+  import sys
+
+  tokenizers = pytest.importorskip('tokenizers')
+  from slmjax import convert, data
+  hf = tmp_path / 'llama'
+  shutil.copytree(pathlib.Path(__file__).parent / 'fixtures' / 'hf' / 'llama', hf)
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok.train_from_iterator(['the model reads every token and learns which word comes next'] * 20,
+                          tokenizers.trainers.BpeTrainer(vocab_size=60, special_tokens=['</s>']))
+  tok.save(str(hf / 'tokenizer.json'))
+  prompt = 'the model reads'
+  root = pathlib.Path(__file__).parent.parent
+  done = subprocess.run([sys.executable, str(root / 'experiments' / 'sample.py'),
+                         f'--init_from={hf}', f'--prompt={prompt}', '--max_new_tokens=6', '--temperature=0'],
+                        capture_output=True, text=True, timeout=300, env={**os.environ, 'PYTHONPATH': str(root)})
+  assert done.returncode == 0, done.stderr[-2000:]
+  head, _, text = done.stdout.partition('---\n')
+  assert f'tokenizer {hf / "tokenizer.json"}' in head
+  tokenizer = data.HFTokenizer(hf / 'tokenizer.json')
+  prompt_T = tokenizer.encode(prompt)
+  tokens_BN = generate.Generator(convert.load_hf(hf), 1, len(prompt_T) + 6, SamplingConfig(temperature=0.0)
+                                 ).generate(prompt_T[None], 6)
+  assert len(prompt_T) < len(prompt) and text.rstrip('\n') == prompt + tokenizer.decode(tokens_BN[0])
