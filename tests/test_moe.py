@@ -11,6 +11,12 @@ from slmjax.layers import DenseFFN
 from slmjax.moe import MoEFFN
 
 
+@nnx.jit  # one compile, not one per op (eager, a 64-expert forward alone took 10 s)
+def _forward(layer, x_BTD):
+  return layer(x_BTD)
+
+
+@nnx.jit  # one compile, not one per op (eager, the oracle comparison took 15 s a case)
 def _moe_loss_and_grads(layer, x_BTD):
   def loss_fn(layer, x_BTD):
     y_BTD, extras = layer(x_BTD)
@@ -31,7 +37,7 @@ def test_einsum_dispatch_equals_oracle_when_nothing_drops(n_experts, top_k, grou
   np.testing.assert_allclose(grad_x, oracle_grad_x, atol=1e-5, rtol=1e-5)
   for name in ('w_router_DE', 'w_gate_EDF', 'w_up_EDF', 'w_down_EFD'):
     np.testing.assert_allclose(getattr(grads, name)[...], getattr(oracle_grads, name)[...], atol=1e-5, rtol=1e-5)
-  y_BTD, extras = layer(x_BTD)
+  y_BTD, extras = _forward(layer, x_BTD)
   assert float(extras['drop_fraction']) == 0.0
 
 
@@ -43,7 +49,7 @@ def test_low_capacity_drops_match_hand_count_and_dropped_tokens_get_zero():
   layer = MoEFFN(cfg, nnx.Rngs(params=0))
   layer.w_router_DE[...] = jnp.zeros_like(layer.w_router_DE[...])
   x_BTD = jax.random.normal(jax.random.key(2), (2, 16, 16))
-  y_BTD, extras = layer(x_BTD)
+  y_BTD, extras = _forward(layer, x_BTD)
   assert float(extras['drop_fraction']) == pytest.approx(6 / 8)
   np.testing.assert_allclose(extras['expert_load'], [1.0, 0.0, 0.0, 0.0])
   y_GSD = np.asarray(y_BTD).reshape(4, 8, 16)
@@ -62,5 +68,5 @@ def test_one_expert_top1_equals_dense_ffn(activation):
       getattr(layer, f'{name}_EDF')[...] = getattr(dense, f'{name}_DF')[...][None]
   layer.w_down_EFD[...] = dense.w_down_FD[...][None]
   x_BTD = jax.random.normal(jax.random.key(3), (2, 8, 16))
-  y_BTD, _ = layer(x_BTD)
-  np.testing.assert_allclose(y_BTD, dense(x_BTD), atol=1e-6, rtol=1e-5)
+  y_BTD, _ = _forward(layer, x_BTD)
+  np.testing.assert_allclose(y_BTD, nnx.jit(lambda f, x: f(x))(dense, x_BTD), atol=1e-6, rtol=1e-5)

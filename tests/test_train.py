@@ -222,13 +222,6 @@ def test_cost_helpers():
 
 
 # experiments/train.py end to end.
-@pytest.fixture(autouse=True)
-def compile_cache(tmp_path_factory, monkeypatch):
-  """Subprocesses share compiled programs through JAX's persistent cache (saves a compile per process)."""
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.getbasetemp() / 'jax-cache'))
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-
-
 def script(*args) -> list[str]:
   return [sys.executable, str(ROOT / 'experiments' / 'train.py'), '--mfu=false', *args]
 

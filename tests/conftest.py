@@ -1,0 +1,21 @@
+"""One JAX persistent compilation cache for the whole test session, in-process and in the subprocesses tests run.
+
+Many tests build the same small models afresh (new jit closures, same programs), and the CLI tests start Python
+processes that compile them again; the cache turns those recompiles into disk reads (a train.py run: 17 -> 8 s
+here). Set before any test module imports jax, so jax reads it at import; the environment carries it into
+subprocesses. A cache dir the caller already set (JAX_COMPILATION_CACHE_DIR) is used as is.
+"""
+
+import os
+import shutil
+import tempfile
+
+_OWN_CACHE = None if os.environ.get('JAX_COMPILATION_CACHE_DIR') else tempfile.mkdtemp(prefix='slmjax-test-jit-')
+if _OWN_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
