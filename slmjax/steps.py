@@ -41,11 +41,21 @@ def loss_fn(model, batch_BT1: jax.Array) -> tuple[jax.Array, dict[str, jax.Array
   return loss, metrics
 
 
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy, the value of optax's `softmax_cross_entropy_with_integer_labels` bit for bit.
+
+  Not optax's: its `[..., 0]` on the picked logits makes the gradient a scatter of a constant, which XLA
+  constant-folds at compile time in proportion to the tokens (12-14 s for a 4096 x 1024 step on CPU, against
+  0.2 s here); this step also runs as fast or faster (375 vs 457 ms fwd+bwd at 8 x 512 x 32768)."""
+  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1).squeeze(-1)
+  return jnp.mean(jax.nn.logsumexp(logits_BTV, axis=-1) - picked_BT)
+
+
 def loss_and_extras(model, batch_BT1: jax.Array) -> tuple[jax.Array, dict[str, jax.Array], dict]:
   """`loss_fn`, plus the model's extras (the train step balances the router biases from their expert loads)."""
   inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
   logits_BTV, extras = model(inputs_BT)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
+  ce = cross_entropy(logits_BTV, targets_BT)
   loss = ce + extras['aux_loss']
   metrics = {'loss': loss, 'ce': ce}
   if extras['moe_layers']:
