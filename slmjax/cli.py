@@ -42,6 +42,8 @@ def _define(field: dataclasses.Field, default, as_list: bool = False) -> None:
     flags.DEFINE_list(name, [str(default)], meta['help'] + ' A comma-separated list gives one config per value.')
   elif meta['choices']:
     flags.DEFINE_enum(name, default, list(meta['choices']), meta['help'])
+  elif kind == 'tuple[float, ...]':  # a list of numbers in one config (longrope's factors)
+    flags.DEFINE_list(name, [str(v) for v in default], meta['help'])
   elif kind in ('bool', 'int', 'float', 'str'):
     define = {'bool': flags.DEFINE_boolean, 'int': flags.DEFINE_integer, 'float': flags.DEFINE_float,
               'str': flags.DEFINE_string}[kind]
@@ -92,6 +94,11 @@ def flag_values(cls, skip: tuple[str, ...] = (), only_present: bool = False) -> 
         raise ValueError(f'--{flag.name}={",".join(flag.value)}: this needs one value (several give one config '
                          'each: model_configs_from_flags)')
       value = values_[0]
+    if field.type == 'tuple[float, ...]':
+      try:
+        value = tuple(float(v) for v in value)
+      except ValueError:
+        raise ValueError(f'--{flag.name}={",".join(value)}: every item must be a number') from None
     if field.metadata['zero_is_none'] and value is not None and value <= 0:
       value = None
     values[field.name] = value

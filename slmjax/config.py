@@ -24,7 +24,7 @@ DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense', 'select', 'alltoall
 DTYPES = ('float32', 'bfloat16', 'float16')
 MATMULS = ('xla', 'mkl')
 SCHEDULES = ('cosine', 'wsd')
-ROPE_SCALINGS = ('none', 'linear', 'llama3')
+ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn', 'longrope')
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, runtime: bool = False,
@@ -39,7 +39,8 @@ class ConfigDict:
   """Serialisation shared by the frozen config dataclasses (config.json of a run, results rows)."""
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The fields as JSON keeps them (tuples as lists), so a dict read back from a file compares equal."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]):
@@ -125,6 +126,21 @@ class ModelConfig(ConfigDict):
   rope_high_freq_factor: float = option(4.0, 'rope_scaling=llama3: wavelengths below original_len / this are '
                                         'kept (Llama 3.1: 4).')
   rope_original_max_len: int = option(8192, 'rope_scaling: the context length of pre-training (Llama 3.1: 8192).')
+  rope_beta_fast: float = option(32.0, 'rope_scaling=yarn: frequencies turning more than this often over '
+                                 'rope_original_max_len keep their value (YaRN alpha/beta; 32).')
+  rope_beta_slow: float = option(1.0, 'rope_scaling=yarn: frequencies turning less than this often are divided by '
+                                 'rope_factor; those between, a linear ramp (1).')
+  rope_truncate: bool = option(True, 'rope_scaling=yarn: round the ramp\'s ends to whole dimensions (transformers '
+                               '`truncate`; gpt-oss: False).')
+  rope_attention_factor: float = option(1.0, 'rope_scaling=yarn|longrope: cos and sin multiplied by this '
+                                        '(transformers attention_factor, Phi mscale; YaRN 0.1 ln(factor) + 1).')
+  rope_mscale_all_dim: float = option(0.0, 'rope_scaling=yarn, DeepSeek: attention logits also scaled by '
+                                      '(0.1 * this * ln(rope_factor) + 1) ** 2 (DeepSeek-V3: 1.0); 0 = off.')
+  rope_short_factor: tuple[float, ...] = option((), 'rope_scaling=longrope: each of the rope_dim / 2 frequencies '
+                                                'divided by these (comma-separated) for contexts up to '
+                                                'rope_original_max_len.')
+  rope_long_factor: tuple[float, ...] = option((), 'rope_scaling=longrope: the divisors for longer contexts (the '
+                                               'forward\'s length, or the KV cache\'s when decoding).')
 
   # Mixture-of-Experts; n_experts == 0 is a dense model and the fields below are ignored.
   n_experts: int = option(0, 'Routed experts per MoE layer; 0 = a dense model (flag: --experts, with --arch=moe).')
@@ -185,6 +201,7 @@ class ModelConfig(ConfigDict):
       raise ValueError(f'rope_scaling=llama3 needs rope_factor > 0 and 0 < rope_low_freq_factor < '
                        f'rope_high_freq_factor, got {self.rope_factor}, {self.rope_low_freq_factor}, '
                        f'{self.rope_high_freq_factor}')
+    self.check_rope_scaling()
     if self.sliding_window and self.attention == 'mla':
       raise ValueError('sliding_window is not supported with attention=mla; set sliding_window=0')
     if self.attention == 'mla':
@@ -237,6 +254,24 @@ class ModelConfig(ConfigDict):
       if getattr(self, name) < 0:
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
 
+  def check_rope_scaling(self) -> None:
+    """ValueError (one line) for yarn/longrope settings that cannot scale; the factor lists become tuples (a
+    config read from JSON stays hashable and compares equal)."""
+    for name in ('rope_short_factor', 'rope_long_factor'):
+      object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+    if self.rope_scaling == 'yarn' and not (self.rope_factor > 0 and self.rope_beta_fast >= self.rope_beta_slow > 0):
+      raise ValueError(f'rope_scaling=yarn needs rope_factor > 0 and rope_beta_fast >= rope_beta_slow > 0, got '
+                       f'{self.rope_factor}, {self.rope_beta_fast}, {self.rope_beta_slow}')
+    if self.rope_scaling == 'longrope':
+      for name in ('rope_short_factor', 'rope_long_factor'):
+        factors = getattr(self, name)
+        if len(factors) != self.rope_size // 2 or min(factors, default=0) <= 0:
+          raise ValueError(f'rope_scaling=longrope needs {name} of rope_dim / 2 = {self.rope_size // 2} positive '
+                           f'numbers, got {len(factors)}')
+    if self.rope_attention_factor <= 0 or self.rope_mscale_all_dim < 0:
+      raise ValueError(f'rope_attention_factor must be > 0 and rope_mscale_all_dim >= 0, got '
+                       f'{self.rope_attention_factor}, {self.rope_mscale_all_dim}')
+
   def check_routing(self) -> None:
     """ValueError (one line) for group-limited routing or sparsemixer settings that cannot route."""
     check_integers(self, minimum=1, names=('router_groups', 'router_topk_groups'))
@@ -281,6 +316,15 @@ class ModelConfig(ConfigDict):
   def qk_head_size(self) -> int:
     """Width of one query/key head in the attention logits (MLA: no-rope part + rotary part)."""
     return self.head_size + self.rope_size if self.attention == 'mla' else self.head_size
+
+  @property
+  def attention_scale(self) -> float:
+    """What attention logits are multiplied by: query_pre_attn_scalar ** -0.5 (Gemma 2), else qk_head_size ** -0.5;
+    with rope_mscale_all_dim (DeepSeek's YaRN), times yarn_mscale(rope_factor, rope_mscale_all_dim) ** 2."""
+    scale = (self.query_pre_attn_scalar or self.qk_head_size) ** -0.5
+    if self.rope_scaling == 'yarn' and self.rope_mscale_all_dim:
+      scale *= yarn_mscale(self.rope_factor, self.rope_mscale_all_dim) ** 2
+    return scale
 
   @property
   def v_head_size(self) -> int:
@@ -470,6 +514,12 @@ def default_warmup(steps: int, warmup: int = TrainConfig.warmup) -> int:
   """The warmup a run of `steps` gets when none is asked for: the default, or steps // 10 where it would not fit
   (a short run must not fail on a default it never chose)."""
   return warmup if warmup < steps else steps // 10
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  """YaRN's attention temperature for a context `factor` times longer (Peng et al. 2023, eq. 22; transformers'
+  get_mscale): 0.1 * mscale * ln(factor) + 1, and 1 when nothing is extended."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def check_integers(cfg, minimum: int, names: tuple[str, ...], or_none: bool = False) -> None:

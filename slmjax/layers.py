@@ -74,21 +74,30 @@ def rope_tables(seq_len: int, rope_dim: int, theta: float, cfg: ModelConfig | No
   """cos_TR and sin_TR, R = rope_dim / 2 columns, for rotary embeddings (Su et al. 2021), half-split as in Llama.
 
   (The tables' R is half the rotary width of a head: each column rotates one pair.) `cfg` brings its
-  `rope_scaling` (none without it).
+  `rope_scaling` (none without it); the context is seq_len long.
   """
-  return rope_at(jnp.arange(seq_len, dtype=jnp.float32), rope_dim, theta, cfg)
+  return rope_at(jnp.arange(seq_len, dtype=jnp.float32), rope_dim, theta, cfg, seq_len)
 
 
-def rope_frequencies(rope_dim: int, theta: float, cfg: ModelConfig | None = None) -> jax.Array:
+def rope_frequencies(rope_dim: int, theta: float, cfg: ModelConfig | None = None, context_len: int = 0
+                     ) -> jax.Array:
   """The R inverse frequencies theta^(-2i / rope_dim), scaled as `cfg.rope_scaling` says: linear divides them
   all by rope_factor (position interpolation, Chen et al. 2023); llama3 (Llama 3.1,
   transformers' `_compute_llama3_parameters`) divides wavelengths longer than original_len / low_freq_factor by
-  rope_factor, keeps those shorter than original_len / high_freq_factor and interpolates smoothly between."""
+  rope_factor, keeps those shorter than original_len / high_freq_factor and interpolates smoothly between;
+  yarn (`yarn_frequencies`); longrope (Phi-3) divides frequency i by rope_short_factor[i], or by
+  rope_long_factor[i] when the context (`context_len`: the forward's length, the cache's when decoding) is
+  longer than rope_original_max_len."""
   inv_freq = theta ** -(jnp.arange(0, rope_dim, 2, dtype=jnp.float32) / rope_dim)
   if cfg is None or cfg.rope_scaling == 'none':
     return inv_freq
   if cfg.rope_scaling == 'linear':
     return inv_freq / cfg.rope_factor
+  if cfg.rope_scaling == 'yarn':
+    return yarn_frequencies(inv_freq, rope_dim, theta, cfg)
+  if cfg.rope_scaling == 'longrope':
+    long = context_len > cfg.rope_original_max_len
+    return inv_freq / jnp.asarray(cfg.rope_long_factor if long else cfg.rope_short_factor, jnp.float32)
   factor, low, high, old = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
                             cfg.rope_original_max_len)
   wavelen = 2 * math.pi / inv_freq
@@ -99,12 +108,32 @@ def rope_frequencies(rope_dim: int, theta: float, cfg: ModelConfig | None = None
   return jnp.where(medium, smoothed, scaled)
 
 
-def rope_at(positions_T: jax.Array, rope_dim: int, theta: float, cfg: ModelConfig | None = None
-            ) -> tuple[jax.Array, jax.Array]:
-  """cos_TR and sin_TR at the given positions (the rows of `rope_tables` there): a decode step's tables."""
-  inv_freq = rope_frequencies(rope_dim, theta, cfg)
+def yarn_frequencies(inv_freq: jax.Array, rope_dim: int, theta: float, cfg: ModelConfig) -> jax.Array:
+  """YaRN (Peng et al. 2023; transformers' `_compute_yarn_parameters`): frequencies that turn fewer than
+  rope_beta_slow times over the pre-training context are divided by rope_factor, those turning more than
+  rope_beta_fast times are kept, and a linear ramp over the dimensions between blends the two."""
+  def dimension_of(rotations: float) -> float:  # the dimension whose frequency turns `rotations` times
+    return rope_dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+  low, high = dimension_of(cfg.rope_beta_fast), dimension_of(cfg.rope_beta_slow)
+  if cfg.rope_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, rope_dim - 1)
+  if low == high:
+    high += 0.001  # as transformers: no division by zero
+  ramp = jnp.clip((jnp.arange(rope_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  return inv_freq / cfg.rope_factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_at(positions_T: jax.Array, rope_dim: int, theta: float, cfg: ModelConfig | None = None,
+            context_len: int = 0) -> tuple[jax.Array, jax.Array]:
+  """cos_TR and sin_TR at the given positions (the rows of `rope_tables` there, for a context of context_len):
+  a decode step's tables. yarn and longrope scale both by rope_attention_factor."""
+  inv_freq = rope_frequencies(rope_dim, theta, cfg, context_len)
   angles_TR = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
-  return jnp.cos(angles_TR), jnp.sin(angles_TR)
+  cos_TR, sin_TR = jnp.cos(angles_TR), jnp.sin(angles_TR)
+  if cfg is not None and cfg.rope_scaling in ('yarn', 'longrope') and cfg.rope_attention_factor != 1.0:
+    cos_TR, sin_TR = cos_TR * cfg.rope_attention_factor, sin_TR * cfg.rope_attention_factor
+  return cos_TR, sin_TR
 
 
 def apply_rope(x_BTHR: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.Array:
@@ -232,7 +261,7 @@ class Attention(nnx.Module):
     D, H, K, Z = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size
     p = cfg.param_dtype
     self.cfg, self.window = cfg, window
-    self.scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+    self.scale = cfg.attention_scale
     self.w_q_DHZ = make_param(rngs, (D, H, Z), ('embed', 'q_heads', 'head_dim'), p, role='attention', fan_in=D)
     self.w_k_DKZ = make_param(rngs, (D, K, Z), ('embed', 'kv_heads', 'head_dim'), p, role='attention', fan_in=D)
     self.w_v_DKZ = make_param(rngs, (D, K, Z), ('embed', 'kv_heads', 'head_dim'), p, role='attention', fan_in=D)

@@ -6,7 +6,8 @@ key shared by all heads, because rotary does not commute with the latent up-proj
 the latents to per-head keys and values; a cached decode step absorbs the up-projections into the query and output
 instead (`MLAttention.cached`): the same function and parameters, read from a cache of latents. Rotary uses the half-split layout of
 `layers.apply_rope` (DeepSeek's checkpoints pair interleaved dimensions: a fixed permutation of the rotary columns)
-and the plain 1/sqrt(Z + R) logit scale (DeepSeek's YaRN factor for long context has no parameters).
+and the logit scale cfg.attention_scale: 1/sqrt(Z + R), times DeepSeek's YaRN mscale ** 2 when rope_mscale_all_dim
+is set.
 
 Shape letters: slmjax/shapes.py. Here: B batch, T query time, U key time, D d_model, H heads, Z no-rope q/k width
 per head (`head_dim`), R rotary width (`qk_rope_dim`), O = Z + R the q/k width per head, Y value width per head
@@ -115,18 +116,19 @@ class MLAttention(nnx.Module):
     k_BUHZ = linear(ckv_BUJ, self.w_uk_JHZ[...].astype(dt))
     k_BUHO = jnp.concatenate([k_BUHZ, jnp.broadcast_to(kr_BUR[:, :, None], (B, U, H, kr_BUR.shape[-1]))], axis=-1)
     v_BUHY = linear(ckv_BUJ, self.w_uv_JHY[...].astype(dt))
-    out_BTH1Y = causal_attention(q_BTHO[:, :, :, None], k_BUHO, v_BUHY, cfg.attn_softcap)  # K = H heads, Q = 1
+    out_BTH1Y = causal_attention(q_BTHO[:, :, :, None], k_BUHO, v_BUHY, cfg.attn_softcap,  # K = H heads, Q = 1
+                                   scale=cfg.attention_scale)
     return out_BTH1Y[:, :, :, 0]
 
   def absorbed_attention(self, q_BTHO: jax.Array, cache: LatentCache, start) -> jax.Array:
     """out_BTHY of T queries at positions start.. over the cached latents, up-projections absorbed."""
     cfg = self.cfg
     dt = dtype_of(cfg.dtype)
-    T, U, Z, O = q_BTHO.shape[1], cache.ckv_BUJ.shape[1], cfg.head_size, q_BTHO.shape[-1]
+    T, U, Z = q_BTHO.shape[1], cache.ckv_BUJ.shape[1], cfg.head_size
     q_BTHJ = jnp.einsum('BTHZ,JHZ->BTHJ', q_BTHO[..., :Z], self.w_uk_JHZ[...].astype(dt))
     logits_BHTU = (jnp.einsum('BTHJ,BUJ->BHTU', q_BTHJ, cache.ckv_BUJ)
                    + jnp.einsum('BTHR,BUR->BHTU', q_BTHO[..., Z:], cache.kr_BUR))
-    logits_BHTU = softcap(logits_BHTU.astype(jnp.float32) * O ** -0.5, cfg.attn_softcap)
+    logits_BHTU = softcap(logits_BHTU.astype(jnp.float32) * cfg.attention_scale, cfg.attn_softcap)
     visible_TU = jnp.arange(U)[None, :] <= (start + jnp.arange(T))[:, None]
     logits_BHTU = jnp.where(visible_TU, logits_BHTU, jnp.finfo(jnp.float32).min)
     probs_BHTU = jax.nn.softmax(logits_BHTU, axis=-1).astype(cache.ckv_BUJ.dtype)

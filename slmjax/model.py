@@ -111,10 +111,8 @@ class Transformer(nnx.Module):
     T = x_BTD.shape[1]
     if isinstance(start, int) and start + T > caches[0][0].shape[1]:
       raise ValueError(f'{start + T} positions do not fit a cache of {caches[0][0].shape[1]}')
-    if isinstance(start, int) and start == 0:
-      cos_TR, sin_TR = rope_tables(T, cfg.rope_size, cfg.rope_theta, cfg)
-    else:
-      cos_TR, sin_TR = rope_at(start + jnp.arange(T), cfg.rope_size, cfg.rope_theta, cfg)
+    # The rotary context is the cache's length (longrope picks its factors by it), prefill and decode alike.
+    cos_TR, sin_TR = rope_at(start + jnp.arange(T), cfg.rope_size, cfg.rope_theta, cfg, caches[0][0].shape[1])
     new_caches = []
     for block, cache in zip(self.blocks, caches, strict=True):
       x_BTD, cache = block.cached(x_BTD, cos_TR, sin_TR, cache, start)

@@ -2,10 +2,13 @@
 
 Each real preset is the model's published `config.json` (or technical report) transcribed field by field into a
 ModelConfig; its docstring names the source, the published parameter counts and the command that shows ours.
-Only the language model is built (no vision encoder, no multi-token-prediction module). Features that change
-neither the parameters nor the shapes (sliding-window or chunked attention, RoPE scaling, DeepSeek's group-limited
-routing where a preset does not set it) are left out and said so; Phi-3.5-MoE routes by SparseMixer. `max_seq_len` is 4096 everywhere: RoPE has no parameters,
-and FLOPs per token are then compared at one context length.
+Only the language model is built (no vision encoder, no multi-token-prediction module). Features without
+parameters are transcribed too where slmjax has them (sliding windows, Gemma's logit scale and zero-centred norms,
+Llama 3.2's and DeepSeek's rotary scaling), so a preset is what its config.json imports as
+(tests/test_presets.py checks six against their transcribed config.json); what slmjax lacks (chunked attention,
+NoPE layers) or what could not be transcribed offline (Phi-3.5-MoE's 64-number longrope factor lists) is left
+out and said so. `max_seq_len` is 4096 everywhere: RoPE has no parameters, and FLOPs per token are then
+compared at one context length.
 
   python experiments/count.py --preset=mixtral-8x7b                 # one model
   python experiments/count.py --preset=all                          # the table of every preset
@@ -109,14 +112,19 @@ def qwen2_5_1_5b():
                 norm_eps=1e-6, rope_theta=1_000_000.0, tie_embeddings=True)
 
 
+LLAMA_3_2_ROPE = dict(rope_scaling='llama3', rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                      rope_original_max_len=8192)
+
+
 @preset('llama-3.2-1b', '1.23B')
 def llama_3_2_1b():
-  """Llama 3.2 1B (HF meta-llama/Llama-3.2-1B config.json). GQA 32 / 8, head_dim 64, tied. Published 1.23B.
+  """Llama 3.2 1B (HF meta-llama/Llama-3.2-1B config.json). GQA 32 / 8, head_dim 64, tied, llama3 rotary
+  scaling (factor 32 over 8192). Published 1.23B.
 
   Run: python experiments/count.py --preset=llama-3.2-1b
   """
   return _llama(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, d_ff=8192,
-                rope_theta=500_000.0, tie_embeddings=True)
+                rope_theta=500_000.0, tie_embeddings=True, **LLAMA_3_2_ROPE)
 
 
 @preset('llama-3.2-3b', '3.21B')
@@ -126,7 +134,7 @@ def llama_3_2_3b():
   Run: python experiments/count.py --preset=llama-3.2-3b
   """
   return _llama(vocab_size=128256, d_model=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, d_ff=8192,
-                rope_theta=500_000.0, tie_embeddings=True)
+                rope_theta=500_000.0, tie_embeddings=True, **LLAMA_3_2_ROPE)
 
 
 @preset('llama-3-8b', '8.03B')
@@ -144,24 +152,27 @@ def gemma_2_2b():
   """Gemma 2 2B (HF google/gemma-2-2b config.json; Gemma Team 2024, arXiv:2408.00118, tables 1-2).
 
   GQA 8 / 4 with head_dim 256 (d_model 2304), GeGLU (tanh GELU), four RMSNorms a block, embeddings scaled by
-  sqrt(d_model), tied, soft-capped attention (50) and final (30) logits. Alternating local sliding-window layers
-  are not modelled (no parameters). Published 2.61B; the report's non-embedding count 2,024,517,888 is exact
+  sqrt(d_model), tied, soft-capped attention (50) and final (30) logits, logits scaled by 256 ** -0.5
+  (query_pre_attn_scalar), norm gains stored zero-centred, 4096-token sliding windows on the even layers.
+  Published 2.61B; the report's non-embedding count 2,024,517,888 is exact
   here (its embedding count uses a 256,128-row table, the checkpoint has 256,000).
   Run: python experiments/count.py --preset=gemma-2-2b
   """
   return _llama(vocab_size=256000, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4, head_dim=256, d_ff=9216,
                 activation='geglu', norm_eps=1e-6, post_norms=True, embed_scale=True, attn_softcap=50.0,
-                logit_softcap=30.0, tie_embeddings=True)
+                logit_softcap=30.0, tie_embeddings=True, norm_plus_one=True, query_pre_attn_scalar=256.0,
+                sliding_window=4096, sliding_every=2)
 
 
 @preset('mistral-7b', '7.24B')
 def mistral_7b():
   """Mistral 7B v0.1 (HF mistralai/Mistral-7B-v0.1 config.json; Jiang et al. 2023, arXiv:2310.06825).
 
-  GQA 32 / 8, vocabulary 32000, untied; its 4096-token sliding window has no parameters. Published 7.24B.
+  GQA 32 / 8, vocabulary 32000, untied, a 4096-token sliding window on every layer. Published 7.24B.
   Run: python experiments/count.py --preset=mistral-7b
   """
-  return _llama(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336)
+  return _llama(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                sliding_window=4096)
 
 
 # Mixture-of-Experts models.
@@ -194,12 +205,13 @@ def phi_3_5_moe():
   """Phi-3.5-MoE (HF microsoft/Phi-3.5-MoE-instruct config.json and transformers' modeling_phimoe).
 
   LayerNorm with bias, biases on q/k/v/o (attention_bias) and on the lm_head (lm_head_bias), untied,
-  16 experts of width 6400, top-2 by SparseMixer (router='sparsemixer': its inference path, eps 0.01).
-  Published 41.9B total, 6.6B active. Run: python experiments/count.py --preset=phi-3.5-moe
+  16 experts of width 6400, top-2 by SparseMixer (router='sparsemixer': its inference path, eps 0.01), a
+  131072-token sliding window (its whole context). Its longrope factor lists (64 numbers each) are not transcribed
+  here (no parameters; import the checkpoint for them). Published 41.9B total, 6.6B active. Run: python experiments/count.py --preset=phi-3.5-moe
   """
   return _llama(vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=6400,
                 norm='layernorm', qkv_bias=True, o_bias=True, lm_head_bias=True, n_experts=16, top_k=2,
-                router='sparsemixer', sparsemixer_eps=0.01)
+                router='sparsemixer', sparsemixer_eps=0.01, sliding_window=131072)
 
 
 @preset('olmoe-1b-7b', '6.9B', '1.3B')
@@ -244,11 +256,20 @@ def deepseek_v2_lite():
 
   MLA without the query low-rank path (kv_lora_rank 512, rope 64, nope 128, value 128), first layer dense
   (width 10944), then 64 routed experts of width 1408, top-6, softmax without renormalising, plus 2 shared experts.
-  Published 15.7B total, 2.4B active. Run: python experiments/count.py --preset=deepseek-v2-lite
+  YaRN rotary scaling (factor 40 over 4096, mscale = mscale_all_dim = 0.707). Published 15.7B total, 2.4B active.
+  Run: python experiments/count.py --preset=deepseek-v2-lite
   """
   return _llama(vocab_size=102400, d_model=2048, n_layers=27, n_heads=16, attention='mla', head_dim=128,
                 kv_lora_rank=512, qk_rope_dim=64, v_head_dim=128, norm_eps=1e-6, d_ff=10944, n_experts=64, top_k=6,
-                d_expert=1408, n_shared_experts=2, d_shared=1408, first_dense=1, router_renormalize=False)
+                d_expert=1408, n_shared_experts=2, d_shared=1408, first_dense=1, router_renormalize=False,
+                **deepseek_yarn(0.707))
+
+
+def deepseek_yarn(mscale: float) -> dict:
+  """DeepSeek's YaRN as published: factor 40 over 4096, beta 32 / 1, mscale = mscale_all_dim (so cos and sin
+  are unscaled and the logits scaled by mscale(40) ** 2)."""
+  return dict(rope_scaling='yarn', rope_factor=40.0, rope_original_max_len=4096, rope_beta_fast=32.0,
+              rope_beta_slow=1.0, rope_attention_factor=1.0, rope_mscale_all_dim=mscale)
 
 
 def _deepseek_v3(**fields) -> ModelConfig:
@@ -260,7 +281,7 @@ def _deepseek_v3(**fields) -> ModelConfig:
                    'norm_eps': 1e-6, 'd_ff': 18432, 'n_experts': 256, 'top_k': 8, 'd_expert': 2048,
                    'n_shared_experts': 1, 'd_shared': 2048, 'first_dense': 3, 'router': 'sigmoid',
                    'router_bias': True, 'routed_scale': 2.5, 'balance': 'both', 'lb_loss_weight': 0.0001,
-                   'router_groups': 8, 'router_topk_groups': 4, **fields})
+                   'router_groups': 8, 'router_topk_groups': 4, **deepseek_yarn(1.0), **fields})
 
 
 @preset('deepseek-v3', 671_026_419_200, '37B')
@@ -282,12 +303,14 @@ def deepseek_v3():
 def kimi_k2():
   """Kimi K2 (HF moonshotai/Kimi-K2-Instruct config.json; Kimi Team 2025, arXiv:2507.20534).
 
-  DeepSeek-V3's architecture with 64 heads, 384 experts, 1 dense layer, vocabulary 163840, routed scale 2.827.
+  DeepSeek-V3's architecture with 64 heads, 384 experts, 1 dense layer, vocabulary 163840, routed scale 2.827;
+  its YaRN settings are not transcribed (rope_scaling none).
   Published "1T" total (the checkpoint holds 1,026,408,232,448 language-model parameters), 32B active.
   Run: python experiments/count.py --preset=kimi-k2
   """
   return _deepseek_v3(vocab_size=163840, n_heads=64, n_experts=384, first_dense=1, routed_scale=2.827,
-                      rope_theta=50_000.0, router_groups=1, router_topk_groups=1)  # n_group 1: no groups
+                      rope_theta=50_000.0, router_groups=1, router_topk_groups=1,  # n_group 1: no groups
+                      rope_scaling='none', rope_mscale_all_dim=0.0)  # its YaRN settings: not transcribed
 
 
 @preset('llama-4-maverick', '400B', '17B')

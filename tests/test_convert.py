@@ -18,7 +18,7 @@ from slmjax.config import ModelConfig
 from slmjax.convert import common, hf_io
 from slmjax.model import init_cache
 
-DENSE = ('llama', 'llama3', 'llama-linear', 'mistral', 'qwen2', 'qwen3', 'gemma2')
+DENSE = ('llama', 'llama3', 'llama-linear', 'llama-longrope', 'mistral', 'qwen2', 'qwen2-yarn', 'qwen3', 'gemma2')
 
 
 @pytest.mark.parametrize('name', DENSE)
@@ -39,11 +39,13 @@ def test_counts_equal_counting(name):
   assert hf_parity.counts_match(hf_parity.fixture(name)) > 0
 
 
-def test_sliding_window_and_scale_survive_cached_decoding():
-  """Gemma 2's local layers, query_pre_attn_scalar and soft-caps, decoded one token at a time through the KV
+@pytest.mark.parametrize('name', ['gemma2', 'llama-longrope', 'deepseek_v2'])
+def test_sliding_window_and_scale_survive_cached_decoding(name):
+  """Gemma 2's local layers, query_pre_attn_scalar and soft-caps, longrope's long factors (picked by the cache's
+  length) and DeepSeek's YaRN logit scale on the absorbed MLA path, decoded one token at a time through the KV
   cache, give the logits of the full forward."""
-  model = convert.load_hf(hf_parity.fixture('gemma2'))
-  tokens_BT = jnp.asarray(np.load(hf_parity.fixture('gemma2') / 'tokens.npy'))
+  model = convert.load_hf(hf_parity.fixture(name))
+  tokens_BT = jnp.asarray(np.load(hf_parity.fixture(name) / 'tokens.npy'))
   caches = init_cache(model.cfg, tokens_BT.shape[0], tokens_BT.shape[1])
   graph, state = nnx.split(model)
 
@@ -166,8 +168,15 @@ def test_not_a_model_directory(tmp_path):
 
 def test_unsupported_features_fail_in_one_line():
   base = json.loads((hf_parity.fixture('llama') / 'config.json').read_text())
-  with pytest.raises(ValueError, match="rope type 'yarn' is not implemented"):
-    convert.config_from_hf({**base, 'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4}})
+  with pytest.raises(ValueError, match="rope type 'dynamic' is not implemented"):
+    convert.config_from_hf({**base, 'rope_parameters': {'rope_type': 'dynamic', 'rope_theta': 1e4, 'factor': 4}})
+  with pytest.raises(ValueError, match='short_mscale=1.2 != long_mscale=1.5 is not implemented'):
+    phimoe = json.loads((hf_parity.fixture('phimoe') / 'config.json').read_text())
+    phimoe['rope_parameters'].update(long_mscale=1.5)
+    convert.config_from_hf(phimoe)
+  with pytest.raises(ValueError, match='rope_long_factor of rope_dim / 2 = 8 positive numbers, got 3'):
+    phimoe['rope_parameters'].update(long_mscale=1.2, long_factor=[1.0, 2.0, 3.0])
+    convert.config_from_hf(phimoe)
   with pytest.raises(ValueError, match='mlp_bias'):
     convert.config_from_hf({**base, 'mlp_bias': True})
   moe = ModelConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, n_experts=4)

@@ -9,6 +9,7 @@ import pytest
 
 import hf_parity
 from slmjax import convert
+from slmjax.convert import hf_io
 
 MOE = ('mixtral', 'qwen3_moe', 'qwen2_moe', 'olmoe', 'phimoe', 'deepseek_v3', 'deepseek_v2')
 
@@ -56,3 +57,15 @@ def test_phimoe_imports_sparsemixer_layernorm_and_biases():
   hf = json.loads((hf_parity.fixture('phimoe') / 'config.json').read_text())
   with pytest.raises(ValueError, match='sparsemixer routes top-2 only'):
     convert.config_from_hf({**hf, 'num_experts_per_tok': 3})
+
+
+def test_deepseek_mtp_layers_are_skipped(tmp_path):
+  """DeepSeek-V3's multi-token-prediction module sits at layers num_hidden_layers.. (model.layers.61.* on the
+  Hub): the import skips it, as transformers does, and reads the same model."""
+  directory = hf_parity.fixture('deepseek_v3')
+  hf, tensors = hf_io.read_model_dir(directory)
+  mtp = {'model.layers.2.eh_proj.weight': np.ones((64, 128), np.float32),
+         'model.layers.2.self_attn.o_proj.weight': np.ones((64, 64), np.float32)}
+  hf_io.write_model_dir(tmp_path, {**hf, 'num_nextn_predict_layers': 1}, {**tensors, **mtp})
+  assert hf_parity.logits_diff(tmp_path, np.load(directory / 'tokens.npy'),
+                               np.load(directory / 'logits.npy')) <= hf_parity.TOLERANCE

@@ -44,7 +44,12 @@ def family(model_type: str | None) -> ModuleType:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-  """The ModelConfig of a config.json dict (multimodal wrappers' `text_config` is not read)."""
+  """The ModelConfig of a config.json dict (multimodal wrappers' `text_config` is not read); quantized
+  checkpoints (a `quantization_config`, e.g. DeepSeek-V3's fp8 blocks) are refused in one line."""
+  quantization = hf.get('quantization_config')
+  if quantization:
+    raise ValueError(f'quantized checkpoints ({quantization.get("quant_method", "?")}) are not read: convert it to '
+                     'bfloat16 first (DeepSeek-V3: its inference/fp8_cast_bf16.py) and drop quantization_config')
   return family(hf.get('model_type')).config_from_hf(hf)
 
 

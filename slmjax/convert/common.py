@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from slmjax.config import ModelConfig
+from slmjax.config import ModelConfig, yarn_mscale
 from slmjax.model import abstract_model
 
 # Checkpoint tensors that carry no parameter (buffers some exporters save).
@@ -133,30 +133,65 @@ def export_rules(rules: list[Rule], state: nnx.State) -> dict[str, np.ndarray]:
   return {name: w for r in rules for name, w in r.write(params[r.path]).items()}
 
 
-def rope_from_hf(hf: dict) -> dict:
-  """ModelConfig rotary fields from either spelling: transformers 5 `rope_parameters` or the Hub's
-  `rope_theta` + `rope_scaling`; ValueError for a scaling type slmjax does not implement."""
+def rope_params(hf: dict) -> dict:
+  """The rotary parameters of a config.json in one dict, whichever spelling it uses: transformers 5
+  `rope_parameters` or the Hub's `rope_scaling` (its `type` read as `rope_type`)."""
   params = dict(hf.get('rope_scaling') or {})
   params.update(hf.get('rope_parameters') or {})
-  theta = params.get('rope_theta', hf.get('rope_theta', 10_000.0))
-  kind = params.get('rope_type', params.get('type', 'default'))
-  out = {'rope_theta': float(theta)}
+  params.setdefault('rope_type', params.get('type', 'default'))
+  return params
+
+
+def rope_from_hf(hf: dict, phi_mscales: bool = False) -> dict:
+  """ModelConfig rotary fields of a config.json (`rope_params`), with transformers' defaults: a pre-training
+  length `original_max_position_embeddings` (top level first, as Phi-3 stores it), a yarn/longrope `factor`
+  of max_position_embeddings / that, and the attention factor derived from them when not given.
+  `phi_mscales`: longrope's attention factor is `short_mscale` (Phi-3.5-MoE; it must equal `long_mscale`).
+  ValueError for a scaling type slmjax does not implement."""
+  params = rope_params(hf)
+  kind = params['rope_type']
+  out = {'rope_theta': float(params.get('rope_theta', hf.get('rope_theta', 10_000.0)))}
+  original = int(hf.get('original_max_position_embeddings') or params.get('original_max_position_embeddings')
+                 or hf.get('max_position_embeddings', 4096))
+  factor = float(params.get('factor') or hf.get('max_position_embeddings', original) / original)
+  attention = params.get('attention_factor')
   if kind == 'llama3':
     out.update(rope_scaling='llama3', rope_factor=float(params['factor']),
                rope_low_freq_factor=float(params['low_freq_factor']),
                rope_high_freq_factor=float(params['high_freq_factor']),
-               rope_original_max_len=int(params['original_max_position_embeddings']))
+               rope_original_max_len=original)
   elif kind == 'linear':
     out.update(rope_scaling='linear', rope_factor=float(params['factor']))
+  elif kind == 'yarn':
+    mscale, mscale_all_dim = params.get('mscale'), params.get('mscale_all_dim')
+    if attention is None:
+      attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+                   else yarn_mscale(factor))
+    out.update(rope_scaling='yarn', rope_factor=factor, rope_original_max_len=original,
+               rope_beta_fast=float(params.get('beta_fast') or 32), rope_beta_slow=float(params.get('beta_slow') or 1),
+               rope_truncate=bool(params.get('truncate', True)), rope_attention_factor=float(attention))
+  elif kind == 'longrope':
+    if phi_mscales:
+      if params.get('short_mscale') != params.get('long_mscale'):
+        raise ValueError(f'longrope with short_mscale={params.get("short_mscale")} != long_mscale='
+                         f'{params.get("long_mscale")} is not implemented (one attention factor)')
+      attention = params.get('short_mscale')
+    if attention is None:
+      attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    out.update(rope_scaling='longrope', rope_original_max_len=original, rope_attention_factor=float(attention),
+               rope_short_factor=tuple(map(float, params['short_factor'])),
+               rope_long_factor=tuple(map(float, params['long_factor'])))
   elif kind != 'default':
-    raise ValueError(f'rope type {kind!r} is not implemented (slmjax has default, linear and llama3)')
+    raise ValueError(f'rope type {kind!r} is not implemented (slmjax has default, linear, llama3, yarn and '
+                     'longrope)')
   if params.get('partial_rotary_factor', 1.0) != 1.0:
     raise ValueError(f'partial_rotary_factor={params["partial_rotary_factor"]} is not implemented (1.0 only)')
   return out
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict:
-  """config.json rotary fields in both spellings (transformers 5 reads either)."""
+  """config.json rotary fields in both spellings (transformers 5 reads either); yarn and longrope write their
+  attention factor explicitly, so transformers derives nothing."""
   params = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
   if cfg.rope_scaling == 'linear':
     params.update(rope_type='linear', factor=cfg.rope_factor)
@@ -164,6 +199,16 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
     params.update(rope_type='llama3', factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
                   high_freq_factor=cfg.rope_high_freq_factor,
                   original_max_position_embeddings=cfg.rope_original_max_len)
+  if cfg.rope_scaling == 'yarn':
+    params.update(rope_type='yarn', factor=cfg.rope_factor, original_max_position_embeddings=cfg.rope_original_max_len,
+                  beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate,
+                  attention_factor=cfg.rope_attention_factor)
+    if cfg.rope_mscale_all_dim:
+      params['mscale_all_dim'] = cfg.rope_mscale_all_dim
+  if cfg.rope_scaling == 'longrope':
+    params.update(rope_type='longrope', original_max_position_embeddings=cfg.rope_original_max_len,
+                  short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor),
+                  attention_factor=cfg.rope_attention_factor)
   return {'rope_theta': cfg.rope_theta, 'rope_parameters': params}
 
 

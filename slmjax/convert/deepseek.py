@@ -12,8 +12,10 @@ Two checkpoint tensors hold two slmjax parameters each, and the rotary rows are 
   (V2 always, V3 with rope_interleave, which its Hub checkpoints set); slmjax rotates half-split pairs (i, i + R/2), so import reorders those
   rows evens-then-odds (the same q.k, hence the same logits) and export restores them.
 The latent norms use eps 1e-6 in transformers whatever rms_norm_eps says (slmjax: norm_eps); so does every
-published DeepSeek config. Not converted (one-line errors): YaRN rope scaling, attention_bias, mlp_bias, and the
-multi-token-prediction layers (layers past num_hidden_layers).
+published DeepSeek config. YaRN rotary scaling converts with DeepSeek's extra logit scale (mscale_all_dim:
+ModelConfig.rope_mscale_all_dim). V3's multi-token-prediction layers (num_nextn_predict_layers of them past
+num_hidden_layers) are skipped on import, as transformers does: slmjax predicts the next token only. Not converted
+(one-line errors): attention_bias, mlp_bias.
 
 Shape letters: slmjax/shapes.py (here D, H, Z, R, Y, I, J, E, F; MLA's as in slmjax/mla.py).
 """
@@ -69,6 +71,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
       n_experts=n_experts, top_k=hf['num_experts_per_tok'], d_expert=hf['moe_intermediate_size'],
       n_shared_experts=n_shared, d_shared=hf['moe_intermediate_size'] if n_shared else None,
       first_dense=hf.get('first_k_dense_replace') or 0, routed_scale=float(hf.get('routed_scaling_factor', 1.0)),
+      rope_mscale_all_dim=float(common.rope_params(hf).get('mscale_all_dim') or 0.0),
       **router, **mixtral.DROPLESS, **common.rope_from_hf(hf))
 
 
@@ -90,7 +93,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
                      'deepseek_v2: softmax_topk, not renormalised; both MLA)')
   common.require(cfg, kind, activation='swiglu', norm='rmsnorm', post_norms=False, embed_scale=False,
                  logit_softcap=0.0, attn_softcap=0.0, norm_plus_one=False, query_pre_attn_scalar=0.0,
-                 lm_head_bias=False, o_bias=False, shared_gate=False, rope_scaling='none')
+                 lm_head_bias=False, o_bias=False, shared_gate=False)
   if cfg.n_shared_experts and cfg.shared_size != cfg.expert_size:
     raise ValueError(f'{kind} shared experts have the routed width: d_shared={cfg.shared_size} must equal '
                      f'd_expert={cfg.expert_size}')
@@ -196,8 +199,17 @@ def rules(cfg: ModelConfig) -> list[common.Rule]:
   return out
 
 
+def without_mtp(tensors: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
+  """The tensors less the multi-token-prediction modules, stored as layers n_layers.. (V3's model.layers.61.*;
+  transformers ignores them too)."""
+  def layer(name: str) -> int:
+    parts = name.split('.')
+    return int(parts[2]) if name.startswith('model.layers.') and parts[2].isdigit() else -1
+  return {name: w for name, w in tensors.items() if layer(name) < n_layers}
+
+
 def state_from_hf(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> nnx.State:
-  split = split_attention(tensors, cfg, interleaved=True)
+  split = split_attention(without_mtp(tensors, cfg.n_layers), cfg, interleaved=True)
   return common.import_rules(rules(cfg), split, cfg, ignore=('lm_head.weight',) if cfg.tie_embeddings else ())
 
 

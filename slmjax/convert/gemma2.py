@@ -49,7 +49,7 @@ def model_type_of(cfg: ModelConfig) -> str | None:
 
 def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
   common.require(cfg, 'gemma2', n_experts=0, attention='gqa', activation='geglu', norm='rmsnorm', post_norms=True,
-                 embed_scale=True, norm_plus_one=True, qk_norm='none', lm_head_bias=False, rope_scaling='none')
+                 embed_scale=True, norm_plus_one=True, qk_norm='none', lm_head_bias=False, rope_mscale_all_dim=0.0)
   if cfg.qkv_bias != cfg.o_bias:
     raise ValueError('gemma2 checkpoints have biases on all of q, k, v, o or on none (attention_bias)')
   if cfg.sliding_window and cfg.sliding_every != 2:

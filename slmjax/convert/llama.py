@@ -59,7 +59,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
   kind = model_type or model_type_of(cfg) or 'llama'
   common.require(cfg, kind, n_experts=0, attention='gqa', activation='swiglu', norm='rmsnorm', post_norms=False,
                  embed_scale=False, logit_softcap=0.0, attn_softcap=0.0, norm_plus_one=False,
-                 query_pre_attn_scalar=0.0, lm_head_bias=False,
+                 query_pre_attn_scalar=0.0, lm_head_bias=False, rope_mscale_all_dim=0.0,
                  qk_norm='head' if kind == 'qwen3' else 'none')
   if kind == 'qwen2':
     common.require(cfg, kind, qkv_bias=True, o_bias=False)

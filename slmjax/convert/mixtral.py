@@ -54,7 +54,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
                      'biases, and router=softmax_topk with router_renormalize')
   common.require(cfg, 'mixtral', activation='swiglu', post_norms=False, embed_scale=False, logit_softcap=0.0,
                  attn_softcap=0.0, norm_plus_one=False, query_pre_attn_scalar=0.0, lm_head_bias=False,
-                 o_bias=False, router_bias=False, routed_scale=1.0, rope_scaling='none')
+                 o_bias=False, router_bias=False, routed_scale=1.0, rope_mscale_all_dim=0.0)
   if cfg.sliding_window and cfg.sliding_every != 1:
     raise ValueError(f'mixtral checkpoints cannot express sliding_every={cfg.sliding_every}')
   return {'model_type': 'mixtral', 'architectures': ['MixtralForCausalLM'], 'vocab_size': cfg.vocab_size,

@@ -48,7 +48,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
                      'and router=softmax_topk')
   common.require(cfg, 'olmoe', activation='swiglu', norm='rmsnorm', post_norms=False, embed_scale=False,
                  logit_softcap=0.0, attn_softcap=0.0, norm_plus_one=False, query_pre_attn_scalar=0.0,
-                 lm_head_bias=False, router_bias=False, routed_scale=1.0, sliding_window=0, rope_scaling='none',
+                 lm_head_bias=False, router_bias=False, routed_scale=1.0, sliding_window=0, rope_mscale_all_dim=0.0,
                  head_dim=None)
   if cfg.qkv_bias != cfg.o_bias:
     raise ValueError('olmoe checkpoints have biases on all of q, k, v, o or on none (attention_bias)')

@@ -1,7 +1,10 @@
 """Phi-3.5-MoE (`phimoe`): the Mixtral layout with LayerNorms (gain and bias), biases on q, k, v, o
 (attention_bias) and on the lm_head (lm_head_bias), and sparsemixer top-2 routing (`router='sparsemixer'`, its
 eps = router_jitter_noise): the deterministic path transformers runs at inference. The published checkpoint's
-long-context rope (longrope) is not implemented (`common.rope_from_hf` refuses it in one line).
+long-context rotary scaling is longrope with short_mscale = long_mscale (slmjax's rope_attention_factor). slmjax
+picks the long factors beyond original_max_position_embeddings, as Microsoft's reference code and transformers'
+Phi-3 do; transformers 5's PhiMoE keeps the short ones at every length (only its mscale switches), so the two
+agree up to that length.
 
   model.layers.{i}.{input,post_attention}_layernorm.{weight,bias}, model.norm.{weight,bias}, lm_head.bias [V]
   model.layers.{i}.block_sparse_moe.gate.weight, block_sparse_moe.experts.{e}.{w1,w3,w2}.weight (as Mixtral)
@@ -36,7 +39,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
       qkv_bias=bias, o_bias=bias, lm_head_bias=bool(hf.get('lm_head_bias', False)),
       n_experts=hf['num_local_experts'], top_k=2, router='sparsemixer',
       sparsemixer_eps=float(hf.get('router_jitter_noise', 0.01)), **mixtral.DROPLESS,
-      **common.rope_from_hf(hf), **common.sliding_from_hf(hf, n_layers))
+      **common.rope_from_hf(hf, phi_mscales=True), **common.sliding_from_hf(hf, n_layers))
 
 
 def model_type_of(cfg: ModelConfig) -> str | None:
@@ -47,9 +50,12 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
   common.require(cfg, 'phimoe', attention='gqa', activation='swiglu', norm='layernorm', qk_norm='none',
                  post_norms=False, embed_scale=False, logit_softcap=0.0, attn_softcap=0.0, norm_plus_one=False,
                  query_pre_attn_scalar=0.0, n_shared_experts=0, first_dense=0, moe_every=1, router='sparsemixer',
-                 routed_scale=1.0, rope_scaling='none', qkv_bias=cfg.o_bias)
+                 routed_scale=1.0, rope_mscale_all_dim=0.0, qkv_bias=cfg.o_bias)
   if cfg.sliding_window and cfg.sliding_every != 1:
     raise ValueError(f'phimoe checkpoints cannot express sliding_every={cfg.sliding_every}')
+  rope = common.rope_to_hf(cfg)
+  if cfg.rope_scaling == 'longrope':  # PhimoeConfig requires both; its rotary embedding multiplies by them
+    rope['rope_parameters'].update(short_mscale=cfg.rope_attention_factor, long_mscale=cfg.rope_attention_factor)
   return {'model_type': 'phimoe', 'architectures': ['PhimoeForCausalLM'], 'vocab_size': cfg.vocab_size,
           'hidden_size': cfg.d_model, 'intermediate_size': cfg.expert_size, 'num_hidden_layers': cfg.n_layers,
           'num_attention_heads': cfg.n_heads, 'num_key_value_heads': cfg.kv_heads, 'head_dim': cfg.head_size,
@@ -57,7 +63,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
           'max_position_embeddings': cfg.max_seq_len, 'num_local_experts': cfg.n_experts,
           'num_experts_per_tok': 2, 'attention_bias': cfg.qkv_bias, 'lm_head_bias': cfg.lm_head_bias,
           'router_jitter_noise': cfg.sparsemixer_eps, 'input_jitter_noise': 0.0,
-          'sliding_window': cfg.sliding_window or None, 'dtype': cfg.param_dtype, **common.rope_to_hf(cfg)}
+          'sliding_window': cfg.sliding_window or None, 'dtype': cfg.param_dtype, **rope}
 
 
 def layernorm_rules(hf: str, us: str, D: int) -> list[common.Rule]:

@@ -78,7 +78,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None) -> dict:
                      'expert; qwen2_moe: one shared expert with shared_gate; both router=softmax_topk)')
   common.require(cfg, kind, activation='swiglu', post_norms=False, embed_scale=False, logit_softcap=0.0,
                  attn_softcap=0.0, norm_plus_one=False, query_pre_attn_scalar=0.0, lm_head_bias=False,
-                 router_bias=False, routed_scale=1.0, sliding_window=0, rope_scaling='none')
+                 router_bias=False, routed_scale=1.0, sliding_window=0, rope_mscale_all_dim=0.0)
   if kind == 'qwen3_moe' and cfg.qkv_bias != cfg.o_bias:
     raise ValueError('qwen3_moe checkpoints have biases on all of q, k, v, o or on none (attention_bias)')
   moe = [cfg.is_moe_layer(i) for i in range(cfg.n_layers)]

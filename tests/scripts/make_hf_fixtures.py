@@ -39,6 +39,9 @@ def build(name: str):
         p.add_(0.2 * torch.randn_like(p))
       else:  # matrices: unit-variance outputs, so logits are O(1) and every path shows in them
         p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    for bname, b in model.named_buffers():
+      if bname.endswith('e_score_correction_bias'):  # DeepSeek-V3's selection bias: a buffer, zeros at init
+        b.copy_(0.2 * torch.randn_like(b))
   tokens_BT = np.random.default_rng(SEED).integers(0, config.vocab_size, (2, SEQ_LEN)).astype(np.int32)
   return model, tokens_BT
 
