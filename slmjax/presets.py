@@ -207,7 +207,8 @@ def phi_3_5_moe():
   LayerNorm with bias, biases on q/k/v/o (attention_bias) and on the lm_head (lm_head_bias), untied,
   16 experts of width 6400, top-2 by SparseMixer (router='sparsemixer': its inference path, eps 0.01), a
   131072-token sliding window (its whole context). Its longrope factor lists (64 numbers each) are not transcribed
-  here (no parameters; import the checkpoint for them). Published 41.9B total, 6.6B active. Run: python experiments/count.py --preset=phi-3.5-moe
+  here (no parameters; import the checkpoint for them). Published 41.9B total, 6.6B active.
+  Run: python experiments/count.py --preset=phi-3.5-moe
   """
   return _llama(vocab_size=32064, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=6400,
                 norm='layernorm', qkv_bias=True, o_bias=True, lm_head_bias=True, n_experts=16, top_k=2,
