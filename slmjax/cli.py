@@ -33,6 +33,9 @@ ARCH_FLAGS = ('arch',) + tuple(FLAG_ALIASES.get(f.name, f.name) for f in datacla
                                if not f.metadata['runtime'])
 
 
+NUMBERS = 'tuple[float, ...]'  # the annotation of a field that holds several numbers (one comma-separated flag)
+
+
 def _define(field: dataclasses.Field, default, as_list: bool = False) -> None:
   name, meta = FLAG_ALIASES.get(field.name, field.name), field.metadata
   kind = field.type.replace(' | None', '')
@@ -42,7 +45,7 @@ def _define(field: dataclasses.Field, default, as_list: bool = False) -> None:
     flags.DEFINE_list(name, [str(default)], meta['help'] + ' A comma-separated list gives one config per value.')
   elif meta['choices']:
     flags.DEFINE_enum(name, default, list(meta['choices']), meta['help'])
-  elif kind == 'tuple[float, ...]':  # a list of numbers in one config (longrope's factors)
+  elif kind == NUMBERS:  # a list of numbers in one config (longrope's factors)
     flags.DEFINE_list(name, [str(v) for v in default], meta['help'])
   elif kind in ('bool', 'int', 'float', 'str'):
     define = {'bool': flags.DEFINE_boolean, 'int': flags.DEFINE_integer, 'float': flags.DEFINE_float,
@@ -94,7 +97,7 @@ def flag_values(cls, skip: tuple[str, ...] = (), only_present: bool = False) -> 
         raise ValueError(f'--{flag.name}={",".join(flag.value)}: this needs one value (several give one config '
                          'each: model_configs_from_flags)')
       value = values_[0]
-    if field.type == 'tuple[float, ...]':
+    if field.type == NUMBERS:
       try:
         value = tuple(float(v) for v in value)
       except ValueError:

@@ -194,13 +194,6 @@ class ModelConfig(ConfigDict):
     check_integers(self, minimum=1, names=('sliding_every', 'rope_original_max_len'))
     if self.query_pre_attn_scalar < 0:
       raise ValueError(f'query_pre_attn_scalar must be >= 0 (0 = head_dim), got {self.query_pre_attn_scalar}')
-    if self.rope_scaling == 'linear' and not self.rope_factor > 0:
-      raise ValueError(f'rope_scaling=linear needs rope_factor > 0, got {self.rope_factor}')
-    if self.rope_scaling == 'llama3' and not (self.rope_factor > 0 and
-                                              0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
-      raise ValueError(f'rope_scaling=llama3 needs rope_factor > 0 and 0 < rope_low_freq_factor < '
-                       f'rope_high_freq_factor, got {self.rope_factor}, {self.rope_low_freq_factor}, '
-                       f'{self.rope_high_freq_factor}')
     self.check_rope_scaling()
     if self.sliding_window and self.attention == 'mla':
       raise ValueError('sliding_window is not supported with attention=mla; set sliding_window=0')
@@ -255,10 +248,17 @@ class ModelConfig(ConfigDict):
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
 
   def check_rope_scaling(self) -> None:
-    """ValueError (one line) for yarn/longrope settings that cannot scale; the factor lists become tuples (a
+    """ValueError (one line) for rotary scaling settings that cannot scale; the factor lists become tuples (a
     config read from JSON stays hashable and compares equal)."""
     for name in ('rope_short_factor', 'rope_long_factor'):
       object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+    if self.rope_scaling == 'linear' and not self.rope_factor > 0:
+      raise ValueError(f'rope_scaling=linear needs rope_factor > 0, got {self.rope_factor}')
+    if self.rope_scaling == 'llama3' and not (self.rope_factor > 0 and
+                                              0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      raise ValueError(f'rope_scaling=llama3 needs rope_factor > 0 and 0 < rope_low_freq_factor < '
+                       f'rope_high_freq_factor, got {self.rope_factor}, {self.rope_low_freq_factor}, '
+                       f'{self.rope_high_freq_factor}')
     if self.rope_scaling == 'yarn' and not (self.rope_factor > 0 and self.rope_beta_fast >= self.rope_beta_slow > 0):
       raise ValueError(f'rope_scaling=yarn needs rope_factor > 0 and rope_beta_fast >= rope_beta_slow > 0, got '
                        f'{self.rope_factor}, {self.rope_beta_fast}, {self.rope_beta_slow}')

@@ -5,7 +5,7 @@ ModelConfig; its docstring names the source, the published parameter counts and 
 Only the language model is built (no vision encoder, no multi-token-prediction module). Features without
 parameters are transcribed too where slmjax has them (sliding windows, Gemma's logit scale and zero-centred norms,
 Llama 3.2's and DeepSeek's rotary scaling), so a preset is what its config.json imports as
-(tests/test_presets.py checks six against their transcribed config.json); what slmjax lacks (chunked attention,
+(tests/test_published_configs.py checks seven against their transcribed config.json); what slmjax lacks (chunked attention,
 NoPE layers) or what could not be transcribed offline (Phi-3.5-MoE's 64-number longrope factor lists) is left
 out and said so. `max_seq_len` is 4096 everywhere: RoPE has no parameters, and FLOPs per token are then
 compared at one context length.
