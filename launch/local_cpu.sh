@@ -18,7 +18,7 @@ for arg in "$@"; do case $arg in --out=*) logdir=${arg#--out=}.logs;; esac; done
 mkdir -p "$logdir"
 pids=()
 for ((i = 0; i < n; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$d" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$d" \
     "$python" "$script" --coordinator="127.0.0.1:$port" --num_processes="$n" --process_id="$i" "$@" \
     >"$logdir/process_$i.log" 2>&1 &
   pids+=($!)

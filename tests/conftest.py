@@ -4,6 +4,11 @@ Many tests build the same small models afresh (new jit closures, same programs),
 processes that compile them again; the cache turns those recompiles into disk reads (a train.py run: 17 -> 8 s
 here). Set before any test module imports jax, so jax reads it at import; the environment carries it into
 subprocesses. A cache dir the caller already set (JAX_COMPILATION_CACHE_DIR) is used as is.
+
+Tests also compile at LLVM optimisation level 0 (`--xla_backend_optimization_level=0`, appended to XLA_FLAGS):
+their programs are tiny and compiled once or twice each, so compile time is most of a test's time
+(tests/test_generate.py: 78 -> 51 s). What is computed is the same; tests that compare two programs compare
+programs built alike. Set SLMJAX_TEST_XLA_OPT=1 to test the optimised code the library runs by default.
 """
 
 import os
@@ -14,6 +19,8 @@ _OWN_CACHE = None if os.environ.get('JAX_COMPILATION_CACHE_DIR') else tempfile.m
 if _OWN_CACHE:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+if os.environ.get('SLMJAX_TEST_XLA_OPT') != '1':
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -2,17 +2,17 @@
 device, and the compiled programs move tokens by all-to-all, never by all-gather over the expert axis."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+import multi_device
 from slmjax import collectives, dispatch
 
 SCRIPTS = pathlib.Path(__file__).parent / 'scripts'
-MULTI_DEVICE_ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+MULTI_DEVICE_ENV = multi_device.ENV
 
 
 def case(experts, mesh, dropless=False, name='alltoall', ragged=False):

@@ -1,19 +1,19 @@
 """Meshes and sharding rules: flag parsing, per-device bytes, and sharded steps equal to one device (8 CPUs)."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+import multi_device
 from slmjax import sharding
 from slmjax.config import ModelConfig
 from slmjax.counting import analytic_counts
 
 SCRIPTS = pathlib.Path(__file__).parent / 'scripts'
-MULTI_DEVICE_ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8', 'JAX_PLATFORMS': 'cpu'}
+MULTI_DEVICE_ENV = multi_device.ENV
 
 
 def test_parse_mesh():
