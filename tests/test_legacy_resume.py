@@ -3,6 +3,7 @@ finished point is not redone, the interrupted one continues from its checkpoint 
 old code did (its held-out loss differs on purpose: evaluation is dropless now, see eval_capacity_factor)."""
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -12,6 +13,10 @@ import pytest
 
 FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'legacy_v1'
 SCRIPT = pathlib.Path(__file__).parent.parent / 'experiments' / 'sweep.py'
+# A bare environment (no user settings leak in), but the session's compile cache and XLA flags (conftest.py).
+ENV = {'SLMJAX_HUGEPAGES': '0', 'PATH': '/usr/bin:/bin',
+       **{k: os.environ[k] for k in ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+                                     'XLA_FLAGS') if k in os.environ}}
 FLAGS = ['--ladder=16x1', '--batch_size=4', '--seq_len=32', '--tokens=1024', '--checkpoint_every=4',
          '--data=corpus.txt', '--out=runs', '--noplot',
          '--seeds=0', '--capacity_factor=1.25']  # the sweep defaults of then (one seed, cf 1.25), not of today
@@ -22,11 +27,11 @@ def test_old_sweep_directory_resumes_bit_for_bit(tmp_path):
   shutil.copytree(FIXTURE, work)
   expected = json.loads((work / 'expected_moe_row.json').read_text())
   dense = subprocess.run([sys.executable, str(SCRIPT), '--arch=dense', *FLAGS], cwd=work, capture_output=True,
-                         text=True, env={'SLMJAX_HUGEPAGES': '0', 'PATH': '/usr/bin:/bin'})
+                         text=True, env=ENV)
   assert dense.returncode == 0, dense.stderr
   assert '1 already finished' in dense.stdout and '[point' not in dense.stdout  # the same run id: nothing redone
   moe = subprocess.run([sys.executable, str(SCRIPT), '--arch=moe', '--experts=4', '--k=2', *FLAGS], cwd=work,
-                       capture_output=True, text=True, env={'SLMJAX_HUGEPAGES': '0', 'PATH': '/usr/bin:/bin'})
+                       capture_output=True, text=True, env=ENV)
   assert moe.returncode == 0, moe.stderr
   assert f'resuming runs/{expected["run_id"]} from step 4' in moe.stdout
   rows = [json.loads(line) for line in (work / 'runs' / 'results.jsonl').read_text().splitlines()]
