@@ -2,13 +2,14 @@
 
 A decode step of B sequences routes X = B tokens to X * A experts. While that is fewer than the E experts, a scan
 over the X * A assignments slices each one's expert matrices out in place (dynamic slices, read by the dots) and
-applies them to its token: the step reads the weights of at most X * A experts instead of all E, which is why an MoE decodes at small batch at the speed of its
-active parameters. With as many assignments as experts or more every expert is touched anyway (and gathered copies
-would outweigh the experts themselves), so it runs `gather` with a capacity of every token (dropless) instead:
-its buffers hold each expert's few rows, where `ragged` on CPU runs a 128-row tile per expert (the MoE decode's
-dip at batch 4-16). Measured per layer on CPU (experiments/bench_decode_dispatch.py; README, "Decode"): from
-X * A = E up to 512 assignments gather is 1.1-5x faster than ragged (E=8, k=2 and E=64, k=8), and below E select
-is faster than gather (at X = 1: 204 vs 464 us at E=8, k=2; 148 vs 1969 us at E=64, k=8). Never drops.
+applies them to its token: the step reads the weights of at most X * A experts instead of all E, which is why an MoE
+decodes at small batch at the speed of its active parameters. With as many assignments as experts or more every
+expert is read anyway, so it runs `gather` with a capacity of every token (dropless) instead, one batched matmul per
+weight rather than a scan step per assignment: its buffers hold each expert's few rows, where `ragged` on CPU runs a
+128-row tile per expert (the MoE decode's dip at batch 4-16). Measured per layer on CPU
+(experiments/bench_decode_dispatch.py; README, "Decode"): from X * A = E up to 512 assignments gather is 1.1-5x
+faster than ragged (E=8, k=2 and E=64, k=8), and below E select is faster than gather (at X = 1: 204 vs 464 us at
+E=8, k=2; 148 vs 1969 us at E=64, k=8). Never drops.
 
 Shape letters: slmjax/shapes.py (here G, S, A, E, D, F and X = G * S, the tokens).
 """
@@ -24,8 +25,8 @@ from slmjax.layers import activate
 
 
 def select_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str):
-  """Per-assignment expert FFNs on sliced weights while X * A < E, else `gather_dispatch` with a slot for every token of a group
-  (dropless, whatever `capacity` says); the choice is static: shapes."""
+  """Per-assignment expert FFNs on sliced weights while X * A < E, else `gather_dispatch` with a slot for every
+  token of a group (dropless, whatever `capacity` says); the choice is static: shapes."""
   G, S, D = x_GSD.shape
   A, E, X = experts_GSA.shape[-1], w.w_up_EDF.shape[0], G * S
   if X * A >= E:
