@@ -2,13 +2,13 @@
 
 Each real preset is the model's published `config.json` (or technical report) transcribed field by field into a
 ModelConfig; its docstring names the source, the published parameter counts and the command that shows ours.
-Only the language model is built (no vision encoder, no multi-token-prediction module). Features without
-parameters are transcribed too where slmjax has them (sliding windows, Gemma's logit scale and zero-centred norms,
-Llama 3.2's and DeepSeek's rotary scaling), so a preset is what its config.json imports as
-(tests/test_published_configs.py checks seven against their transcribed config.json); what slmjax lacks (chunked attention,
-NoPE layers) or what could not be transcribed offline (Phi-3.5-MoE's 64-number longrope factor lists) is left
-out and said so. `max_seq_len` is 4096 everywhere: RoPE has no parameters, and FLOPs per token are then
-compared at one context length.
+Only the language model is built (no vision encoder, no multi-token-prediction module). Features without parameters
+are transcribed too where slmjax has them (sliding windows, Gemma's logit scale and zero-centred norms, Llama 3.2's
+and DeepSeek's rotary scaling), so a preset is what its config.json imports as (tests/test_published_configs.py
+checks seven against their transcribed config.json); what slmjax lacks (chunked attention, NoPE layers) or what
+could not be transcribed offline (Phi-3.5-MoE's 64-number longrope factor lists) is left out and said so.
+`max_seq_len` is 4096 everywhere: RoPE has no parameters, and FLOPs per token are then compared at one context
+length.
 
   python experiments/count.py --preset=mixtral-8x7b                 # one model
   python experiments/count.py --preset=all                          # the table of every preset

@@ -12,7 +12,6 @@ import multi_device
 from slmjax import collectives, dispatch
 
 SCRIPTS = pathlib.Path(__file__).parent / 'scripts'
-MULTI_DEVICE_ENV = multi_device.ENV
 
 
 def case(experts, mesh, dropless=False, name='alltoall', ragged=False):
@@ -27,7 +26,7 @@ LAYER += [case(8, 'expert:4,tensor:2'), case(64, 'expert:8', dropless=True), cas
 
 def run_cases(cases):
   result = subprocess.run([sys.executable, str(SCRIPTS / 'ep_step.py'), json.dumps(cases)], capture_output=True,
-                          text=True, env=MULTI_DEVICE_ENV, timeout=900)
+                          text=True, env=multi_device.ENV, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -63,7 +62,7 @@ def test_auto_picks_alltoall_on_an_expert_mesh_only():
   code = ('import jax; from slmjax import dispatch, sharding;'
           'print([dispatch.resolve("auto", d) for m in ("data:2,expert:4", "data:8") for d in (False, True)'
           '       for _ in [jax.set_mesh(sharding.make_mesh(m)).__enter__()]])')
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=MULTI_DEVICE_ENV,
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=multi_device.ENV,
                           timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "['alltoall', 'alltoall', 'gather', 'ragged']"

@@ -13,7 +13,6 @@ from slmjax.config import ModelConfig
 from slmjax.counting import analytic_counts
 
 SCRIPTS = pathlib.Path(__file__).parent / 'scripts'
-MULTI_DEVICE_ENV = multi_device.ENV
 
 
 def test_parse_mesh():
@@ -48,7 +47,7 @@ def test_bytes_per_device_splits_experts():
 def test_sharded_step_equals_one_device_and_experts_are_split():
   meshes = ['data:8', 'data:2,expert:4', 'fsdp:2,expert:4', 'data:2,tensor:4']
   result = subprocess.run([sys.executable, str(SCRIPTS / 'sharded_step.py'), *meshes], capture_output=True,
-                          text=True, env=MULTI_DEVICE_ENV, timeout=600)
+                          text=True, env=multi_device.ENV, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   for spec in meshes:
@@ -64,7 +63,7 @@ def test_sharded_step_equals_one_device_and_experts_are_split():
 def test_sharded_dropless_step_equals_one_device():
   """The dropless model's ragged dispatch (row tiles with dynamic expert indices on CPU) under expert sharding."""
   result = subprocess.run([sys.executable, str(SCRIPTS / 'sharded_step.py'), '--dropless', 'data:2,expert:4'],
-                          capture_output=True, text=True, env=MULTI_DEVICE_ENV, timeout=600)
+                          capture_output=True, text=True, env=multi_device.ENV, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])['data:2,expert:4']
   assert report['loss_diff'] < 1e-5 and report['grad_diff'] < 1e-5
@@ -75,7 +74,7 @@ def test_mesh_that_does_not_divide_the_model_names_the_axis():
           'from slmjax.model import create_model;'
           'state = nnx.split(create_model(ModelConfig(d_model=32, n_heads=4, n_experts=6, d_expert=16)))[1];'
           'sharding.state_shardings(state, sharding.make_mesh("data:2,expert:4"))')
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=MULTI_DEVICE_ENV,
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=multi_device.ENV,
                           timeout=300)
   assert result.returncode != 0
   assert '--mesh axis expert:4 does not divide the expert dimension (6)' in result.stderr
