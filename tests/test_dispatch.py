@@ -139,13 +139,13 @@ def test_registry_names_are_the_config_choices():
   assert set(dispatch.DISPATCH) | {'auto'} == set(config.DISPATCHES)
 
 
-@pytest.mark.parametrize('activation', ['swiglu', 'gelu'])
-def test_grouped_ffn_tiles_match_per_expert_ffns(activation):
-  """Bulk tiles of 16 rows and tiles of 8 over runs of 0 to 37 rows: bulk and remainder tiles in one expert,
-  partial tiles, empty experts, and a last tile past the end; outputs and every gradient equal each expert's
-  FFN on its own rows."""
+@pytest.mark.parametrize('activation,tiles', [('swiglu', (16, 8)), ('gelu', (16, 8)), ('swiglu', (32, 16, 8))])
+def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles):
+  """Tiles of 32, 16 and 8 rows over runs of 0 to 37 rows: several tile sizes in one expert, partial tiles,
+  empty experts, a large tile past its run's end (15 rows in 16), and a last tile past the buffer's end; outputs
+  and every gradient equal each expert's FFN on its own rows."""
   _, _, _, w = _inputs(4, 6, 1, activation, seed=3)
-  sizes_E = np.array([37, 0, 8, 1, 16, 14], np.int32)
+  sizes_E = np.array([37, 0, 8, 1, 16, 15], np.int32)
   rng = np.random.default_rng(4)
   x_ND, dy_ND = (rng.normal(size=(int(sizes_E.sum()), D)).astype(np.float32) for _ in range(2))
 
@@ -157,7 +157,7 @@ def test_grouped_ffn_tiles_match_per_expert_ffns(activation):
 
   def tiled(x_ND, w):  # with the 8 slack rows grouped_ffn asks for; their outputs are dropped
     padded_ND = jnp.concatenate([x_ND, jnp.ones((8, D), x_ND.dtype)])
-    return grouped_ffn(padded_ND, w, jnp.asarray(sizes_E), activation, 8, 16)[:len(x_ND)]
+    return grouped_ffn(padded_ND, w, jnp.asarray(sizes_E), activation, tiles)[:len(x_ND)]
   for fn in (tiled, reference):
     y_ND, grads = jax.value_and_grad(lambda x, w: jnp.vdot(fn(x, w), dy_ND), argnums=(0, 1))(x_ND, w)
     if fn is tiled:

@@ -13,53 +13,61 @@ import jax.numpy as jnp
 from slmjax.dispatch.experts import ExpertWeights
 from slmjax.layers import activate
 
-GROUP_TILE = 128  # rows of grouped_ffn's remainder tiles (as uniform tiles: 3% faster than 256, 512 25% slower)
-GROUP_BULK = 512  # rows of its bulk tiles, whole inside an expert's run: the MoE layer 3-4% faster at d_expert 512
+GROUP_TILES = (1024, 512, 256, 128)  # grouped_ffn's tile sizes, largest first; the last is the slack it needs
+GROUP_TILE = GROUP_TILES[-1]
 
 
 def _pick(w: ExpertWeights, e) -> ExpertWeights:
   return ExpertWeights(*(None if a is None else jax.lax.dynamic_index_in_dim(a, e, keepdims=False) for a in w))
 
 
-def _tile_plan(sizes_E: jax.Array, rows: int, tile: int, bulk: int):
-  """Per expert, for rows sorted by expert: its run's first row, its number of `bulk`-row tiles, and of
-  `tile`-row tiles covering the rest (the last one may run past the run's end); and `bulk`, 0 when no run can
-  hold a bulk tile (the runs fill at most rows - tile rows): a bulk loop that never runs would still cost, as
-  XLA hoists its window, as wide as the whole buffer, out of the loop."""
-  bulk = bulk if bulk <= rows - tile else 0
-  bulk_E = sizes_E // bulk if bulk else jnp.zeros_like(sizes_E)
-  return jnp.cumsum(sizes_E) - sizes_E, bulk_E, -(-(sizes_E - bulk_E * bulk) // tile), bulk
+def _tile_plan(sizes_E: jax.Array, rows: int, tiles: tuple[int, ...]):
+  """Per expert, for rows sorted by expert: its run's first row, and how many tiles of each size cover the run
+  in ceil(size / tiles[-1]) units of the smallest tile, largest tiles first (so at most one partial unit, in the
+  last tile, which may run past the run's end). A size no run can use (over rows - tiles[-1]) is left out: a
+  loop that never runs would still cost, as XLA hoists its window, as wide as the whole buffer, out of it."""
+  unit = tiles[-1]
+  sizes = tuple(t for t in tiles[:-1] if t <= rows - unit) + (unit,)
+  left_E, counts = -(-sizes_E // unit), []
+  for size in sizes:
+    counts.append(left_E // (size // unit))
+    left_E = left_E - counts[-1] * (size // unit)
+  return jnp.cumsum(sizes_E) - sizes_E, tuple(zip(sizes, counts))
 
 
-def _over_tiles(e, plan, tile: int, tile_step, carry):
-  """carry = tile_step(rows, first_row, carry) over expert e's bulk tiles, then its remainder tiles."""
-  start_E, bulk_E, rest_E, bulk = plan
-  if bulk:
-    carry = jax.lax.fori_loop(0, bulk_E[e], lambda j, c: tile_step(bulk, start_E[e] + j * bulk, c), carry)
-  first = start_E[e] + bulk_E[e] * bulk
-  return jax.lax.fori_loop(0, rest_E[e], lambda j, c: tile_step(tile, first + j * tile, c), carry)
+def _over_tiles(e, plan, tile_step, carry):
+  """carry = tile_step(tile rows, first row, carry) over expert e's tiles, in row order."""
+  start_E, levels = plan
+  row = start_E[e]
+  for size, count_E in levels:
+    first = row
+    carry = jax.lax.fori_loop(0, count_E[e], lambda j, c, s=size, f=first: tile_step(s, f + j * s, c), carry)
+    row = row + count_E[e] * size
+  return carry
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def grouped_ffn(x_ND: jax.Array, w: ExpertWeights, sizes_E: jax.Array, activation: str, tile: int = GROUP_TILE,
-                bulk: int = GROUP_BULK):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def grouped_ffn(x_ND: jax.Array, w: ExpertWeights, sizes_E: jax.Array, activation: str,
+                tiles: tuple[int, ...] = GROUP_TILES):
   """Expert e's FFN on its run of rows, for rows sorted by expert (sizes_E rows each): dropless grouped matmuls,
   what `jax.lax.ragged_dot` does, which on CPU lowers to a dense masked product (E times the FLOPs). Here a loop
-  over experts, each slicing its weights once, and within it loops over tiles: `bulk`-row tiles while they fit
-  in the expert's run (wide matmuls run faster), then `tile`-row tiles, the last one partial. The work is the
-  rows plus at most one partial tile per expert, however unbalanced the experts are. Tiles are written in row
-  order, so a tile's rows past its expert's run are overwritten by the next expert's tiles.
+  over experts, each slicing its weights once, and within it loops over tiles: the run is cut into units of the
+  smallest tile (the last one partial) and the units are covered by as few tiles as `tiles` allows, largest
+  first: wide matmuls run faster (on 2 cores a 512-row matmul does 1.8x the FLOP/s of a 128-row one), and a run
+  of 510 rows takes one 512-row tile, not four of 128. The work is the rows plus at most one partial unit per
+  expert, however unbalanced the experts are. Tiles are written in row order, so a tile's rows past its
+  expert's run are overwritten by the next expert's tiles.
 
-  x_ND holds the sorted rows and then at least `tile` rows of slack (N >= sum(sizes_E) + tile), where the last
-  tile may run: the caller builds the slack in its own gather, which is cheaper than padding here (a copy of
-  every row, forward and backward). Slack rows' outputs are arbitrary and their cotangents ignored.
+  x_ND holds the sorted rows and then at least `tiles[-1]` rows of slack (N >= sum(sizes_E) + tiles[-1]), where
+  the last tile may run: the caller builds the slack in its own gather, which is cheaper than padding here (a
+  copy of every row, forward and backward). Slack rows' outputs are arbitrary and their cotangents ignored.
   """
-  return _grouped_fwd(x_ND, w, sizes_E, activation, tile, bulk)[0]
+  return _grouped_fwd(x_ND, w, sizes_E, activation, tiles)[0]
 
 
-def _grouped_fwd(x_ND, w, sizes_E, activation, tile, bulk):
+def _grouped_fwd(x_ND, w, sizes_E, activation, tiles):
   N, D = x_ND.shape
-  plan = _tile_plan(sizes_E, N, tile, bulk)
+  plan = _tile_plan(sizes_E, N, tiles)
 
   def expert(e, carry):
     we = _pick(w, e)
@@ -72,7 +80,7 @@ def _grouped_fwd(x_ND, w, sizes_E, activation, tile, bulk):
       y_WD = activate(gate_WF, up_WF, activation) @ we.w_down_EFD
       write = lambda buf, rows: None if buf is None else jax.lax.dynamic_update_slice_in_dim(buf, rows, row, 0)
       return write(y_ND, y_WD), write(gate_NF, gate_WF), write(up_NF, up_WF)
-    return _over_tiles(e, plan, tile, tile_step, carry)
+    return _over_tiles(e, plan, tile_step, carry)
 
   # Pre-activations are the residuals (the backward recomputes only the cheap activation); gate and up in
   # buffers of their own, as a concatenated [tile, 2F] write costs a copy per tile.
@@ -83,9 +91,9 @@ def _grouped_fwd(x_ND, w, sizes_E, activation, tile, bulk):
   return y_ND, (x_ND, w, sizes_E, gate_NF, up_NF)
 
 
-def _grouped_bwd(activation, tile, bulk, res, dy_ND):
+def _grouped_bwd(activation, tiles, res, dy_ND):
   x_ND, w, sizes_E, gate_NF, up_NF = res
-  plan = _tile_plan(sizes_E, x_ND.shape[0], tile, bulk)
+  plan = _tile_plan(sizes_E, x_ND.shape[0], tiles)
   end_E = plan[0] + sizes_E
 
   def expert(e, carry):
@@ -108,7 +116,7 @@ def _grouped_bwd(activation, tile, bulk, res, dy_ND):
 
     # Expert e's weight gradients accumulate in a [D, F] carry and are written once, not added per tile.
     zeros = ExpertWeights(*(None if a is None else jax.lax.full_like(a, 0, shape=a.shape[1:]) for a in w))
-    dx_ND, dwe = _over_tiles(e, plan, tile, tile_step, (dx_ND, zeros))
+    dx_ND, dwe = _over_tiles(e, plan, tile_step, (dx_ND, zeros))
     dw = ExpertWeights(*(None if a is None else jax.lax.dynamic_update_index_in_dim(a, g, e, 0)
                          for a, g in zip(dw, dwe)))
     return dx_ND, dw
