@@ -13,6 +13,7 @@ from slmjax import config, dispatch
 from slmjax.dispatch.experts import ExpertWeights, expert_ffn
 from slmjax.dispatch.gather import expert_blocks
 from slmjax.dispatch.grouped import grouped_ffn
+from slmjax.dispatch.ragged import sort_by_expert
 from slmjax.dispatch.slots import capacity_slots
 
 D, F = 16, 8
@@ -163,3 +164,15 @@ def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles):
     if fn is tiled:
       got = (y_ND, grads)
   _assert_close_tree(got, (y_ND, grads), tol=1e-4)
+
+
+@pytest.mark.parametrize('n, n_experts', [(4096, 8), (1 << 16, (1 << 15) + 1)])  # packed key; two-operand sort
+def test_sort_by_expert_is_a_stable_sort(n, n_experts):
+  """Both ways (the packed int32 key, and the two-operand sort where expert * N would overflow it) give numpy's
+  stable order, the sorted experts and the per-expert counts."""
+  experts_N = np.random.default_rng(0).integers(0, min(n_experts, 64), n).astype(np.int32)
+  sorted_N, asg_N, sizes_E = jax.jit(sort_by_expert, static_argnums=1)(jnp.asarray(experts_N), n_experts)
+  order_N = np.argsort(experts_N, kind='stable')
+  np.testing.assert_array_equal(asg_N, order_N)
+  np.testing.assert_array_equal(sorted_N, experts_N[order_N])
+  np.testing.assert_array_equal(sizes_E, np.bincount(experts_N, minlength=n_experts))

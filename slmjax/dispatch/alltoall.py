@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from slmjax.axes import BATCH_AXES, MESH_AXES
 from slmjax.dispatch.experts import ExpertWeights, expert_ffn
 from slmjax.dispatch.gather import expert_rows, gather_dispatch
-from slmjax.dispatch.ragged import ragged_dispatch, slack_rows, sorted_rows_ffn
+from slmjax.dispatch.ragged import ragged_dispatch, slack_rows, sort_by_expert, sorted_rows_ffn
 from slmjax.dispatch.rows import combine_rows, dispatch_rows
 from slmjax.dispatch.slots import slots_and_counts
 
@@ -129,9 +129,7 @@ def _dropless(x_GSD, gates_GSA, experts_GSA, *arrays, names, activation, capacit
   R, w, i32 = X * min(A, el), _local_weights(arrays, names), jnp.int32
   # Sender: assignments sorted by expert (so by peer, then by the peer's local expert), each peer's run copied
   # to the front of its block of R rows.
-  experts_N = experts_GSA.reshape(X * A)
-  sorted_N, asg_N = jax.lax.sort((experts_N, jnp.arange(X * A, dtype=i32)), num_keys=1)
-  sizes_E = jnp.zeros(E, i32).at[experts_N].add(1)
+  sorted_N, asg_N, sizes_E = sort_by_expert(experts_GSA.reshape(X * A), E)
   rows_to_peer = sizes_E.reshape(ep, el).sum(axis=1)
   peer_N = sorted_N // el
   row_N = peer_N * R + jnp.arange(X * A, dtype=i32) - (jnp.cumsum(rows_to_peer) - rows_to_peer)[peer_N]

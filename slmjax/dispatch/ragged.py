@@ -22,17 +22,30 @@ def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
   del capacity
   G, S, D = x_GSD.shape
   A, E, X = experts_GSA.shape[-1], w.w_up_EDF.shape[0], G * S
-  experts_N = experts_GSA.reshape(X * A)
-  _, asg_N = jax.lax.sort((experts_N, jnp.arange(X * A, dtype=jnp.int32)), num_keys=1)
+  _, asg_N, sizes_E = sort_by_expert(experts_GSA.reshape(X * A), E)
   dest_XA = jnp.zeros(X * A, jnp.int32).at[asg_N].set(jnp.arange(X * A, dtype=jnp.int32),
                                                        unique_indices=True).reshape(X, A)
-  sizes_E = jnp.zeros(E, jnp.int32).at[experts_N].add(1)
   if slack_rows():  # grouped_ffn's slack rows, read from token X (clipped): empty rows
     asg_N = jnp.concatenate([asg_N, jnp.full((slack_rows(),), X * A, jnp.int32)])
   x_ND, = dispatch_rows(x_GSD.reshape(X, D), (asg_N // A,), dest_XA)
   y_ND = sorted_rows_ffn(x_ND, w, sizes_E, activation)
   y_XD = combine_rows((y_ND,), gates_GSA.reshape(X, A).astype(x_GSD.dtype), dest_XA, (asg_N,))
   return y_XD.reshape(G, S, D), jnp.ones(experts_GSA.shape, dtype=bool)
+
+
+def sort_by_expert(experts_N: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sorted_N, asg_N, sizes_E): the experts in ascending order, the assignment each sorted row holds (ties in
+  assignment order) and the assignments per expert. One sort of the key expert * N + assignment where it fits
+  in int32 (on CPU 4x faster than sorting the two as a key and a payload: 0.22 vs 0.90 ms at N = 4096), else
+  that two-operand sort."""
+  N, i32 = experts_N.shape[0], jnp.int32
+  if n_experts * N < 2 ** 31:
+    key_N = jnp.sort(experts_N.astype(i32) * N + jnp.arange(N, dtype=i32))
+    sorted_N, asg_N = key_N // N, key_N % N
+  else:
+    sorted_N, asg_N = jax.lax.sort((experts_N.astype(i32), jnp.arange(N, dtype=i32)), num_keys=1)
+  ends_E = jnp.searchsorted(sorted_N, jnp.arange(1, n_experts + 1, dtype=i32)).astype(i32)
+  return sorted_N, asg_N, jnp.diff(ends_E, prepend=0)
 
 
 def slack_rows() -> int:
