@@ -40,8 +40,7 @@ def _over_tiles(e, plan, tile_step, carry):
   start_E, levels = plan
   row = start_E[e]
   for size, count_E in levels:
-    first = row
-    carry = jax.lax.fori_loop(0, count_E[e], lambda j, c, s=size, f=first: tile_step(s, f + j * s, c), carry)
+    carry = jax.lax.fori_loop(0, count_E[e], lambda j, c, s=size, f=row: tile_step(s, f + j * s, c), carry)
     row = row + count_E[e] * size
   return carry
 
