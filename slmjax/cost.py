@@ -17,6 +17,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from slmjax.kernels import acc32
+
 
 def block(tree: Any) -> Any:
   """Wait until every array in `tree` is computed (JAX dispatch is asynchronous)."""
@@ -37,11 +39,12 @@ def time_fn(fn: Callable, *args, warmup: int = 2, repeats: int = 10) -> dict[str
 
 @functools.lru_cache(maxsize=None)
 def matmul_peak_flops(n: int = 2048, dtype: str = 'float32', repeats: int = 10) -> float:
-  """FLOP/s of an n x n @ n x n matmul on the default device (median of `repeats`; cached per process)."""
+  """FLOP/s of an n x n @ n x n matmul on the default device (median of `repeats`; cached per process), in the
+  form the model's layers use (bf16: accumulated in f32, slmjax/kernels/acc32.py)."""
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (n, n), jnp.dtype(dtype))
   b = jax.random.normal(k2, (n, n), jnp.dtype(dtype))
-  matmul = jax.jit(jnp.matmul)
+  matmul = jax.jit(acc32.dot)
   return 2 * n ** 3 / time_fn(matmul, a, b, warmup=2, repeats=repeats)['median_s']
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slmjax.config import ModelConfig
-from slmjax.kernels import mkl
+from slmjax.kernels import acc32, mkl
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -155,7 +155,8 @@ def apply_rope(x_BTHR: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.A
 
 def linear(x: jax.Array, w: jax.Array, n_in: int = 1, matmul: str = 'xla') -> jax.Array:
   """Contract the last `n_in` axes of x with the first `n_in` axes of w, as one 2-D matmul on flattened rows
-  (`matmul`: ModelConfig.matmul, 'mkl' for oneMKL's GEMMs through slmjax/kernels/mkl.py).
+  (`matmul`: ModelConfig.matmul, 'mkl' for oneMKL's GEMMs through slmjax/kernels/mkl.py; with XLA's dot, bf16
+  operands accumulate in f32, forward and backward, which XLA:CPU runs on bf16 dot units: slmjax/kernels/acc32.py).
 
   Same result as the einsum, but XLA:CPU differentiates a [B, T, D] einsum through transposed copies of the
   activations and slower matmuls; flat [B*T, D] @ [D, F] rows make a dense FFN's forward + backward 1.7x faster
@@ -166,7 +167,7 @@ def linear(x: jax.Array, w: jax.Array, n_in: int = 1, matmul: str = 'xla') -> ja
     raise ValueError(f'linear: input axes {x.shape[-n_in:]} do not match weight axes {in_shape}')
   size = math.prod(in_shape)
   x_MK, w_KN = x.reshape(-1, size), w.reshape(size, -1)
-  y = mkl.matmul(x_MK, w_KN) if matmul == 'mkl' else x_MK @ w_KN
+  y = mkl.matmul(x_MK, w_KN) if matmul == 'mkl' else acc32.matmul(x_MK, w_KN)
   return y.reshape(*lead, *out_shape)
 
 
@@ -201,12 +202,12 @@ def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, c
   outs = []
   for i in range(blocks):
     end = (i + 1) * size  # query block i (its T axis: `size` positions) sees keys [0, end)
-    logits_BKQTU = jnp.einsum('BKQTZ,BKUZ->BKQTU', q_BKQTZ[:, :, :, i * size:end], k_BKUZ[:, :, :end])
+    logits_BKQTU = acc32.einsum('BKQTZ,BKUZ->BKQTU', q_BKQTZ[:, :, :, i * size:end], k_BKUZ[:, :, :end])
     logits_BKQTU = softcap(logits_BKQTU.astype(jnp.float32) * scale, cap)
     causal_TU = visible(jnp.arange(i * size, end), end, window)
     logits_BKQTU = jnp.where(causal_TU, logits_BKQTU, jnp.finfo(jnp.float32).min)
     probs_BKQTU = jax.nn.softmax(logits_BKQTU, axis=-1).astype(v_BUKY.dtype)
-    outs.append(jnp.einsum('BKQTU,BKUY->BKQTY', probs_BKQTU, v_BKUY[:, :, :end]))
+    outs.append(acc32.einsum('BKQTU,BKUY->BKQTY', probs_BKQTU, v_BKUY[:, :, :end]))
   out_BKQTY = jnp.concatenate(outs, axis=3)
   return jnp.transpose(out_BKQTY, (0, 3, 1, 2, 4))
 

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from slmjax.kernels.acc32 import einsum
 from slmjax.layers import activate
 
 
@@ -26,9 +27,9 @@ class ExpertWeights(NamedTuple):
 
 def expert_ffn(x_EMD: jax.Array, w: ExpertWeights, activation: str) -> jax.Array:
   """Run expert e's FFN on the rows x_EMD[e], for all experts at once (batched matmuls)."""
-  up_EMF = jnp.einsum('EMD,EDF->EMF', x_EMD, w.w_up_EDF)
-  gate_EMF = None if w.w_gate_EDF is None else jnp.einsum('EMD,EDF->EMF', x_EMD, w.w_gate_EDF)
-  return jnp.einsum('EMF,EFD->EMD', activate(gate_EMF, up_EMF, activation), w.w_down_EFD)
+  up_EMF = einsum('EMD,EDF->EMF', x_EMD, w.w_up_EDF)
+  gate_EMF = None if w.w_gate_EDF is None else einsum('EMD,EDF->EMF', x_EMD, w.w_gate_EDF)
+  return einsum('EMF,EFD->EMD', activate(gate_EMF, up_EMF, activation), w.w_down_EFD)
 
 
 FUSE_GATE_UP_MAX_F = 128  # fine-grained experts: one [D, 2F] matmul beats two narrow [D, F] ones (measured)
@@ -72,12 +73,12 @@ def _ffn_rows_fwd(x_EMD, w, n_rows, activation, buckets):
     M = x_EMD.shape[1]
     x_EMD = x_EMD[:, :rows]
     if w_gu_EDP is not None:
-      pre = (jnp.einsum('EMD,EDP->EMP', x_EMD, w_gu_EDP),)
+      pre = (einsum('EMD,EDP->EMP', x_EMD, w_gu_EDP),)
     else:
-      pre = (None if w.w_gate_EDF is None else jnp.einsum('EMD,EDF->EMF', x_EMD, w.w_gate_EDF),
-             jnp.einsum('EMD,EDF->EMF', x_EMD, w.w_up_EDF))
+      pre = (None if w.w_gate_EDF is None else einsum('EMD,EDF->EMF', x_EMD, w.w_gate_EDF),
+             einsum('EMD,EDF->EMF', x_EMD, w.w_up_EDF))
     h_EMF = activate(*_gate_up(pre, w.w_up_EDF.shape[-1]), activation)
-    y_EMD = jnp.einsum('EMF,EFD->EMD', h_EMF, w.w_down_EFD)
+    y_EMD = einsum('EMF,EFD->EMD', h_EMF, w.w_down_EFD)
     return _pad_rows(y_EMD, M), tuple(_pad_rows(p, M) for p in pre)
   w_gu_EDP = _fused(w)
   y_EMD, pre = _switch(n_rows, buckets, branch, x_EMD, w, w_gu_EDP)
@@ -90,19 +91,19 @@ def _ffn_rows_bwd(activation, buckets, res, dy_EMD):
     x_EMD, dy_EMD = x_EMD[:, :rows], dy_EMD[:, :rows]
     gate_EMF, up_EMF = _gate_up(tuple(None if p is None else p[:, :rows] for p in pre), F)
     h_EMF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), gate_EMF, up_EMF)
-    dgate_EMF, dup_EMF = act_vjp(jnp.einsum('EMD,EFD->EMF', dy_EMD, w.w_down_EFD))
-    dw_down_EFD = jnp.einsum('EMF,EMD->EFD', h_EMF, dy_EMD)
+    dgate_EMF, dup_EMF = act_vjp(einsum('EMD,EFD->EMF', dy_EMD, w.w_down_EFD))
+    dw_down_EFD = einsum('EMF,EMD->EFD', h_EMF, dy_EMD)
     if w_gu_EDP is not None:
       dgu_EMP = jnp.concatenate([dgate_EMF, dup_EMF], axis=-1)
-      dx_EMD = jnp.einsum('EMP,EDP->EMD', dgu_EMP, w_gu_EDP)
-      dw_gu_EDP = jnp.einsum('EMD,EMP->EDP', x_EMD, dgu_EMP)
+      dx_EMD = einsum('EMP,EDP->EMD', dgu_EMP, w_gu_EDP)
+      dw_gu_EDP = einsum('EMD,EMP->EDP', x_EMD, dgu_EMP)
       return _pad_rows(dx_EMD, M), ExpertWeights(dw_gu_EDP[..., :F], dw_gu_EDP[..., F:], dw_down_EFD)
-    dx_EMD = jnp.einsum('EMF,EDF->EMD', dup_EMF, w.w_up_EDF)
+    dx_EMD = einsum('EMF,EDF->EMD', dup_EMF, w.w_up_EDF)
     dw_gate_EDF = None
     if gate_EMF is not None:
-      dx_EMD = dx_EMD + jnp.einsum('EMF,EDF->EMD', dgate_EMF, w.w_gate_EDF)
-      dw_gate_EDF = jnp.einsum('EMD,EMF->EDF', x_EMD, dgate_EMF)
-    dw = ExpertWeights(dw_gate_EDF, jnp.einsum('EMD,EMF->EDF', x_EMD, dup_EMF), dw_down_EFD)
+      dx_EMD = dx_EMD + einsum('EMF,EDF->EMD', dgate_EMF, w.w_gate_EDF)
+      dw_gate_EDF = einsum('EMD,EMF->EDF', x_EMD, dgate_EMF)
+    dw = ExpertWeights(dw_gate_EDF, einsum('EMD,EMF->EDF', x_EMD, dup_EMF), dw_down_EFD)
     return _pad_rows(dx_EMD, M), dw
   x_EMD, w, w_gu_EDP, n_rows, pre = res
   dx_EMD, dw = _switch(n_rows, buckets, branch, x_EMD, w, w_gu_EDP, pre, dy_EMD)

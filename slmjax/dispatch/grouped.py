@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from slmjax.dispatch.experts import ExpertWeights
+from slmjax.kernels.acc32 import dot
 from slmjax.layers import activate
 
 GROUP_TILES = (1024, 512, 256, 128)  # grouped_ffn's tile sizes, largest first; the last is the slack it needs
@@ -74,9 +75,9 @@ def _grouped_fwd(x_ND, w, sizes_E, activation, tiles):
     def tile_step(size, row, carry):
       y_ND, gate_NF, up_NF = carry
       x_WD = jax.lax.dynamic_slice_in_dim(x_ND, row, size)
-      up_WF = x_WD @ we.w_up_EDF
-      gate_WF = None if we.w_gate_EDF is None else x_WD @ we.w_gate_EDF
-      y_WD = activate(gate_WF, up_WF, activation) @ we.w_down_EFD
+      up_WF = dot(x_WD, we.w_up_EDF)
+      gate_WF = None if we.w_gate_EDF is None else dot(x_WD, we.w_gate_EDF)
+      y_WD = dot(activate(gate_WF, up_WF, activation), we.w_down_EFD)
       write = lambda buf, rows: None if buf is None else jax.lax.dynamic_update_slice_in_dim(buf, rows, row, 0)
       return write(y_ND, y_WD), write(gate_NF, gate_WF), write(up_NF, up_WF)
     return _over_tiles(e, plan, tile_step, carry)
@@ -105,11 +106,11 @@ def _grouped_bwd(activation, tiles, res, dy_ND):
       valid_W1 = (jnp.arange(size) < end_E[e] - row)[:, None]  # later rows: the next expert's or slack
       x_WD, dy_WD = rows(x_ND), jnp.where(valid_W1, rows(dy_ND), 0)
       h_WF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), rows(gate_NF), rows(up_NF))
-      dgate_WF, dup_WF = act_vjp(dy_WD @ we.w_down_EFD.T)
-      dx_WD = dup_WF @ we.w_up_EDF.T
+      dgate_WF, dup_WF = act_vjp(dot(dy_WD, we.w_down_EFD.T))
+      dx_WD = dot(dup_WF, we.w_up_EDF.T)
       if dgate_WF is not None:
-        dx_WD = dx_WD + dgate_WF @ we.w_gate_EDF.T
-      grads = (None if dgate_WF is None else x_WD.T @ dgate_WF, x_WD.T @ dup_WF, h_WF.T @ dy_WD)
+        dx_WD = dx_WD + dot(dgate_WF, we.w_gate_EDF.T)
+      grads = (None if dgate_WF is None else dot(x_WD.T, dgate_WF), dot(x_WD.T, dup_WF), dot(h_WF.T, dy_WD))
       dwe = ExpertWeights(*(None if a is None else a + g for a, g in zip(dwe, grads)))
       return jax.lax.dynamic_update_slice_in_dim(dx_ND, dx_WD, row, 0), dwe
 
