@@ -4,7 +4,7 @@
   python experiments/bench_train.py --peer                # also run the PyTorch peer (peer_torch.py), print ratios
   python experiments/bench_train.py --peer --dtype=bfloat16   # bf16 compute, f32 weights; the peer under autocast
   python experiments/bench_train.py --models=flags --arch=moe --d_model=512 --n_layers=8   # any size, by flags
-  python experiments/bench_train.py --dtype=bfloat16 --matmuls=xla,mkl --peer   # XLA's dot and MKL's, interleaved
+  python experiments/bench_train.py --dtype=bfloat16 --matmuls=xla,onednn --peer   # XLA's dot and oneDNN's, interleaved
   python experiments/bench_train.py --json
 
 The step is `slmjax.steps.make_train_step` (forward, loss with the router's aux loss, backward, clipping, AdamW),
@@ -67,7 +67,7 @@ flags.DEFINE_string('peer_python', os.path.expanduser('~/.hfpeer/bin/python'),
 flags.DEFINE_integer('rounds', 1, 'Repeat the timing (and the peer, with --peer) this many times, alternating; '
                      'the round with the median step time is reported with the median ratio to the peer, '
                      'every round listed.')
-flags.DEFINE_list('matmuls', [], 'Time every model with each of these ModelConfig.matmul values (xla, mkl), '
+flags.DEFINE_list('matmuls', [], 'Time every model with each of these ModelConfig.matmul values (xla, mkl, onednn), '
                   'interleaved; rows other than the first are named model/matmul. Default: --matmul alone.')
 flags.DEFINE_boolean('json', False, 'Print one JSON list of rows instead of a table.')
 cli.define_model_flags()

@@ -1,6 +1,6 @@
-"""slmjax/kernels/mkl.py: oneMKL's GEMMs through the XLA FFI agree with XLA's dot (forward and gradients, bf16
-and f32), a model with matmul='mkl' trains like matmul='xla', and the fallback is one notice. The MKL tests skip
-where the handler cannot be built or loaded (no g++, no `mkl` wheel, not CPU)."""
+"""slmjax/kernels/gemm.py: oneMKL's and oneDNN's GEMMs through the XLA FFI agree with XLA's dot (forward and
+gradients, bf16 and f32), a model with matmul='mkl' / 'onednn' trains like matmul='xla', and the fallback is one
+notice. A library's tests skip where the handlers cannot be built or it cannot be loaded (no g++, no `mkl` / `onednn-cpu-gomp` wheel, not CPU)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,21 +10,26 @@ from flax import nnx
 
 from slmjax import model as model_lib
 from slmjax.config import ModelConfig
-from slmjax.kernels import mkl
-
+from slmjax.kernels import gemm
 
 
 @pytest.fixture(scope='module')
-def built(tmp_path_factory):
-  """The handler built and registered once, into a temporary cache (not ~/.cache); skips where it cannot be."""
+def cache(tmp_path_factory):
+  """The handlers build into a temporary cache (not ~/.cache), once for the module."""
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv('SLMJAX_CACHE', str(tmp_path_factory.mktemp('cache')))
-    reason = mkl.load()
+    yield
+
+
+@pytest.fixture(params=sorted(gemm.LIBRARIES))
+def library(request, cache):
+  """Each library, built and registered once; skips where it cannot be."""
+  reason = gemm.load(request.param)
   if reason is not None:
-    pytest.skip(f'no MKL matmul here: {reason}')
+    pytest.skip(f'no {request.param} matmul here: {reason}')
+  return request.param
 
 
-needs_mkl = pytest.mark.usefixtures('built')
 TOL = {jnp.bfloat16: dict(rtol=2e-2, atol=2e-2), jnp.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
@@ -33,26 +38,25 @@ def operands(m=48, k=40, n=24, dtype=jnp.float32):
   return a.astype(dtype), b.astype(dtype)
 
 
-@needs_mkl
 @pytest.mark.parametrize('transa, transb', [(False, False), (True, False), (False, True), (True, True)])
-def test_gemm_reads_transposes_in_place(transa, transb):
+def test_gemm_reads_transposes_in_place(library, transa, transb):
   a, b = operands()
   stored_a, stored_b = (a.T if transa else a), (b.T if transb else b)
-  got = jax.jit(lambda x, y: mkl.gemm_f32(x, y, transa, transb))(stored_a, stored_b)
+  got = jax.jit(lambda x, y: gemm.gemm_f32(x, y, transa, transb, library))(stored_a, stored_b)
   np.testing.assert_allclose(got, a @ b, **TOL[jnp.float32])
 
 
-@needs_mkl
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
-def test_matmul_forward_and_gradients_match_xla(dtype):
+def test_matmul_forward_and_gradients_match_xla(library, dtype):
+  matmul = lambda x, y: gemm.matmul(x, y, library)
   a, b = operands(dtype=dtype)
   c = jax.random.normal(jax.random.key(2), (48, 24))  # a cotangent that weights every output differently
   loss = lambda f: lambda x, y: jnp.sum(f(x, y).astype(jnp.float32) * c)
   xla = lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(x.dtype)
-  got_y, want_y = jax.jit(mkl.matmul)(a, b), jax.jit(xla)(a, b)
+  got_y, want_y = jax.jit(matmul)(a, b), jax.jit(xla)(a, b)
   assert got_y.dtype == dtype and got_y.shape == (48, 24)
   np.testing.assert_allclose(got_y.astype(np.float32), want_y.astype(np.float32), **TOL[dtype])
-  got = jax.jit(jax.grad(loss(mkl.matmul), argnums=(0, 1)))(a, b)
+  got = jax.jit(jax.grad(loss(matmul), argnums=(0, 1)))(a, b)
   want = jax.jit(jax.grad(loss(xla), argnums=(0, 1)))(a, b)
   for g, w in zip(got, want):
     assert g.dtype == dtype
@@ -61,9 +65,8 @@ def test_matmul_forward_and_gradients_match_xla(dtype):
 
 
 @pytest.mark.slow
-@needs_mkl
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_model_loss_and_gradients_with_mkl_match_xla(dtype):
+def test_model_loss_and_gradients_with_a_vendor_gemm_match_xla(library, dtype):
   cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, d_ff=64, dtype=dtype)
   tokens_BT = jax.random.randint(jax.random.key(3), (2, 16), 0, 64)
 
@@ -75,7 +78,7 @@ def test_model_loss_and_gradients_with_mkl_match_xla(dtype):
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits_BTV[:, :-1]), tokens_BT[:, 1:, None], -1))
     return jax.jit(jax.value_and_grad(loss))(state)
 
-  (got, got_g), (want, want_g) = loss_and_grads('mkl'), loss_and_grads('xla')
+  (got, got_g), (want, want_g) = loss_and_grads(library), loss_and_grads('xla')
   tol = TOL[jnp.dtype(dtype).type]
   np.testing.assert_allclose(got, want, **tol)
   for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
@@ -84,20 +87,21 @@ def test_model_loss_and_gradients_with_mkl_match_xla(dtype):
 
 
 def test_fallback_is_xla_with_one_notice(monkeypatch, capsys):
-  monkeypatch.setattr(mkl, 'load', lambda: 'no libmkl_rt (test)')
-  mkl._notice.cache_clear()
+  monkeypatch.setattr(gemm, 'load', lambda library: 'no libmkl_rt (test)')
+  gemm._notice.cache_clear()
   a, b = operands()
-  np.testing.assert_array_equal(mkl.matmul(a, b), a @ b)
-  mkl.matmul(a, b)
+  np.testing.assert_array_equal(gemm.matmul(a, b), a @ b)
+  gemm.matmul(a, b)
   assert capsys.readouterr().err == 'slmjax: matmul=mkl falls back to XLA: no libmkl_rt (test)\n'
 
 
 def test_build_failure_is_one_line(monkeypatch, tmp_path):
   monkeypatch.setenv('CXX', 'false')  # a compiler that always fails
   with pytest.raises(RuntimeError, match='^false failed'):
-    mkl.build(tmp_path)
+    gemm.build(tmp_path)
 
 
 def test_config_rejects_unknown_matmul():
   with pytest.raises(ValueError, match='matmul'):
     ModelConfig(matmul='cublas')
+

@@ -1,0 +1,111 @@
+// XLA:CPU FFI handlers for 2-D matmuls in a vendor library: bf16 x bf16 -> f32 (on the CPU's bf16 matrix units
+// where the library uses them: AMX, AVX512_BF16) and f32 x f32 -> f32. Two libraries, each with handlers of its
+// own so both can run in one process: oneMKL (cblas_gemm_bf16bf16f32, cblas_sgemm) and oneDNN
+// (dnnl_gemm_bf16bf16f32, dnnl_sgemm). Built by slmjax/kernels/gemm.py at first use; each library is dlopen-ed
+// from the path Python passes to its init function, so nothing links against them at build time.
+// Shapes: c[M, N] = op(a) @ op(b), op(a) [M, K] (a stored [K, M] when transa), op(b) [K, N] (b stored [N, K]
+// when transb), all row-major.
+#include <dlfcn.h>
+
+#include <cstdint>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// One GEMM call, whatever the library: row-major, c = op(a) op(b).
+template <typename T>
+using Gemm = void (*)(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                      int64_t ldb, float* c, int64_t ldc);
+
+// oneMKL's CBLAS (CBLAS_LAYOUT / CBLAS_TRANSPOSE from mkl_cblas.h; MKL_BF16 holds the bf16 bits in a uint16).
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+template <typename T>
+using CblasFn = void (*)(int, int, int, int, int, int, float, const T*, int, const T*, int, float, float*, int);
+CblasFn<uint16_t> cblas_bf16 = nullptr;
+CblasFn<float> cblas_f32 = nullptr;
+
+// oneDNN's C API (row-major already; char transposes, int64 sizes; returns a dnnl_status_t).
+template <typename T>
+using DnnlFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const T*, int64_t, const T*, int64_t, float,
+                       float*, int64_t);
+DnnlFn<uint16_t> dnnl_bf16 = nullptr;
+DnnlFn<float> dnnl_f32 = nullptr;
+
+template <typename T, CblasFn<T>* fn>
+void ViaCblas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+              float* c, int64_t ldc) {
+  (*fn)(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+}
+
+template <typename T, DnnlFn<T>* fn>
+void ViaDnnl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+             float* c, int64_t ldc) {
+  (*fn)(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+}
+
+template <typename T, ffi::DataType D>
+ffi::Error Run(Gemm<T> gemm, bool ready, ffi::Buffer<D> a, ffi::Buffer<D> b, ffi::ResultBuffer<ffi::F32> c,
+               int64_t transa, int64_t transb) {
+  if (!ready) return ffi::Error::Internal("slmjax gemm: the library's init was not called");
+  auto da = a.dimensions(), db = b.dimensions();
+  if (da.size() != 2 || db.size() != 2) return ffi::Error::InvalidArgument("slmjax gemm: operands must be 2-D");
+  const int64_t m = transa ? da[1] : da[0], k = transa ? da[0] : da[1];
+  const int64_t n = transb ? db[0] : db[1], kb = transb ? db[1] : db[0];
+  if (k != kb) return ffi::Error::InvalidArgument("slmjax gemm: contracting sizes differ");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  gemm(transa, transb, m, n, k, reinterpret_cast<const T*>(a.untyped_data()), da[1],
+       reinterpret_cast<const T*>(b.untyped_data()), db[1], c->typed_data(), n);
+  return ffi::Error::Success();
+}
+
+ffi::Error MklBf16(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::ResultBuffer<ffi::F32> c, int64_t ta,
+                   int64_t tb) {
+  return Run<uint16_t, ffi::BF16>(ViaCblas<uint16_t, &cblas_bf16>, cblas_bf16 != nullptr, a, b, c, ta, tb);
+}
+ffi::Error MklF32(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, int64_t ta,
+                  int64_t tb) {
+  return Run<float, ffi::F32>(ViaCblas<float, &cblas_f32>, cblas_f32 != nullptr, a, b, c, ta, tb);
+}
+ffi::Error OnednnBf16(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::ResultBuffer<ffi::F32> c, int64_t ta,
+                      int64_t tb) {
+  return Run<uint16_t, ffi::BF16>(ViaDnnl<uint16_t, &dnnl_bf16>, dnnl_bf16 != nullptr, a, b, c, ta, tb);
+}
+ffi::Error OnednnF32(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, int64_t ta,
+                     int64_t tb) {
+  return Run<float, ffi::F32>(ViaDnnl<float, &dnnl_f32>, dnnl_f32 != nullptr, a, b, c, ta, tb);
+}
+
+template <typename Bf16, typename F32>
+int Init(const char* path, const char* bf16_name, const char* f32_name, Bf16* bf16, F32* f32) {
+  void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) return 1;
+  *bf16 = reinterpret_cast<Bf16>(dlsym(lib, bf16_name));
+  *f32 = reinterpret_cast<F32>(dlsym(lib, f32_name));
+  return *bf16 != nullptr && *f32 != nullptr ? 0 : 2;
+}
+
+}  // namespace
+
+// 0 on success; 1 when the library does not load, 2 when it lacks a symbol.
+extern "C" int slmjax_mkl_init(const char* path) {
+  return Init(path, "cblas_gemm_bf16bf16f32", "cblas_sgemm", &cblas_bf16, &cblas_f32);
+}
+extern "C" int slmjax_onednn_init(const char* path) {
+  return Init(path, "dnnl_gemm_bf16bf16f32", "dnnl_sgemm", &dnnl_bf16, &dnnl_f32);
+}
+
+#define SLMJAX_GEMM_HANDLER(symbol, fn, type)                                                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                                                         \
+                                ffi::Ffi::Bind()                                                    \
+                                    .Arg<ffi::Buffer<type>>()                                       \
+                                    .Arg<ffi::Buffer<type>>()                                       \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                                   \
+                                    .Attr<int64_t>("transa")                                        \
+                                    .Attr<int64_t>("transb"));
+SLMJAX_GEMM_HANDLER(SlmjaxMklGemmBf16, MklBf16, ffi::BF16)
+SLMJAX_GEMM_HANDLER(SlmjaxMklGemmF32, MklF32, ffi::F32)
+SLMJAX_GEMM_HANDLER(SlmjaxOnednnGemmBf16, OnednnBf16, ffi::BF16)
+SLMJAX_GEMM_HANDLER(SlmjaxOnednnGemmF32, OnednnF32, ffi::F32)

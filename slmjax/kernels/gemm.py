@@ -1,0 +1,146 @@
+"""2-D matmuls in a vendor library through an XLA:CPU FFI custom call, for `ModelConfig.matmul='mkl'` (oneMKL,
+the `[mkl]` extra) and `'onednn'` (oneDNN, the `[onednn]` extra).
+
+Shape letters: slmjax/shapes.py does not cover a bare GEMM; here M rows, K contracted, N columns.
+
+bf16 operands run the library's bf16 x bf16 -> f32 GEMM (cblas_gemm_bf16bf16f32, dnnl_gemm_bf16bf16f32: the CPU's
+bf16 matrix units where the library uses them; oneDNN does on AMD's AVX512_BF16, MKL did not), f32 operands its
+sgemm. The handlers (gemm.cc) are compiled with the system g++ against `jax.ffi.include_dir()` at first use, into
+$SLMJAX_CACHE (default ~/.cache/slmjax) under a name that hashes the source and the jax version: at first use
+rather than at install, so the headers always match the jaxlib that runs them and a pure-Python install stays
+pure. The libraries come from their wheels ($SLMJAX_MKL_RT, $SLMJAX_DNNL override). Where any piece is missing
+(not CPU, no g++, no library) `matmul` says so once and uses XLA's dot instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = pathlib.Path(__file__).with_name('gemm.cc')
+
+
+class Library(NamedTuple):
+  """A vendor GEMM library: where its shared object is and how to get it."""
+  env: str  # an environment variable naming the shared object
+  pattern: str  # its file name in <prefix>/lib, where its wheel puts it
+  install: str
+
+
+LIBRARIES = {'mkl': Library('SLMJAX_MKL_RT', 'libmkl_rt.so*', "pip install -e '.[mkl]'"),
+             'onednn': Library('SLMJAX_DNNL', 'libdnnl.so.3*', "pip install -e '.[onednn]'")}
+
+
+def library_path(library: str) -> str | None:
+  """The shared object of `library`: its environment variable, else the one its wheel puts in <prefix>/lib."""
+  lib = LIBRARIES[library]
+  if os.environ.get(lib.env):
+    return os.environ[lib.env]
+  found = sorted(glob.glob(os.path.join(sys.prefix, 'lib', lib.pattern)))
+  return found[0] if found else None
+
+
+def target(library: str, dtype) -> str:
+  return f'slmjax_{library}_gemm_{jnp.dtype(dtype).name.replace("float", "f")}'
+
+
+def build(cache: pathlib.Path | None = None) -> pathlib.Path:
+  """The compiled handler library, built once per source and jax version (atomically: concurrent first uses
+  each compile to a temporary name and rename)."""
+  cache = cache or pathlib.Path(os.environ.get('SLMJAX_CACHE', pathlib.Path.home() / '.cache' / 'slmjax'))
+  key = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode()).hexdigest()[:16]
+  lib = cache / 'kernels' / f'gemm-{key}.so'
+  if not lib.exists():
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+      out = pathlib.Path(tmp) / lib.name
+      cmd = [os.environ.get('CXX', 'g++'), '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+             f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(out), '-ldl']
+      result = subprocess.run(cmd, capture_output=True, text=True)
+      if result.returncode:
+        raise RuntimeError(f'{cmd[0]} failed: {result.stderr.strip().splitlines()[-1:]}')
+      os.replace(out, lib)
+  return lib
+
+
+@functools.cache
+def load(library: str = 'mkl') -> str | None:
+  """Builds and loads the handlers and registers `library`'s FFI targets once; None when ready, else why not
+  (one line)."""
+  if jax.default_backend() != 'cpu':
+    return f'the {library} matmul is for XLA:CPU, not {jax.default_backend()}'
+  path = library_path(library)
+  if path is None:
+    return f'no {LIBRARIES[library].pattern} ({LIBRARIES[library].install}, or set {LIBRARIES[library].env})'
+  try:
+    lib = ctypes.CDLL(str(build()))
+  except (OSError, RuntimeError) as e:
+    return f'cannot build the GEMM FFI handlers: {e}'
+  status = getattr(lib, f'slmjax_{library}_init')(path.encode())
+  if status:
+    return f'{path} ' + ('does not load' if status == 1 else 'lacks its bf16 or f32 GEMM')
+  title = library.capitalize()
+  for dtype, name in ((jnp.bfloat16, 'Bf16'), (jnp.float32, 'F32')):
+    handler = getattr(lib, f'Slmjax{title}Gemm{name}')
+    jax.ffi.register_ffi_target(target(library, dtype), jax.ffi.pycapsule(handler), platform='cpu')
+  return None
+
+
+@functools.cache
+def _notice(library: str, reason: str) -> None:
+  print(f'slmjax: matmul={library} falls back to XLA: {reason}', file=sys.stderr)
+
+
+def gemm_f32(a: jax.Array, b: jax.Array, transa: bool = False, transb: bool = False,
+             library: str = 'mkl') -> jax.Array:
+  """op(a) @ op(b) in float32 by `library` (op transposes where asked, without a copy); a and b both bf16 or
+  both f32; `load(library)` must have succeeded."""
+  m = a.shape[1] if transa else a.shape[0]
+  n = b.shape[0] if transb else b.shape[1]
+  call = jax.ffi.ffi_call(target(library, a.dtype), jax.ShapeDtypeStruct((m, n), jnp.float32))
+  return call(a, b, transa=int(transa), transb=int(transb))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x_MK: jax.Array, w_KN: jax.Array, library: str) -> jax.Array:
+  return gemm_f32(x_MK, w_KN, library=library).astype(x_MK.dtype)
+
+
+def _fwd(x_MK, w_KN, library):
+  return _matmul(x_MK, w_KN, library), (x_MK, w_KN)
+
+
+def _bwd(library, res, dy_MN):
+  """The two GEMMs of the backward: dx = dy w^T, dw = x^T dy, transposes read in place, f32 accumulation."""
+  x_MK, w_KN = res
+  dy_MN = dy_MN.astype(x_MK.dtype)
+  return (gemm_f32(dy_MN, w_KN, transb=True, library=library).astype(x_MK.dtype),
+          gemm_f32(x_MK, dy_MN, transa=True, library=library).astype(w_KN.dtype))
+
+
+_matmul.defvjp(_fwd, _bwd)
+
+
+def matmul(x_MK: jax.Array, w_KN: jax.Array, library: str = 'mkl') -> jax.Array:
+  """x_MK @ w_KN in `library` (a key of LIBRARIES), differentiable, in the operands' dtype (bf16 or f32); XLA's
+  dot (with a one-time notice) where the library cannot run or for other dtypes."""
+  reason = load(library)
+  if reason is None and x_MK.dtype != w_KN.dtype:
+    reason = f'operands of two dtypes ({x_MK.dtype}, {w_KN.dtype})'
+  if reason is None and x_MK.dtype not in (jnp.bfloat16, jnp.float32):
+    reason = f'no {library} GEMM for {x_MK.dtype}'
+  if reason is not None:
+    _notice(library, reason)
+    return x_MK @ w_KN
+  return _matmul(x_MK, w_KN, library)
