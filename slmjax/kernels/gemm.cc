@@ -15,10 +15,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// One GEMM call, whatever the library: row-major, c = op(a) op(b).
+// One GEMM call, whatever the library: row-major, c = op(a) op(b); 0 on success, else the library's status.
 template <typename T>
-using Gemm = void (*)(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                      int64_t ldb, float* c, int64_t ldc);
+using Gemm = int (*)(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                     int64_t ldb, float* c, int64_t ldc);
 
 // oneMKL's CBLAS (CBLAS_LAYOUT / CBLAS_TRANSPOSE from mkl_cblas.h; MKL_BF16 holds the bf16 bits in a uint16).
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
@@ -27,7 +27,7 @@ using CblasFn = void (*)(int, int, int, int, int, int, float, const T*, int, con
 CblasFn<uint16_t> cblas_bf16 = nullptr;
 CblasFn<float> cblas_f32 = nullptr;
 
-// oneDNN's C API (row-major already; char transposes, int64 sizes; returns a dnnl_status_t).
+// oneDNN's C API (row-major already; char transposes, int64 sizes; returns a dnnl_status_t, 0 = success).
 template <typename T>
 using DnnlFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const T*, int64_t, const T*, int64_t, float,
                        float*, int64_t);
@@ -35,48 +35,40 @@ DnnlFn<uint16_t> dnnl_bf16 = nullptr;
 DnnlFn<float> dnnl_f32 = nullptr;
 
 template <typename T, CblasFn<T>* fn>
-void ViaCblas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-              float* c, int64_t ldc) {
+int ViaCblas(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+             float* c, int64_t ldc) {
   (*fn)(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+  return 0;
 }
 
 template <typename T, DnnlFn<T>* fn>
-void ViaDnnl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-             float* c, int64_t ldc) {
-  (*fn)(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+int ViaDnnl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+            float* c, int64_t ldc) {
+  return (*fn)(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
 }
 
-template <typename T, ffi::DataType D>
-ffi::Error Run(Gemm<T> gemm, bool ready, ffi::Buffer<D> a, ffi::Buffer<D> b, ffi::ResultBuffer<ffi::F32> c,
-               int64_t transa, int64_t transb) {
-  if (!ready) return ffi::Error::Internal("slmjax gemm: the library's init was not called");
+// The FFI handler of one library's GEMM for one dtype: `fn` is the library's function pointer (null until its
+// init), `gemm` the call through it.
+template <typename T, ffi::DataType D, auto* fn, Gemm<T> gemm>
+ffi::Error Handle(ffi::Buffer<D> a, ffi::Buffer<D> b, ffi::ResultBuffer<ffi::F32> c, int64_t transa,
+                  int64_t transb) {
+  if (*fn == nullptr) return ffi::Error::Internal("slmjax gemm: the library's init was not called");
   auto da = a.dimensions(), db = b.dimensions();
   if (da.size() != 2 || db.size() != 2) return ffi::Error::InvalidArgument("slmjax gemm: operands must be 2-D");
   const int64_t m = transa ? da[1] : da[0], k = transa ? da[0] : da[1];
   const int64_t n = transb ? db[0] : db[1], kb = transb ? db[1] : db[0];
   if (k != kb) return ffi::Error::InvalidArgument("slmjax gemm: contracting sizes differ");
   if (m == 0 || n == 0) return ffi::Error::Success();
-  gemm(transa, transb, m, n, k, reinterpret_cast<const T*>(a.untyped_data()), da[1],
-       reinterpret_cast<const T*>(b.untyped_data()), db[1], c->typed_data(), n);
+  if (gemm(transa, transb, m, n, k, reinterpret_cast<const T*>(a.untyped_data()), da[1],
+           reinterpret_cast<const T*>(b.untyped_data()), db[1], c->typed_data(), n))
+    return ffi::Error::Internal("slmjax gemm: the library's GEMM returned an error status");
   return ffi::Error::Success();
 }
 
-ffi::Error MklBf16(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::ResultBuffer<ffi::F32> c, int64_t ta,
-                   int64_t tb) {
-  return Run<uint16_t, ffi::BF16>(ViaCblas<uint16_t, &cblas_bf16>, cblas_bf16 != nullptr, a, b, c, ta, tb);
-}
-ffi::Error MklF32(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, int64_t ta,
-                  int64_t tb) {
-  return Run<float, ffi::F32>(ViaCblas<float, &cblas_f32>, cblas_f32 != nullptr, a, b, c, ta, tb);
-}
-ffi::Error OnednnBf16(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::ResultBuffer<ffi::F32> c, int64_t ta,
-                      int64_t tb) {
-  return Run<uint16_t, ffi::BF16>(ViaDnnl<uint16_t, &dnnl_bf16>, dnnl_bf16 != nullptr, a, b, c, ta, tb);
-}
-ffi::Error OnednnF32(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c, int64_t ta,
-                     int64_t tb) {
-  return Run<float, ffi::F32>(ViaDnnl<float, &dnnl_f32>, dnnl_f32 != nullptr, a, b, c, ta, tb);
-}
+constexpr auto MklBf16 = Handle<uint16_t, ffi::BF16, &cblas_bf16, ViaCblas<uint16_t, &cblas_bf16>>;
+constexpr auto MklF32 = Handle<float, ffi::F32, &cblas_f32, ViaCblas<float, &cblas_f32>>;
+constexpr auto OnednnBf16 = Handle<uint16_t, ffi::BF16, &dnnl_bf16, ViaDnnl<uint16_t, &dnnl_bf16>>;
+constexpr auto OnednnF32 = Handle<float, ffi::F32, &dnnl_f32, ViaDnnl<float, &dnnl_f32>>;
 
 template <typename Bf16, typename F32>
 int Init(const char* path, const char* bf16_name, const char* f32_name, Bf16* bf16, F32* f32) {
