@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from slmjax.attention_core import causal_attention, softcap, visible
 from slmjax.config import ModelConfig
 from slmjax.kernels import acc32, gemm
 
@@ -170,53 +171,6 @@ def linear(x: jax.Array, w: jax.Array, n_in: int = 1, matmul: str = 'xla') -> ja
   x_MK, w_KN = x.reshape(-1, size), w.reshape(size, -1)
   y = gemm.matmul(x_MK, w_KN, matmul) if matmul in gemm.LIBRARIES else acc32.matmul(x_MK, w_KN)
   return y.reshape(*lead, *out_shape)
-
-
-def softcap(x: jax.Array, cap: float) -> jax.Array:
-  """cap * tanh(x / cap): bounds logits smoothly to (-cap, cap) (Gemma 2); cap 0 leaves x unchanged."""
-  return cap * jnp.tanh(x / cap) if cap else x
-
-
-QUERY_BLOCKS = 4  # causal attention runs in this many query blocks, each against its key prefix only
-
-
-def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float = 0.0, *,
-                     scale: float | None = None, window: int = 0) -> jax.Array:
-  """softmax(q k^T / sqrt(Z) + causal mask) v, logits and softmax in float32; returns out_BTKQY.
-
-  `scale` replaces 1 / sqrt(Z) (Gemma 2's query_pre_attn_scalar); `window` > 0 masks keys `window` or more
-  positions back (sliding-window attention: a query sees itself and the window - 1 keys before it).
-
-  Q query heads share each of the K key/value heads (Q = 1 is plain multi-head attention); Y is the value width
-  (Z in GQA). Two speed choices, measured on CPU (16 x 256 tokens, 4 heads of 64, forward + backward of one layer):
-  heads-major [B, K, Q, T, Z] operands, so each score and value product is one batched matmul with no
-  transposed copies inside the gradient (83 -> 59 ms); and QUERY_BLOCKS query blocks, block i computing scores
-  against keys [0, (i + 1) T / QUERY_BLOCKS) only, which skips 3/8 of the masked upper triangle (59 -> 42 ms).
-  """
-  T, Z = q_BTKQZ.shape[1], q_BTKQZ.shape[-1]
-  scale = Z ** -0.5 if scale is None else scale
-  q_BKQTZ = jnp.transpose(q_BTKQZ, (0, 2, 3, 1, 4))
-  k_BKUZ = jnp.transpose(k_BUKZ, (0, 2, 1, 3))
-  v_BKUY = jnp.transpose(v_BUKY, (0, 2, 1, 3))
-  blocks = QUERY_BLOCKS if T % QUERY_BLOCKS == 0 and T >= 16 * QUERY_BLOCKS else 1
-  size = T // blocks
-  outs = []
-  for i in range(blocks):
-    end = (i + 1) * size  # query block i (its T axis: `size` positions) sees keys [0, end)
-    logits_BKQTU = acc32.einsum('BKQTZ,BKUZ->BKQTU', q_BKQTZ[:, :, :, i * size:end], k_BKUZ[:, :, :end])
-    logits_BKQTU = softcap(logits_BKQTU.astype(jnp.float32) * scale, cap)
-    causal_TU = visible(jnp.arange(i * size, end), end, window)
-    logits_BKQTU = jnp.where(causal_TU, logits_BKQTU, jnp.finfo(jnp.float32).min)
-    probs_BKQTU = jax.nn.softmax(logits_BKQTU, axis=-1).astype(v_BUKY.dtype)
-    outs.append(acc32.einsum('BKQTU,BKUY->BKQTY', probs_BKQTU, v_BKUY[:, :, :end]))
-  out_BKQTY = jnp.concatenate(outs, axis=3)
-  return jnp.transpose(out_BKQTY, (0, 3, 1, 2, 4))
-
-
-def visible(positions_T: jax.Array, keys: int, window: int = 0) -> jax.Array:
-  """visible_TU: whether the query at each position sees key slot u < keys (causal; within `window` if > 0)."""
-  u_1U, t_T1 = jnp.arange(keys)[None, :], positions_T[:, None]
-  return (u_1U <= t_T1) & (u_1U > t_T1 - window) if window else u_1U <= t_T1
 
 
 def cached_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, start: jax.Array,

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from slmjax.attention_core import causal_attention, softcap
 from slmjax.config import ModelConfig
-from slmjax.layers import (Norm, apply_rope, causal_attention, dtype_of, linear, make_param, softcap,
-                           write_cache)
+from slmjax.layers import Norm, apply_rope, dtype_of, linear, make_param, write_cache
 
 
 class LatentCache(NamedTuple):

@@ -8,38 +8,62 @@ import pytest
 from slmjax import layers
 
 
-def reference_attention(q_BTKQZ, k_BUKZ, v_BUKY, cap=0.0):
+def reference_attention(q_BTKQZ, k_BUKZ, v_BUKY, cap=0.0, window=0):
   T, Z = q_BTKQZ.shape[1], q_BTKQZ.shape[-1]
   logits = jnp.einsum('BTKQZ,BUKZ->BKQTU', q_BTKQZ, k_BUKZ) * Z ** -0.5
   if cap:
     logits = cap * jnp.tanh(logits / cap)
-  logits = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -jnp.inf)
+  causal = jnp.tril(jnp.ones((T, T), bool))
+  if window:
+    causal &= ~jnp.tril(jnp.ones((T, T), bool), -window)
+  logits = jnp.where(causal, logits, -jnp.inf)
   return jnp.einsum('BKQTU,BUKY->BTKQY', jax.nn.softmax(logits, -1), v_BUKY)
 
 
-@pytest.mark.parametrize('T,Q,Y,cap', [(64, 1, 8, 0.0), (128, 2, 8, 0.0), (64, 2, 12, 5.0), (40, 1, 8, 0.0),
-                                       (30, 3, 8, 0.0)])
-def test_blocked_causal_attention_matches_reference(T, Q, Y, cap):
-  """Query blocks (T = 64, 128: 4 blocks) and the unblocked path (T = 40, 30) give plain causal attention, with
-  grouped heads, a value width Y != Z and soft-capping; gradients too."""
-  rng = np.random.default_rng(0)
+def attention_outputs_and_grads(q, k, v, w, cap, window):
+  """(ours, reference) outputs and (ours, reference) gradients of <out, w> in q, k, v, in one compile."""
+  ours = lambda q, k, v: layers.causal_attention(q, k, v, cap, window=window)
+  ref = lambda q, k, v: reference_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                            cap, window)
+
+  @jax.jit
+  def run(q, k, v):
+    grads = [jax.grad(lambda *a: jnp.vdot(f(*a).astype(jnp.float32), w), argnums=(0, 1, 2))(q, k, v)
+             for f in (ours, ref)]
+    return (ours(q, k, v), ref(q, k, v)), grads
+  return run(q, k, v)
+
+
+def random_qkvw(T, Q, Y, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
   B, K, Z = 2, 2, 8
-  q = jnp.asarray(rng.normal(size=(B, T, K, Q, Z)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(B, T, K, Z)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(B, T, K, Y)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(B, T, K, Q, Y)), jnp.float32)
+  shapes = (B, T, K, Q, Z), (B, T, K, Z), (B, T, K, Y)
+  q, k, v = (jnp.asarray(rng.normal(size=s), dtype) for s in shapes)
+  return q, k, v, jnp.asarray(rng.normal(size=(B, T, K, Q, Y)), jnp.float32)
 
-  @jax.jit  # one compile each, not one per op
-  def outputs_and_grads(q, k, v):
-    outs = layers.causal_attention(q, k, v, cap), reference_attention(q, k, v, cap)
-    grads = [jax.grad(lambda *a: jnp.vdot(f(*a, cap), w), argnums=(0, 1, 2))(q, k, v)
-             for f in (layers.causal_attention, reference_attention)]
-    return outs, grads
 
-  (out, ref_out), (grads, ref_grads) = outputs_and_grads(q, k, v)
+@pytest.mark.parametrize('T,Q,Y,cap,window', [(64, 1, 8, 0.0, 0), (128, 2, 8, 0.0, 0), (64, 2, 12, 5.0, 0),
+                                              (40, 1, 8, 0.0, 0), (30, 3, 8, 0.0, 0), (128, 1, 8, 2.0, 24)])
+def test_blocked_causal_attention_matches_reference(T, Q, Y, cap, window):
+  """Query blocks (T = 64, 128: 4 blocks) and the unblocked path (T = 40, 30) give plain causal attention, with
+  grouped heads, a value width Y != Z, soft-capping and a sliding window; gradients too (attention_core's own
+  backward against autodiff of the plain formula)."""
+  q, k, v, w = random_qkvw(T, Q, Y)
+  (out, ref_out), (grads, ref_grads) = attention_outputs_and_grads(q, k, v, w, cap, window)
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
   for got, want in zip(grads, ref_grads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_blocked_causal_attention_in_bf16_is_close_to_f32():
+  """bf16 operands: outputs and gradients (bf16, f32-accumulated) within bf16's rounding of the f32 reference."""
+  q, k, v, w = random_qkvw(128, 2, 8, jnp.bfloat16)
+  (out, ref_out), (grads, ref_grads) = attention_outputs_and_grads(q, k, v, w, 0.0, 0)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  np.testing.assert_allclose(out.astype(jnp.float32), ref_out, rtol=0.03, atol=0.03)
+  for got, want in zip(grads, ref_grads):
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got.astype(jnp.float32) / scale, want / scale, atol=0.02)
 
 
 def test_linear_is_the_einsum():
