@@ -3,6 +3,7 @@ gates and expert weights), einsum and gather dropping the same assignments, and 
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +165,29 @@ def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles):
     if fn is tiled:
       got = (y_ND, grads)
   _assert_close_tree(got, (y_ND, grads), tol=1e-4)
+
+
+def test_grouped_ffn_in_bf16_writes_tiles_in_place_and_matches_f32():
+  """bf16 rows and weights: outputs and gradients (weight gradients summed over tiles in f32) within bf16
+  rounding of the f32 run, and no tile write in the compiled program runs in f32 (XLA:CPU's bf16
+  normalization would convert the whole buffer around each one)."""
+  _, _, _, w = _inputs(4, 6, 1, 'swiglu', seed=3)
+  sizes_E = np.array([37, 0, 8, 1, 16, 15], np.int32)
+  x_ND = np.random.default_rng(4).normal(size=(int(sizes_E.sum()) + 8, D)).astype(np.float32)
+
+  def loss(x, w):
+    return jnp.sum(grouped_ffn(x, w, jnp.asarray(sizes_E), 'swiglu', (16, 8))[:-8].astype(jnp.float32) ** 2)
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  want = grad(x_ND, w)
+  to_bf16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
+  got = grad(*to_bf16((x_ND, w)))
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(got[1]))
+  for g, f in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    scale = float(jnp.max(jnp.abs(f)))
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(f) / scale, atol=0.03)
+  hlo = grad.lower(*to_bf16((x_ND, w))).compile().as_text()
+  assert 'dynamic-update-slice(' in hlo or 'dynamic-update-slice_' in hlo
+  assert not re.search(r'= f32\[[0-9,]+\]\S* dynamic-update-slice\(', hlo)
 
 
 @pytest.mark.parametrize('n, n_experts', [(4096, 8), (1 << 16, (1 << 15) + 1)])  # packed key; two-operand sort

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from slmjax.dispatch.experts import ExpertWeights
-from slmjax.kernels.acc32 import dot
+from slmjax.kernels.acc32 import dot, dot_f32
 from slmjax.layers import activate
 
 GROUP_TILES = (1024, 512, 256, 128)  # grouped_ffn's tile sizes, largest first; the last is the slack it needs
@@ -34,6 +34,22 @@ def _tile_plan(sizes_E: jax.Array, rows: int, tiles: tuple[int, ...]):
     counts.append(left_E // (size // unit))
     left_E = left_E - counts[-1] * (size // unit)
   return jnp.cumsum(sizes_E) - sizes_E, tuple(zip(sizes, counts))
+
+
+# Buffers written tile by tile are carried as bits: bf16 as uint16. XLA:CPU's bf16 normalization runs a bf16
+# dynamic-update-slice in f32, converting the whole buffer there and back at every tile (the largest cost of a
+# bf16 MoE step: 378 of 1,404 ms, profiled); on the bits, the update is in place and costs the tile alone.
+def _bits(a: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
+
+
+def _from_bits(a: jax.Array, dtype) -> jax.Array:
+  return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
+
+
+def _write_at(buf: jax.Array, update: jax.Array, start, dtype) -> jax.Array:
+  """buf (`_bits` of a `dtype` array) with `update` written at index `start` of axis 0, in place."""
+  return jax.lax.dynamic_update_slice_in_dim(buf, _bits(update.astype(dtype)), start, 0)
 
 
 def _over_tiles(e, plan, tile_step, carry):
@@ -78,7 +94,7 @@ def _grouped_fwd(x_ND, w, sizes_E, activation, tiles):
       up_WF = dot(x_WD, we.w_up_EDF)
       gate_WF = None if we.w_gate_EDF is None else dot(x_WD, we.w_gate_EDF)
       y_WD = dot(activate(gate_WF, up_WF, activation), we.w_down_EFD)
-      write = lambda buf, rows: None if buf is None else jax.lax.dynamic_update_slice_in_dim(buf, rows, row, 0)
+      write = lambda buf, rows: None if buf is None else _write_at(buf, rows, row, x_ND.dtype)
       return write(y_ND, y_WD), write(gate_NF, gate_WF), write(up_NF, up_WF)
     return _over_tiles(e, plan, tile_step, carry)
 
@@ -86,8 +102,10 @@ def _grouped_fwd(x_ND, w, sizes_E, activation, tiles):
   # buffers of their own, as a concatenated [tile, 2F] write costs a copy per tile.
   # Zeros made like an operand (full_like keeps its shard_map varying axes, which a loop carry must match).
   zeros_NF = lambda a: None if a is None else jax.lax.full_like(x_ND, 0, shape=(N, a.shape[-1]))
-  init = (jnp.zeros_like(x_ND), zeros_NF(w.w_gate_EDF), zeros_NF(w.w_up_EDF))
-  y_ND, gate_NF, up_NF = jax.lax.fori_loop(0, w.w_up_EDF.shape[0], expert, init)
+  init = tuple(None if a is None else _bits(a) for a in (jnp.zeros_like(x_ND), zeros_NF(w.w_gate_EDF),
+                                                           zeros_NF(w.w_up_EDF)))
+  out = jax.lax.fori_loop(0, w.w_up_EDF.shape[0], expert, init)
+  y_ND, gate_NF, up_NF = (None if a is None else _from_bits(a, x_ND.dtype) for a in out)
   return y_ND, (x_ND, w, sizes_E, gate_NF, up_NF)
 
 
@@ -107,23 +125,26 @@ def _grouped_bwd(activation, tiles, res, dy_ND):
       x_WD, dy_WD = rows(x_ND), jnp.where(valid_W1, rows(dy_ND), 0)
       h_WF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), rows(gate_NF), rows(up_NF))
       dgate_WF, dup_WF = act_vjp(dot(dy_WD, we.w_down_EFD.T))
-      dx_WD = dot(dup_WF, we.w_up_EDF.T)
+      dx_WD = dot_f32(dup_WF, we.w_up_EDF.T)
       if dgate_WF is not None:
-        dx_WD = dx_WD + dot(dgate_WF, we.w_gate_EDF.T)
-      grads = (None if dgate_WF is None else dot(x_WD.T, dgate_WF), dot(x_WD.T, dup_WF), dot(h_WF.T, dy_WD))
+        dx_WD = dx_WD + dot_f32(dgate_WF, we.w_gate_EDF.T)
+      grads = (None if dgate_WF is None else dot_f32(x_WD.T, dgate_WF), dot_f32(x_WD.T, dup_WF),
+               dot_f32(h_WF.T, dy_WD))
       dwe = ExpertWeights(*(None if a is None else a + g for a, g in zip(dwe, grads)))
-      return jax.lax.dynamic_update_slice_in_dim(dx_ND, dx_WD, row, 0), dwe
+      return _write_at(dx_ND, dx_WD, row, x_ND.dtype), dwe
 
-    # Expert e's weight gradients accumulate in a [D, F] carry and are written once, not added per tile.
-    zeros = ExpertWeights(*(None if a is None else jax.lax.full_like(a, 0, shape=a.shape[1:]) for a in w))
+    # Expert e's weight gradients accumulate in an f32 [D, F] carry (one rounding to bf16, not one a tile) and
+    # are written once, not added per tile.
+    zeros = ExpertWeights(*(None if a is None else jax.lax.full_like(a, 0, jnp.float32, a.shape[1:]) for a in w))
     dx_ND, dwe = _over_tiles(e, plan, tile_step, (dx_ND, zeros))
-    dw = ExpertWeights(*(None if a is None else jax.lax.dynamic_update_index_in_dim(a, g, e, 0)
-                         for a, g in zip(dw, dwe)))
+    dw = ExpertWeights(*(None if a is None else _write_at(a, g[None], e, wa.dtype)
+                         for a, g, wa in zip(dw, dwe, w)))
     return dx_ND, dw
 
-  zeros = ExpertWeights(*(None if a is None else jnp.zeros_like(a) for a in w))
-  dx_ND, dw = jax.lax.fori_loop(0, w.w_up_EDF.shape[0], expert, (jnp.zeros_like(x_ND), zeros))
-  return dx_ND, dw, None
+  zeros = ExpertWeights(*(None if a is None else _bits(jnp.zeros_like(a)) for a in w))
+  dx_ND, dw = jax.lax.fori_loop(0, w.w_up_EDF.shape[0], expert, (_bits(jnp.zeros_like(x_ND)), zeros))
+  dw = ExpertWeights(*(None if a is None else _from_bits(a, wa.dtype) for a, wa in zip(dw, w)))
+  return _from_bits(dx_ND, x_ND.dtype), dw, None
 
 
 grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
