@@ -44,7 +44,7 @@ def matmul_peak_flops(n: int = 2048, dtype: str = 'float32', repeats: int = 10) 
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (n, n), jnp.dtype(dtype))
   b = jax.random.normal(k2, (n, n), jnp.dtype(dtype))
-  matmul = jax.jit(acc32.dot)
+  matmul = jax.jit(acc32.matmul)
   return 2 * n ** 3 / time_fn(matmul, a, b, warmup=2, repeats=repeats)['median_s']
 
 

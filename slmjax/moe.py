@@ -209,7 +209,7 @@ class MoEFFN(nnx.Module):
     y_GSD, kept_GSA = get_dispatch(cfg.dispatch, cfg.dropless)(
         x_XD.reshape(G, S, D), (cfg.routed_scale * routing.gates_XA).reshape(G, S, -1),
         routing.experts_XA.reshape(G, S, -1),
-        weights, cfg.capacity(S), cfg.activation)
+        weights, cfg.capacity(S), cfg.activation, cfg.matmul)
     y_BTD = y_GSD.reshape(B, T, D).astype(x_BTD.dtype)
     if self.shared is not None:
       shared_BTD = self.shared(x_BTD)

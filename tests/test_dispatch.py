@@ -16,6 +16,7 @@ from slmjax.dispatch.gather import expert_blocks
 from slmjax.dispatch.grouped import grouped_ffn
 from slmjax.dispatch.ragged import sort_by_expert
 from slmjax.dispatch.slots import capacity_slots
+from slmjax.kernels import gemm
 
 D, F = 16, 8
 
@@ -141,11 +142,17 @@ def test_registry_names_are_the_config_choices():
   assert set(dispatch.DISPATCH) | {'auto'} == set(config.DISPATCHES)
 
 
-@pytest.mark.parametrize('activation,tiles', [('swiglu', (16, 8)), ('gelu', (16, 8)), ('swiglu', (32, 16, 8))])
-def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles):
+@pytest.mark.parametrize('activation,tiles,matmul', [('swiglu', (16, 8), 'xla'), ('gelu', (16, 8), 'xla'),
+                                                     ('swiglu', (32, 16, 8), 'xla'), ('swiglu', (32, 16, 8), 'onednn'),
+                                                     ('gelu', (16, 8), 'onednn')])
+def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles, matmul, tmp_path, monkeypatch):
   """Tiles of 32, 16 and 8 rows over runs of 0 to 37 rows: several tile sizes in one expert, partial tiles,
   empty experts, a large tile past its run's end (15 rows in 16), and a last tile past the buffer's end; outputs
-  and every gradient equal each expert's FFN on its own rows."""
+  and every gradient equal each expert's FFN on its own rows, with XLA's dot and with oneDNN's GEMM (where the
+  `onednn` extra is installed)."""
+  monkeypatch.setenv('SLMJAX_CACHE', str(tmp_path))  # a first build of the GEMM handlers goes here, not to ~
+  if matmul in gemm.LIBRARIES and (reason := gemm.load(matmul)) is not None:
+    pytest.skip(f'no {matmul} matmul here: {reason}')
   _, _, _, w = _inputs(4, 6, 1, activation, seed=3)
   sizes_E = np.array([37, 0, 8, 1, 16, 15], np.int32)
   rng = np.random.default_rng(4)
@@ -159,7 +166,7 @@ def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles):
 
   def tiled(x_ND, w):  # with the 8 slack rows grouped_ffn asks for; their outputs are dropped
     padded_ND = jnp.concatenate([x_ND, jnp.ones((8, D), x_ND.dtype)])
-    return grouped_ffn(padded_ND, w, jnp.asarray(sizes_E), activation, tiles)[:len(x_ND)]
+    return grouped_ffn(padded_ND, w, jnp.asarray(sizes_E), activation, tiles, matmul)[:len(x_ND)]
   for fn in (tiled, reference):
     y_ND, grads = jax.value_and_grad(lambda x, w: jnp.vdot(fn(x, w), dy_ND), argnums=(0, 1))(x_ND, w)
     if fn is tiled:

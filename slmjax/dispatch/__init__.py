@@ -1,10 +1,12 @@
 """Token-to-expert dispatch implementations behind one interface.
 
 Every implementation has the signature
-  dispatch(x_GSD, gates_GSA, experts_GSA, weights, capacity, activation) -> (y_GSD, kept_GSA)
+  dispatch(x_GSD, gates_GSA, experts_GSA, weights, capacity, activation, matmul='xla') -> (y_GSD, kept_GSA)
 where tokens come split into G groups of S tokens, each token has A = top_k (expert index, gate) pairs, `capacity`
 is C, the slots per expert per group, and `kept_GSA` says which assignments were computed (not dropped for lack
 of capacity). A token whose assignments are all dropped gets a zero output: the residual carries it through.
+`matmul` is ModelConfig.matmul: the row tiles of the dropless FFN on CPU (ragged, alltoall) run their 2-D
+products in that vendor GEMM; the batched products of the others stay XLA's.
 
 Capacity priority (shared by every dropping implementation): token order. Token t's assignments take their slots
 after those of every earlier token in its group, so whether t is dropped depends only on tokens up to t: the

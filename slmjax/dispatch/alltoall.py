@@ -53,7 +53,8 @@ def expert_mesh():
   return None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else mesh
 
 
-def alltoall_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str):
+def alltoall_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str,
+                      matmul: str = 'xla'):
   """The dispatch interface of `slmjax.dispatch`, expert parallel over the current mesh's expert axis. Without a
   mesh, or with fewer dispatch groups than the data x fsdp x expert devices can split evenly (a small evaluation
   or decoding batch), the gather dispatch (ragged when dropless) computes the same result, XLA placing it."""
@@ -61,12 +62,12 @@ def alltoall_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity:
   mesh = expert_mesh()
   if mesh is None or G % math.prod(mesh.shape[a] for a in BATCH_AXES):
     return (ragged_dispatch if capacity >= S else gather_dispatch)(x_GSD, gates_GSA, experts_GSA, w, capacity,
-                                                                   activation)
+                                                                   activation, matmul)
   names = tuple(n for n, a in zip(('gate', 'up', 'down'), w) if a is not None)
   arrays = tuple(a for a in w if a is not None)
   specs = tuple(P(EXPERT, 'tensor', None) if n == 'down' else P(EXPERT, None, 'tensor') for n in names)
   body = functools.partial(_dropless if capacity >= S else _capacity, names=names, activation=activation,
-                           capacity=capacity, n_experts=w.w_up_EDF.shape[0], ep=mesh.shape[EXPERT])
+                           matmul=matmul, capacity=capacity, n_experts=w.w_up_EDF.shape[0], ep=mesh.shape[EXPERT])
   return jax.shard_map(body, in_specs=(P(BATCH_AXES),) * 3 + specs, out_specs=(P(BATCH_AXES),) * 2)(
       x_GSD, gates_GSA, experts_GSA, *arrays)
 
@@ -89,7 +90,7 @@ def _finish(y_XD, kept_GSA, shape):
   return jax.lax.psum(y_XD, 'tensor').reshape(shape), kept_GSA
 
 
-def _capacity(x_GSD, gates_GSA, experts_GSA, *arrays, names, activation, capacity, n_experts, ep):
+def _capacity(x_GSD, gates_GSA, experts_GSA, *arrays, names, activation, matmul, capacity, n_experts, ep):
   """Fixed C slots per expert per local group: a dense [E, M, D] send buffer, one all_to_all each way."""
   G, S, D = x_GSD.shape
   A, E, X, M = experts_GSA.shape[-1], n_experts, G * S, G * capacity
@@ -119,7 +120,7 @@ def _exchange(x_ND, rows_to_peer, rows_from_peer, block: int):
                                    axis_name=EXPERT)
 
 
-def _dropless(x_GSD, gates_GSA, experts_GSA, *arrays, names, activation, capacity, n_experts, ep):
+def _dropless(x_GSD, gates_GSA, experts_GSA, *arrays, names, activation, matmul, capacity, n_experts, ep):
   """Every assignment computed: per-peer blocks of R rows, sorted by expert, exchanged, re-sorted by local expert
   on arrival, grouped matmuls, and the same way back."""
   del capacity
@@ -151,7 +152,7 @@ def _dropless(x_GSD, gates_GSA, experts_GSA, *arrays, names, activation, capacit
   slot_N1 = jnp.where(local_N < el, slot_N, ep * R + slack_rows())[:, None]  # past the end: nothing to return
   order_N = jnp.concatenate([order_N, jnp.full((slack_rows(),), ep * R, i32)])
   x_ND, = dispatch_rows(recv_ND, (order_N,), slot_N1)
-  y_ND = sorted_rows_ffn(x_ND, w, sizes_local_E, activation)
+  y_ND = sorted_rows_ffn(x_ND, w, sizes_local_E, activation, matmul)
   back_N1 = jnp.where(jnp.arange(order_N.shape[0]) < used, order_N, ep * R)[:, None]
   ret_ND, = dispatch_rows(y_ND, (slot_N1[:, 0],), back_N1)
   y_back_ND = _exchange(ret_ND, rows_from_peer, rows_to_peer, R)

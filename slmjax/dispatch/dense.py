@@ -11,9 +11,10 @@ import jax.numpy as jnp
 from slmjax.dispatch.experts import ExpertWeights, expert_ffn
 
 
-def dense_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str):
+def dense_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str,
+                   matmul: str = 'xla'):
   """Correctness oracle: every expert runs on every token, outputs mixed by the gates; never drops."""
-  del capacity
+  del capacity, matmul  # never drops; batched products stay XLA's (slmjax/dispatch/__init__.py)
   E = w.w_up_EDF.shape[0]
   G, S, D = x_GSD.shape
   y_EXD = expert_ffn(jnp.broadcast_to(x_GSD.reshape(1, G * S, D), (E, G * S, D)), w, activation)

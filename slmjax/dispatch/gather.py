@@ -68,8 +68,10 @@ def expert_rows(experts_GSA, slot_GSA, kept_GSA, count_GE, blocks: tuple[int, ..
   return dest_XA, asgs, jnp.max(jnp.sum(count_GE, axis=0))
 
 
-def gather_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str):
+def gather_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str,
+                    matmul: str = 'xla'):
   """Same kept set as einsum (capacity_slots), but rows are gathered, not multiplied by one-hot tensors."""
+  del matmul  # batched products stay XLA's (slmjax/dispatch/__init__.py)
   G, S, D = x_GSD.shape
   A, E, X = experts_GSA.shape[-1], w.w_up_EDF.shape[0], G * S
   blocks = expert_blocks(G * capacity, -(-X * A // E))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from slmjax.dispatch.experts import ExpertWeights
-from slmjax.kernels.acc32 import dot, dot_f32
+from slmjax.kernels.gemm import dot
 from slmjax.layers import activate
 
 GROUP_TILES = (1024, 512, 256, 128)  # grouped_ffn's tile sizes, largest first; the last is the slack it needs
@@ -62,9 +62,9 @@ def _over_tiles(e, plan, tile_step, carry):
   return carry
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def grouped_ffn(x_ND: jax.Array, w: ExpertWeights, sizes_E: jax.Array, activation: str,
-                tiles: tuple[int, ...] = GROUP_TILES):
+                tiles: tuple[int, ...] = GROUP_TILES, matmul: str = 'xla'):
   """Expert e's FFN on its run of rows, for rows sorted by expert (sizes_E rows each): dropless grouped matmuls,
   what `jax.lax.ragged_dot` does, which on CPU lowers to a dense masked product (E times the FLOPs). Here a loop
   over experts, each slicing its weights once, and within it loops over tiles: the run is cut into units of the
@@ -77,11 +77,14 @@ def grouped_ffn(x_ND: jax.Array, w: ExpertWeights, sizes_E: jax.Array, activatio
   x_ND holds the sorted rows and then at least `tiles[-1]` rows of slack (N >= sum(sizes_E) + tiles[-1]), where
   the last tile may run: the caller builds the slack in its own gather, which is cheaper than padding here (a
   copy of every row, forward and backward). Slack rows' outputs are arbitrary and their cotangents ignored.
+
+  `matmul` (ModelConfig.matmul) runs the tiles' products in a vendor GEMM (slmjax/kernels/gemm.py): the weight
+  gradients x^T dy, a transposed operand, are where XLA's dot is slowest.
   """
-  return _grouped_fwd(x_ND, w, sizes_E, activation, tiles)[0]
+  return _grouped_fwd(x_ND, w, sizes_E, activation, tiles, matmul)[0]
 
 
-def _grouped_fwd(x_ND, w, sizes_E, activation, tiles):
+def _grouped_fwd(x_ND, w, sizes_E, activation, tiles, matmul):
   N, D = x_ND.shape
   plan = _tile_plan(sizes_E, N, tiles)
 
@@ -91,9 +94,9 @@ def _grouped_fwd(x_ND, w, sizes_E, activation, tiles):
     def tile_step(size, row, carry):
       y_ND, gate_NF, up_NF = carry
       x_WD = jax.lax.dynamic_slice_in_dim(x_ND, row, size)
-      up_WF = dot(x_WD, we.w_up_EDF)
-      gate_WF = None if we.w_gate_EDF is None else dot(x_WD, we.w_gate_EDF)
-      y_WD = dot(activate(gate_WF, up_WF, activation), we.w_down_EFD)
+      up_WF = dot(x_WD, we.w_up_EDF, library=matmul)
+      gate_WF = None if we.w_gate_EDF is None else dot(x_WD, we.w_gate_EDF, library=matmul)
+      y_WD = dot(activate(gate_WF, up_WF, activation), we.w_down_EFD, library=matmul)
       write = lambda buf, rows: None if buf is None else _write_at(buf, rows, row, x_ND.dtype)
       return write(y_ND, y_WD), write(gate_NF, gate_WF), write(up_NF, up_WF)
     return _over_tiles(e, plan, tile_step, carry)
@@ -109,7 +112,7 @@ def _grouped_fwd(x_ND, w, sizes_E, activation, tiles):
   return y_ND, (x_ND, w, sizes_E, gate_NF, up_NF)
 
 
-def _grouped_bwd(activation, tiles, res, dy_ND):
+def _grouped_bwd(activation, tiles, matmul, res, dy_ND):
   x_ND, w, sizes_E, gate_NF, up_NF = res
   plan = _tile_plan(sizes_E, x_ND.shape[0], tiles)
   end_E = plan[0] + sizes_E
@@ -124,12 +127,13 @@ def _grouped_bwd(activation, tiles, res, dy_ND):
       valid_W1 = (jnp.arange(size) < end_E[e] - row)[:, None]  # later rows: the next expert's or slack
       x_WD, dy_WD = rows(x_ND), jnp.where(valid_W1, rows(dy_ND), 0)
       h_WF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), rows(gate_NF), rows(up_NF))
-      dgate_WF, dup_WF = act_vjp(dot(dy_WD, we.w_down_EFD.T))
-      dx_WD = dot_f32(dup_WF, we.w_up_EDF.T)
+      dot_ = functools.partial(dot, library=matmul)
+      dgate_WF, dup_WF = act_vjp(dot_(dy_WD, we.w_down_EFD, transb=True))
+      dx_WD = dot_(dup_WF, we.w_up_EDF, transb=True, f32=True)
       if dgate_WF is not None:
-        dx_WD = dx_WD + dot_f32(dgate_WF, we.w_gate_EDF.T)
-      grads = (None if dgate_WF is None else dot_f32(x_WD.T, dgate_WF), dot_f32(x_WD.T, dup_WF),
-               dot_f32(h_WF.T, dy_WD))
+        dx_WD = dx_WD + dot_(dgate_WF, we.w_gate_EDF, transb=True, f32=True)
+      grads = (None if dgate_WF is None else dot_(x_WD, dgate_WF, transa=True, f32=True),
+               dot_(x_WD, dup_WF, transa=True, f32=True), dot_(h_WF, dy_WD, transa=True, f32=True))
       dwe = ExpertWeights(*(None if a is None else a + g for a, g in zip(dwe, grads)))
       return _write_at(dx_ND, dx_WD, row, x_ND.dtype), dwe
 

@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 
 from slmjax.dispatch.experts import ExpertWeights
-from slmjax.dispatch.grouped import GROUP_TILE, grouped_ffn
+from slmjax.dispatch.grouped import GROUP_TILE, GROUP_TILES, grouped_ffn
 from slmjax.dispatch.rows import combine_rows, dispatch_rows
 from slmjax.layers import activate
 
 
-def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str):
+def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str,
+                    matmul: str = 'xla'):
   """Dropless: assignments sorted by expert, then grouped matmuls; `capacity` is ignored.
 
   The grouped matmuls: `sorted_rows_ffn`.
@@ -28,7 +29,7 @@ def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
   if slack_rows():  # grouped_ffn's slack rows, read from token X (clipped): empty rows
     asg_N = jnp.concatenate([asg_N, jnp.full((slack_rows(),), X * A, jnp.int32)])
   x_ND, = dispatch_rows(x_GSD.reshape(X, D), (asg_N // A,), dest_XA)
-  y_ND = sorted_rows_ffn(x_ND, w, sizes_E, activation)
+  y_ND = sorted_rows_ffn(x_ND, w, sizes_E, activation, matmul)
   y_XD = combine_rows((y_ND,), gates_GSA.reshape(X, A).astype(x_GSD.dtype), dest_XA, (asg_N,))
   return y_XD.reshape(G, S, D), jnp.ones(experts_GSA.shape, dtype=bool)
 
@@ -53,12 +54,12 @@ def slack_rows() -> int:
   return GROUP_TILE if jax.default_backend() == 'cpu' else 0
 
 
-def sorted_rows_ffn(x_ND, w: ExpertWeights, sizes_E, activation: str):
+def sorted_rows_ffn(x_ND, w: ExpertWeights, sizes_E, activation: str, matmul: str = 'xla'):
   """Expert e's FFN on its run of sizes_E[e] rows, for rows sorted by expert (plus `slack_rows()` rows): the
   grouped matmuls are `jax.lax.ragged_dot` on accelerators with grouped-matmul kernels, `grouped_ffn`'s row
-  tiles on CPU (where ragged_dot lowers to a dense masked product, E times the work)."""
+  tiles on CPU (where ragged_dot lowers to a dense masked product, E times the work; `matmul` picks their GEMM)."""
   if jax.default_backend() == 'cpu':
-    return grouped_ffn(x_ND, w, sizes_E, activation)
+    return grouped_ffn(x_ND, w, sizes_E, activation, GROUP_TILES, matmul)
   up_NF = jax.lax.ragged_dot(x_ND, w.w_up_EDF, sizes_E)
   gate_NF = None if w.w_gate_EDF is None else jax.lax.ragged_dot(x_ND, w.w_gate_EDF, sizes_E)
   return jax.lax.ragged_dot(activate(gate_NF, up_NF, activation), w.w_down_EFD, sizes_E)

@@ -24,9 +24,11 @@ from slmjax.dispatch.gather import gather_dispatch
 from slmjax.layers import activate
 
 
-def select_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str):
+def select_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str,
+                    matmul: str = 'xla'):
   """Per-assignment expert FFNs on sliced weights while X * A < E, else `gather_dispatch` with a slot for every
   token of a group (dropless, whatever `capacity` says); the choice is static: shapes."""
+  del matmul  # batched products stay XLA's (slmjax/dispatch/__init__.py)
   G, S, D = x_GSD.shape
   A, E, X = experts_GSA.shape[-1], w.w_up_EDF.shape[0], G * S
   if X * A >= E:

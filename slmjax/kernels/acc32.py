@@ -50,15 +50,3 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 def matmul(x_MK: jax.Array, w_KN: jax.Array) -> jax.Array:
   """x_MK @ w_KN through `einsum`."""
   return einsum('MK,KN->MN', x_MK, w_KN)
-
-
-def dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b (2-D) accumulated and returned in f32, for sums of products that should round once (grouped_ffn's
-  weight gradients over tiles); no VJP of its own."""
-  return jnp.matmul(a, b, preferred_element_type=jnp.float32)
-
-
-def dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b (2-D; a transposed operand folds into the dot), accumulated in f32 when both are bf16, without
-  `einsum`'s VJP: for code that writes its own backward (grouped_ffn)."""
-  return _acc32('MK,KN->MN', a, b) if a.dtype == b.dtype == jnp.bfloat16 else a @ b
