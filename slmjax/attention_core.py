@@ -18,8 +18,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from slmjax.kernels import acc32
-
 QUERY_BLOCKS = 4  # causal attention runs in this many query blocks, each against its key prefix only
 
 
@@ -59,7 +57,8 @@ def _forward(q_BKQTZ, k_BKUZ, v_BKUY, cap, scale, window, blocks):
   for start, end in _spans(q_BKQTZ.shape[3], blocks):
     probs_BKQte, tanh_BKQte = _block_probs(q_BKQTZ[:, :, :, start:end], k_BKUZ[:, :, :end], start, cap, scale,
                                            window)
-    outs.append(acc32.einsum('BKQTU,BKUY->BKQTY', probs_BKQte.astype(v_BKUY.dtype), v_BKUY[:, :, :end]))
+    out_BKQtY = _f32('BKQTU,BKUY->BKQTY', probs_BKQte.astype(v_BKUY.dtype), v_BKUY[:, :, :end])
+    outs.append(out_BKQtY.astype(v_BKUY.dtype))
     residuals.append((probs_BKQte, tanh_BKQte))
   return jnp.concatenate(outs, axis=3), residuals
 

@@ -87,6 +87,7 @@ def grouped_ffn(x_ND: jax.Array, w: ExpertWeights, sizes_E: jax.Array, activatio
 def _grouped_fwd(x_ND, w, sizes_E, activation, tiles, matmul):
   N, D = x_ND.shape
   plan = _tile_plan(sizes_E, N, tiles)
+  dot_ = functools.partial(dot, library=matmul)
 
   def expert(e, carry):
     we = _pick(w, e)
@@ -94,9 +95,9 @@ def _grouped_fwd(x_ND, w, sizes_E, activation, tiles, matmul):
     def tile_step(size, row, carry):
       y_ND, gate_NF, up_NF = carry
       x_WD = jax.lax.dynamic_slice_in_dim(x_ND, row, size)
-      up_WF = dot(x_WD, we.w_up_EDF, library=matmul)
-      gate_WF = None if we.w_gate_EDF is None else dot(x_WD, we.w_gate_EDF, library=matmul)
-      y_WD = dot(activate(gate_WF, up_WF, activation), we.w_down_EFD, library=matmul)
+      up_WF = dot_(x_WD, we.w_up_EDF)
+      gate_WF = None if we.w_gate_EDF is None else dot_(x_WD, we.w_gate_EDF)
+      y_WD = dot_(activate(gate_WF, up_WF, activation), we.w_down_EFD)
       write = lambda buf, rows: None if buf is None else _write_at(buf, rows, row, x_ND.dtype)
       return write(y_ND, y_WD), write(gate_NF, gate_WF), write(up_NF, up_WF)
     return _over_tiles(e, plan, tile_step, carry)
@@ -116,6 +117,7 @@ def _grouped_bwd(activation, tiles, matmul, res, dy_ND):
   x_ND, w, sizes_E, gate_NF, up_NF = res
   plan = _tile_plan(sizes_E, x_ND.shape[0], tiles)
   end_E = plan[0] + sizes_E
+  dot_ = functools.partial(dot, library=matmul)
 
   def expert(e, carry):
     dx_ND, dw = carry
@@ -127,7 +129,6 @@ def _grouped_bwd(activation, tiles, matmul, res, dy_ND):
       valid_W1 = (jnp.arange(size) < end_E[e] - row)[:, None]  # later rows: the next expert's or slack
       x_WD, dy_WD = rows(x_ND), jnp.where(valid_W1, rows(dy_ND), 0)
       h_WF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), rows(gate_NF), rows(up_NF))
-      dot_ = functools.partial(dot, library=matmul)
       dgate_WF, dup_WF = act_vjp(dot_(dy_WD, we.w_down_EFD, transb=True))
       dx_WD = dot_(dup_WF, we.w_up_EDF, transb=True, f32=True)
       if dgate_WF is not None:

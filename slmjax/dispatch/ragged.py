@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from slmjax.dispatch.experts import ExpertWeights
-from slmjax.dispatch.grouped import GROUP_TILE, GROUP_TILES, grouped_ffn
+from slmjax.dispatch.grouped import GROUP_TILE, grouped_ffn
 from slmjax.dispatch.rows import combine_rows, dispatch_rows
 from slmjax.layers import activate
 
@@ -59,7 +59,7 @@ def sorted_rows_ffn(x_ND, w: ExpertWeights, sizes_E, activation: str, matmul: st
   grouped matmuls are `jax.lax.ragged_dot` on accelerators with grouped-matmul kernels, `grouped_ffn`'s row
   tiles on CPU (where ragged_dot lowers to a dense masked product, E times the work; `matmul` picks their GEMM)."""
   if jax.default_backend() == 'cpu':
-    return grouped_ffn(x_ND, w, sizes_E, activation, GROUP_TILES, matmul)
+    return grouped_ffn(x_ND, w, sizes_E, activation, matmul=matmul)
   up_NF = jax.lax.ragged_dot(x_ND, w.w_up_EDF, sizes_E)
   gate_NF = None if w.w_gate_EDF is None else jax.lax.ragged_dot(x_ND, w.w_gate_EDF, sizes_E)
   return jax.lax.ragged_dot(activate(gate_NF, up_NF, activation), w.w_down_EFD, sizes_E)
