@@ -37,7 +37,8 @@ from absl import flags
 from flax import nnx
 
 from slmjax import cli, cost, dispatch, steps, sweep
-from slmjax.config import ModelConfig, TrainConfig
+from slmjax.config import MATMULS, ModelConfig, TrainConfig
+from slmjax.kernels import gemm
 from slmjax.layers import DenseFFN, activate
 from slmjax.moe import MoEFFN
 
@@ -52,6 +53,8 @@ flags.DEFINE_integer('d_model', 256, 'Model width.')
 flags.DEFINE_float('capacity_factor', 1.25, 'Expert capacity factor.')
 flags.DEFINE_enum('activation', 'swiglu', ['swiglu', 'geglu', 'gelu'], 'FFN activation.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute and parameter dtype.')
+flags.DEFINE_enum('matmul', 'xla', list(MATMULS), 'ModelConfig.matmul of every model and layer, the dense '
+                  'baselines included (mkl / onednn: vendor GEMMs, slmjax/kernels/gemm.py).')
 flags.DEFINE_integer('repeats', 7, 'Timed rounds; the median is reported.')
 flags.DEFINE_integer('inner', 2, 'Calls per timed sample.')
 flags.DEFINE_float('max_ratio', 10.0, 'Time a candidate slower than this many baselines once only.')
@@ -86,16 +89,19 @@ def layer_grad_fn(module: nnx.Module, moe: bool, weights: tuple[float, float]) -
   return lambda x_BTD, dy_BTD: grad(params, x_BTD, dy_BTD)
 
 
-def flat_dense_grad_fn(layer: DenseFFN, activation: str) -> Callable:
+def flat_dense_grad_fn(layer: DenseFFN, activation: str, matmul: str = 'xla') -> Callable:
   """The baseline: `layer`'s FFN on the [tokens, D] matrix. The same FLOPs as DenseFFN, whose [B, T, D] einsums
-  XLA:CPU differentiates through transposed copies and slower matmuls (1.7-1.8x the time, measured)."""
+  XLA:CPU differentiates through transposed copies and slower matmuls (1.7-1.8x the time, measured). `matmul`:
+  XLA's dot, or a vendor GEMM (`gemm.matmul`) as the MoE layers use with that ModelConfig.matmul."""
   w = tuple(None if p is None else p[...] for p in (getattr(layer, 'w_gate_DF', None), layer.w_up_DF,
                                                     layer.w_down_FD))
+  mm = (lambda a, b: gemm.matmul(a, b, matmul)) if matmul in gemm.LIBRARIES else jnp.matmul
 
   def loss(w, x_BTD, dy_BTD):
     x_XD, dy_XD = x_BTD.reshape(-1, x_BTD.shape[-1]), dy_BTD.reshape(-1, x_BTD.shape[-1])
-    gate_XF = None if w[0] is None else x_XD @ w[0]
-    return jnp.vdot(activate(gate_XF, x_XD @ w[1], activation) @ w[2], dy_XD).astype(jnp.float32), jnp.zeros(())
+    gate_XF = None if w[0] is None else mm(x_XD, w[0])
+    y_XD = mm(activate(gate_XF, mm(x_XD, w[1]), activation), w[2])
+    return jnp.vdot(y_XD, dy_XD).astype(jnp.float32), jnp.zeros(())
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
   return lambda x_BTD, dy_BTD: grad(w, x_BTD, dy_BTD)
@@ -106,12 +112,13 @@ def layer_rows(setting: str) -> list[dict]:
   f = FLAGS
   shape = SETTINGS[setting]
   cfg = ModelConfig(d_model=f.d_model, n_heads=1, activation=f.activation, dtype=f.dtype, param_dtype=f.dtype,
-                    capacity_factor=f.capacity_factor, d_ff=shape['top_k'] * shape['d_expert'], **shape)
+                    matmul=f.matmul, capacity_factor=f.capacity_factor, d_ff=shape['top_k'] * shape['d_expert'],
+                    **shape)
   rng = np.random.default_rng(0)
   x_BTD = jnp.asarray(rng.normal(size=(1, f.tokens, f.d_model)), cfg.dtype)
   dy_BTD = jnp.asarray(rng.normal(size=(1, f.tokens, f.d_model)), cfg.dtype)
   dense = DenseFFN(cfg, cfg.ffn_size, nnx.Rngs(params=0))
-  candidates = {'dense_ffn': (flat_dense_grad_fn(dense, cfg.activation), None),
+  candidates = {'dense_ffn': (flat_dense_grad_fn(dense, cfg.activation, cfg.matmul), None),
                 'DenseFFN': (layer_grad_fn(dense, False, (0, 0)), None)}
   for impl in f.impls:
     dropless = impl in ('ragged', 'dense')
@@ -130,7 +137,7 @@ def layer_rows(setting: str) -> list[dict]:
     rows.append(dict(kind='layer', setting=setting, impl=name.split('@')[0], group_size=group_size,
                      tokens=f.tokens, d_model=f.d_model, d_expert=shape['d_expert'], n_experts=shape['n_experts'],
                      top_k=shape['top_k'], capacity_factor=f.capacity_factor, activation=f.activation,
-                     dtype=f.dtype, time_s=times[name]['median_s'], dense_time_s=dense_s,
+                     dtype=f.dtype, matmul=f.matmul, time_s=times[name]['median_s'], dense_time_s=dense_s,
                      ratio=times[name]['ratio'], repeats=times[name]['samples'], drop_fraction=drop))
   return rows
 
@@ -140,7 +147,7 @@ def model_sets() -> list[tuple[ModelConfig, dict[str, ModelConfig]]]:
   --model_impls, or with --model_ladder every rung as the sweep builds it, dropless and at --capacity_factor."""
   f = FLAGS
   common = dict(vocab_size=256, max_seq_len=f.model_seq_len, activation=f.activation, dtype=f.dtype,
-                param_dtype=f.dtype)
+                param_dtype=f.dtype, matmul=f.matmul)
   if f.model_ladder:
     sets = []
     for dense in sweep.ladder(ModelConfig(**common), sweep.parse_sizes(f.model_ladder)):
@@ -170,6 +177,7 @@ def model_rows(dense_cfg: ModelConfig, moes: dict[str, ModelConfig]) -> list[dic
                      label=name, group_size=cfg.group_size, tokens=f.model_batch * f.model_seq_len,
                      d_model=cfg.d_model, d_expert=cfg.expert_size, n_experts=cfg.n_experts, top_k=cfg.top_k,
                      capacity_factor=cfg.capacity_factor, activation=cfg.activation, dtype=cfg.dtype,
+                     matmul=cfg.matmul,
                      n_layers=cfg.n_layers, dense_d_ff=dense_cfg.ffn_size, time_s=times[name]['median_s'],
                      dense_time_s=times['dense']['median_s'], ratio=times[name]['ratio'],
                      repeats=times[name]['samples']))
@@ -181,11 +189,12 @@ def format_table(rows: list[dict]) -> str:
   if r0['kind'] == 'layer':
     title = (f"MoE layer fwd+bwd: {r0['tokens']} tokens, d_model {r0['d_model']}, {r0['n_experts']} experts, "
              f"top-{r0['top_k']}, d_expert {r0['d_expert']}, capacity factor {r0['capacity_factor']}; "
-             f"dense FFN d_ff {r0['top_k'] * r0['d_expert']}: {r0['dense_time_s'] * 1e3:.1f} ms")
+             f"dense FFN d_ff {r0['top_k'] * r0['d_expert']}: {r0['dense_time_s'] * 1e3:.1f} ms; {r0['dtype']}, "
+             f"matmul {r0['matmul']}")
   else:
     title = (f"Training step: {r0['n_layers']} layers, d_model {r0['d_model']}, {r0['tokens']} tokens; dense d_ff "
              f"{r0['dense_d_ff']} vs {r0['n_experts']} experts top-{r0['top_k']} d_expert {r0['d_expert']}: "
-             f"dense {r0['dense_time_s'] * 1e3:.1f} ms\n(the dense model runs slmjax.layers.DenseFFN: see its row "
+             f"dense {r0['dense_time_s'] * 1e3:.1f} ms; {r0['dtype']}, matmul {r0['matmul']}\n(the dense model runs slmjax.layers.DenseFFN: see its row "
              f"in the layer tables for its cost against the flat dense FFN)")
   lines = [title, f"  {'impl':<16} {'group':>6} {'time ms':>9} {'ratio':>7} {'drop %':>7} {'runs':>5}"]
   for r in rows:

@@ -87,10 +87,11 @@ def test_bench_train_rejects_zero_rounds():
 @pytest.mark.slow
 def test_bench_moe_rows():
   result = run('bench_moe.py', '--settings=coarse', '--impls=gather,ragged', '--group_sizes=32', '--tokens=64',
-               '--d_model=16', '--repeats=2', '--inner=1', '--nomodel', '--json')
+               '--d_model=16', '--repeats=2', '--inner=1', '--nomodel', '--matmul=onednn', '--json')
   assert result.returncode == 0, result.stderr
   rows = json.loads(result.stdout)
   assert [r['impl'] for r in rows] == ['DenseFFN', 'gather', 'ragged']
+  assert {r['matmul'] for r in rows} == {'onednn'}  # the dense baseline's GEMMs too (flat_dense_grad_fn)
   for r in rows:
     assert {'impl', 'tokens', 'd_model', 'd_expert', 'n_experts', 'top_k', 'capacity_factor', 'time_s',
             'dense_time_s', 'ratio'} <= set(r)
