@@ -91,10 +91,10 @@ class ModelConfig(ConfigDict):
   max_seq_len: int = option(256, 'Longest sequence the model accepts; default (flags) --seq_len.', runtime=True)
   dtype: str = option('float32', 'Compute dtype of activations and matmuls.', choices=DTYPES, runtime=True)
   param_dtype: str = option('float32', 'Storage dtype of parameters.', choices=DTYPES, runtime=True)
-  matmul: str = option('xla', "The dense layers' matmuls: xla = XLA's dot; mkl / onednn = oneMKL / oneDNN through "
-                       'an FFI custom call (XLA:CPU, the [mkl] / [onednn] extra; bf16 on the bf16 matrix units '
-                       'where the library uses them), XLA\'s dot with a notice where it cannot run '
-                       '(slmjax/kernels/gemm.py).', choices=MATMULS, runtime=True)
+  matmul: str = option('xla', "The dense layers' and the dropless expert tiles' matmuls: xla = XLA's dot; mkl / "
+                       'onednn = oneMKL / oneDNN through an FFI custom call (XLA:CPU, the [mkl] / [onednn] extra; '
+                       'bf16 on the bf16 matrix units where the library uses them), XLA\'s dot with a notice where '
+                       'it cannot run (slmjax/kernels/gemm.py).', choices=MATMULS, runtime=True)
 
   # Attention variants.
   attention: str = option('gqa', 'gqa: MHA / GQA / MQA by n_kv_heads; mla: Multi-head Latent Attention (DeepSeek '
