@@ -128,8 +128,13 @@ def _grouped_bwd(activation, tiles, matmul, res, dy_ND):
       rows = lambda buf: None if buf is None else jax.lax.dynamic_slice_in_dim(buf, row, size)
       valid_W1 = (jnp.arange(size) < end_E[e] - row)[:, None]  # later rows: the next expert's or slack
       x_WD, dy_WD = rows(x_ND), jnp.where(valid_W1, rows(dy_ND), 0)
-      h_WF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), rows(gate_NF), rows(up_NF))
-      dgate_WF, dup_WF = act_vjp(dot_(dy_WD, we.w_down_EFD, transb=True))
+      # The activation's backward in f32, from dy w_down^T's f32 result: in bf16 it would round that product to
+      # bf16 only for XLA to compute in f32 again; its results are rounded once, as GEMM operands.
+      f32_rows = lambda buf: None if buf is None else rows(buf).astype(jnp.float32)
+      h_WF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), f32_rows(gate_NF), f32_rows(up_NF))
+      dgate_WF, dup_WF = (None if a is None else a.astype(x_ND.dtype)
+                          for a in act_vjp(dot_(dy_WD, we.w_down_EFD, transb=True, f32=True)))
+      h_WF = h_WF.astype(x_ND.dtype)
       dx_WD = dot_(dup_WF, we.w_up_EDF, transb=True, f32=True)
       if dgate_WF is not None:
         dx_WD = dx_WD + dot_(dgate_WF, we.w_gate_EDF, transb=True, f32=True)
