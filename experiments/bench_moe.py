@@ -177,10 +177,9 @@ def model_rows(dense_cfg: ModelConfig, moes: dict[str, ModelConfig]) -> list[dic
                      label=name, group_size=cfg.group_size, tokens=f.model_batch * f.model_seq_len,
                      d_model=cfg.d_model, d_expert=cfg.expert_size, n_experts=cfg.n_experts, top_k=cfg.top_k,
                      capacity_factor=cfg.capacity_factor, activation=cfg.activation, dtype=cfg.dtype,
-                     matmul=cfg.matmul,
-                     n_layers=cfg.n_layers, dense_d_ff=dense_cfg.ffn_size, time_s=times[name]['median_s'],
-                     dense_time_s=times['dense']['median_s'], ratio=times[name]['ratio'],
-                     repeats=times[name]['samples']))
+                     matmul=cfg.matmul, n_layers=cfg.n_layers, dense_d_ff=dense_cfg.ffn_size,
+                     time_s=times[name]['median_s'], dense_time_s=times['dense']['median_s'],
+                     ratio=times[name]['ratio'], repeats=times[name]['samples']))
   return rows
 
 
@@ -194,8 +193,8 @@ def format_table(rows: list[dict]) -> str:
   else:
     title = (f"Training step: {r0['n_layers']} layers, d_model {r0['d_model']}, {r0['tokens']} tokens; dense d_ff "
              f"{r0['dense_d_ff']} vs {r0['n_experts']} experts top-{r0['top_k']} d_expert {r0['d_expert']}: "
-             f"dense {r0['dense_time_s'] * 1e3:.1f} ms; {r0['dtype']}, matmul {r0['matmul']}\n(the dense model runs slmjax.layers.DenseFFN: see its row "
-             f"in the layer tables for its cost against the flat dense FFN)")
+             f"dense {r0['dense_time_s'] * 1e3:.1f} ms; {r0['dtype']}, matmul {r0['matmul']}\n(the dense model runs "
+             f"slmjax.layers.DenseFFN: see its row in the layer tables for its cost against the flat dense FFN)")
   lines = [title, f"  {'impl':<16} {'group':>6} {'time ms':>9} {'ratio':>7} {'drop %':>7} {'runs':>5}"]
   for r in rows:
     drop = f"{100 * r['drop_fraction']:.2f}" if 'drop_fraction' in r else '-'
