@@ -26,6 +26,7 @@ from slmjax import hugepages
 
 hugepages.reexec()  # first: XLA:CPU steps page-fault far less with huge pages (slmjax/hugepages.py)
 
+import functools
 import json
 import os
 from typing import Callable
@@ -95,7 +96,7 @@ def flat_dense_grad_fn(layer: DenseFFN, activation: str, matmul: str = 'xla') ->
   XLA's dot, or a vendor GEMM (`gemm.matmul`) as the MoE layers use with that ModelConfig.matmul."""
   w = tuple(None if p is None else p[...] for p in (getattr(layer, 'w_gate_DF', None), layer.w_up_DF,
                                                     layer.w_down_FD))
-  mm = (lambda a, b: gemm.matmul(a, b, matmul)) if matmul in gemm.LIBRARIES else jnp.matmul
+  mm = functools.partial(gemm.matmul, library=matmul)  # XLA's dot for 'xla'
 
   def loss(w, x_BTD, dy_BTD):
     x_XD, dy_XD = x_BTD.reshape(-1, x_BTD.shape[-1]), dy_BTD.reshape(-1, x_BTD.shape[-1])

@@ -92,6 +92,7 @@ def _finish(y_XD, kept_GSA, shape):
 
 def _capacity(x_GSD, gates_GSA, experts_GSA, *arrays, names, activation, matmul, capacity, n_experts, ep):
   """Fixed C slots per expert per local group: a dense [E, M, D] send buffer, one all_to_all each way."""
+  del matmul  # batched products stay XLA's (slmjax/dispatch/__init__.py)
   G, S, D = x_GSD.shape
   A, E, X, M = experts_GSA.shape[-1], n_experts, G * S, G * capacity
   w = _local_weights(arrays, names)
