@@ -39,8 +39,7 @@ from flax import nnx
 
 from slmjax import cli, cost, dispatch, steps, sweep
 from slmjax.config import MATMULS, ModelConfig, TrainConfig
-from slmjax.kernels import gemm
-from slmjax.layers import DenseFFN, activate
+from slmjax.layers import DenseFFN, activate, linear
 from slmjax.moe import MoEFFN
 
 SETTINGS = {'coarse': dict(n_experts=8, top_k=2, d_expert=512), 'fine': dict(n_experts=64, top_k=8, d_expert=64)}
@@ -91,12 +90,11 @@ def layer_grad_fn(module: nnx.Module, moe: bool, weights: tuple[float, float]) -
 
 
 def flat_dense_grad_fn(layer: DenseFFN, activation: str, matmul: str = 'xla') -> Callable:
-  """The baseline: `layer`'s FFN on the [tokens, D] matrix. The same FLOPs as DenseFFN, whose [B, T, D] einsums
-  XLA:CPU differentiates through transposed copies and slower matmuls (1.7-1.8x the time, measured). `matmul`:
-  XLA's dot, or a vendor GEMM (`gemm.matmul`) as the MoE layers use with that ModelConfig.matmul."""
+  """The baseline: `layer`'s FFN on the [tokens, D] matrix, each product a `linear` (so in bf16 XLA's dot
+  accumulates in f32, as the model's do; a vendor GEMM with that ModelConfig.matmul)."""
   w = tuple(None if p is None else p[...] for p in (getattr(layer, 'w_gate_DF', None), layer.w_up_DF,
                                                     layer.w_down_FD))
-  mm = functools.partial(gemm.matmul, library=matmul)  # XLA's dot for 'xla'
+  mm = functools.partial(linear, matmul=matmul)
 
   def loss(w, x_BTD, dy_BTD):
     x_XD, dy_XD = x_BTD.reshape(-1, x_BTD.shape[-1]), dy_BTD.reshape(-1, x_BTD.shape[-1])
