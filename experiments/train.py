@@ -63,6 +63,7 @@ def main(argv):
                                                       else '') + f' (unigram {metrics["unigram_eval_loss"]:.4f})')
     return
   out = FLAGS.out or os.path.join('runs', FLAGS.arch)
+  train_cfg = keep_stored_warmup(train_cfg, out)
   peak = cost.matmul_peak_flops() if FLAGS.mfu else None  # measured here, now: never a datasheet number
   kwargs = dict(peak_flops=peak, mesh=sharding.make_mesh(FLAGS.mesh), tensorboard=FLAGS.tensorboard,
                 log=print if jax.process_index() == 0 else None)
@@ -97,6 +98,19 @@ def main(argv):
   if 'mfu' in summary:
     line += f', MFU {summary["mfu"]:.1%} of a measured {summary["peak_flops_per_s"] / 1e9:.1f} GFLOP/s matmul peak'
   print(line)
+
+
+def keep_stored_warmup(train_cfg, out: str):
+  """Without --warmup, a run continued in `out` (a larger --steps) keeps the warmup it started with: the default
+  follows --steps on short runs (steps // 10), and a changed warmup is not a run that can be resumed."""
+  if FLAGS['warmup'].present:
+    return train_cfg
+  for path in (os.path.join(out, 'config.json'), os.path.join(out, wsd.TRUNK, 'config.json')):
+    if os.path.exists(path):
+      with open(path) as f:
+        stored = json.load(f).get('train', {}).get('warmup')
+      return train_cfg.replace(warmup=stored) if isinstance(stored, int) else train_cfg
+  return train_cfg
 
 
 def imported_model():

@@ -29,6 +29,7 @@ FLAG_ALIASES = {'n_experts': 'experts', 'top_k': 'k', 'n_shared_experts': 'share
 MODEL_FLAG_DEFAULTS = {'n_experts': 8, 'max_seq_len': None}
 RUNTIME_FLAGS = tuple(FLAG_ALIASES.get(f.name, f.name) for f in dataclasses.fields(ModelConfig)
                       if f.metadata['runtime']) + ('seq_len',)
+MOE_SHAPE_FLAGS = ('experts', 'k', 'shared_experts', 'd_expert')  # an error with --arch=dense, not ignored
 ARCH_FLAGS = ('arch',) + tuple(FLAG_ALIASES.get(f.name, f.name) for f in dataclasses.fields(ModelConfig)
                                if not f.metadata['runtime'])
 
@@ -83,8 +84,8 @@ def _listed_values(name: str, field_type: str) -> list:
 
 
 def flag_values(cls, skip: tuple[str, ...] = (), only_present: bool = False) -> dict:
-  """{field: value} of `cls`'s flags; a `zero_is_none` field's 0 (or less) becomes None (the one place that
-  rule lives). `only_present`: just the flags given on the command line."""
+  """{field: value} of `cls`'s flags; a `zero_is_none` field's 0 becomes None (the one place that rule lives;
+  a negative value stays, for the config's check to refuse). `only_present`: just the flags given on the command line."""
   values = {}
   for field in dataclasses.fields(cls):
     flag = FLAGS[FLAG_ALIASES.get(field.name, field.name)]
@@ -102,7 +103,7 @@ def flag_values(cls, skip: tuple[str, ...] = (), only_present: bool = False) -> 
         value = tuple(float(v) for v in value)
       except ValueError:
         raise ValueError(f'--{flag.name}={",".join(value)}: every item must be a number') from None
-    if field.metadata['zero_is_none'] and value is not None and value <= 0:
+    if field.metadata['zero_is_none'] and value == 0:
       value = None
     values[field.name] = value
   return values
@@ -168,7 +169,13 @@ def model_config_from_flags(**overrides) -> ModelConfig:
   if f.arch == 'moe' and values['n_experts'] <= 0:
     raise ValueError(f'--experts={values["n_experts"]}: --arch=moe needs at least one expert (or use --arch=dense)')
   if f.arch == 'dense':
+    given = [name for name in MOE_SHAPE_FLAGS if f[name].present]
+    if given:
+      raise ValueError(f'--{given[0]} shapes the experts of --arch=moe, and --arch is dense (the default): add '
+                       f'--arch=moe, or drop --{given[0]}')
     values['n_experts'] = 0
+  elif values['balance'] != 'aux_loss' and not f['router_bias'].present:
+    values['router_bias'] = True  # the selection bias that balance=bias|both moves
   values['max_seq_len'] = values['max_seq_len'] or f.seq_len
   return ModelConfig(**values)
 

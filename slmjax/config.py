@@ -30,7 +30,7 @@ ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn', 'longrope')
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, runtime: bool = False,
            zero_is_none: bool = False) -> Any:
   """A config field with its flag's metadata: `help`, `choices`; `runtime` fields may be set on a preset (they
-  change how a model runs, not what it is); `zero_is_none`: the flag's value 0 (or less) stands for None."""
+  change how a model runs, not what it is); `zero_is_none`: the flag's value 0 stands for None."""
   return dataclasses.field(default=default, metadata={'help': help, 'choices': choices, 'runtime': runtime,
                                                       'zero_is_none': zero_is_none})
 
@@ -181,7 +181,8 @@ class ModelConfig(ConfigDict):
   z_loss_weight: float = option(0.001, 'Router z-loss weight.', runtime=True)
   balance: str = option('aux_loss', 'Expert load balancing: aux_loss = the load-balancing loss (lb_loss_weight); '
                         'bias = auxiliary-loss-free (DeepSeek V3): the router_bias moves after each step, the loss '
-                        'weight counts as 0; both = the bias and the loss.', choices=BALANCES, runtime=True)
+                        'weight counts as 0; both = the bias and the loss (flags: bias|both turn --router_bias '
+                        'on).', choices=BALANCES, runtime=True)
   bias_update_rate: float = option(0.001, 'With balance=bias|both: the selection bias step, bias += rate * '
                                    'sign(mean load - load) (DeepSeek V3 gamma).', runtime=True)
 
@@ -224,7 +225,7 @@ class ModelConfig(ConfigDict):
         raise ValueError(f'top_k={self.top_k} must be between 1 and n_experts={self.n_experts}')
       for name in ('capacity_factor', 'eval_capacity_factor'):
         if getattr(self, name) is not None and getattr(self, name) <= 0:
-          raise ValueError(f'{name} must be positive or None (dropless), got {getattr(self, name)}')
+          raise ValueError(f'{name} must be positive or None (dropless; flag: 0), got {getattr(self, name)}')
       if self.n_shared_experts < 0:
         raise ValueError(f'n_shared_experts must be >= 0, got {self.n_shared_experts}')
       if not 0 <= self.first_dense <= self.n_layers:
@@ -238,7 +239,8 @@ class ModelConfig(ConfigDict):
         raise ValueError('router=sigmoid with top_k=1 and router_renormalize gives gate 1.0 and no router '
                          'gradient; set router_renormalize=False (Llama 4)')
       if self.balance != 'aux_loss' and not self.router_bias:
-        raise ValueError(f'balance={self.balance} needs router_bias=True (the selection bias it moves)')
+        raise ValueError(f'balance={self.balance} needs router_bias=True, the selection bias it moves (flag: '
+                         '--router_bias; a preset without one can only use balance=aux_loss)')
       if self.shared_gate and not self.n_shared_experts:
         raise ValueError('shared_gate needs n_shared_experts > 0')
       self.check_routing()

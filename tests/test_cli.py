@@ -43,11 +43,17 @@ def test_fields_without_hand_written_flags_are_reachable(parse):
 
 
 def test_dense_arch_and_capacity_zero_is_dropless(parse):
-  parse('--experts=4')
-  assert cli.model_config_from_flags().n_experts == 0  # --arch=dense wins
+  parse()
+  assert cli.model_config_from_flags().n_experts == 0  # --arch=dense is the default
+  parse('--experts=4')  # without --arch=moe: an error, not a dense model that ignores it
+  with pytest.raises(ValueError, match='--experts shapes the experts of --arch=moe.*add --arch=moe'):
+    cli.model_config_from_flags()
   parse('--arch=moe', '--capacity_factor=0')
   cfg = cli.model_config_from_flags()
   assert cfg.capacity_factor is None and cfg.dropless and cfg.n_experts == 8
+  parse('--arch=moe', '--capacity_factor=-1')  # only 0 means dropless
+  with pytest.raises(ValueError, match='capacity_factor must be positive or None'):
+    cli.model_config_from_flags()
   parse('--arch=moe', '--experts=0')
   with pytest.raises(ValueError, match='needs at least one expert'):
     cli.model_config_from_flags()
@@ -91,7 +97,10 @@ def test_balance_flags_reach_the_config(parse):
   assert (cfg.router_bias, cfg.balance, cfg.bias_update_rate, cfg.moves_selection_bias) == (True, 'bias', 0.01, True)
   parse('--preset=deepseek-v3', '--scale_down', '--balance=bias')  # a runtime field: allowed on a preset
   assert cli.model_config_from_flags().balance == 'bias'
-  for argv, message in [(('--arch=moe', '--balance=both'), 'balance=both needs router_bias=True'),
+  parse('--arch=moe', '--balance=both')  # the flags turn on the selection bias that bias|both moves
+  assert cli.model_config_from_flags().router_bias
+  for argv, message in [(('--arch=moe', '--balance=both', '--norouter_bias'),
+                         'balance=both needs router_bias=True.*flag: --router_bias'),
                         (('--preset=mixtral-8x7b', '--balance=bias'), 'balance=bias needs router_bias=True')]:
     parse(*argv)
     with pytest.raises(ValueError, match=message) as info:

@@ -262,6 +262,20 @@ def test_script_refuses_other_architecture_in_out(straight):
 
 
 @pytest.mark.slow
+def test_script_continues_to_a_larger_steps_without_warmup_given(tmp_path):
+  """A short run's default warmup is steps // 10 (4 of 40); continued to --steps=80 it keeps that warmup (8 would
+  be a run with other settings) instead of refusing."""
+  args = [a for a in SCRIPT_ARGS if not a.startswith('--warmup')] + ['--eval_batches=1', f'--out={tmp_path / "run"}']
+  first = run_script(*args, '--steps=40')
+  assert first.returncode == 0, first.stderr
+  more = run_script(*args, '--steps=80')
+  assert more.returncode == 0, more.stderr
+  assert 'resuming' in more.stdout
+  config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert (config['train']['steps'], config['train']['warmup']) == (80, 4)
+
+
+@pytest.mark.slow
 def test_kill_dash_9_then_rerun_matches_a_straight_run(tmp_path):
   args = (*SCRIPT_ARGS, '--steps=150', '--checkpoint_every=20', '--eval_every=50', '--log_every=10',
           '--eval_batches=2')
