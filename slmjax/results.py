@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import pathlib
+
+from slmjax.config import ModelConfig
 
 RESULTS_FILE = 'results.jsonl'
 
@@ -77,13 +80,29 @@ def append_row(out_dir: str | os.PathLike, row: dict) -> None:
       os.close(fd)
 
 
+# Settings that make an MoE curve a different one, named in its label where they differ from the default: two
+# sweeps into one --out that differ in any of them never share a curve, a fit or a paired comparison.
+LABELLED_SETTINGS = ('balance', 'router', 'n_shared_experts', 'first_dense', 'moe_every', 'lb_loss_weight',
+                     'z_loss_weight', 'routed_scale')
+
+
 def arch_label(row: dict) -> str:
-  """'dense', or 'moe E=8 k=2' (dropless), or 'moe E=8 k=2 cf=1.25': runs that drop tokens never share a curve
-  with dropless ones."""
+  """'dense', or 'moe E=8 k=2' (dropless, matched active), 'moe E=8 k=2 cf=1.25' (dropping), plus `match=total`
+  (experts of d_ff / E) and every LABELLED_SETTINGS value off its default, e.g. 'moe E=8 k=2 balance=bias'."""
   if row.get('arch') == 'dense' or not row.get('n_experts'):
     return 'dense'
-  cf = (row.get('model_config') or {}).get('capacity_factor')
-  return f'moe E={row["n_experts"]} k={row["top_k"]}' + (f' cf={cf:g}' if cf is not None else '')
+  model = row.get('model_config') or {}
+  label = f'moe E={row["n_experts"]} k={row["top_k"]}'
+  d_ff, d_expert = model.get('d_ff') or 4 * row['d_model'], model.get('d_expert')
+  if d_expert and d_expert * row['top_k'] != d_ff:  # not matched active
+    label += ' match=total' if d_expert * row['n_experts'] == d_ff else f' d_expert={d_expert}'
+  if model.get('capacity_factor') is not None:
+    label += f' cf={model["capacity_factor"]:g}'
+  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  for name in LABELLED_SETTINGS:
+    if name in model and model[name] != defaults[name]:
+      label += f' {name}={model[name]:g}' if isinstance(model[name], float) else f' {name}={model[name]}'
+  return label
 
 
 def group_rows(rows: list[dict]) -> dict[str, list[dict]]:

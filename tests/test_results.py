@@ -39,3 +39,16 @@ def test_a_corrupt_complete_line_is_an_error_naming_it(tmp_path):
   (tmp_path / results.RESULTS_FILE).write_text('{"run_id": "a"}\nnot json\n')
   with pytest.raises(ValueError, match=r'results.jsonl:2 is not valid JSON'):
     results.read_rows(tmp_path)
+
+
+def test_arch_labels_keep_differently_set_moe_sweeps_apart():
+  """Two MoE sweeps into one --out that differ in balancing, matching or capacity get their own curves (label);
+  defaults add nothing to the label."""
+  def row(**model):
+    config = {'d_ff': None, 'd_expert': 64, 'capacity_factor': None, 'balance': 'aux_loss', **model}
+    return {'arch': 'moe', 'n_experts': 8, 'top_k': 2, 'd_model': 32, 'model_config': config}
+  labels = [results.arch_label(r) for r in (
+      row(), row(balance='bias', router_bias=True), row(d_expert=16), row(capacity_factor=1.25),
+      row(lb_loss_weight=0.1), {'arch': 'dense', 'n_experts': 0})]
+  assert labels == ['moe E=8 k=2', 'moe E=8 k=2 balance=bias', 'moe E=8 k=2 match=total', 'moe E=8 k=2 cf=1.25',
+                    'moe E=8 k=2 lb_loss_weight=0.1', 'dense']
