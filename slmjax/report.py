@@ -1,6 +1,6 @@
-"""Text report of a sweep: one table row per run, fitted scaling laws, and MoE effective parameter counts; with
-WSD cooldown branches the (N, D) grid, its L(N, D) fit and compute-optimal frontier; with several expert counts
-the joint dense/MoE law.
+"""Text report of a sweep: one table row per run, router-health warnings, fitted scaling laws, and MoE effective
+parameter counts; with WSD cooldown branches the (N, D) grid, its L(N, D) fit and compute-optimal frontier; with
+several expert counts the joint dense/MoE law; the paired dense-vs-MoE comparison and its answer, last.
 
 Nothing here needs matplotlib: `summarize` imports slmjax.plots only when it draws.
 """
@@ -17,6 +17,43 @@ from slmjax import atomic, compare, scaling
 from slmjax.results import arch_label, group_rows
 
 FIT_AXES = ('total_params', 'active_params', 'train_flops')
+COLLAPSED_LOAD = 3.0  # the busiest expert holds 3x its uniform share or more
+HEAVY_DROPS = 0.10
+
+
+def columns(cells: list[list[str]], left: int = 1, indent: str = '') -> list[str]:
+  """Rows of cells as lines of columns as wide as their widest cell (two spaces apart): the first `left` columns
+  flush left, the rest right, so no label or interval ever runs into its neighbour."""
+  if not cells:
+    return []
+  widths = [max(len(row[i]) for row in cells if i < len(row)) for i in range(max(map(len, cells)))]
+  return [indent + '  '.join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+          .rstrip() for row in cells]
+
+
+def router_warning(row: dict) -> str | None:
+  """A one-line warning for an MoE row whose router collapsed or that dropped heavily in training or evaluation
+  (None if healthy or dense)."""
+  problems = []
+  if (row.get('expert_load_max_over_mean') or 0) >= COLLAPSED_LOAD:
+    problems.append(f'busiest expert at {row["expert_load_max_over_mean"]:.1f}x its share (collapsing router)')
+  if (row.get('train_drop_fraction') or 0) >= HEAVY_DROPS:
+    problems.append(f'{row["train_drop_fraction"]:.0%} of assignments dropped in training (raise '
+                    '--capacity_factor, or 0 for dropless)')
+  if (row.get('eval_drop_fraction') or 0) >= HEAVY_DROPS:
+    problems.append(f'{row["eval_drop_fraction"]:.0%} dropped in evaluation (raise --eval_capacity_factor, or 0 '
+                    'for dropless)')
+  return f'warning: {row["run_id"]}: ' + '; '.join(problems) if problems else None
+
+
+def health_text(rows: list[dict]) -> str | None:
+  """Router health of the MoE rows: the warnings (`router_warning`), or None when every router is healthy."""
+  warnings = [w for w in map(router_warning, rows) if w]
+  if not warnings:
+    return None
+  moe = sum(1 for r in rows if arch_label(r) != 'dense')
+  return '\n'.join([f'router health: {len(warnings)} of {moe} MoE runs warn (they weaken the comparison below):',
+                    *(f'  {w}' for w in warnings)])
 
 
 def full_budget(rows: list[dict]) -> list[dict]:
@@ -51,16 +88,16 @@ def grid_text(rows: list[dict], laws: dict[str, scaling.ChinchillaLaw]) -> str:
       continue
     n, d, loss = _grid(group)
     tokens = sorted(set(d))
-    lines.append(f'  {label:<20}' + ''.join(f'{f"D={t:,.0f}":>14}' for t in tokens))
+    cells = [[label, *(f'D={t:,.0f}' for t in tokens)]]
     for size in sorted(set(n)):
-      cells = [loss[(n == size) & (d == t)] for t in tokens]
-      lines.append(f'  {f"N={size:,.0f}":<20}' + ''.join(f'{c.mean():>14.4f}' if len(c) else f'{"-":>14}'
-                                                        for c in cells))
+      means = [loss[(n == size) & (d == t)] for t in tokens]
+      cells.append([f'N={size:,.0f}', *(f'{c.mean():.4f}' if len(c) else '-' for c in means)])
+    lines += columns(cells, indent='  ')
   lines.append('fitted L(N, D) = E + A N^-alpha + B D^-beta and its compute-optimal frontier (C = 6 N D):')
+  ci = lambda v: f' [{v[0]:.2f}, {v[1]:.2f}]' if v else ''
   for label, law in laws.items():
-    ci = lambda v: f' [{v[0]:.2f}, {v[1]:.2f}]' if v else ''
-    lines.append(f'  {label:<20} {law.label()}')
-    lines.append(f'  {"":<20} N_opt ~ C^{law.n_exponent:.2f}{ci(law.n_exponent_ci)}, '
+    lines.append(f'  {label}: {law.label()}')
+    lines.append(f'    N_opt ~ C^{law.n_exponent:.2f}{ci(law.n_exponent_ci)}, '
                  f'D_opt ~ C^{law.d_exponent:.2f}{ci(law.d_exponent_ci)} ({law.n_points} runs)')
   return '\n'.join(lines)
 
@@ -118,31 +155,35 @@ def fit_all(rows: list[dict], n_bootstrap: int = 100) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-  header = (f'{"arch":<14}{"d_model":>8}{"layers":>7}{"total":>12}{"active":>12}{"tokens":>12}{"eval loss":>10}'
-            f'{"bpb":>7}{"step ms":>9}{"tok/s":>9}{"MFU":>7}{"weights":>10}')
-  lines = [header, '-' * len(header)]
+  cells = [['arch', 'd_model', 'layers', 'total', 'active', 'tokens', 'eval loss', 'bpb', 'step ms', 'tok/s', 'MFU',
+            'weights']]
   for label, group in group_rows(rows).items():
     for r in group:
       mfu = f'{r["mfu"]:.1%}' if r.get('mfu') is not None else '-'
       bpb = f'{r["eval_bpb"]:.3f}' if r.get('eval_bpb') is not None else '-'
-      lines.append(f'{label:<14}{r["d_model"]:>8}{r["n_layers"]:>7}{r["total_params"]:>12,}{r["active_params"]:>12,}'
-                   f'{r["tokens"]:>12,}{r["eval_loss"]:>10.4f}{bpb:>7}{r["step_time_s"] * 1e3:>9.1f}'
-                   f'{r["tokens_per_s"]:>9,.0f}{mfu:>7}{r["weight_bytes"] / 2**20:>8.1f}Mi')
-  return '\n'.join(lines)
+      cells.append([label, str(r['d_model']), str(r['n_layers']), f'{r["total_params"]:,}',
+                    f'{r["active_params"]:,}', f'{r["tokens"]:,}', f'{r["eval_loss"]:.4f}', bpb,
+                    f'{r["step_time_s"] * 1e3:.1f}', f'{r["tokens_per_s"]:,.0f}', mfu,
+                    f'{r["weight_bytes"] / 2**20:.1f}Mi'])
+  header, *lines = columns(cells)
+  return '\n'.join([header, '-' * len(header), *lines])
 
 
 def fits_text(rows: list[dict], fits: dict) -> str:
   lines = ['fitted L = E + A x^-alpha (90% bootstrap interval on alpha):']
-  for (label, key), law in fits.items():
-    lines.append(f'  {label:<14} vs {key:<14} {law.label()}')
+  lines += columns([[label, f'vs {key}', law.label('C' if key == 'train_flops' else 'N')]
+                    for (label, key), law in fits.items()], left=3, indent='  ')
   dense = fits.get(('dense', 'total_params'))
   moe_rows = [r for r in rows if arch_label(r) != 'dense']
   if dense and moe_rows:
     lines.append('MoE effective parameter count (dense size with the same fitted loss; Clark et al. 2022):')
-    for r in sorted(moe_rows, key=lambda r: r['total_params']):
+    cells = []
+    for r in sorted(moe_rows, key=lambda r: (arch_label(r), r['total_params'])):
       n_eff = scaling.effective_params(dense, r['eval_loss'])
-      lines.append(f'  {arch_label(r):<14} d_model {r["d_model"]:>5}: N_eff {n_eff:>14,.0f} = '
-                   f'{n_eff / r["active_params"]:.2f}x its active, {n_eff / r["total_params"]:.2f}x its total params')
+      cells.append([arch_label(r), f'd_model {r["d_model"]}', f'N_eff {n_eff:,.0f}',
+                    f'= {n_eff / r["active_params"]:.2f}x its active, {n_eff / r["total_params"]:.2f}x its total '
+                    'params'])
+    lines += columns(cells, left=2, indent='  ')
   return '\n'.join(lines)
 
 
@@ -157,20 +198,20 @@ def _interval(gap: dict | None, pct: bool = True) -> str:
 def comparison_text(comparisons: list[dict]) -> str:
   """One line per MoE rung: its loss minus dense at matched active / total parameters and FLOPs (percent of the
   dense loss, 95% interval over seeds), and N_eff / N_active."""
-  lines = ['MoE minus dense held-out loss, % of dense (95% interval over seeds; negative = MoE better):',
-           f'  {"arch":<20}{"rung":>8}{"seeds":>7}  {"matched active":<22}{"matched total":<22}'
-           f'{"matched FLOPs":<22}{"N_eff / active"}']
+  cells, skipped = [['arch', 'rung', 'seeds', 'matched active', 'matched total', 'matched FLOPs', 'N_eff / active']], []
   for c in comparisons:
     rung = f'{c["d_model"]}x{c["n_layers"]}'
     if c.get('skipped'):
-      lines.append(f'  {c["arch"]:<20}{rung:>8}  skipped: {c["skipped"]}')
+      skipped.append(f'  {c["arch"]} {rung}: skipped: {c["skipped"]}')
       continue
     n_eff = c.get('n_eff_ratio') or {}
+    bound = lambda v: 'inf' if v is None else f'{v:.2f}'  # unbounded: beyond the dense law's floor
     ratio = '-' if n_eff.get('value') is None else f'{n_eff["value"]:.2f}x' + (
-        f' [{n_eff["ci"][0]:.2f}, {n_eff["ci"][1]:.2f}]' if n_eff.get('ci') else '')
-    lines.append(f'  {c["arch"]:<20}{rung:>8}{len(c["moe_seeds"]):>7}  {_interval(c["gap_active"]):<22}'
-                 f'{_interval(c.get("gap_total")):<22}{_interval(c.get("gap_flops")):<22}{ratio}')
-  return '\n'.join(lines)
+        f' [{bound(n_eff["ci"][0])}, {bound(n_eff["ci"][1])}]' if n_eff.get('ci') else '')
+    cells.append([c['arch'], rung, str(len(c['moe_seeds'])), _interval(c['gap_active']),
+                  _interval(c.get('gap_total')), _interval(c.get('gap_flops')), ratio])
+  return '\n'.join(['MoE minus dense held-out loss, % of dense (95% interval over seeds; negative = MoE better):',
+                    *(columns(cells, indent='  ') if len(cells) > 1 else []), *skipped])
 
 
 def summarize(rows: list[dict], out_dir: str, plot: bool = True, log: Callable[[str], None] = print) -> None:
@@ -181,6 +222,9 @@ def summarize(rows: list[dict], out_dir: str, plot: bool = True, log: Callable[[
   comparison use the full-budget rows only (`full_budget`)."""
   everything, rows = rows, full_budget(rows)
   log(table(rows))
+  health = health_text(rows)
+  if health:
+    log('\n' + health)
   fits = fit_all(rows)
   log('\n' + fits_text(rows, fits))
   grid = grid_fits(everything)
@@ -193,8 +237,9 @@ def summarize(rows: list[dict], out_dir: str, plot: bool = True, log: Callable[[
   if comparisons:
     atomic.write_json(f'{out_dir}/comparison.json', comparisons)
     log('\n' + comparison_text(comparisons) + f'\n(all figures: {out_dir}/comparison.json)')
-    log('\n' + compare.answer(comparisons))
   if plot:
     from slmjax import plots  # lazy, deliberately: matplotlib is imported only when figures are drawn
     for path in plots.plot_all(rows, out_dir, fits, comparisons, grid_rows=everything, grid=grid, joint=joint):
       log(f'wrote {path}')
+  if comparisons:  # last, where it is seen
+    log('\n' + compare.answer(comparisons))

@@ -48,8 +48,9 @@ class PowerLaw:
       return math.inf
     return (self.A / (loss - self.E)) ** (1.0 / self.alpha)
 
-  def label(self) -> str:
-    return f'L = {self.E:.2f} + {self.A:.3g} N^-{self.alpha:.2f}{_ci_text(self.alpha_ci)}'
+  def label(self, x: str = 'N') -> str:
+    """The law as text, in the variable `x` (N for parameters, C for FLOPs)."""
+    return f'L = {self.E:.2f} + {self.A:.3g} {x}^-{self.alpha:.2f}{_ci_text(self.alpha_ci)}'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from slmjax import cost, counting, decode_cost, results, sharding, wsd
+from slmjax import cost, counting, decode_cost, report, results, sharding, wsd
 from slmjax.config import ModelConfig, TrainConfig, branch_steps
 from slmjax.train import format_duration, train
 
@@ -239,21 +239,6 @@ def router_health(summary: dict) -> dict:
           'router_entropy': summary['final_router_entropy']}
 
 
-COLLAPSED_LOAD = 3.0  # the busiest expert holds 3x its uniform share or more
-HEAVY_DROPS = 0.10
-
-
-def router_warning(row: dict) -> str | None:
-  """A one-line warning for an MoE row whose router collapsed or dropped heavily (None if healthy or dense)."""
-  problems = []
-  if row.get('expert_load_max_over_mean', 0) >= COLLAPSED_LOAD:
-    problems.append(f'busiest expert at {row["expert_load_max_over_mean"]:.1f}x its share (collapsing router)')
-  if (row.get('train_drop_fraction') or 0) >= HEAVY_DROPS:
-    problems.append(f'{row["train_drop_fraction"]:.0%} of assignments dropped in training (raise '
-                    '--capacity_factor, or 0 for dropless)')
-  return f'warning: {row["run_id"]}: ' + '; '.join(problems) if problems else None
-
-
 def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out_dir: str,
               log: Callable[[str], None] = print, mesh=None, tensorboard: bool = False,
               measure_inference: bool = True) -> list[dict]:
@@ -301,8 +286,8 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
       if measure_inference and not inference:
         inference.update(decode_cost.rung_cost(model_cfg, min(train_cfg.seq_len, model_cfg.max_seq_len)))
       row = result_row(model_cfg, cfg, budget, summary, counts, rid, mesh, branch, inference)
-      if router_warning(row):
-        log(router_warning(row))
+      if report.router_warning(row):
+        log(report.router_warning(row))
       if is_writer:
         results.append_row(out, row)
       done[rid] = row

@@ -1,6 +1,7 @@
 """Plots are drawn from results rows alone, written atomically, and readable (one legend entry per arch)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -72,3 +73,25 @@ def test_cost_plot_gains_a_decode_panel_and_still_draws_old_rows(tmp_path):
   assert images[0].shape == images[1].shape
   inked = lambda image: int((image[:, 2 * image.shape[1] // 3:, :3].mean(axis=-1) < 0.9).sum())  # decode panel
   assert inked(images[1]) > inked(images[0]) + 1000  # the decode lines (and legend) of the new rows
+
+
+def test_text_report_warns_about_routers_keeps_columns_apart_and_ends_with_the_answer(tmp_path):
+  """Every sweep's report repeats the router-health warnings (a resumed sweep trains nothing and would print none
+  otherwise), its columns never run together however long a label or interval, and the answer is its last line;
+  a sweep too small to fit anything still gets its report."""
+  rows = [{**r, 'd_model': int(r['active_params']) // 1000, 'tokens': 1000, 'eval_bpb': None, 'tokens_per_s': 1.0,
+           'run_id': f'{r["arch"]}-{r["total_params"]:.0e}-s{r["seed"]}'} for r in synthetic_rows()]  # rung: active
+  rows[-1].update(expert_load_max_over_mean=3.4, eval_drop_fraction=0.2)
+  lines = []
+  report.summarize(rows, str(tmp_path), plot=False, log=lines.append)
+  text = '\n'.join(lines)
+  assert ('router health: 1 of 8 MoE runs warn' in text and 'collapsing router' in text
+          and '20% dropped in evaluation (raise --eval_capacity_factor' in text)
+  table = [line for line in report.comparison_text(compare.compare(rows, n_bootstrap=20)).splitlines()[2:]
+           if 'skipped' not in line]
+  assert len(table) == 2 and all(re.search(r'\]  +[+-]\d', line) for line in table)  # intervals two spaces apart at least
+  assert lines[-1].strip().startswith('MoE E=8 k=2 ')
+  lines.clear()
+  (tmp_path / 'small').mkdir()
+  report.summarize(rows[-2:], str(tmp_path / 'small'), plot=False, log=lines.append)  # one MoE rung, no dense
+  assert 'nothing to compare (no dense rows)' in lines[-1]
