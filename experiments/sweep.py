@@ -7,8 +7,11 @@
   python experiments/sweep.py --arch=moe --experts=4,8,16 --k=2        # three expert counts: the joint MoE law
   python experiments/sweep.py --arch=dense --schedule=wsd --branches=0.25,0.5   # 3 token counts per size: isoFLOPs
 
-Writes <out>/results.jsonl (one row per finished run), <out>/<run_id>/ (checkpoints, metrics), and
-<out>/scaling.png, <out>/cost.png over every run in <out>. Rerun the same command to resume after an interruption.
+Writes <out>/results.jsonl (one row per finished run) and <out>/<run_id>/ (checkpoints, metrics), then over
+every run in <out>: the report (table, router health, fits, the paired dense-vs-MoE comparison in
+<out>/comparison.json, one closing line that states the answer) and the figures scaling.png, cost.png, gap.png
+(with dense and MoE rows), isoflop.png (WSD branches) and joint.png (the joint law). Rerun the same command to
+resume after an interruption.
 Size flags (--d_model, --n_layers, --n_heads, --d_ff, --d_expert) come from the ladder; other architecture and
 training flags are shared with train.py and count.py.
 """

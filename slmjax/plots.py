@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use('Agg')  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from slmjax import atomic, report, scaling  # noqa: E402
@@ -51,20 +52,24 @@ def plot_scaling(rows: list[dict], path: str, fits: dict | None = None) -> str:
 
 def plot_cost(rows: list[dict], path: str) -> str:
   """Measured cost: the train step's peak memory (XLA's memory analysis of the compiled step) beside the weights
-  alone, against total parameters; step time against active parameters; and, for rows that carry it
-  (`decode_cost.rung_cost`; older results do not), decode ms/token at batch 1 and at a large batch against
-  active parameters. Seeds are averaged per rung."""
+  alone, against total parameters; step time against active parameters; held-out loss against that measured
+  peak (what a memory budget buys); and, for rows that carry it (`decode_cost.rung_cost`; older results do
+  not), decode ms/token at batch 1 and at a large batch against active parameters. Seeds are averaged per
+  rung."""
   groups = group_rows(rows)
-  fig, (ax_mem, ax_time, ax_decode) = plt.subplots(1, 3, figsize=(18, 4.8))
+  fig, ((ax_mem, ax_time), (ax_loss, ax_decode)) = plt.subplots(2, 2, figsize=(13, 9.5))
   decoded = False
   for color, (label, group) in zip(COLORS, groups.items()):
     rungs = _rung_means(group, ('total_params', 'active_params', 'weight_bytes', 'peak_memory_bytes',
-                                'step_time_s', 'decode_ms_per_token_b1', 'decode_ms_per_token_large',
+                                'step_time_s', 'eval_loss', 'decode_ms_per_token_b1', 'decode_ms_per_token_large',
                                 'decode_large_batch'))
     total = [r['total_params'] for r in rungs]
     measured = [(r['total_params'], r['peak_memory_bytes'] / 2**20) for r in rungs if r.get('peak_memory_bytes')]
     if measured:
       ax_mem.plot(*zip(*measured), 'o-', color=color, label=f'{label}: train step peak (measured)')
+      ax_loss.plot(*zip(*sorted((r['peak_memory_bytes'] / 2**20, r['eval_loss']) for r in rungs
+                                if r.get('peak_memory_bytes') and r.get('eval_loss') is not None)),
+                   'o-', color=color, label=label)
     ax_mem.plot(total, [r['weight_bytes'] / 2**20 for r in rungs], 's--', color=color, alpha=0.7,
                 label=f'{label}: weights')
     ax_time.plot([r['active_params'] for r in rungs], [r['step_time_s'] * 1e3 for r in rungs], 'o-', color=color,
@@ -77,15 +82,20 @@ def plot_cost(rows: list[dict], path: str) -> str:
         ax_decode.plot(*zip(*line), style, color=color, label=f'{label}: {what.format(big)}')
         decoded = True
   ax_mem.set(xscale='log', yscale='log', xlabel='total parameters', ylabel='memory (MiB)',
-             title='memory follows total parameters')
+             title="memory: the train step's measured peak and the weights")
+  ax_loss.set(xscale='log', xlabel='train step peak memory, measured (MiB)', ylabel='held-out loss (nats / token)',
+              title='loss against measured memory')
   ax_time.set(xscale='log', yscale='log', xlabel='active parameters (per token)', ylabel='train step time (ms)',
-              title='speed follows active parameters')
+              title='train step time (measured)')
   ax_decode.set(xscale='log', yscale='log' if decoded else 'linear', xlabel='active parameters (per token)',
                 ylabel='decode ms / token (one step)', title='decode speed (measured)')
   if not decoded:
     ax_decode.text(0.5, 0.5, 'no decode cost in these rows\n(results from before it was measured)',
                    ha='center', va='center', transform=ax_decode.transAxes)
-  for ax in (ax_mem, ax_time, ax_decode):
+  if not ax_loss.lines:
+    ax_loss.text(0.5, 0.5, 'no measured peak memory in these rows', ha='center', va='center',
+                 transform=ax_loss.transAxes)
+  for ax in (ax_mem, ax_time, ax_loss, ax_decode):
     ax.grid(True, which='both', alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
@@ -223,9 +233,11 @@ def plot_joint(rows: list[dict], laws: dict, path: str) -> str:
       ax_n.scatter(n[mine], loss[mine], color=color, s=28, zorder=3, label=name)
       ax_n.plot(grid, law(grid, count), color=color, lw=1.3)
     e_grid = np.geomspace(1, e.max() * 2, 100)
-    for color, size in zip(plt.cm.viridis(np.linspace(0, 0.9, len(set(n)))), sorted(set(n))):
-      mine = n == size
-      ax_e.scatter(e[mine], loss[mine], color=color, s=28, zorder=3, label=f'N={size:,.0f}')
+    rung = np.array([f'{r["d_model"]}x{r["n_layers"]}' for r in group])  # one line a rung: its E's N differ a bit
+    rungs = sorted(set(rung), key=lambda name: n[rung == name].mean())
+    for color, name in zip(plt.cm.viridis(np.linspace(0, 0.9, len(rungs))), rungs):
+      mine, size = rung == name, n[rung == name].mean()
+      ax_e.scatter(e[mine], loss[mine], color=color, s=28, zorder=3, label=f'{name} (N ~ {size:,.0f})')
       ax_e.plot(e_grid, law(size, e_grid), color=color, lw=1.3)
     ax_n.set(xscale='log', xlabel='active parameters N', ylabel='held-out loss (nats / token)',
              title=f'{key}: b = {law.b:.3f}, c = {law.c:+.4f}')
@@ -257,7 +269,12 @@ def plot_all(rows: list[dict], out_dir: str, fits: dict | None = None, compariso
 
 
 def _save(fig, path: str) -> str:
-  """Write atomically so an interrupted run never leaves half a PNG."""
+  """Write atomically so an interrupted run never leaves half a PNG. Log axes that span a decade or more keep
+  their labelled powers of ten and lose the labels of the ticks between (2x10^4 3x10^4 4x10^4 ran together)."""
+  for ax in fig.axes:
+    for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+      if axis.get_scale() == 'log' and min(limits) > 0 and max(limits) / min(limits) >= 10:
+        axis.set_minor_formatter(ticker.NullFormatter())
   with atomic.replacing(path, suffix='.png') as tmp:
     fig.savefig(tmp, dpi=120)
   plt.close(fig)
