@@ -233,13 +233,20 @@ def apply_runtime_flags(cfg: ModelConfig) -> ModelConfig:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)`, but a ValueError becomes a one-line 'error: ...' on stderr and exit status 2.
+  """`app.run(main)`, but a bad flag (an unknown one, a value absl cannot parse) or a ValueError becomes a
+  one-line 'error: ...' on stderr and exit status 2.
 
   Set SLMJAX_DEBUG=1 to get the full traceback instead.
   """
   def fail(message: str) -> None:
     print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
     sys.exit(2)
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return FLAGS(argv)
+    except flags.Error as e:
+      fail(' '.join(str(e).split()) + ' (--helpshort lists the flags)')
 
   def guarded(argv):
     if not FLAGS['verbosity'].present:  # orbax and grain log every save at INFO; keep the terminal readable
@@ -252,4 +259,4 @@ def run(main: Callable[[list[str]], None]) -> None:
       if os.environ.get('SLMJAX_DEBUG'):
         raise
       fail(str(e))
-  app.run(guarded)
+  app.run(guarded, flags_parser=parse)

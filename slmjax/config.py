@@ -485,9 +485,11 @@ def branch_steps(branches: str, steps: int) -> tuple[int, ...]:
     except ValueError:
       raise ValueError(f'branches={branches!r}: {item!r} is not a number; give fractions of --steps like '
                        '0.25,0.5') from None
-    if not 0 < fraction <= 1 or round(fraction * steps) < 1:
-      raise ValueError(f'branches={branches!r}: {item!r} must be a fraction in (0, 1] of steps={steps} that is at '
-                       'least one step')
+    if not 0 < fraction <= 1:
+      raise ValueError(f'branches={branches!r}: {item!r} must be a fraction of the run in (0, 1], like 0.25,0.5')
+    if round(fraction * steps) < 1:
+      raise ValueError(f'branches={branches!r}: {item!r} of a {steps}-step run is no step at all; raise the '
+                       'fraction or the token budget')
     lengths.add(round(fraction * steps))
   return tuple(sorted(lengths))
 

@@ -260,7 +260,9 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
   dirs = [point_dir(out, m, t) for m, t in points]
   rows_of = [row_ids(m, t) for m, t in points]
   todo = [i for i, rids in enumerate(rows_of) if any(rid not in done for rid in rids.values())]
-  log(f'sweep: {len(points)} points, {len(points) - len(todo)} already finished in {out}/results.jsonl')
+  partly = sum(0 < sum(rid in done for rid in rids.values()) < len(rids) for rids in rows_of)  # new branches
+  log(f'sweep: {len(points)} points, {len(points) - len(todo)} already finished'
+      + (f', {partly} with some of their cooldown branches done' if partly else '') + f' in {out}/results.jsonl')
   peak = cost.matmul_peak_flops() if todo else None
   if peak:
     log(f'measured matmul peak of this {jax.default_backend()} device: {peak / 1e9:.1f} GFLOP/s')

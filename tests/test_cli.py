@@ -1,6 +1,9 @@
 """Flags generated from the config dataclasses: every field reachable, aliases, presets, the warmup default."""
 
 import dataclasses
+import pathlib
+import subprocess
+import sys
 
 import pytest
 from absl import flags
@@ -11,6 +14,7 @@ from slmjax.config import ModelConfig, TrainConfig
 cli.define_model_flags()
 cli.define_train_flags()
 FLAGS = flags.FLAGS
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -109,3 +113,11 @@ def test_balance_flags_reach_the_config(parse):
   with pytest.raises(flags.IllegalFlagValueError, match='value should be one of <aux_loss|bias|both>') as info:
     parse('--balance=loss_free')
   assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('bad', ['--balance=loss_free', '--no_such_flag=1', '--steps=many'])
+def test_a_flag_absl_cannot_parse_is_one_line_and_exit_status_2(bad):
+  result = subprocess.run([sys.executable, str(ROOT / 'experiments' / 'train.py'), bad], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+  assert result.returncode == 2 and result.stderr.startswith('train.py: error: ') and '--helpshort' in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -66,6 +66,8 @@ def restore_latest(out, model_cfg=MOE):
 @pytest.mark.parametrize('changes,match', [
     ({'steps': 0}, 'steps'), ({'batch_size': -1}, 'batch_size'), ({'lr': 0.0}, 'lr'),
     ({'warmup': 20}, 'warmup'), ({'eval_fraction': 1.0}, 'eval_fraction'), ({'seq_len': 0}, 'seq_len'),
+    ({'schedule': 'wsd', 'warmup': 0, 'branches': '0.5,2'}, r"'2' must be a fraction of the run in \(0, 1\]"),
+    ({'schedule': 'wsd', 'warmup': 0, 'branches': '0.01'}, "'0.01' of a 12-step run is no step at all"),
 ])
 def test_train_config_rejects_nonsense(changes, match):
   with pytest.raises(ValueError, match=match) as e:

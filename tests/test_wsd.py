@@ -52,6 +52,7 @@ def test_a_sweep_rerun_with_more_branches_forks_them_from_the_same_trunk(tmp_pat
   rows = sweep.run_sweep([(MODEL, WSD.replace(branches='0.5,0.75'))], budget, str(tmp_path), log=lines.append)
   assert [r['branch_steps'] for r in rows] == [10, 15, 20]
   assert len(results.read_rows(tmp_path)) == 3  # the 10- and 20-step rows were kept, not redone
+  assert '0 already finished, 1 with some of their cooldown branches done' in lines[0]
   assert not any('wsd trunk' in line for line in lines)  # the trunk was not trained again
   assert any('branch 15' in line and 'starts from step 8' in line for line in lines)  # the trunk's checkpoint
   assert len([d for d in tmp_path.iterdir() if d.is_dir()]) == 1
