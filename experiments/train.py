@@ -28,7 +28,7 @@ import sys
 import jax
 from absl import flags
 
-from slmjax import cli, cost, distributed, sharding, train, wsd
+from slmjax import checkpoint, cli, cost, distributed, sharding, train, wsd
 from slmjax.convert import common, runs
 
 flags.DEFINE_string('out', None, 'Run directory (created; resumed if it holds this run). Default: runs/<arch>.')
@@ -102,14 +102,18 @@ def main(argv):
 
 def keep_stored_warmup(train_cfg, out: str):
   """Without --warmup, a run continued in `out` (a larger --steps) keeps the warmup it started with: the default
-  follows --steps on short runs (steps // 10), and a changed warmup is not a run that can be resumed."""
+  follows --steps on short runs (steps // 10), and a changed warmup is not a run that can be resumed. Only a run
+  with a checkpoint counts: one killed before its first holds nothing to continue."""
   if FLAGS['warmup'].present:
     return train_cfg
-  for path in (os.path.join(out, 'config.json'), os.path.join(out, wsd.TRUNK, 'config.json')):
-    if os.path.exists(path):
-      with open(path) as f:
+  for run in (out, os.path.join(out, wsd.TRUNK)):
+    if checkpoint.latest_step(os.path.join(run, 'checkpoints')) is not None:
+      with open(os.path.join(run, 'config.json')) as f:
         stored = json.load(f).get('train', {}).get('warmup')
-      return train_cfg.replace(warmup=stored) if isinstance(stored, int) else train_cfg
+      try:
+        return train_cfg.replace(warmup=stored) if isinstance(stored, int) else train_cfg
+      except ValueError:  # it does not fit the new --steps: the run's own check says what is wrong
+        return train_cfg
   return train_cfg
 
 

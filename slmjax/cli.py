@@ -20,7 +20,7 @@ from typing import Callable
 from absl import app, flags, logging
 
 from slmjax import presets
-from slmjax.config import ModelConfig, SamplingConfig, TrainConfig, default_warmup
+from slmjax.config import ModelConfig, SamplingConfig, TrainConfig, branch_steps, default_warmup
 
 FLAGS = flags.FLAGS
 FLAG_ALIASES = {'n_experts': 'experts', 'top_k': 'k', 'n_shared_experts': 'shared_experts'}
@@ -197,11 +197,13 @@ def train_config_from_flags(**overrides) -> TrainConfig:
   """Build and validate the TrainConfig the flags describe (raises ValueError on nonsense).
 
   `overrides` replace flag values before validation. Without --warmup, a run too short for the default warmup
-  gets steps // 10 (`config.default_warmup`).
+  gets steps // 10 (`config.default_warmup`); with schedule=wsd, its shortest cooldown branch's.
   """
   values = {**train_fields_from_flags(), **overrides}
   if not FLAGS['warmup'].present and 'warmup' not in overrides:
-    values['warmup'] = default_warmup(values['steps'], values['warmup'])
+    shortest = (branch_steps(values['branches'], values['steps'])[0] if values['schedule'] == 'wsd'
+                else values['steps'])
+    values['warmup'] = default_warmup(shortest, values['warmup'])
   return TrainConfig(**values)
 
 

@@ -26,8 +26,10 @@ class RunDir:
     self.checkpoints = self.path / 'checkpoints'
     self.tensorboard = self.path / 'tensorboard'
 
-  def check(self, model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict | None:
-    """config.json of the run already here (None if there is none); ValueError if it cannot be resumed."""
+  def check(self, model_cfg: ModelConfig, train_cfg: TrainConfig, checkpointed: bool = True) -> dict | None:
+    """config.json of the run already here (None if there is none); ValueError if it cannot be resumed. A run
+    without a checkpoint (`checkpointed` False: killed before its first) holds nothing to resume: None, and the
+    new run starts over in its place, whatever its settings."""
     if not self.path.exists():
       return None
     if not self.path.is_dir():
@@ -42,6 +44,8 @@ class RunDir:
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
       raise ValueError(f'{self.config_path} is not a run config slmjax wrote ({type(e).__name__}: {e}); restore it '
                        'or choose another --out') from None
+    if not checkpointed:  # ours, but killed before its first checkpoint: start over
+      return None
     # Through the dataclasses, so fields added to a config since the run started compare at their defaults.
     changed = _changes(ModelConfig.from_dict(model).to_dict(), model_cfg.to_dict())
     if changed:

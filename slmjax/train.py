@@ -92,7 +92,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
   if jax.process_count() > 1 and place_batch is None:
     raise ValueError('training with several processes needs a mesh (global arrays from local batches)')
   run = RunDir(out_dir, writer=jax.process_index() == 0)
-  previous = run.check(model_cfg, train_cfg)
+  previous = run.check(model_cfg, train_cfg, checkpointed=checkpoint.latest_step(run.checkpoints) is not None)
   corpus = load_checked_corpus(model_cfg, train_cfg)
   if previous and previous['data']['data_fingerprint'] != corpus.fingerprint:
     raise ValueError(f'data {train_cfg.data!r} changed since the run in {run.path} started (other content)')
@@ -126,10 +126,14 @@ class _Loop:
           ) -> dict[str, Any]:
     model_cfg, train_cfg, run = self.model_cfg, self.train_cfg, self.run_dir
     state, opt_state = self._init_checked(place_state)
-    # Every check passed: from here on the run directory is written. A fresh one that fails before its first
-    # checkpoint is removed again: it would hold nothing to resume.
-    fresh = not run.path.exists()
-    run.path.mkdir(parents=True, exist_ok=True)
+    # Every check passed: from here on the run directory is written. A fresh one (or one a kill left before its
+    # first checkpoint) that fails before its first checkpoint is removed again: it would hold nothing to resume.
+    fresh = (checkpoint.latest_step(run.checkpoints) is None
+             and not run.checkpoints.with_name(f'{run.checkpoints.name}.corrupt').exists())
+    try:
+      run.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise ValueError(f'cannot create the run directory {run.path} ({e.strerror}); choose another --out') from None
     try:
       return self._run(state, opt_state, stop_at_step, measure, tensorboard)
     except BaseException:

@@ -121,3 +121,10 @@ def test_a_flag_absl_cannot_parse_is_one_line_and_exit_status_2(bad):
                           text=True, cwd=ROOT, timeout=120)
   assert result.returncode == 2 and result.stderr.startswith('train.py: error: ') and '--helpshort' in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_wsd_default_warmup_fits_the_shortest_branch(parse):
+  parse('--schedule=wsd', '--branches=0.25', '--steps=160')  # the default 100 would not fit the 40-step branch
+  assert cli.train_config_from_flags().warmup == 4
+  parse('--steps=160')
+  assert cli.train_config_from_flags().warmup == 100

@@ -328,6 +328,22 @@ def test_a_fresh_run_that_fails_before_its_first_checkpoint_leaves_no_directory(
   assert not (tmp_path / 'run').exists()
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_started_over_with_new_settings(tmp_path, monkeypatch):
+  """A kill leaves config.json and metrics.jsonl but no checkpoint: nothing to resume, so the next run, with other
+  training settings, starts over there instead of refusing; failing in turn, it leaves no directory."""
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt  # as if killed: the clean-up below is undone by hand
+  out = tmp_path / 'run'
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint.Checkpointer, 'save', killed)
+    m.setattr(shutil, 'rmtree', lambda *a, **k: None)  # a kill never reaches the clean-up
+    with pytest.raises(KeyboardInterrupt):
+      train(MOE, SMALL.replace(steps=4, warmup=0), out, log=None)
+  assert (out / 'config.json').exists() and checkpoint.latest_step(out / 'checkpoints') is None
+  summary = train(MOE, SMALL.replace(steps=6, warmup=1, lr=1e-3), out, log=None)
+  assert summary['step'] == 6 and json.loads((out / 'config.json').read_text())['train']['lr'] == 1e-3
+
+
 @pytest.mark.parametrize('content', ['{"model": {', '[]', '{"model": {}, "train": {}}'])
 def test_a_corrupt_config_json_is_a_one_line_error(tmp_path, content):
   (tmp_path / 'config.json').write_text(content)
