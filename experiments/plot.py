@@ -21,6 +21,8 @@ def main(argv):
   del argv
   rows = results.read_many(FLAGS.results)
   out = FLAGS.out or FLAGS.results[0]
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'--out={out} is a file; give a directory for the figures')
   os.makedirs(out, exist_ok=True)
   report.summarize(rows, out)
 

@@ -41,14 +41,29 @@ def read_rows(out_dir: str | os.PathLike) -> list[dict]:
   return rows
 
 
+# What every row a sweep writes holds, and the report reads.
+ROW_KEYS = ('run_id', 'arch', 'd_model', 'n_layers', 'total_params', 'active_params', 'eval_loss')
+
+
 def read_many(out_dirs: list[str]) -> list[dict]:
-  """Rows of several result directories together (to compare sweeps run into different --out)."""
-  rows = []
+  """Rows of several result directories together (to compare sweeps run into different --out), each run once
+  (a directory named twice, or a run copied into two, counts once); ValueError (one line) on a directory
+  without results.jsonl or a row a sweep did not write."""
+  if not out_dirs:
+    raise ValueError('no results directory given; pass the --out of a sweep, e.g. --results=runs')
+  rows = {}
   for out_dir in out_dirs:
-    if not (pathlib.Path(out_dir) / RESULTS_FILE).exists():
+    path = pathlib.Path(out_dir)
+    if path.name == RESULTS_FILE and path.is_file():
+      raise ValueError(f'{out_dir} is the file; pass the directory that holds it, {path.parent}')
+    if not (path / RESULTS_FILE).exists():
       raise ValueError(f'{out_dir} holds no {RESULTS_FILE}; pass a directory a sweep wrote')
-    rows += read_rows(out_dir)
-  return rows
+    for number, row in enumerate(read_rows(out_dir), 1):
+      missing = [key for key in ROW_KEYS if key not in row]
+      if missing:
+        raise ValueError(f'{path / RESULTS_FILE}: row {number} lacks {", ".join(missing)}: not a row a sweep wrote')
+      rows.setdefault(row['run_id'], row)
+  return list(rows.values())
 
 
 @contextlib.contextmanager

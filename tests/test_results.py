@@ -52,3 +52,18 @@ def test_arch_labels_keep_differently_set_moe_sweeps_apart():
       row(lb_loss_weight=0.1), {'arch': 'dense', 'n_experts': 0})]
   assert labels == ['moe E=8 k=2', 'moe E=8 k=2 balance=bias', 'moe E=8 k=2 match=total', 'moe E=8 k=2 cf=1.25',
                     'moe E=8 k=2 lb_loss_weight=0.1', 'dense']
+
+
+def test_read_many_counts_each_run_once_and_refuses_what_a_sweep_did_not_write(tmp_path):
+  row = {'run_id': 'a', 'arch': 'dense', 'd_model': 32, 'n_layers': 2, 'total_params': 1, 'active_params': 1,
+         'eval_loss': 2.0}
+  (tmp_path / 'one').mkdir()
+  results.append_row(tmp_path / 'one', row)
+  assert results.read_many([str(tmp_path / 'one')] * 2) == [row]  # a directory named twice counts once
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / results.RESULTS_FILE).write_text('{"foo": 1}\n')
+  for dirs, message in (([], 'no results directory given'),
+                        ([str(tmp_path / 'other')], 'row 1 lacks run_id, .*not a row a sweep wrote'),
+                        ([str(tmp_path / 'one' / results.RESULTS_FILE)], 'is the file; pass the directory')):
+    with pytest.raises(ValueError, match=message):
+      results.read_many(dirs)
