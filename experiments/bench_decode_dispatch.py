@@ -79,8 +79,12 @@ def main(argv):
     tokens = [int(t) for t in FLAGS.tokens]
   except ValueError:
     raise ValueError(f'--tokens must be comma-separated integers, got {",".join(FLAGS.tokens)}') from None
-  if min(tokens) < 1 or FLAGS.top_k > FLAGS.experts:
-    raise ValueError(f'--tokens must be >= 1 and --top_k <= --experts, got {tokens} and {FLAGS.top_k}')
+  if not impls or not tokens:
+    raise ValueError('--impls and --tokens need at least one value each')
+  if min(tokens) < 1 or not 1 <= FLAGS.top_k <= FLAGS.experts:
+    raise ValueError(f'--tokens must be >= 1 and 1 <= --top_k <= --experts, got {tokens} and {FLAGS.top_k}')
+  if min(FLAGS.repeats, FLAGS.inner, FLAGS.d_model, FLAGS.d_expert) < 1:
+    raise ValueError('--repeats, --inner, --d_model and --d_expert must be positive')
   rows = []
   for X in tokens:
     seconds = time_tokens(X, FLAGS.experts, FLAGS.top_k, FLAGS.d_model, FLAGS.d_expert, impls, FLAGS.repeats,

@@ -164,6 +164,8 @@ def main(argv):
     if max(contexts) + new_tokens > cfg.max_seq_len:
       raise ValueError(f'--contexts up to {max(contexts)} + --new_tokens={new_tokens} exceed {name}\'s max_seq_len='
                        f'{cfg.max_seq_len}; use shorter contexts')
+  if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
+    raise ValueError(f'--out={FLAGS.out} is a file; give a directory for decode.png and decode_rows.json')
   log = None if FLAGS.json else (lambda line: print(f'# {line}', flush=True))
   peer, peers = Peer(FLAGS.peer_python, FLAGS.peer_threads) if FLAGS.peer else None, None
   try:  # with the peer: rounds of slmjax and of the peer alternate, at least 3 of each a point
@@ -172,6 +174,9 @@ def main(argv):
   finally:
     if peer:
       peer.close()
+  if not rows:
+    raise ValueError(f'every point was skipped (--max_prefill_tokens={FLAGS.max_prefill_tokens} is below the '
+                     'smallest batch x context); raise it')
   if peer:
     peers = add_peer(rows, peer.versions)
   os.makedirs(FLAGS.out, exist_ok=True)

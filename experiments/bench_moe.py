@@ -204,14 +204,36 @@ def format_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  del argv
-  for name in FLAGS.settings:
+def check_flags() -> None:
+  """One-line errors for flag values the tables cannot be made from."""
+  f = FLAGS
+  for name in f.settings:
     if name not in SETTINGS:
       raise ValueError(f'--settings: unknown setting {name!r}; known: {", ".join(SETTINGS)}')
-  for name in FLAGS.impls:
-    if name not in dispatch.DISPATCH:
-      raise ValueError(f'--impls: unknown implementation {name!r}; known: {", ".join(dispatch.DISPATCH)}')
+  for name in f.impls:
+    if name not in IMPLS:
+      raise ValueError(f'--impls: unknown implementation {name!r}; this benchmark times {", ".join(IMPLS)}')
+  for name in f.model_impls:
+    if name != 'auto' and name not in dispatch.DISPATCH:
+      raise ValueError(f'--model_impls: unknown implementation {name!r}; known: auto, {", ".join(dispatch.DISPATCH)}')
+  if not f.group_sizes or not all(s.isdigit() and int(s) > 0 for s in f.group_sizes):
+    raise ValueError(f'--group_sizes={",".join(f.group_sizes)}: give positive integers, e.g. 128,512')
+  for name in ('tokens', 'd_model', 'repeats', 'inner', 'model_batch', 'model_seq_len', 'model_layers',
+               'model_d_ff'):
+    if f[name].value < 1:
+      raise ValueError(f'--{name}={f[name].value} must be positive')
+  if f.model_ladder is not None:
+    try:
+      sweep.parse_sizes(f.model_ladder)
+    except ValueError as e:
+      raise ValueError(str(e).replace('--ladder', '--model_ladder')) from None
+  if not (f.settings and f.impls) and not f.model:
+    raise ValueError('nothing to time: give --settings and --impls, or --model')
+
+
+def main(argv):
+  del argv
+  check_flags()
   platform = f'{jax.default_backend()} ({jax.devices()[0].device_kind}, {os.cpu_count()} cores)'
   tables = [layer_rows(name) for name in FLAGS.settings]
   if FLAGS.model:

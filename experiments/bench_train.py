@@ -200,8 +200,13 @@ def main(argv):
   for name in FLAGS.models:
     if name not in PEER_MODELS and name != 'flags':
       raise ValueError(f'--models: unknown model {name!r}; known: {", ".join(PEER_MODELS)}, flags')
-  if FLAGS.rounds < 1:
-    raise ValueError(f'--rounds must be >= 1, got {FLAGS.rounds}')
+  if not FLAGS.models:
+    raise ValueError(f'--models is empty: name some of {", ".join(PEER_MODELS)}, flags')
+  if FLAGS.rounds < 1 or FLAGS.steps < 1 or FLAGS.warmup < 0:
+    raise ValueError(f'--rounds={FLAGS.rounds} and --steps={FLAGS.steps} must be >= 1, --warmup={FLAGS.warmup} >= 0')
+  fixed = [flag for flag in cli.ARCH_FLAGS if FLAGS[flag].present] + (['preset'] if FLAGS.preset else [])
+  if fixed and 'flags' not in FLAGS.models:
+    raise ValueError(f'--{fixed[0]} describes a model only with --models=flags; the peer models are fixed')
   if FLAGS.peer:
     check_peer()
   matmuls = FLAGS.matmuls or [FLAGS.matmul]

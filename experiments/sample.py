@@ -45,6 +45,12 @@ def main(argv):
   if FLAGS.out and FLAGS.init_from:
     raise ValueError('give --out (a run) or --init_from (an HF directory or a run), not both')
   path = FLAGS.init_from or FLAGS.out
+  if FLAGS.samples < 1:
+    raise ValueError(f'--samples={FLAGS.samples}: give at least one continuation')
+  fixed = [flag for flag in cli.ARCH_FLAGS if FLAGS[flag].present] + (['preset'] if FLAGS.preset else [])
+  if path and fixed:
+    raise ValueError(f'--{fixed[0]} cannot change the model of --{"init_from" if FLAGS.init_from else "out"}={path}: '
+                     'the model comes with it (drop the model flags)')
   if FLAGS.out and not (pathlib.Path(FLAGS.out) / 'checkpoints').is_dir():
     trained.load_model(FLAGS.out)  # --out is a run: its one-line error (no run, no checkpoint)
   if path:

@@ -78,10 +78,28 @@ def test_bench_train_rejects_unknown_matmuls():
       "bench_train.py: error: --matmuls: unknown matmul 'cublas'; known: xla, mkl, onednn"]
 
 
-def test_bench_train_rejects_zero_rounds():
-  result = run('bench_train.py', '--rounds=0')
+@pytest.mark.parametrize('flags,message', [
+    (('--rounds=0',), '--rounds=0 and --steps=10 must be >= 1, --warmup=3 >= 0'),
+    (('--models=',), '--models is empty: name some of llama, mixtral-512, mixtral-1024, flags'),
+    (('--d_model=64', '--models=llama'), '--d_model describes a model only with --models=flags; the peer models are '
+                                         'fixed'),
+])
+def test_bench_train_rejects_what_it_cannot_time(flags, message):
+  result = run('bench_train.py', *flags)
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == ['bench_train.py: error: --rounds must be >= 1, got 0']
+  assert result.stderr.strip().splitlines() == [f'bench_train.py: error: {message}']
+
+
+@pytest.mark.parametrize('flags,message', [
+    (('--settings=', '--nomodel'), 'nothing to time: give --settings and --impls, or --model'),
+    (('--tokens=0',), '--tokens=0 must be positive'),
+    (('--impls=alltoall',), "--impls: unknown implementation 'alltoall'; this benchmark times einsum, gather, "
+                            'ragged, dense'),
+])
+def test_bench_moe_rejects_what_it_cannot_time(flags, message):
+  result = run('bench_moe.py', *flags)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f'bench_moe.py: error: {message}']
 
 
 @pytest.mark.slow
