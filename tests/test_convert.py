@@ -15,7 +15,7 @@ from flax import nnx
 import hf_parity
 from slmjax import convert
 from slmjax.config import ModelConfig
-from slmjax.convert import common, hf_io
+from slmjax.convert import common, hf_io, runs
 from slmjax.model import init_cache
 
 DENSE = ('llama', 'llama3', 'llama-linear', 'llama-longrope', 'mistral', 'qwen2', 'qwen2-yarn', 'qwen3', 'gemma2')
@@ -351,3 +351,15 @@ def test_init_from_rejects_architecture_flags(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, env={**ENV, 'PYTHONPATH': str(ROOT)})
   assert result.returncode == 2
   assert 'error: --d_model cannot change the model --init_from=' in result.stderr
+
+
+def test_read_source_names_what_the_path_is_instead_of_blaming_a_missing_config(tmp_path):
+  """A missing path, a file, and a WSD run's parent directory (its branches are the runs) each say so."""
+  (tmp_path / 'file').write_text('')
+  (tmp_path / 'wsd' / 'trunk').mkdir(parents=True)
+  (tmp_path / 'wsd' / 'branch-80').mkdir()
+  (tmp_path / 'wsd' / 'branch-160').mkdir()
+  for path, message in (('missing', 'does not exist'), ('file', 'is a file'),
+                        ('wsd', r'is a WSD run; give one of its branches \(branch-80, branch-160\) or trunk/')):
+    with pytest.raises(ValueError, match=message):
+      runs.read_source(tmp_path / path)

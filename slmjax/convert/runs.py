@@ -43,6 +43,13 @@ def read_source(path: str | os.PathLike) -> tuple[ModelConfig, nnx.State, dict]:
   """(cfg, model state, info) of a Hugging Face model directory or an slmjax run directory; info holds
   'model_type' (of the checkpoint it came from, if any) and 'tokenizer' (a tokenizer.json path, if any)."""
   path = pathlib.Path(path)
+  if not path.is_dir():
+    raise ValueError(f'{path} ' + ('does not exist' if not path.exists() else 'is a file') + '; give a Hugging Face '
+                     'model directory or a run directory')
+  if (path / 'trunk').is_dir():  # a WSD run: its branches are the runs (slmjax/wsd.py)
+    branches = sorted((p.name for p in path.glob('branch-*')), key=lambda name: int(name.partition('-')[2] or 0))
+    raise ValueError(f'{path} is a WSD run; give one of its branches ({", ".join(branches) or "none yet"}) or '
+                     'trunk/')
   if (path / 'checkpoints').is_dir():
     model, step = trained.load_model(path)
     saved = json.loads((path / 'config.json').read_text()).get('source', {})
