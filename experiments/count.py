@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 
 from absl import flags
 
@@ -94,8 +95,11 @@ def format_all(rows: list[dict]) -> str:
                  f'{fits["int4"]:<12}{fits["int8"]:<12}{fits["bfloat16"]:<12}{row["attention_kind"]:<5}'
                  f'{row["kv_cache_bytes_per_token"] / 1e3:>10.1f} {row["kv_cache_bytes"] / 1e9:>8.2f}  '
                  f'{kv["int4"]:<14}{kv["int8"]:<12}{kv["bfloat16"]}'.rstrip())
-  tokens = "each preset's max_seq_len" if FLAGS.context is None else f'{FLAGS.context:,}'
-  lines.append(f'(KV cache: {FLAGS.batch} x {tokens} tokens; {FIT_NOTE})')
+  contexts = sorted({row['kv_cache_context'] for row in rows})
+  tokens = (f'{FLAGS.context:,}' if FLAGS.context is not None else
+            f"{contexts[0]:,} (every preset's max_seq_len here; --context sets it)" if len(contexts) == 1 else
+            "each preset's max_seq_len")
+  lines += textwrap.wrap(f'(KV cache: {FLAGS.batch} x {tokens} tokens; {FIT_NOTE})', width=len(head))
   return '\n'.join(lines)
 
 
@@ -109,8 +113,13 @@ def main(argv):
     cfgs = [presets.get(name) for name in names]
     if FLAGS.scale_down:
       cfgs = [presets.scale_down(cfg) for cfg in cfgs]
-    rows = [counting.describe(cfg, FLAGS.seq_len if FLAGS['seq_len'].present else cfg.max_seq_len, name,
-                              mesh_sizes(), FLAGS.context, FLAGS.batch) for name, cfg in zip(names, cfgs)]
+    rows = []
+    for name, cfg in zip(names, cfgs):
+      try:
+        rows.append(counting.describe(cfg, FLAGS.seq_len if FLAGS['seq_len'].present else cfg.max_seq_len, name,
+                                      mesh_sizes(), FLAGS.context, FLAGS.batch))
+      except ValueError as e:
+        raise ValueError(f'{name}: {e}') from None
     print(json.dumps(rows) if FLAGS.json else format_all(rows))
     return
   cfg = cli.model_config_from_flags()

@@ -166,6 +166,8 @@ def model_config_from_flags(**overrides) -> ModelConfig:
   if f.scale_down:
     raise ValueError('--scale_down needs --preset=NAME')
   values = {**flag_values(ModelConfig, skip=tuple(overrides)), **overrides}
+  if f.seq_len < 1:
+    raise ValueError(f'--seq_len={f.seq_len} must be positive')
   if f.arch == 'moe' and values['n_experts'] <= 0:
     raise ValueError(f'--experts={values["n_experts"]}: --arch=moe needs at least one expert (or use --arch=dense)')
   if f.arch == 'dense':

@@ -30,11 +30,14 @@ def test_json_counts_match_the_library():
 def test_bad_flags_give_one_line_errors():
   for flags, message in [(('--arch=moe', '--experts=2', '--k=3'), 'top_k=3 must be between 1 and n_experts=2'),
                          (('--arch=moe', '--experts=0'), '--experts=0'),
-                         (('--arch=mlp',), 'value should be one of')]:
+                         (('--arch=mlp',), 'value should be one of'),
+                         (('--seq_len=0',), '--seq_len=0 must be positive'),
+                         (('--preset=all', '--mesh=expert:8'), 'qwen1.5-moe-a2.7b: --mesh axis expert:8 does not '
+                                                               'divide the expert dimension (60)')]:
     result = run(*flags)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert message in result.stderr
-    assert 'Traceback' not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_kv_cache_bytes_and_fit_with_them():
