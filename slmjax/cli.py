@@ -85,7 +85,8 @@ def _listed_values(name: str, field_type: str) -> list:
 
 def flag_values(cls, skip: tuple[str, ...] = (), only_present: bool = False) -> dict:
   """{field: value} of `cls`'s flags; a `zero_is_none` field's 0 becomes None (the one place that rule lives;
-  a negative value stays, for the config's check to refuse). `only_present`: just the flags given on the command line."""
+  a negative value stays, for the config's check to refuse). `only_present`: just the flags given on the command
+  line."""
   values = {}
   for field in dataclasses.fields(cls):
     flag = FLAGS[FLAG_ALIASES.get(field.name, field.name)]

@@ -89,7 +89,7 @@ def test_text_report_warns_about_routers_keeps_columns_apart_and_ends_with_the_a
           and '20% dropped in evaluation (raise --eval_capacity_factor' in text)
   table = [line for line in report.comparison_text(compare.compare(rows, n_bootstrap=20)).splitlines()[2:]
            if 'skipped' not in line]
-  assert len(table) == 2 and all(re.search(r'\]  +[+-]\d', line) for line in table)  # intervals two spaces apart at least
+  assert len(table) == 2 and all(re.search(r'\]  +[+-]\d', line) for line in table)  # intervals 2+ spaces apart
   assert lines[-1].strip().startswith('MoE E=8 k=2 ')
   lines.clear()
   (tmp_path / 'small').mkdir()
