@@ -1,4 +1,5 @@
-"""Named architectures: published dense and MoE models at full size, their scaled-down twins, and tiny ladders.
+"""Named architectures: published dense and MoE models at full size, their scaled-down twins, and size ladders of
+one architecture (`preset_ladder`).
 
 Each real preset is the model's published `config.json` (or technical report) transcribed field by field into a
 ModelConfig; its docstring names the source, the published parameter counts and the command that shows ours.
