@@ -120,25 +120,14 @@ def projection() -> None:
       print(f'  {name:12} {ep:4d} ' + ' '.join(f'{b / 1024:14,.1f} KiB' for b in row))
 
 
-def checked_ints(name: str, divide: int | None = None) -> list[int]:
-  """The positive integers of list flag `name` (each dividing `divide`, if given); ValueError (one line)."""
-  try:
-    values = [int(v) for v in FLAGS[name].value]
-  except ValueError:
-    raise ValueError(f'--{name}={",".join(FLAGS[name].value)}: every item must be an integer') from None
-  if not values or min(values) < 1:
-    raise ValueError(f'--{name}={",".join(FLAGS[name].value)}: give positive integers')
-  if divide and any(divide % v for v in values):
-    raise ValueError(f'--{name}={",".join(FLAGS[name].value)}: each must divide the {divide} devices')
-  return values
-
-
 def main(argv):
   del argv
   if FLAGS.steps < 1 or FLAGS.batch_size < 1 or FLAGS.seq_len < 1:
     raise ValueError('--steps, --batch_size and --seq_len must be positive')
-  experts, eps = checked_ints('experts'), checked_ints('ep', jax.device_count())
-  checked_ints('projection_ep')
+  experts, eps = cli.positive_ints('experts'), cli.positive_ints('ep')
+  cli.positive_ints('projection_ep')
+  if any(jax.device_count() % ep for ep in eps):
+    raise ValueError(f'--ep={",".join(map(str, eps))}: each must divide the {jax.device_count()} devices')
   for e, ep in ((e, ep) for e in experts for ep in eps):
     if e % ep:
       raise ValueError(f'--experts={e} does not split over --ep={ep}: the expert count must be a multiple of EP')

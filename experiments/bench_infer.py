@@ -59,16 +59,6 @@ flags.DEFINE_integer('peer_threads', 1, 'torch threads of the peer (1: its faste
 FLAGS = flags.FLAGS
 
 
-def positive_ints(name: str) -> list[int]:
-  try:
-    values = [int(v) for v in FLAGS[name].value]
-  except ValueError:
-    raise ValueError(f'--{name} must be a comma-separated list of integers, got {",".join(FLAGS[name].value)}')
-  if not values or min(values) < 1:
-    raise ValueError(f'--{name} must be positive integers, got {",".join(FLAGS[name].value)}')
-  return values
-
-
 class Peer:
   """experiments/peer_hf_decode.py --serve in the peer venv, a process of its own: one round of a point a call."""
 
@@ -148,7 +138,7 @@ def format_crossovers(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
-  batches, contexts = positive_ints('batches'), positive_ints('contexts')
+  batches, contexts = cli.positive_ints('batches'), cli.positive_ints('contexts')
   new_tokens, shapes = FLAGS.new_tokens, MODELS
   if FLAGS.quick:
     batches, contexts, new_tokens, shapes = [1, 4], [8], 4, QUICK

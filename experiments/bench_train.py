@@ -204,7 +204,7 @@ def main(argv):
     raise ValueError(f'--models is empty: name some of {", ".join(PEER_MODELS)}, flags')
   if FLAGS.rounds < 1 or FLAGS.steps < 1 or FLAGS.warmup < 0:
     raise ValueError(f'--rounds={FLAGS.rounds} and --steps={FLAGS.steps} must be >= 1, --warmup={FLAGS.warmup} >= 0')
-  fixed = [flag for flag in cli.ARCH_FLAGS if FLAGS[flag].present] + (['preset'] if FLAGS.preset else [])
+  fixed = cli.given_arch_flags()
   if fixed and 'flags' not in FLAGS.models:
     raise ValueError(f'--{fixed[0]} describes a model only with --models=flags; the peer models are fixed')
   if FLAGS.peer:

@@ -47,7 +47,7 @@ def main(argv):
   path = FLAGS.init_from or FLAGS.out
   if FLAGS.samples < 1:
     raise ValueError(f'--samples={FLAGS.samples}: give at least one continuation')
-  fixed = [flag for flag in cli.ARCH_FLAGS if FLAGS[flag].present] + (['preset'] if FLAGS.preset else [])
+  fixed = cli.given_arch_flags()
   if path and fixed:
     raise ValueError(f'--{fixed[0]} cannot change the model of --{"init_from" if FLAGS.init_from else "out"}={path}: '
                      'the model comes with it (drop the model flags)')

@@ -119,7 +119,7 @@ def keep_stored_warmup(train_cfg, out: str):
 
 def imported_model():
   """(ModelConfig, state, tokenizer path or '') of --init_from, with the runtime model flags applied."""
-  fixed = [flag for flag in cli.ARCH_FLAGS if FLAGS[flag].present] + (['preset'] if FLAGS.preset else [])
+  fixed = cli.given_arch_flags()
   if fixed:
     raise ValueError(f'--{fixed[0]} cannot change the model --init_from={FLAGS.init_from}; only --'
                      f'{", --".join(cli.RUNTIME_FLAGS)} apply')

@@ -44,6 +44,11 @@ def latest_step(directory: str | os.PathLike) -> int | None:
   return max(finished_steps(directory), default=None)
 
 
+def aside_dir(directory: str | os.PathLike) -> str:
+  """Where `restore_latest` moves the checkpoints of `directory` that cannot be read."""
+  return f'{directory}.corrupt'
+
+
 def path_key(entry) -> str:
   """One element of a pytree path as a string: dict keys, sequence indices and attribute names alike (a saved
   tree's keys are strings, a target's may be ints or attributes)."""
@@ -119,7 +124,7 @@ class Checkpointer:
       try:
         return (step, *self.restore(step, model_state_like, opt_state_like))
       except Exception as e:  # orbax / tensorstore raise plain Exceptions for unreadable data
-        aside = f'{self.directory}.corrupt'
+        aside = aside_dir(self.directory)
         os.makedirs(aside, exist_ok=True)
         moved = os.path.join(aside, f'{step}-{time.strftime("%Y%m%dT%H%M%S")}')
         shutil.move(os.path.join(self.directory, str(step)), moved)
@@ -129,7 +134,7 @@ class Checkpointer:
              f'moved to {moved}, trying the previous one')
     if failures:
       raise ValueError(f'no checkpoint in {self.directory} can be restored (steps {failures}, moved to '
-                       f'{self.directory}.corrupt); remove the run directory to start over')
+                       f'{aside_dir(self.directory)}); remove the run directory to start over')
     return None
 
   def has_legacy_names(self, step: int) -> bool:

@@ -210,6 +210,24 @@ def train_config_from_flags(**overrides) -> TrainConfig:
   return TrainConfig(**values)
 
 
+def given_arch_flags() -> list[str]:
+  """The architecture flags (and --preset) given on the command line: what a model that comes from elsewhere (a
+  run, an imported checkpoint, a fixed benchmark model) cannot take."""
+  return [flag for flag in ARCH_FLAGS if FLAGS[flag].present] + (['preset'] if FLAGS.preset else [])
+
+
+def positive_ints(name: str) -> list[int]:
+  """The values of list flag `name`, one or more positive integers; ValueError (one line) otherwise."""
+  try:
+    values = [int(v) for v in FLAGS[name].value]
+  except ValueError:
+    given = ','.join(FLAGS[name].value)
+    raise ValueError(f'--{name} must be a comma-separated list of integers, got {given}') from None
+  if not values or min(values) < 1:
+    raise ValueError(f'--{name} must be positive integers, got {",".join(FLAGS[name].value)}')
+  return values
+
+
 def reject_arch_flags(preset: str) -> None:
   """A preset fixes the architecture: an architecture flag given with it is an error, not silently ignored."""
   fixed = [flag for flag in ARCH_FLAGS if FLAGS[flag].present]

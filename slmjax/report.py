@@ -198,6 +198,7 @@ def _interval(gap: dict | None, pct: bool = True) -> str:
 def comparison_text(comparisons: list[dict]) -> str:
   """One line per MoE rung: its loss minus dense at matched active / total parameters and FLOPs (percent of the
   dense loss, 95% interval over seeds), and N_eff / N_active."""
+  bound = lambda v: 'inf' if v is None else f'{v:.2f}'  # unbounded: beyond the dense law's floor
   cells, skipped = [['arch', 'rung', 'seeds', 'matched active', 'matched total', 'matched FLOPs', 'N_eff / active']], []
   for c in comparisons:
     rung = f'{c["d_model"]}x{c["n_layers"]}'
@@ -205,7 +206,6 @@ def comparison_text(comparisons: list[dict]) -> str:
       skipped.append(f'  {c["arch"]} {rung}: skipped: {c["skipped"]}')
       continue
     n_eff = c.get('n_eff_ratio') or {}
-    bound = lambda v: 'inf' if v is None else f'{v:.2f}'  # unbounded: beyond the dense law's floor
     ratio = '-' if n_eff.get('value') is None else f'{n_eff["value"]:.2f}x' + (
         f' [{bound(n_eff["ci"][0])}, {bound(n_eff["ci"][1])}]' if n_eff.get('ci') else '')
     cells.append([c['arch'], rung, str(len(c['moe_seeds'])), _interval(c['gap_active']),

@@ -99,6 +99,7 @@ def append_row(out_dir: str | os.PathLike, row: dict) -> None:
 # sweeps into one --out that differ in any of them never share a curve, a fit or a paired comparison.
 LABELLED_SETTINGS = ('balance', 'router', 'n_shared_experts', 'first_dense', 'moe_every', 'lb_loss_weight',
                      'z_loss_weight', 'routed_scale')
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in LABELLED_SETTINGS}
 
 
 def arch_label(row: dict) -> str:
@@ -113,9 +114,8 @@ def arch_label(row: dict) -> str:
     label += ' match=total' if d_expert * row['n_experts'] == d_ff else f' d_expert={d_expert}'
   if model.get('capacity_factor') is not None:
     label += f' cf={model["capacity_factor"]:g}'
-  defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
   for name in LABELLED_SETTINGS:
-    if name in model and model[name] != defaults[name]:
+    if name in model and model[name] != _DEFAULTS[name]:
       label += f' {name}={model[name]:g}' if isinstance(model[name], float) else f' {name}={model[name]}'
   return label
 

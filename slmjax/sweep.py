@@ -288,8 +288,9 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
       if measure_inference and not inference:
         inference.update(decode_cost.rung_cost(model_cfg, min(train_cfg.seq_len, model_cfg.max_seq_len)))
       row = result_row(model_cfg, cfg, budget, summary, counts, rid, mesh, branch, inference)
-      if report.router_warning(row):
-        log(report.router_warning(row))
+      warning = report.router_warning(row)
+      if warning:
+        log(warning)
       if is_writer:
         results.append_row(out, row)
       done[rid] = row

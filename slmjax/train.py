@@ -92,11 +92,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
   if jax.process_count() > 1 and place_batch is None:
     raise ValueError('training with several processes needs a mesh (global arrays from local batches)')
   run = RunDir(out_dir, writer=jax.process_index() == 0)
-  previous = run.check(model_cfg, train_cfg, checkpointed=checkpoint.latest_step(run.checkpoints) is not None)
+  done = checkpoint.latest_step(run.checkpoints)
+  previous = run.check(model_cfg, train_cfg, checkpointed=done is not None)
   corpus = load_checked_corpus(model_cfg, train_cfg)
   if previous and previous['data']['data_fingerprint'] != corpus.fingerprint:
     raise ValueError(f'data {train_cfg.data!r} changed since the run in {run.path} started (other content)')
-  done = checkpoint.latest_step(run.checkpoints)
   if done is not None and done > train_cfg.steps:
     raise ValueError(f'the run in {run.path} is already at step {done}, past steps={train_cfg.steps}')
   loop = _Loop(model_cfg, train_cfg, run, corpus, counts or counting.analytic_counts(model_cfg), peak_flops, log,
@@ -129,7 +129,7 @@ class _Loop:
     # Every check passed: from here on the run directory is written. A fresh one (or one a kill left before its
     # first checkpoint) that fails before its first checkpoint is removed again: it would hold nothing to resume.
     fresh = (checkpoint.latest_step(run.checkpoints) is None
-             and not run.checkpoints.with_name(f'{run.checkpoints.name}.corrupt').exists())
+             and not os.path.exists(checkpoint.aside_dir(run.checkpoints)))
     try:
       run.path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

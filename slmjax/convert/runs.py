@@ -10,7 +10,7 @@ import shutil
 
 from flax import nnx
 
-from slmjax import atomic, checkpoint, convert, counting, trained
+from slmjax import atomic, checkpoint, convert, counting, trained, wsd
 from slmjax.config import ModelConfig, TrainConfig
 from slmjax.optim import make_optimizer
 from slmjax.run_dir import RunDir
@@ -46,10 +46,10 @@ def read_source(path: str | os.PathLike) -> tuple[ModelConfig, nnx.State, dict]:
   if not path.is_dir():
     raise ValueError(f'{path} ' + ('does not exist' if not path.exists() else 'is a file') + '; give a Hugging Face '
                      'model directory or a run directory')
-  if (path / 'trunk').is_dir():  # a WSD run: its branches are the runs (slmjax/wsd.py)
+  if (path / wsd.TRUNK).is_dir():  # a WSD run: its branches are the runs
     branches = sorted((p.name for p in path.glob('branch-*')), key=lambda name: int(name.partition('-')[2] or 0))
     raise ValueError(f'{path} is a WSD run; give one of its branches ({", ".join(branches) or "none yet"}) or '
-                     'trunk/')
+                     f'{wsd.TRUNK}/')
   if (path / 'checkpoints').is_dir():
     model, step = trained.load_model(path)
     saved = json.loads((path / 'config.json').read_text()).get('source', {})
