@@ -13,6 +13,7 @@ import pytest
 from slmjax import config, dispatch
 from slmjax.dispatch.experts import ExpertWeights, expert_ffn
 from slmjax.dispatch.gather import expert_blocks
+from slmjax.dispatch import grouped
 from slmjax.dispatch.grouped import grouped_ffn
 from slmjax.dispatch.ragged import sort_by_expert
 from slmjax.dispatch.slots import capacity_slots
@@ -142,15 +143,18 @@ def test_registry_names_are_the_config_choices():
   assert set(dispatch.DISPATCH) | {'auto'} == set(config.DISPATCHES)
 
 
-@pytest.mark.parametrize('activation,tiles,matmul', [('swiglu', (16, 8), 'xla'), ('gelu', (16, 8), 'xla'),
-                                                     ('swiglu', (32, 16, 8), 'xla'), ('swiglu', (32, 16, 8), 'onednn'),
-                                                     ('gelu', (16, 8), 'onednn')])
-def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles, matmul, tmp_path, monkeypatch):
+@pytest.mark.parametrize('activation,tiles,matmul,in_place', [
+    ('swiglu', (16, 8), 'xla', False), ('gelu', (16, 8), 'xla', False), ('swiglu', (32, 16, 8), 'xla', False),
+    ('swiglu', (32, 16, 8), 'xla', True), ('gelu', (16, 8), 'xla', True), ('swiglu', (32, 16, 8), 'onednn', False),
+    ('gelu', (16, 8), 'onednn', False)])
+def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles, matmul, in_place, tmp_path, monkeypatch):
   """Tiles of 32, 16 and 8 rows over runs of 0 to 37 rows: several tile sizes in one expert, partial tiles,
   empty experts, a large tile past its run's end (15 rows in 16), and a last tile past the buffer's end; outputs
   and every gradient equal each expert's FFN on its own rows, with XLA's dot and with oneDNN's GEMM (where the
-  `onednn` extra is installed)."""
+  `onednn` extra is installed), and with dx written over dy in place (as for large buffers), where a tile past
+  its run must leave the next expert's dy intact."""
   monkeypatch.setenv('SLMJAX_CACHE', str(tmp_path))  # a first build of the GEMM handlers goes here, not to ~
+  monkeypatch.setattr(grouped, 'IN_PLACE_MIN_ELEMENTS', 0 if in_place else 1 << 62)
   if matmul in gemm.LIBRARIES and (reason := gemm.load(matmul)) is not None:
     pytest.skip(f'no {matmul} matmul here: {reason}')
   _, _, _, w = _inputs(4, 6, 1, activation, seed=3)
@@ -174,10 +178,12 @@ def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles, matmul, tmp_
   _assert_close_tree(got, (y_ND, grads), tol=1e-4)
 
 
-def test_grouped_ffn_in_bf16_writes_tiles_in_place_and_matches_f32():
+@pytest.mark.parametrize('in_place', [False, True])
+def test_grouped_ffn_in_bf16_writes_tiles_in_place_and_matches_f32(in_place, monkeypatch):
   """bf16 rows and weights: outputs and gradients (weight gradients summed over tiles in f32) within bf16
   rounding of the f32 run, and no tile write in the compiled program runs in f32 (XLA:CPU's bf16
-  normalization would convert the whole buffer around each one)."""
+  normalization would convert the whole buffer around each one); also with dx written over dy's bits."""
+  monkeypatch.setattr(grouped, 'IN_PLACE_MIN_ELEMENTS', 0 if in_place else 1 << 62)
   _, _, _, w = _inputs(4, 6, 1, 'swiglu', seed=3)
   sizes_E = np.array([37, 0, 8, 1, 16, 15], np.int32)
   x_ND = np.random.default_rng(4).normal(size=(int(sizes_E.sum()) + 8, D)).astype(np.float32)
