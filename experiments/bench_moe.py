@@ -6,7 +6,10 @@
 
 Layer rows: forward + backward (gradients for tokens, router and expert weights; the router's aux losses
 included) of `slmjax.moe.MoEFFN` with each dispatch, against a dense FFN of width top_k * d_expert on the same
-tokens (the FLOPs of the routed experts without capacity padding; the `DenseFFN` layer is timed too).
+tokens (the FLOPs of the routed experts without capacity padding; the `DenseFFN` layer is timed too). The
+`balanced` row is the floor every dispatch stands on: the experts' FFNs alone (`expert_ffn_rows`, the batched
+products einsum and gather run), each on exactly tokens * top_k / n_experts rows, with no router, no dispatch and
+no imbalance; an implementation's ratio above it is what routing and moving rows cost.
 Settings: `coarse` = 8 experts, top-2, d_expert 512; `fine` = 64 experts, top-8, d_expert 64; both 4096 tokens,
 d_model 256, capacity factor 1.25, float32 (flags change them). Expected on a 2-core CPU: gather 1.2-1.35x
 (coarse) and 2.2-2.5x (fine), einsum at S=128 1.55-1.65x and 4.2-4.6x; ratios move with machine load.
@@ -39,6 +42,7 @@ from flax import nnx
 
 from slmjax import cli, cost, dispatch, steps, sweep
 from slmjax.config import MATMULS, ModelConfig, TrainConfig
+from slmjax.dispatch.experts import expert_ffn_rows
 from slmjax.layers import DenseFFN, activate, linear
 from slmjax.moe import MoEFFN
 
@@ -106,6 +110,25 @@ def flat_dense_grad_fn(layer: DenseFFN, activation: str, matmul: str = 'xla') ->
   return lambda x_BTD, dy_BTD: grad(w, x_BTD, dy_BTD)
 
 
+def balanced_grad_fn(module: MoEFFN, x_BTD: jax.Array, dy_BTD: jax.Array) -> Callable:
+  """The `balanced` floor: `module`'s expert FFNs, forward + backward, each on an equal share of the tokens'
+  top_k copies ([E, X * k / E, D] rows made once, outside the timed function)."""
+  cfg = module.cfg
+  E, D = cfg.n_experts, cfg.d_model
+  M = x_BTD.size // D * cfg.top_k // E  # check_flags: the rows divide evenly
+  w = dispatch.ExpertWeights(*(None if a is None else a[...] for a in (getattr(module, 'w_gate_EDF', None),
+                                                                      module.w_up_EDF, module.w_down_EFD)))
+  share = lambda a_BTD: jnp.tile(a_BTD.reshape(-1, D), (cfg.top_k, 1)).reshape(E, M, D)
+  x_EMD, dy_EMD = share(x_BTD), share(dy_BTD)
+
+  def loss(w, x_EMD):
+    y_EMD = expert_ffn_rows(x_EMD, w, jnp.int32(M), cfg.activation, (M,))
+    return jnp.vdot(y_EMD, dy_EMD).astype(jnp.float32), jnp.zeros(())
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  return lambda x_BTD, dy_BTD: grad(w, x_EMD)
+
+
 def layer_rows(setting: str) -> list[dict]:
   """Time every implementation (and group size) of one setting against the matched dense FFN."""
   f = FLAGS
@@ -118,7 +141,8 @@ def layer_rows(setting: str) -> list[dict]:
   dy_BTD = jnp.asarray(rng.normal(size=(1, f.tokens, f.d_model)), cfg.dtype)
   dense = DenseFFN(cfg, cfg.ffn_size, nnx.Rngs(params=0))
   candidates = {'dense_ffn': (flat_dense_grad_fn(dense, cfg.activation, cfg.matmul), None),
-                'DenseFFN': (layer_grad_fn(dense, False, (0, 0)), None)}
+                'DenseFFN': (layer_grad_fn(dense, False, (0, 0)), None),
+                'balanced': (balanced_grad_fn(MoEFFN(cfg, nnx.Rngs(params=0)), x_BTD, dy_BTD), None)}
   for impl in f.impls:
     dropless = impl in ('ragged', 'dense')
     for group_size in ([cfg.group_size] if dropless else [int(s) for s in f.group_sizes]):
@@ -222,6 +246,10 @@ def check_flags() -> None:
                'model_d_ff'):
     if f[name].value < 1:
       raise ValueError(f'--{name}={f[name].value} must be positive')
+  for name in f.settings:
+    if f.tokens * SETTINGS[name]['top_k'] % SETTINGS[name]['n_experts']:
+      raise ValueError(f'--tokens={f.tokens}: setting {name!r} needs tokens * top_k divisible by its '
+                       f'{SETTINGS[name]["n_experts"]} experts (the balanced row gives each an equal share)')
   if f.model_ladder is not None:
     try:
       sweep.parse_sizes(f.model_ladder)

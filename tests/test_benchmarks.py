@@ -93,6 +93,8 @@ def test_bench_train_rejects_what_it_cannot_time(flags, message):
 @pytest.mark.parametrize('flags,message', [
     (('--settings=', '--nomodel'), 'nothing to time: give --settings and --impls, or --model'),
     (('--tokens=0',), '--tokens=0 must be positive'),
+    (('--tokens=12', '--settings=fine'), "--tokens=12: setting 'fine' needs tokens * top_k divisible by its 64 "
+                                         'experts (the balanced row gives each an equal share)'),
     (('--impls=alltoall',), "--impls: unknown implementation 'alltoall'; this benchmark times einsum, gather, "
                             'ragged, dense'),
 ])
@@ -108,14 +110,14 @@ def test_bench_moe_rows():
                '--d_model=16', '--repeats=2', '--inner=1', '--nomodel', '--matmul=onednn', '--json')
   assert result.returncode == 0, result.stderr
   rows = json.loads(result.stdout)
-  assert [r['impl'] for r in rows] == ['DenseFFN', 'gather', 'ragged']
+  assert [r['impl'] for r in rows] == ['DenseFFN', 'balanced', 'gather', 'ragged']
   assert {r['matmul'] for r in rows} == {'onednn'}  # the dense baseline's GEMMs too (flat_dense_grad_fn)
   for r in rows:
     assert {'impl', 'tokens', 'd_model', 'd_expert', 'n_experts', 'top_k', 'capacity_factor', 'time_s',
             'dense_time_s', 'ratio'} <= set(r)
     assert (r['tokens'], r['d_model'], r['n_experts'], r['top_k'], r['d_expert']) == (64, 16, 8, 2, 512)
     assert r['time_s'] > 0 and r['ratio'] > 0
-  assert rows[2]['drop_fraction'] == 0.0  # ragged never drops
+  assert rows[3]['drop_fraction'] == 0.0  # ragged never drops
 
 
 @pytest.mark.slow
