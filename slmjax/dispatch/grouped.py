@@ -17,7 +17,7 @@ from slmjax.layers import activate
 GROUP_TILES = (1024, 512, 256, 128)  # grouped_ffn's tile sizes, largest first; the last is the slack it needs
 GROUP_TILE = GROUP_TILES[-1]
 # From this many elements of [N, D] on, the backward writes dx over dy in place instead of into a zeroed buffer:
-# zero-filling a large buffer costs more than a select a tile (E=64, k=8, 4096 x 256 tokens: 0.87-0.93x the layer
+# zero-filling a large buffer costs more than a select a tile (E=64, k=8, 4096 x 256 tokens: 0.87-0.95x the layer
 # step); below it the select costs more (d_model 32-64 rungs: 1.01-1.10x). Measured, interleaved A/B.
 IN_PLACE_MIN_ELEMENTS = 2 ** 21
 
