@@ -168,9 +168,14 @@ def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles, matmul, in_p
         *(None if a is None else a[e:e + 1] for a in w)), activation)[0]
         for e, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))])
 
-  def tiled(x_ND, w):  # with the 8 slack rows grouped_ffn asks for; their outputs are dropped
-    padded_ND = jnp.concatenate([x_ND, jnp.ones((8, D), x_ND.dtype)])
-    return grouped_ffn(padded_ND, w, jnp.asarray(sizes_E), activation, tiles, matmul)[:len(x_ND)]
+  def tiled(x_ND, w):  # rows from a shuffled source, with the 8 slack rows grouped_ffn asks for (dropped)
+    N = len(x_ND)
+    perm_N = np.random.default_rng(5).permutation(N)
+    src_ND = x_ND[np.argsort(perm_N)]  # row n of the sorted layout is source row perm_N[n]
+    row_src_N = jnp.asarray(np.concatenate([perm_N, np.full(8, N)]), jnp.int32)
+    dest_N1 = jnp.asarray(np.argsort(perm_N)[:, None], jnp.int32)
+    y_ND = grouped_ffn(src_ND, row_src_N, dest_N1, w, jnp.asarray(sizes_E), activation, tiles, matmul)[:N]
+    return y_ND
   for fn in (tiled, reference):
     y_ND, grads = jax.value_and_grad(lambda x, w: jnp.vdot(fn(x, w), dy_ND), argnums=(0, 1))(x_ND, w)
     if fn is tiled:
@@ -188,8 +193,11 @@ def test_grouped_ffn_in_bf16_writes_tiles_in_place_and_matches_f32(in_place, mon
   sizes_E = np.array([37, 0, 8, 1, 16, 15], np.int32)
   x_ND = np.random.default_rng(4).normal(size=(int(sizes_E.sum()) + 8, D)).astype(np.float32)
 
+  N = int(sizes_E.sum())
+  rows = (jnp.arange(N + 8, dtype=jnp.int32), jnp.arange(N + 8, dtype=jnp.int32)[:, None])  # source row = row
+
   def loss(x, w):
-    return jnp.sum(grouped_ffn(x, w, jnp.asarray(sizes_E), 'swiglu', (16, 8))[:-8].astype(jnp.float32) ** 2)
+    return jnp.sum(grouped_ffn(x, *rows, w, jnp.asarray(sizes_E), 'swiglu', (16, 8))[:-8].astype(jnp.float32) ** 2)
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   want = grad(x_ND, w)
   to_bf16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)

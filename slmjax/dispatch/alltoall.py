@@ -152,8 +152,7 @@ def _dropless(x_GSD, gates_GSA, experts_GSA, *arrays, names, activation, matmul,
   slot_N = jnp.zeros(ep * R, i32).at[order_N].set(jnp.arange(ep * R, dtype=i32), unique_indices=True)
   slot_N1 = jnp.where(local_N < el, slot_N, ep * R + slack_rows())[:, None]  # past the end: nothing to return
   order_N = jnp.concatenate([order_N, jnp.full((slack_rows(),), ep * R, i32)])
-  x_ND, = dispatch_rows(recv_ND, (order_N,), slot_N1)
-  y_ND = sorted_rows_ffn(x_ND, w, sizes_local_E, activation, matmul)
+  y_ND = sorted_rows_ffn(recv_ND, order_N, slot_N1, w, sizes_local_E, activation, matmul)
   back_N1 = jnp.where(jnp.arange(order_N.shape[0]) < used, order_N, ep * R)[:, None]
   ret_ND, = dispatch_rows(y_ND, (slot_N1[:, 0],), back_N1)
   y_back_ND = _exchange(ret_ND, rows_from_peer, rows_to_peer, R)

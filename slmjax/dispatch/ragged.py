@@ -28,8 +28,7 @@ def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
                                                        unique_indices=True).reshape(X, A)
   if slack_rows():  # grouped_ffn's slack rows, read from token X (clipped): empty rows
     asg_N = jnp.concatenate([asg_N, jnp.full((slack_rows(),), X * A, jnp.int32)])
-  x_ND, = dispatch_rows(x_GSD.reshape(X, D), (asg_N // A,), dest_XA)
-  y_ND = sorted_rows_ffn(x_ND, w, sizes_E, activation, matmul)
+  y_ND = sorted_rows_ffn(x_GSD.reshape(X, D), asg_N // A, dest_XA, w, sizes_E, activation, matmul)
   y_XD = combine_rows((y_ND,), gates_GSA.reshape(X, A).astype(x_GSD.dtype), dest_XA, (asg_N,))
   return y_XD.reshape(G, S, D), jnp.ones(experts_GSA.shape, dtype=bool)
 
@@ -54,12 +53,15 @@ def slack_rows() -> int:
   return GROUP_TILE if jax.default_backend() == 'cpu' else 0
 
 
-def sorted_rows_ffn(x_ND, w: ExpertWeights, sizes_E, activation: str, matmul: str = 'xla'):
-  """Expert e's FFN on its run of sizes_E[e] rows, for rows sorted by expert (plus `slack_rows()` rows): the
-  grouped matmuls are `jax.lax.ragged_dot` on accelerators with grouped-matmul kernels, `grouped_ffn`'s row
-  tiles on CPU (where ragged_dot lowers to a dense masked product, E times the work; `matmul` picks their GEMM)."""
+def sorted_rows_ffn(x_XD, row_src_N, dest_XA, w: ExpertWeights, sizes_E, activation: str, matmul: str = 'xla'):
+  """Expert e's FFN on its run of sizes_E[e] rows, for rows x_XD[row_src_N] sorted by expert (plus
+  `slack_rows()` rows; dest_XA the inverse map, as for `dispatch_rows`): the grouped matmuls are
+  `jax.lax.ragged_dot` on the gathered rows on accelerators with grouped-matmul kernels, `grouped_ffn`'s row
+  tiles on CPU, each gathering its own rows (ragged_dot lowers to a dense masked product there, E times the
+  work; `matmul` picks the tiles' GEMM)."""
   if jax.default_backend() == 'cpu':
-    return grouped_ffn(x_ND, w, sizes_E, activation, matmul=matmul)
+    return grouped_ffn(x_XD, row_src_N, dest_XA, w, sizes_E, activation, matmul=matmul)
+  x_ND, = dispatch_rows(x_XD, (row_src_N,), dest_XA)
   up_NF = jax.lax.ragged_dot(x_ND, w.w_up_EDF, sizes_E)
   gate_NF = None if w.w_gate_EDF is None else jax.lax.ragged_dot(x_ND, w.w_gate_EDF, sizes_E)
   return jax.lax.ragged_dot(activate(gate_NF, up_NF, activation), w.w_down_EFD, sizes_E)

@@ -47,11 +47,16 @@ def _dispatch_rows_fwd(x_XD, tokens, dest_XA):
   return dispatch_rows(x_XD, tokens, dest_XA), dest_XA
 
 
+def sum_rows(bufs: tuple[jax.Array, ...], dest_XA: jax.Array) -> jax.Array:
+  """dx[t] = sum_a buf[dest[t, a]] over the concatenated segments `bufs` (zero where dest is past the end):
+  the cotangent of x for rows gathered from it, as a gather."""
+  N = _rows(bufs)
+  return sum(jnp.where((dest_XA[:, a] < N)[:, None], _take_segments(bufs, dest_XA[:, a]), 0)
+             for a in range(dest_XA.shape[1]))
+
+
 def _dispatch_rows_bwd(dest_XA, dbufs):
-  N = _rows(dbufs)
-  dx_XD = sum(jnp.where((dest_XA[:, a] < N)[:, None], _take_segments(dbufs, dest_XA[:, a]), 0)
-              for a in range(dest_XA.shape[1]))
-  return dx_XD, (None,) * len(dbufs), None
+  return sum_rows(dbufs, dest_XA), (None,) * len(dbufs), None
 
 
 dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
