@@ -11,9 +11,9 @@ tokens (the FLOPs of the routed experts without capacity padding; the `DenseFFN`
 products einsum and gather run), each on exactly tokens * top_k / n_experts rows, with no router, no dispatch and
 no imbalance; an implementation's ratio above it is what routing and moving rows cost.
 Settings: `coarse` = 8 experts, top-2, d_expert 512; `fine` = 64 experts, top-8, d_expert 64; both 4096 tokens,
-d_model 256, capacity factor 1.25, float32 (flags change them). Expected on a 2-core CPU: balanced 1.07-1.12x
-(coarse) and 1.7x (fine), gather 1.2-1.4x and 2.2-2.5x, einsum at S=128 1.55-1.85x and 4.2-5.5x, ragged 1.05-1.15x
-and 2.0-2.3x; ratios move with machine load.
+d_model 256, capacity factor 1.25, float32 (flags change them). Expected on a 2-core CPU, coarse / fine:
+balanced 1.06-1.15x / 1.45-1.7x, gather 1.2-1.4x / 2.0-2.8x, einsum at S=128 1.55-1.85x / 4.2-5.5x, ragged
+1.05-1.15x / 2.0-2.3x; ratios move with machine load.
 Model rows: one AdamW training step (`slmjax.steps.make_train_step`) of an MoE Transformer (8 experts, top-2,
 d_expert = d_ff / 2) against the dense Transformer with the same d_model, layers and active parameters.
 
