@@ -5,8 +5,8 @@ Every implementation has the signature
 where tokens come split into G groups of S tokens, each token has A = top_k (expert index, gate) pairs, `capacity`
 is C, the slots per expert per group, and `kept_GSA` says which assignments were computed (not dropped for lack
 of capacity). A token whose assignments are all dropped gets a zero output: the residual carries it through.
-`matmul` is ModelConfig.matmul: the row tiles of the dropless FFN on CPU (ragged, alltoall) run their 2-D
-products in that vendor GEMM; the batched products of the others stay XLA's.
+`matmul` is ModelConfig.matmul: the row tiles on CPU (ragged, alltoall; einsum's experts on one CPU device) run
+their 2-D products in that vendor GEMM; the batched products of the others stay XLA's.
 
 Capacity priority (shared by every dropping implementation): token order. Token t's assignments take their slots
 after those of every earlier token in its group, so whether t is dropped depends only on tokens up to t: the

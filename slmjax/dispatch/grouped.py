@@ -178,3 +178,24 @@ def _grouped_bwd(activation, tiles, matmul, res, dy_ND):
 
 
 grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def single_device_cpu() -> bool:
+  """True for a program on one CPU device (no mesh, or a mesh of one device): where the row tiles run instead of
+  batched expert products. On a mesh XLA partitions the batched products over the expert axis; the tiles' loop
+  over experts would gather every expert's rows to every device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.default_backend() == 'cpu' and (mesh.empty or mesh.size == 1)
+
+
+def equal_runs_ffn(x_EMD: jax.Array, w: ExpertWeights, activation: str, matmul: str = 'xla') -> jax.Array:
+  """Expert e's FFN on every row of its buffer x_EMD[e] (what `expert_ffn` does with batched products), as
+  `grouped_ffn`'s 2-D row tiles: on CPU 0.91x the batched products at E=8, d_expert 512 (1,280 rows an expert,
+  forward + backward), 0.98x at E=64, d_expert 64 (interleaved A/B)."""
+  E, M, D = x_EMD.shape
+  N = E * M
+  row_src_N = jnp.concatenate([jnp.arange(N, dtype=jnp.int32), jnp.full((GROUP_TILE,), N, jnp.int32)])
+  dest_N1 = jnp.arange(N, dtype=jnp.int32)[:, None]
+  sizes_E = jnp.full((E,), M, jnp.int32)
+  y_ND = grouped_ffn(x_EMD.reshape(N, D), row_src_N, dest_N1, w, sizes_E, activation, matmul=matmul)
+  return y_ND[:N].reshape(E, M, D)
