@@ -13,7 +13,7 @@ import pytest
 from slmjax import config, dispatch
 from slmjax.dispatch.experts import ExpertWeights, expert_ffn
 from slmjax.dispatch.gather import expert_blocks
-from slmjax.dispatch import einsum as einsum_module, grouped
+from slmjax.dispatch import einsum as einsum_module, gather as gather_module, grouped
 from slmjax.dispatch.grouped import grouped_ffn
 from slmjax.dispatch.ragged import sort_by_expert
 from slmjax.dispatch.slots import capacity_slots
@@ -78,16 +78,19 @@ def test_matches_dense_oracle_when_nothing_drops(name, n_experts, top_k, group_s
   _assert_close_tree(grads, grads_oracle)
 
 
+@pytest.mark.parametrize('name, module', [('einsum', einsum_module), ('gather', gather_module)])
 @pytest.mark.parametrize('n_experts, top_k, group_size, activation', CASES)
-def test_einsum_row_tiles_match_its_batched_products(n_experts, top_k, group_size, activation, monkeypatch):
-  """On one CPU device einsum runs its experts' FFNs as grouped_ffn's row tiles (`equal_runs_ffn`), on a mesh as
-  batched products: the same outputs and gradients, with tokens dropped (capacity 3)."""
+def test_row_tiles_on_one_cpu_device_match_the_batched_products(name, module, n_experts, top_k, group_size,
+                                                                activation, monkeypatch):
+  """On one CPU device einsum and gather run their experts' FFNs as grouped_ffn's row tiles (einsum's full
+  buffers; gather's kept rows packed by expert), on a mesh as batched products: the same outputs, kept set and
+  gradients, with tokens dropped (capacity 3)."""
   inputs = _inputs(64, n_experts, top_k, activation, skew=0.5, seed=2)
   runs = []
   for tiles in (True, False):
-    monkeypatch.setattr(einsum_module, 'single_device_cpu', lambda tiles=tiles: tiles)
+    monkeypatch.setattr(module, 'single_device_cpu', lambda tiles=tiles: tiles)
     _loss_and_grads.cache_clear()
-    runs.append(_run('einsum', inputs, group_size, 3, activation))
+    runs.append(_run(name, inputs, group_size, 3, activation))
   _loss_and_grads.cache_clear()
   assert not np.all(runs[0][1])  # some assignments dropped
   _assert_close_tree(runs[0], runs[1])

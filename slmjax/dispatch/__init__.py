@@ -5,8 +5,8 @@ Every implementation has the signature
 where tokens come split into G groups of S tokens, each token has A = top_k (expert index, gate) pairs, `capacity`
 is C, the slots per expert per group, and `kept_GSA` says which assignments were computed (not dropped for lack
 of capacity). A token whose assignments are all dropped gets a zero output: the residual carries it through.
-`matmul` is ModelConfig.matmul: the row tiles on CPU (ragged, alltoall; einsum's experts on one CPU device) run
-their 2-D products in that vendor GEMM; the batched products of the others stay XLA's.
+`matmul` is ModelConfig.matmul: the row tiles on CPU (ragged, alltoall; einsum and gather on one CPU device) run
+their 2-D products in that vendor GEMM; batched products stay XLA's.
 
 Capacity priority (shared by every dropping implementation): token order. Token t's assignments take their slots
 after those of every earlier token in its group, so whether t is dropped depends only on tokens up to t: the
@@ -19,7 +19,8 @@ later token's first choice evict an earlier token's second: information from the
   gather  drops exactly what einsum drops; token rows are gathered into per-expert buffers (M = G * C rows per
           expert, in a base block of the balanced load and a tail block), the tail's matmuls run only on the rows
           the busiest expert uses (rounded up to a static bucket), and every token gathers its k output rows
-          back. Forward and backward are gathers only: no scatter-add, no [G,S,E,C] tensor.
+          back. Forward and backward are gathers only: no scatter-add, no [G,S,E,C] tensor. On one CPU device
+          the kept rows are packed by expert and run as grouped.py's row tiles instead (same kept set).
   ragged  dropless: assignments sorted by expert, grouped matmuls with `jax.lax.ragged_dot`; `capacity` ignored.
   dense   every expert on every token, mixed by the gates: the correctness oracle (E / k times the FLOPs).
   alltoall  expert parallel (slmjax/dispatch/alltoall.py): under shard_map each device sends its tokens' rows to

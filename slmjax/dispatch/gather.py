@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from slmjax.axes import constrain
 from slmjax.dispatch.experts import ExpertWeights, expert_ffn_rows
+from slmjax.dispatch.grouped import GROUP_TILE, grouped_ffn, single_device_cpu
 from slmjax.dispatch.rows import combine_rows, dispatch_rows
 from slmjax.dispatch.slots import slots_and_counts
 
@@ -70,8 +71,10 @@ def expert_rows(experts_GSA, slot_GSA, kept_GSA, count_GE, blocks: tuple[int, ..
 
 def gather_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str,
                     matmul: str = 'xla'):
-  """Same kept set as einsum (capacity_slots), but rows are gathered, not multiplied by one-hot tensors."""
-  del matmul  # batched products stay XLA's (slmjax/dispatch/__init__.py)
+  """Same kept set as einsum (capacity_slots), but rows are gathered, not multiplied by one-hot tensors. On one
+  CPU device the kept rows are packed by expert and run as `grouped_ffn`'s row tiles (`packed_rows_dispatch`)."""
+  if single_device_cpu():
+    return packed_rows_dispatch(x_GSD, gates_GSA, experts_GSA, w, capacity, activation, matmul)
   G, S, D = x_GSD.shape
   A, E, X = experts_GSA.shape[-1], w.w_up_EDF.shape[0], G * S
   blocks = expert_blocks(G * capacity, -(-X * A // E))
@@ -86,3 +89,23 @@ def gather_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
     first += size
   weight_XA = (gates_GSA * kept_GSA).reshape(X, A).astype(x_GSD.dtype)
   return combine_rows(tuple(ys), weight_XA, dest_XA, asgs).reshape(G, S, D), kept_GSA
+
+
+def packed_rows_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str,
+                         matmul: str = 'xla'):
+  """`gather_dispatch` on one CPU device: the same kept set, the kept rows packed by expert (group by group, slot
+  by slot) into one run per expert, and `grouped_ffn`'s row tiles over the runs: each expert computes the rows it
+  kept, not the busiest expert's bucket, and the tiles' 2-D GEMMs beat batched products on CPU."""
+  G, S, D = x_GSD.shape
+  A, E, X = experts_GSA.shape[-1], w.w_up_EDF.shape[0], G * S
+  N = X * A + GROUP_TILE  # every assignment kept, and the slack grouped_ffn's last tile may run into
+  slot_GSA, kept_GSA, count_GE = slots_and_counts(experts_GSA, E, capacity)
+  sizes_E = jnp.sum(count_GE, axis=0)
+  start_GE = jnp.cumsum(count_GE, axis=0) - count_GE + (jnp.cumsum(sizes_E) - sizes_E)  # expert's run, then group
+  row_GSA = jnp.take_along_axis(start_GE, experts_GSA.reshape(G, S * A), axis=1).reshape(G, S, A) + slot_GSA
+  dest_XA = jnp.where(kept_GSA, row_GSA, N).reshape(X, A)
+  asg_N = jnp.full((N,), X * A, jnp.int32).at[dest_XA.reshape(-1)].set(jnp.arange(X * A, dtype=jnp.int32),
+                                                                         mode='drop')
+  y_ND = grouped_ffn(x_GSD.reshape(X, D), asg_N // A, dest_XA, w, sizes_E, activation, matmul=matmul)
+  weight_XA = (gates_GSA * kept_GSA).reshape(X, A).astype(x_GSD.dtype)
+  return combine_rows((y_ND,), weight_XA, dest_XA, (asg_N,)).reshape(G, S, D), kept_GSA
