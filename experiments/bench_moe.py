@@ -12,7 +12,7 @@ products einsum and gather run), each on exactly tokens * top_k / n_experts rows
 no imbalance; an implementation's ratio above it is what routing and moving rows cost.
 Settings: `coarse` = 8 experts, top-2, d_expert 512; `fine` = 64 experts, top-8, d_expert 64; both 4096 tokens,
 d_model 256, capacity factor 1.25, float32 (flags change them). Expected on a 2-core CPU, coarse / fine:
-balanced 1.06-1.15x / 1.45-1.7x, gather 1.2-1.4x / 2.0-2.8x, einsum at S=128 1.55-1.85x / 4.2-5.5x, ragged
+balanced 1.06-1.15x / 1.45-1.75x, gather 1.05-1.1x / 2.0-2.8x, einsum at S=128 1.5-1.6x / 4.2-6x, ragged
 1.05-1.15x / 2.0-2.3x; ratios move with machine load.
 Model rows: one AdamW training step (`slmjax.steps.make_train_step`) of an MoE Transformer (8 experts, top-2,
 d_expert = d_ff / 2) against the dense Transformer with the same d_model, layers and active parameters.
