@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from slmjax.axes import constrain
 from slmjax.dispatch.experts import ExpertWeights, expert_ffn_rows
-from slmjax.dispatch.grouped import GROUP_TILE, grouped_ffn, single_device_cpu
+from slmjax.dispatch.grouped import GROUP_TILE, grouped_ffn, row_tiles_pay
 from slmjax.dispatch.rows import combine_rows, dispatch_rows
 from slmjax.dispatch.slots import slots_and_counts
 
@@ -72,11 +72,12 @@ def expert_rows(experts_GSA, slot_GSA, kept_GSA, count_GE, blocks: tuple[int, ..
 def gather_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: int, activation: str,
                     matmul: str = 'xla'):
   """Same kept set as einsum (capacity_slots), but rows are gathered, not multiplied by one-hot tensors. On one
-  CPU device the kept rows are packed by expert and run as `grouped_ffn`'s row tiles (`packed_rows_dispatch`)."""
-  if single_device_cpu():
-    return packed_rows_dispatch(x_GSD, gates_GSA, experts_GSA, w, capacity, activation, matmul)
+  CPU device with a tile's rows an expert (`row_tiles_pay`) the kept rows are packed by expert and run as
+  `grouped_ffn`'s row tiles (`packed_rows_dispatch`)."""
   G, S, D = x_GSD.shape
   A, E, X = experts_GSA.shape[-1], w.w_up_EDF.shape[0], G * S
+  if row_tiles_pay(X * A // E):
+    return packed_rows_dispatch(x_GSD, gates_GSA, experts_GSA, w, capacity, activation, matmul)
   blocks = expert_blocks(G * capacity, -(-X * A // E))
   slot_GSA, kept_GSA, count_GE = slots_and_counts(experts_GSA, E, capacity)
   dest_XA, asgs, n_rows = expert_rows(experts_GSA, slot_GSA, kept_GSA, count_GE, tuple(b for b, _ in blocks))

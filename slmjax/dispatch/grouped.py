@@ -180,12 +180,15 @@ def _grouped_bwd(activation, tiles, matmul, res, dy_ND):
 grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-def single_device_cpu() -> bool:
-  """True for a program on one CPU device (no mesh, or a mesh of one device): where the row tiles run instead of
-  batched expert products. On a mesh XLA partitions the batched products over the expert axis; the tiles' loop
-  over experts would gather every expert's rows to every device."""
+def row_tiles_pay(rows_per_expert: int) -> bool:
+  """Whether einsum and gather run their experts as these row tiles rather than batched products: on one CPU
+  device (no mesh, or a mesh of one device), once an expert's rows (on average) fill the smallest tile. On a
+  mesh XLA partitions the batched products over the expert axis, where the tiles' loop over experts would gather
+  every expert's rows to every device; below a tile an expert (decode's few tokens, `select`'s fallback) the
+  batched products over small buffers are faster than a tile per expert."""
   mesh = jax.sharding.get_abstract_mesh()
-  return jax.default_backend() == 'cpu' and (mesh.empty or mesh.size == 1)
+  return (jax.default_backend() == 'cpu' and (mesh.empty or mesh.size == 1)
+          and rows_per_expert >= GROUP_TILE)
 
 
 def equal_runs_ffn(x_EMD: jax.Array, w: ExpertWeights, activation: str, matmul: str = 'xla') -> jax.Array:
