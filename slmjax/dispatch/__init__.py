@@ -19,8 +19,9 @@ later token's first choice evict an earlier token's second: information from the
   gather  drops exactly what einsum drops; token rows are gathered into per-expert buffers (M = G * C rows per
           expert, in a base block of the balanced load and a tail block), the tail's matmuls run only on the rows
           the busiest expert uses (rounded up to a static bucket), and every token gathers its k output rows
-          back. Forward and backward are gathers only: no scatter-add, no [G,S,E,C] tensor. On one CPU device
-          the kept rows are packed by expert and run as grouped.py's row tiles instead (same kept set).
+          back. Forward and backward are gathers only: no scatter-add, no [G,S,E,C] tensor. On one CPU device,
+          with a tile's rows an expert, the kept rows are packed by expert and run as grouped.py's row tiles
+          instead (same kept set; `grouped.row_tiles_pay`).
   ragged  dropless: assignments sorted by expert, grouped matmuls with `jax.lax.ragged_dot`; `capacity` ignored.
   dense   every expert on every token, mixed by the gates: the correctness oracle (E / k times the FLOPs).
   alltoall  expert parallel (slmjax/dispatch/alltoall.py): under shard_map each device sends its tokens' rows to
