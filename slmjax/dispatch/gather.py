@@ -44,6 +44,20 @@ def expert_blocks(rows: int, balanced: int) -> tuple[tuple[int, tuple[int, ...]]
   return ((base, (base,)),) * (base > 0) + ((tail, tuple(buckets) + (tail,)),)
 
 
+def _row_in_expert(experts_GSA, slot_GSA, count_GE):
+  """Row of each assignment among its expert's kept rows, groups packed from the front (group g's rows follow
+  those of groups < g)."""
+  G, S, A = experts_GSA.shape
+  start_GE = jnp.cumsum(count_GE, axis=0) - count_GE
+  return jnp.take_along_axis(start_GE, experts_GSA.reshape(G, S * A), axis=1).reshape(G, S, A) + slot_GSA
+
+
+def _assignment_of_row(dest_XA, N: int):
+  """The inverse map of dest_XA: the flat assignment t * A + a held by each of N rows (X * A where none)."""
+  XA = dest_XA.size
+  return jnp.full((N,), XA, jnp.int32).at[dest_XA.reshape(-1)].set(jnp.arange(XA, dtype=jnp.int32), mode='drop')
+
+
 def expert_rows(experts_GSA, slot_GSA, kept_GSA, count_GE, blocks: tuple[int, ...]):
   """Where each kept assignment goes in the per-expert buffer: row r of expert e (experts' rows packed from the
   front across groups: group g's rows follow those of groups < g) lives in the block holding r; blocks are laid
@@ -54,16 +68,14 @@ def expert_rows(experts_GSA, slot_GSA, kept_GSA, count_GE, blocks: tuple[int, ..
   """
   G, S, A = experts_GSA.shape
   E, N, X = count_GE.shape[1], count_GE.shape[1] * sum(blocks), G * S
-  start_GE = jnp.cumsum(count_GE, axis=0) - count_GE
-  row_GSA = jnp.take_along_axis(start_GE, experts_GSA.reshape(G, S * A), axis=1).reshape(G, S, A) + slot_GSA
+  row_GSA = _row_in_expert(experts_GSA, slot_GSA, count_GE)
   dest_GSA, first, offset = jnp.full(experts_GSA.shape, N, jnp.int32), 0, 0
   for size in blocks:
     here_GSA = (row_GSA >= first) & (row_GSA < first + size)
     dest_GSA = jnp.where(here_GSA, offset + experts_GSA * size + row_GSA - first, dest_GSA)
     first, offset = first + size, offset + E * size
   dest_XA = jnp.where(kept_GSA, dest_GSA, N).reshape(X, A)
-  asg_N = jnp.full((N,), X * A, jnp.int32).at[dest_XA.reshape(-1)].set(jnp.arange(X * A, dtype=jnp.int32),
-                                                                         mode='drop')
+  asg_N = _assignment_of_row(dest_XA, N)
   starts = [E * sum(blocks[:i]) for i in range(len(blocks) + 1)]
   asgs = tuple(asg_N[lo:hi] for lo, hi in zip(starts[:-1], starts[1:]))
   return dest_XA, asgs, jnp.max(jnp.sum(count_GE, axis=0))
@@ -102,11 +114,10 @@ def packed_rows_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capaci
   N = X * A + GROUP_TILE  # every assignment kept, and the slack grouped_ffn's last tile may run into
   slot_GSA, kept_GSA, count_GE = slots_and_counts(experts_GSA, E, capacity)
   sizes_E = jnp.sum(count_GE, axis=0)
-  start_GE = jnp.cumsum(count_GE, axis=0) - count_GE + (jnp.cumsum(sizes_E) - sizes_E)  # expert's run, then group
-  row_GSA = jnp.take_along_axis(start_GE, experts_GSA.reshape(G, S * A), axis=1).reshape(G, S, A) + slot_GSA
-  dest_XA = jnp.where(kept_GSA, row_GSA, N).reshape(X, A)
-  asg_N = jnp.full((N,), X * A, jnp.int32).at[dest_XA.reshape(-1)].set(jnp.arange(X * A, dtype=jnp.int32),
-                                                                         mode='drop')
+  run_start_E = jnp.cumsum(sizes_E) - sizes_E
+  dest_XA = jnp.where(kept_GSA, run_start_E[experts_GSA] + _row_in_expert(experts_GSA, slot_GSA, count_GE),
+                      N).reshape(X, A)
+  asg_N = _assignment_of_row(dest_XA, N)
   y_ND = grouped_ffn(x_GSD.reshape(X, D), asg_N // A, dest_XA, w, sizes_E, activation, matmul=matmul)
   weight_XA = (gates_GSA * kept_GSA).reshape(X, A).astype(x_GSD.dtype)
   return combine_rows((y_ND,), weight_XA, dest_XA, (asg_N,)).reshape(G, S, D), kept_GSA

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from slmjax.dispatch.experts import ExpertWeights
-from slmjax.dispatch.rows import sum_rows
+from slmjax.dispatch.rows import sum_rows, take_rows
 from slmjax.kernels.gemm import dot
 from slmjax.layers import activate
 
@@ -95,7 +95,7 @@ def grouped_ffn(x_XD: jax.Array, row_src_N: jax.Array, dest_XA: jax.Array, w: Ex
 
 def _source_rows(x_XD, row_src_N, row, size):
   """Rows [row, row + size) of the sorted layout, gathered from their source rows (past the end: clipped)."""
-  return jnp.take(x_XD, jax.lax.dynamic_slice_in_dim(row_src_N, row, size), axis=0, mode='clip')
+  return take_rows(x_XD, jax.lax.dynamic_slice_in_dim(row_src_N, row, size))
 
 
 def _grouped_fwd(x_XD, row_src_N, dest_XA, w, sizes_E, activation, tiles, matmul):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _take_rows(src_ND: jax.Array, idx: jax.Array) -> jax.Array:
+def take_rows(src_ND: jax.Array, idx: jax.Array) -> jax.Array:
   """src_ND[idx] with out-of-range indices clamped: one gather pass (mode='fill' adds a select pass over the
   whole output); callers mask the rows an out-of-range 'empty' index reads."""
   return jnp.take(src_ND, idx, axis=0, mode='clip')
@@ -22,7 +22,7 @@ def _take_segments(segments, idx_X: jax.Array) -> jax.Array:
   """Rows idx of the segments' concatenation (out-of-range indices read an arbitrary row)."""
   rows_XD, offset = None, 0
   for seg_ND in segments:
-    here_XD = _take_rows(seg_ND, idx_X - offset)
+    here_XD = take_rows(seg_ND, idx_X - offset)
     rows_XD = here_XD if rows_XD is None else jnp.where((idx_X >= offset)[:, None], here_XD, rows_XD)
     offset += seg_ND.shape[0]
   return rows_XD
@@ -40,7 +40,7 @@ def dispatch_rows(x_XD: jax.Array, tokens: tuple[jax.Array, ...], dest_XA: jax.A
   token's row: nothing reads their output and their cotangent is zero. `dest_XA` is the inverse map (row of each
   of a token's assignments in the concatenated buffer, past its end if dropped), so the backward is a gather
   too: dx[t] = sum_a dbuf[dest[t, a]]."""
-  return tuple(_take_rows(x_XD, token_N) for token_N in tokens)
+  return tuple(take_rows(x_XD, token_N) for token_N in tokens)
 
 
 def _dispatch_rows_fwd(x_XD, tokens, dest_XA):
@@ -81,7 +81,7 @@ def _combine_rows_bwd(res, dy_XD):
   ys, weight_XA, dest_XA, asgs = res
   X, A = dest_XA.shape
   weight_N = weight_XA.reshape(-1)
-  dys = tuple(_take_rows(dy_XD, asg_N // A) * jnp.where(asg_N < X * A, _take_rows(weight_N, asg_N), 0)[:, None]
+  dys = tuple(take_rows(dy_XD, asg_N // A) * jnp.where(asg_N < X * A, take_rows(weight_N, asg_N), 0)[:, None]
               for asg_N in asgs)
   dweight_XA = jnp.stack([jnp.sum(_take_segments(ys, dest_XA[:, a]) * dy_XD, axis=-1) for a in range(A)], axis=1)
   return dys, jnp.where(dest_XA < _rows(ys), dweight_XA, 0), None, (None,) * len(asgs)
