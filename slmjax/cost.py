@@ -1,7 +1,8 @@
 """Measured cost: the machine's matmul peak, step time, tokens/s, achieved FLOP/s and model FLOP utilisation.
 
-Peaks are measured on the running device, never looked up: a square float32 matmul (2 n^3 FLOPs) timed several
-times, the median kept. MFU = achieved FLOP/s / measured peak, with achieved FLOP/s = tokens/s x training FLOPs
+Peaks are measured on the running device, never looked up: a square matmul (2 n^3 FLOPs) in the model's compute
+dtype timed several times, the median kept (a bf16 model's MFU against an f32 peak would read 2-10x high on a
+GPU). MFU = achieved FLOP/s / measured peak, with achieved FLOP/s = tokens/s x training FLOPs
 per token from `slmjax.counting.train_flops_per_token` (6 N_matmul_active + causal attention; PaLM appendix B).
 On a shared or throttled machine both numbers move; report the peak next to every MFU.
 """
@@ -38,9 +39,11 @@ def time_fn(fn: Callable, *args, warmup: int = 2, repeats: int = 10) -> dict[str
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_peak_flops(n: int = 2048, dtype: str = 'float32', repeats: int = 10) -> float:
+def matmul_peak_flops(n: int | None = None, dtype: str = 'float32', repeats: int = 10) -> float:
   """FLOP/s of an n x n @ n x n matmul on the default device (median of `repeats`; cached per process), in the
-  form the model's layers use (bf16: accumulated in f32, slmjax/kernels/acc32.py)."""
+  form the model's layers use (bf16: accumulated in f32, slmjax/kernels/acc32.py). n defaults to 2048 on CPU and
+  8192 on accelerators, where a 2048 product is too short to reach the matrix units' rate."""
+  n = n or (2048 if jax.default_backend() == 'cpu' else 8192)
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (n, n), jnp.dtype(dtype))
   b = jax.random.normal(k2, (n, n), jnp.dtype(dtype))

@@ -263,9 +263,10 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
   partly = sum(0 < sum(rid in done for rid in rids.values()) < len(rids) for rids in rows_of)  # new branches
   log(f'sweep: {len(points)} points, {len(points) - len(todo)} already finished'
       + (f', {partly} with some of their cooldown branches done' if partly else '') + f' in {out}/results.jsonl')
-  peak = cost.matmul_peak_flops() if todo else None
-  if peak:
-    log(f'measured matmul peak of this {jax.default_backend()} device: {peak / 1e9:.1f} GFLOP/s')
+  peaks = {}  # compute dtype -> measured matmul FLOP/s, the MFU denominator of points in that dtype
+  for dtype in dict.fromkeys(points[i][0].dtype for i in todo):
+    peaks[dtype] = cost.matmul_peak_flops(dtype=dtype)
+    log(f'measured {dtype} matmul peak of this {jax.default_backend()} device: {peaks[dtype] / 1e9:.1f} GFLOP/s')
   flops_per_step = [counting.train_flops_per_token(m, t.seq_len) * t.tokens_per_step for m, t in points]
   trained = [wsd.trained_steps(t) if t.schedule == 'wsd' else t.steps for _, t in points]
   eta = SweepEta()
@@ -279,7 +280,7 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
     log(f'[point {n + 1}/{len(todo)}] {dirs[i].name}: {counts.total:,} params ({counts.active:,} active), '
         f'{train_cfg.steps} steps{branches}' + (f', sweep ETA {format_duration(left)}' if left is not None else ''))
     started = time.perf_counter()
-    kwargs = dict(peak_flops=peak, mesh=mesh, counts=counts, measure_cost=True, tensorboard=tensorboard,
+    kwargs = dict(peak_flops=peaks[model_cfg.dtype], mesh=mesh, counts=counts, measure_cost=True, tensorboard=tensorboard,
                   log=(lambda line: log(f'  {line}')) if is_writer else None)
 
     inference = decode_costs.setdefault(identity(model_cfg), {})  # once per rung, not per seed or branch

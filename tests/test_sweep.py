@@ -94,6 +94,24 @@ def test_sweep_resumes_an_interrupted_point_and_never_duplicates_rows(corpus_dir
   assert len(results.read_rows(tmp_path)) == 2
 
 
+def test_mfu_is_against_the_peak_of_each_points_compute_dtype(corpus_dir, tmp_path, monkeypatch):
+  """A bf16 point's MFU divides by a bf16 matmul peak, an f32 point's by an f32 one (on a GPU the f32 peak is a
+  fraction of the bf16 one, so a shared f32 peak overstated bf16 MFU)."""
+  fake_peaks = {'float32': 1e9, 'bfloat16': 4e9}
+  measured = []
+  monkeypatch.setattr(sweep.cost, 'matmul_peak_flops',
+                      lambda dtype='float32': measured.append(dtype) or fake_peaks[dtype])
+  base = TrainConfig(steps=2, batch_size=2, seq_len=16, warmup=1, data=corpus_dir, eval_every=0, eval_batches=1,
+                     checkpoint_every=2, log_every=2)
+  points = [(ModelConfig(max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32, dtype=dtype), base)
+            for dtype in ('bfloat16', 'float32')]
+  rows = sweep.run_sweep(points, sweep.Budget(tokens=2 * 2 * 16), str(tmp_path), log=lambda line: None,
+                         measure_inference=False)
+  assert measured == ['bfloat16', 'float32']  # once per dtype
+  assert [row['peak_flops_per_s'] for row in rows] == [4e9, 1e9]
+  assert rows[0]['mfu'] == pytest.approx(rows[0]['achieved_flops_per_s'] / 4e9)
+
+
 def test_run_ids_are_stable_across_releases():
   """Ids written by slmjax 0.1: a sweep directory from then must resume, so these may never change."""
   assert sweep.run_id(ModelConfig(), TrainConfig()) == 'dense-d128-l4-s0-55a5517a'
