@@ -151,18 +151,23 @@ def layer_rows(setting: str) -> list[dict]:
       grad = layer_grad_fn(MoEFFN(layer_cfg, nnx.Rngs(params=0)), True, (cfg.lb_loss_weight, cfg.z_loss_weight))
       candidates[impl if dropless else f'{impl}@{group_size}'] = (grad, None if dropless else group_size)
   fns = {name: (lambda grad=grad: grad(x_BTD, dy_BTD)) for name, (grad, _) in candidates.items()}
+  too_big = [name for name, fn in fns.items() if name != 'dense_ffn' and not cost.runs_in_memory(fn)]
+  fns = {name: fn for name, fn in fns.items() if name not in too_big}
   times = cost.interleaved_times(fns, 1, f.repeats, f.inner, baseline='dense_ffn', max_ratio=f.max_ratio)
   dense_s = times['dense_ffn']['median_s']
   rows = []
   for name, (grad, group_size) in candidates.items():
     if name == 'dense_ffn':
       continue
-    drop = float(grad(x_BTD, dy_BTD)[0][1])
-    rows.append(dict(kind='layer', setting=setting, impl=name.split('@')[0], group_size=group_size,
-                     tokens=f.tokens, d_model=f.d_model, d_expert=shape['d_expert'], n_experts=shape['n_experts'],
-                     top_k=shape['top_k'], capacity_factor=f.capacity_factor, activation=f.activation,
-                     dtype=f.dtype, matmul=f.matmul, time_s=times[name]['median_s'], dense_time_s=dense_s,
-                     ratio=times[name]['ratio'], repeats=times[name]['samples'], drop_fraction=drop))
+    row = dict(kind='layer', setting=setting, impl=name.split('@')[0], group_size=group_size, tokens=f.tokens,
+               d_model=f.d_model, d_expert=shape['d_expert'], n_experts=shape['n_experts'], top_k=shape['top_k'],
+               capacity_factor=f.capacity_factor, activation=f.activation, dtype=f.dtype, matmul=f.matmul,
+               dense_time_s=dense_s)
+    if name in too_big:
+      rows.append({**row, 'error': 'out of device memory'})
+      continue
+    rows.append({**row, 'time_s': times[name]['median_s'], 'ratio': times[name]['ratio'],
+                 'repeats': times[name]['samples'], 'drop_fraction': float(grad(x_BTD, dy_BTD)[0][1])})
   return rows
 
 
@@ -224,6 +229,9 @@ def format_table(rows: list[dict]) -> str:
     drop = f"{100 * r['drop_fraction']:.2f}" if 'drop_fraction' in r else '-'
     group = r['group_size'] if r['group_size'] and r['impl'] in ('einsum', 'gather') else '-'
     name = r['impl'] if r.get('label', r['impl']) == r['impl'] else f"{r['impl']} ({r['label']})"
+    if 'error' in r:
+      lines.append(f"  {name:<16} {group:>6}   {r['error']}")
+      continue
     lines.append(f"  {name:<16} {group:>6} {r['time_s'] * 1e3:>9.1f} {r['ratio']:>7.2f} {drop:>7} "
                  f"{r['repeats']:>5}")
   return '\n'.join(lines)

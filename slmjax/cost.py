@@ -51,6 +51,19 @@ def matmul_peak_flops(n: int | None = None, dtype: str = 'float32', repeats: int
   return 2 * n ** 3 / time_fn(matmul, a, b, warmup=2, repeats=repeats)['median_s']
 
 
+def runs_in_memory(fn: Callable[[], Any]) -> bool:
+  """Call `fn` once (compiling it) and say whether it fit the device's memory; other errors propagate. A
+  benchmark skips what does not fit (a fine-grained einsum dispatch's one-hot tensors at accelerator token
+  counts: 64 GiB at 65,536 tokens, E=64) rather than losing every other row."""
+  try:
+    block(fn())
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    return False
+  return True
+
+
 def interleaved_times(fns: dict[str, Callable[[], Any]], warmup: int = 1, repeats: int = 10, inner: int = 1,
                       baseline: str | None = None, max_ratio: float | None = None) -> dict[str, dict[str, float]]:
   """Seconds per call of each thunk, timed round-robin: each round times every thunk in turn, so a slow spell

@@ -205,6 +205,17 @@ def test_nan_between_logs_is_caught_before_the_save(tmp_path, monkeypatch):
     assert ck.all_steps() == [4]  # step 8 was never saved
 
 
+def test_runs_in_memory_skips_only_out_of_memory_errors():
+  def raising(message):
+    def fn():
+      raise jax.errors.JaxRuntimeError(message)
+    return fn
+  assert cost.runs_in_memory(lambda: jnp.ones(3))
+  assert not cost.runs_in_memory(raising('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 64.02GiB'))
+  with pytest.raises(jax.errors.JaxRuntimeError, match='INVALID_ARGUMENT'):
+    cost.runs_in_memory(raising('INVALID_ARGUMENT: shapes differ'))
+
+
 def test_cost_helpers():
   peak = cost.matmul_peak_flops(256, repeats=3)
   assert peak > 1e8 and cost.matmul_peak_flops(256, repeats=3) == peak  # measured once, then cached
