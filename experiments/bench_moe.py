@@ -58,7 +58,7 @@ flags.DEFINE_integer('d_model', 256, 'Model width.')
 flags.DEFINE_float('capacity_factor', 1.25, 'Expert capacity factor.')
 flags.DEFINE_enum('activation', 'swiglu', ['swiglu', 'geglu', 'gelu'], 'FFN activation.')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute and parameter dtype.')
-flags.DEFINE_enum('matmul', 'xla', list(MATMULS), 'ModelConfig.matmul of every model and layer, the dense '
+flags.DEFINE_enum('matmul', 'auto', list(MATMULS), 'ModelConfig.matmul of every model and layer, the dense '
                   'baselines included (mkl / onednn: vendor GEMMs, slmjax/kernels/gemm.py).')
 flags.DEFINE_integer('repeats', 7, 'Timed rounds; the median is reported.')
 flags.DEFINE_integer('inner', 2, 'Calls per timed sample.')

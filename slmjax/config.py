@@ -22,7 +22,7 @@ ATTENTIONS = ('gqa', 'mla')
 QK_NORMS = ('none', 'head', 'full')
 DISPATCHES = ('auto', 'einsum', 'gather', 'ragged', 'dense', 'select', 'alltoall')
 DTYPES = ('float32', 'bfloat16', 'float16')
-MATMULS = ('xla', 'mkl', 'onednn')
+MATMULS = ('auto', 'xla', 'mkl', 'onednn')
 SCHEDULES = ('cosine', 'wsd')
 ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn', 'longrope')
 
@@ -91,10 +91,11 @@ class ModelConfig(ConfigDict):
   max_seq_len: int = option(256, 'Longest sequence the model accepts; default (flags) --seq_len.', runtime=True)
   dtype: str = option('float32', 'Compute dtype of activations and matmuls.', choices=DTYPES, runtime=True)
   param_dtype: str = option('float32', 'Storage dtype of parameters.', choices=DTYPES, runtime=True)
-  matmul: str = option('xla', "The dense layers' and the dropless expert tiles' matmuls: xla = XLA's dot; mkl / "
+  matmul: str = option('auto', "The dense layers' and the dropless expert tiles' matmuls: xla = XLA's dot; mkl / "
                        'onednn = oneMKL / oneDNN through an FFI custom call (XLA:CPU, the [mkl] / [onednn] extra; '
                        'bf16 on the bf16 matrix units where the library uses them), XLA\'s dot with a notice where '
-                       'it cannot run (slmjax/kernels/gemm.py).', choices=MATMULS, runtime=True)
+                       'it cannot run; auto = oneDNN for bf16 on one CPU device where it loads, else XLA\'s dot, '
+                       'silently (slmjax/kernels/gemm.py).', choices=MATMULS, runtime=True)
 
   # Attention variants.
   attention: str = option('gqa', 'gqa: MHA / GQA / MQA by n_kv_heads; mla: Multi-head Latent Attention (DeepSeek '

@@ -75,7 +75,7 @@ def test_bench_train_rejects_unknown_matmuls():
   result = run('bench_train.py', '--matmuls=xla,cublas')
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      "bench_train.py: error: --matmuls: unknown matmul 'cublas'; known: xla, mkl, onednn"]
+      "bench_train.py: error: --matmuls: unknown matmul 'cublas'; known: auto, xla, mkl, onednn"]
 
 
 @pytest.mark.parametrize('flags,message', [

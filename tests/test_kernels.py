@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from slmjax import model as model_lib
+from slmjax import layers, model as model_lib
 from slmjax.config import ModelConfig
 from slmjax.kernels import gemm
 
@@ -105,3 +105,16 @@ def test_config_rejects_unknown_matmul():
   with pytest.raises(ValueError, match='matmul'):
     ModelConfig(matmul='cublas')
 
+
+
+def test_auto_is_onednn_for_bf16_on_one_cpu_device_and_xla_elsewhere(cache):
+  onednn = 'onednn' if gemm.load('onednn') is None else 'xla'  # without the wheel (or g++) auto is XLA's dot
+  assert gemm.resolve('auto', jnp.bfloat16) == onednn
+  assert gemm.resolve('auto', jnp.float32) == 'xla'
+  assert gemm.resolve('xla', jnp.bfloat16) == 'xla' and gemm.resolve('mkl', jnp.float32) == 'mkl'
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ('data',))):
+    assert gemm.resolve('auto', jnp.bfloat16) == 'xla'  # on a mesh XLA partitions the products itself
+  a, b = operands(dtype=jnp.bfloat16)
+  lowered = lambda matmul: jax.jit(lambda x, y: layers.linear(x, y, matmul=matmul)).lower(a, b).as_text()
+  assert lowered('auto') == lowered(onednn)  # the very program of the library it resolves to
+  assert ('slmjax_onednn_gemm_bf16' in lowered('auto')) == (onednn == 'onednn')

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from slmjax.dispatch.experts import ExpertWeights
 from slmjax.dispatch.rows import sum_rows, take_rows
-from slmjax.kernels.gemm import dot
+from slmjax.kernels.gemm import dot, on_one_cpu_device
 from slmjax.layers import activate
 
 GROUP_TILES = (1024, 512, 256, 128)  # grouped_ffn's tile sizes, largest first; the last is the slack it needs
@@ -186,9 +186,7 @@ def row_tiles_pay(rows_per_expert: int) -> bool:
   mesh XLA partitions the batched products over the expert axis, where the tiles' loop over experts would gather
   every expert's rows to every device; below a tile an expert (decode's few tokens, `select`'s fallback) the
   batched products over small buffers are faster than a tile per expert."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return (jax.default_backend() == 'cpu' and (mesh.empty or mesh.size == 1)
-          and rows_per_expert >= GROUP_TILE)
+  return on_one_cpu_device() and rows_per_expert >= GROUP_TILE
 
 
 def equal_runs_ffn(x_EMD: jax.Array, w: ExpertWeights, activation: str, matmul: str = 'xla') -> jax.Array:

@@ -9,7 +9,9 @@ sgemm. The handlers (gemm.cc) are compiled with the system g++ against `jax.ffi.
 $SLMJAX_CACHE (default ~/.cache/slmjax) under a name that hashes the source and the jax version: at first use
 rather than at install, so the headers always match the jaxlib that runs them and a pure-Python install stays
 pure. The libraries come from their wheels ($SLMJAX_MKL_RT, $SLMJAX_DNNL override). Where any piece is missing
-(not CPU, no g++, no library) `matmul` says so once and uses XLA's dot instead.
+(not CPU, no g++, no library) `matmul` says so once and uses XLA's dot instead. `'auto'` (ModelConfig's default)
+is oneDNN for bf16 operands on one CPU device where it loads, XLA's dot otherwise, without a notice: there oneDNN's
+bf16 GEMM is what brings the bf16 step level with PyTorch's autocast (README, Speed); for f32 the two are even.
 """
 
 from __future__ import annotations
@@ -97,6 +99,22 @@ def load(library: str = 'mkl') -> str | None:
   return None
 
 
+def on_one_cpu_device() -> bool:
+  """Whether the program being traced runs on one CPU device (no mesh, or a mesh of one): where a custom call
+  or a loop of row tiles is a plain fast path. On a mesh XLA must partition the products itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.default_backend() == 'cpu' and (mesh.empty or mesh.size == 1)
+
+
+def resolve(library: str, dtype) -> str:
+  """The library `matmul='auto'` stands for with operands of `dtype` (see the module docstring); other names as
+  given."""
+  if library != 'auto':
+    return library
+  wanted = jnp.dtype(dtype) == jnp.bfloat16 and on_one_cpu_device()
+  return 'onednn' if wanted and load('onednn') is None else 'xla'
+
+
 @functools.cache
 def _notice(library: str, reason: str) -> None:
   print(f'slmjax: matmul={library} falls back to XLA: {reason}', file=sys.stderr)
@@ -134,7 +152,8 @@ _matmul.defvjp(_fwd, _bwd)
 
 def _runs(library: str, a: jax.Array, b: jax.Array) -> bool:
   """Whether `library` (a key of LIBRARIES; any other name is XLA's dot) takes these operands; where it cannot,
-  a one-time notice says why."""
+  a one-time notice says why ('auto': `resolve`, no notice)."""
+  library = resolve(library, a.dtype)
   if library not in LIBRARIES:
     return False
   reason = load(library)
@@ -150,7 +169,7 @@ def _runs(library: str, a: jax.Array, b: jax.Array) -> bool:
 def matmul(x_MK: jax.Array, w_KN: jax.Array, library: str = 'mkl') -> jax.Array:
   """x_MK @ w_KN in `library` (a key of LIBRARIES), differentiable, in the operands' dtype (bf16 or f32); XLA's
   dot (with a one-time notice) where the library cannot run or for other dtypes."""
-  return _matmul(x_MK, w_KN, library) if _runs(library, x_MK, w_KN) else x_MK @ w_KN
+  return _matmul(x_MK, w_KN, resolve(library, x_MK.dtype)) if _runs(library, x_MK, w_KN) else x_MK @ w_KN
 
 
 def dot(a: jax.Array, b: jax.Array, transa: bool = False, transb: bool = False, library: str = 'xla',
@@ -160,7 +179,7 @@ def dot(a: jax.Array, b: jax.Array, transa: bool = False, transb: bool = False, 
   for code that writes its own backward (grouped_ffn). A transposed first operand is where the library pays
   most: x^T dy of 256 x 512 x 512 bf16 takes 0.5 ms in oneDNN, 1.3 ms in XLA's dot (README, Speed)."""
   if _runs(library, a, b):
-    y = gemm_f32(a, b, transa, transb, library)
+    y = gemm_f32(a, b, transa, transb, resolve(library, a.dtype))
   else:
     y = jnp.matmul(a.T if transa else a, b.T if transb else b, preferred_element_type=jnp.float32)
   return y if f32 else y.astype(a.dtype)
