@@ -156,9 +156,9 @@ def apply_rope(x_BTHR: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.A
 
 def linear(x: jax.Array, w: jax.Array, n_in: int = 1, matmul: str = 'auto') -> jax.Array:
   """Contract the last `n_in` axes of x with the first `n_in` axes of w, as one 2-D matmul on flattened rows
-  (`matmul`: ModelConfig.matmul, 'mkl' or 'onednn', or 'auto' resolving to one, for a vendor GEMM through
-  slmjax/kernels/gemm.py; with XLA's dot, bf16 operands accumulate in f32, forward and backward, which XLA:CPU
-  runs on bf16 dot units: slmjax/kernels/acc32.py).
+  (`matmul`: ModelConfig.matmul, 'mkl' or 'onednn' for a vendor GEMM through slmjax/kernels/gemm.py, 'auto' for
+  oneDNN in the bf16 backward where it loads; with XLA's dot, bf16 operands accumulate in f32, forward and
+  backward, which XLA:CPU runs on bf16 dot units: slmjax/kernels/acc32.py).
 
   Same result as the einsum, but XLA:CPU differentiates a [B, T, D] einsum through transposed copies of the
   activations and slower matmuls; flat [B*T, D] @ [D, F] rows make a dense FFN's forward + backward 1.7x faster
@@ -169,8 +169,7 @@ def linear(x: jax.Array, w: jax.Array, n_in: int = 1, matmul: str = 'auto') -> j
     raise ValueError(f'linear: input axes {x.shape[-n_in:]} do not match weight axes {in_shape}')
   size = math.prod(in_shape)
   x_MK, w_KN = x.reshape(-1, size), w.reshape(size, -1)
-  library = gemm.resolve(matmul, x.dtype)
-  y = gemm.matmul(x_MK, w_KN, library) if library in gemm.LIBRARIES else acc32.matmul(x_MK, w_KN)
+  y = acc32.matmul(x_MK, w_KN) if matmul == 'xla' else gemm.matmul(x_MK, w_KN, matmul)
   return y.reshape(*lead, *out_shape)
 
 

@@ -10,8 +10,10 @@ $SLMJAX_CACHE (default ~/.cache/slmjax) under a name that hashes the source and 
 rather than at install, so the headers always match the jaxlib that runs them and a pure-Python install stays
 pure. The libraries come from their wheels ($SLMJAX_MKL_RT, $SLMJAX_DNNL override). Where any piece is missing
 (not CPU, no g++, no library) `matmul` says so once and uses XLA's dot instead. `'auto'` (ModelConfig's default)
-is oneDNN for bf16 operands on one CPU device where it loads, XLA's dot otherwise, without a notice: there oneDNN's
-bf16 GEMM is what brings the bf16 step level with PyTorch's autocast (README, Speed); for f32 the two are even.
+runs a bf16 product with a transposed operand (the backward's dy w^T and x^T dy) in oneDNN on one CPU device where
+it loads, and every other product in XLA's dot, without a notice: XLA's transposed bf16 products are the slow ones
+(a linear layer's forward + backward 0.45-0.63x with oneDNN's, 4096 rows), while its plain ones are as fast as
+oneDNN's or faster (0.95-1.8x at 1-4,096 rows; decode's few rows 1.1-2.6x slower a token through oneDNN).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from slmjax.kernels import acc32
 
 SOURCE = pathlib.Path(__file__).with_name('gemm.cc')
 
@@ -106,12 +110,12 @@ def on_one_cpu_device() -> bool:
   return jax.default_backend() == 'cpu' and (mesh.empty or mesh.size == 1)
 
 
-def resolve(library: str, dtype) -> str:
-  """The library `matmul='auto'` stands for with operands of `dtype` (see the module docstring); other names as
-  given."""
+def resolve(library: str, dtype, transposed: bool = True) -> str:
+  """The library `matmul='auto'` stands for in a product of `dtype` operands, one of them `transposed` (see the
+  module docstring); other names as given."""
   if library != 'auto':
     return library
-  wanted = jnp.dtype(dtype) == jnp.bfloat16 and on_one_cpu_device()
+  wanted = transposed and jnp.dtype(dtype) == jnp.bfloat16 and on_one_cpu_device()
   return 'onednn' if wanted and load('onednn') is None else 'xla'
 
 
@@ -132,7 +136,7 @@ def gemm_f32(a: jax.Array, b: jax.Array, transa: bool = False, transb: bool = Fa
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(x_MK: jax.Array, w_KN: jax.Array, library: str) -> jax.Array:
-  return gemm_f32(x_MK, w_KN, library=library).astype(x_MK.dtype)
+  return dot(x_MK, w_KN, library=library)
 
 
 def _fwd(x_MK, w_KN, library):
@@ -143,8 +147,7 @@ def _bwd(library, res, dy_MN):
   """The two GEMMs of the backward: dx = dy w^T, dw = x^T dy, transposes read in place, f32 accumulation."""
   x_MK, w_KN = res
   dy_MN = dy_MN.astype(x_MK.dtype)
-  return (gemm_f32(dy_MN, w_KN, transb=True, library=library).astype(x_MK.dtype),
-          gemm_f32(x_MK, dy_MN, transa=True, library=library).astype(w_KN.dtype))
+  return dot(dy_MN, w_KN, transb=True, library=library), dot(x_MK, dy_MN, transa=True, library=library)
 
 
 _matmul.defvjp(_fwd, _bwd)
@@ -152,8 +155,7 @@ _matmul.defvjp(_fwd, _bwd)
 
 def _runs(library: str, a: jax.Array, b: jax.Array) -> bool:
   """Whether `library` (a key of LIBRARIES; any other name is XLA's dot) takes these operands; where it cannot,
-  a one-time notice says why ('auto': `resolve`, no notice)."""
-  library = resolve(library, a.dtype)
+  a one-time notice says why."""
   if library not in LIBRARIES:
     return False
   reason = load(library)
@@ -168,8 +170,10 @@ def _runs(library: str, a: jax.Array, b: jax.Array) -> bool:
 
 def matmul(x_MK: jax.Array, w_KN: jax.Array, library: str = 'mkl') -> jax.Array:
   """x_MK @ w_KN in `library` (a key of LIBRARIES), differentiable, in the operands' dtype (bf16 or f32); XLA's
-  dot (with a one-time notice) where the library cannot run or for other dtypes."""
-  return _matmul(x_MK, w_KN, resolve(library, x_MK.dtype)) if _runs(library, x_MK, w_KN) else x_MK @ w_KN
+  dot in f32 accumulation (`acc32`; with a one-time notice) where the library cannot run or for other dtypes.
+  'auto': this VJP where its backward's transposed products take oneDNN (`resolve`), else `acc32` alone."""
+  runs = resolve(library, x_MK.dtype) != 'xla' if library == 'auto' else _runs(library, x_MK, w_KN)
+  return _matmul(x_MK, w_KN, library) if runs else acc32.matmul(x_MK, w_KN)
 
 
 def dot(a: jax.Array, b: jax.Array, transa: bool = False, transb: bool = False, library: str = 'xla',
@@ -178,8 +182,9 @@ def dot(a: jax.Array, b: jax.Array, transa: bool = False, transb: bool = False, 
   `library` where it runs, else XLA's dot (which hands bf16 x bf16 -> f32 to the CPU's bf16 dot units). No VJP:
   for code that writes its own backward (grouped_ffn). A transposed first operand is where the library pays
   most: x^T dy of 256 x 512 x 512 bf16 takes 0.5 ms in oneDNN, 1.3 ms in XLA's dot (README, Speed)."""
+  library = resolve(library, a.dtype, transa or transb)
   if _runs(library, a, b):
-    y = gemm_f32(a, b, transa, transb, resolve(library, a.dtype))
+    y = gemm_f32(a, b, transa, transb, library)
   else:
     y = jnp.matmul(a.T if transa else a, b.T if transb else b, preferred_element_type=jnp.float32)
   return y if f32 else y.astype(a.dtype)
