@@ -94,8 +94,9 @@ class ModelConfig(ConfigDict):
   matmul: str = option('auto', "The dense layers' and the dropless expert tiles' matmuls: xla = XLA's dot; mkl / "
                        'onednn = oneMKL / oneDNN through an FFI custom call (XLA:CPU, the [mkl] / [onednn] extra; '
                        'bf16 on the bf16 matrix units where the library uses them), XLA\'s dot with a notice where '
-                       'it cannot run; auto = the bf16 backward\'s transposed products in oneDNN on one CPU device '
-                       'where it loads, every other product in XLA\'s dot, silently (slmjax/kernels/gemm.py).',
+                       'it cannot run; auto = the bf16 backward\'s large products (dy w^T, x^T dy) in oneDNN on one '
+                       'CPU device where it loads, every other product in XLA\'s dot, silently '
+                       '(slmjax/kernels/gemm.py).',
                        choices=MATMULS, runtime=True)
 
   # Attention variants.

@@ -157,7 +157,7 @@ def apply_rope(x_BTHR: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array) -> jax.A
 def linear(x: jax.Array, w: jax.Array, n_in: int = 1, matmul: str = 'auto') -> jax.Array:
   """Contract the last `n_in` axes of x with the first `n_in` axes of w, as one 2-D matmul on flattened rows
   (`matmul`: ModelConfig.matmul, 'mkl' or 'onednn' for a vendor GEMM through slmjax/kernels/gemm.py, 'auto' for
-  oneDNN in the bf16 backward where it loads; with XLA's dot, bf16 operands accumulate in f32, forward and
+  oneDNN in the bf16 backward where it loads and pays; with XLA's dot, bf16 operands accumulate in f32, forward and
   backward, which XLA:CPU runs on bf16 dot units: slmjax/kernels/acc32.py).
 
   Same result as the einsum, but XLA:CPU differentiates a [B, T, D] einsum through transposed copies of the

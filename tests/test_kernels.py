@@ -107,23 +107,28 @@ def test_config_rejects_unknown_matmul():
 
 
 
-def test_auto_takes_onednn_for_bf16_transposed_products_on_one_cpu_device_only(cache):
+def test_auto_takes_onednn_for_large_bf16_backward_products_on_one_cpu_device_only(cache):
   onednn = 'onednn' if gemm.load('onednn') is None else 'xla'  # without the wheel (or g++) auto is XLA's dot
-  assert gemm.resolve('auto', jnp.bfloat16, transposed=True) == onednn
-  assert gemm.resolve('auto', jnp.bfloat16, transposed=False) == 'xla'  # XLA's plain products are as fast
-  assert gemm.resolve('auto', jnp.float32) == 'xla'
-  assert gemm.resolve('xla', jnp.bfloat16) == 'xla' and gemm.resolve('mkl', jnp.float32) == 'mkl'
+  big, small = gemm.AUTO_MIN_MACS, gemm.AUTO_MIN_MACS - 1
+  assert gemm.resolve('auto', jnp.bfloat16, big, transposed=True) == onednn  # dy w^T, x^T dy
+  assert gemm.resolve('auto', jnp.bfloat16, big, transposed=False) == 'xla'  # the forward: XLA is as fast
+  assert gemm.resolve('auto', jnp.bfloat16, small) == 'xla'  # the custom call's overhead loses
+  assert gemm.resolve('auto', jnp.float32, big) == 'xla'
+  assert gemm.resolve('xla', jnp.bfloat16, big) == 'xla' and gemm.resolve('mkl', jnp.float32, 1) == 'mkl'
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ('data',))):
-    assert gemm.resolve('auto', jnp.bfloat16) == 'xla'  # on a mesh XLA partitions the products itself
-  a, b = operands(dtype=jnp.bfloat16)
-  c = jax.random.normal(jax.random.key(2), (48, 24))
+    assert gemm.resolve('auto', jnp.bfloat16, big) == 'xla'  # on a mesh XLA partitions the products itself
+  a, b = operands(256, 256, 256, dtype=jnp.bfloat16)  # 2^24 multiply-adds: just large enough
+  weighted = lambda y: jnp.sum(y.astype(jnp.float32) * (jnp.arange(y.size).reshape(y.shape) % 7 - 3))
   forward = lambda matmul: jax.jit(lambda x, y: layers.linear(x, y, matmul=matmul))
-  grads = lambda matmul: jax.jit(jax.grad(
-      lambda x, y: jnp.sum(layers.linear(x, y, matmul=matmul).astype(jnp.float32) * c), argnums=(0, 1)))
+  grads = lambda matmul: jax.jit(jax.grad(lambda x, y: weighted(layers.linear(x, y, matmul=matmul)),
+                                          argnums=(0, 1)))
   assert 'slmjax_onednn' not in forward('auto').lower(a, b).as_text()  # forward (and decode): XLA's dot
   assert ('slmjax_onednn_gemm_bf16' in grads('auto').lower(a, b).as_text()) == (onednn == 'onednn')
   np.testing.assert_array_equal(forward('auto')(a, b), forward('xla')(a, b))
   for got, want in zip(grads('auto')(a, b), grads('xla')(a, b)):
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), **TOL[jnp.bfloat16])
-  f32 = operands()
+  f32 = operands(256, 256, 256)
   assert forward('auto').lower(*f32).as_text() == forward('xla').lower(*f32).as_text()
+  assert grads('auto').lower(*f32).as_text() == grads('xla').lower(*f32).as_text()
+  small_bf16 = operands(dtype=jnp.bfloat16)
+  assert grads('auto').lower(*small_bf16).as_text() == grads('xla').lower(*small_bf16).as_text()

@@ -10,10 +10,12 @@ $SLMJAX_CACHE (default ~/.cache/slmjax) under a name that hashes the source and 
 rather than at install, so the headers always match the jaxlib that runs them and a pure-Python install stays
 pure. The libraries come from their wheels ($SLMJAX_MKL_RT, $SLMJAX_DNNL override). Where any piece is missing
 (not CPU, no g++, no library) `matmul` says so once and uses XLA's dot instead. `'auto'` (ModelConfig's default)
-runs a bf16 product with a transposed operand (the backward's dy w^T and x^T dy) in oneDNN on one CPU device where
-it loads, and every other product in XLA's dot, without a notice: XLA's transposed bf16 products are the slow ones
-(a linear layer's forward + backward 0.45-0.63x with oneDNN's, 4096 rows), while its plain ones are as fast as
-oneDNN's or faster (0.95-1.8x at 1-4,096 rows; decode's few rows 1.1-2.6x slower a token through oneDNN).
+runs the bf16 backward's products (dy w^T, x^T dy: a transposed operand) of at least AUTO_MIN_MACS multiply-adds
+in oneDNN on one CPU device where it loads, every other product in XLA's dot, without a notice. Those are where
+XLA's bf16 dot is slow (a linear layer's forward + backward at 4,096 rows: 0.45-0.62x with them in oneDNN), while
+its plain products are as fast as oneDNN's or faster (0.95-1.06x at 4,096 rows, 1.1-4.4x below; bf16 decode ran
+1.1-2.6x slower a token with its products in oneDNN), and small products lose to the custom call's overhead. f32
+stays on XLA: oneDNN's x^T dy sped the llama step up 0-15% but slowed the cpu ladder's rungs 5-18%.
 """
 
 from __future__ import annotations
@@ -110,13 +112,17 @@ def on_one_cpu_device() -> bool:
   return jax.default_backend() == 'cpu' and (mesh.empty or mesh.size == 1)
 
 
-def resolve(library: str, dtype, transposed: bool = True) -> str:
-  """The library `matmul='auto'` stands for in a product of `dtype` operands, one of them `transposed` (see the
-  module docstring); other names as given."""
+AUTO_MIN_MACS = 2 ** 24  # 'auto' leaves smaller products to XLA: the cpu ladder's 32x2 rung (x^T dy 32 x 2,048 x 128)
+# trained 1.33x slower (dense) and 1.73x (MoE tiles) with them in oneDNN, 64x2 (64 x 2,048 x 256) 0.93x / 0.98x
+
+
+def resolve(library: str, dtype, macs: int, transposed: bool = True) -> str:
+  """The library `matmul='auto'` stands for in a product of `dtype` operands with `macs` multiply-adds, one of
+  them `transposed` (see the module docstring); other names as given."""
   if library != 'auto':
     return library
-  wanted = transposed and jnp.dtype(dtype) == jnp.bfloat16 and on_one_cpu_device()
-  return 'onednn' if wanted and load('onednn') is None else 'xla'
+  wanted = transposed and jnp.dtype(dtype) == jnp.bfloat16 and macs >= AUTO_MIN_MACS
+  return 'onednn' if wanted and on_one_cpu_device() and load('onednn') is None else 'xla'
 
 
 @functools.cache
@@ -172,7 +178,8 @@ def matmul(x_MK: jax.Array, w_KN: jax.Array, library: str = 'mkl') -> jax.Array:
   """x_MK @ w_KN in `library` (a key of LIBRARIES), differentiable, in the operands' dtype (bf16 or f32); XLA's
   dot in f32 accumulation (`acc32`; with a one-time notice) where the library cannot run or for other dtypes.
   'auto': this VJP where its backward's transposed products take oneDNN (`resolve`), else `acc32` alone."""
-  runs = resolve(library, x_MK.dtype) != 'xla' if library == 'auto' else _runs(library, x_MK, w_KN)
+  runs = (resolve(library, x_MK.dtype, x_MK.size * w_KN.shape[1]) != 'xla' if library == 'auto'
+          else _runs(library, x_MK, w_KN))
   return _matmul(x_MK, w_KN, library) if runs else acc32.matmul(x_MK, w_KN)
 
 
@@ -182,7 +189,7 @@ def dot(a: jax.Array, b: jax.Array, transa: bool = False, transb: bool = False, 
   `library` where it runs, else XLA's dot (which hands bf16 x bf16 -> f32 to the CPU's bf16 dot units). No VJP:
   for code that writes its own backward (grouped_ffn). A transposed first operand is where the library pays
   most: x^T dy of 256 x 512 x 512 bf16 takes 0.5 ms in oneDNN, 1.3 ms in XLA's dot (README, Speed)."""
-  library = resolve(library, a.dtype, transa or transb)
+  library = resolve(library, a.dtype, a.size * (b.shape[0] if transb else b.shape[1]), transa or transb)
   if _runs(library, a, b):
     y = gemm_f32(a, b, transa, transb, library)
   else:
