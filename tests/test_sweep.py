@@ -112,6 +112,15 @@ def test_mfu_is_against_the_peak_of_each_points_compute_dtype(corpus_dir, tmp_pa
   assert rows[0]['mfu'] == pytest.approx(rows[0]['achieved_flops_per_s'] / 4e9)
 
 
+def test_a_gpu_sweep_with_dropless_moe_points_says_ragged_dot_is_slow_there():
+  configs = sweep.ladder(ModelConfig(), sweep.parse_sizes('32x2,64x2'), n_experts=8, top_k=2)
+  dropless = [cfg.replace(capacity_factor=None) for cfg in configs]
+  assert '2 MoE point(s) train dropless' in sweep.ragged_on_gpu_notice(dropless, 'gpu')
+  assert sweep.ragged_on_gpu_notice(dropless, 'cpu') is None  # grouped_ffn's row tiles there
+  assert sweep.ragged_on_gpu_notice(configs, 'gpu') is None  # capacity factor 1.25: gather
+  assert sweep.ragged_on_gpu_notice([ModelConfig()], 'gpu') is None  # dense
+
+
 def test_run_ids_are_stable_across_releases():
   """Ids written by slmjax 0.1: a sweep directory from then must resume, so these may never change."""
   assert sweep.run_id(ModelConfig(), TrainConfig()) == 'dense-d128-l4-s0-55a5517a'
