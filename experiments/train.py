@@ -64,7 +64,8 @@ def main(argv):
     return
   out = FLAGS.out or os.path.join('runs', FLAGS.arch)
   train_cfg = keep_stored_warmup(train_cfg, out)
-  peak = cost.matmul_peak_flops(dtype=model_cfg.dtype) if FLAGS.mfu else None  # measured here, now: never a datasheet number
+  # Measured here, now, in the model's compute dtype: never a datasheet number.
+  peak = cost.matmul_peak_flops(dtype=model_cfg.dtype) if FLAGS.mfu else None
   kwargs = dict(peak_flops=peak, mesh=sharding.make_mesh(FLAGS.mesh), tensorboard=FLAGS.tensorboard,
                 log=print if jax.process_index() == 0 else None)
   try:

@@ -294,8 +294,8 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
     log(f'[point {n + 1}/{len(todo)}] {dirs[i].name}: {counts.total:,} params ({counts.active:,} active), '
         f'{train_cfg.steps} steps{branches}' + (f', sweep ETA {format_duration(left)}' if left is not None else ''))
     started = time.perf_counter()
-    kwargs = dict(peak_flops=peaks[model_cfg.dtype], mesh=mesh, counts=counts, measure_cost=True, tensorboard=tensorboard,
-                  log=(lambda line: log(f'  {line}')) if is_writer else None)
+    kwargs = dict(peak_flops=peaks[model_cfg.dtype], mesh=mesh, counts=counts, measure_cost=True,
+                  tensorboard=tensorboard, log=(lambda line: log(f'  {line}')) if is_writer else None)
 
     inference = decode_costs.setdefault(identity(model_cfg), {})  # once per rung, not per seed or branch
 

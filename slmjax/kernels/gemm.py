@@ -112,8 +112,9 @@ def on_one_cpu_device() -> bool:
   return jax.default_backend() == 'cpu' and (mesh.empty or mesh.size == 1)
 
 
-AUTO_MIN_MACS = 2 ** 24  # 'auto' leaves smaller products to XLA: the cpu ladder's 32x2 rung (x^T dy 32 x 2,048 x 128)
-# trained 1.33x slower (dense) and 1.73x (MoE tiles) with them in oneDNN, 64x2 (64 x 2,048 x 256) 0.93x / 0.98x
+# 'auto' leaves smaller products to XLA: the cpu ladder's 32x2 rung (x^T dy 32 x 2,048 x 128) trained 1.33x slower
+# (dense) and 1.73x (MoE tiles) with them in oneDNN, 64x2 (64 x 2,048 x 256) 0.93x / 0.98x.
+AUTO_MIN_MACS = 2 ** 24
 
 
 def resolve(library: str, dtype, macs: int, transposed: bool = True) -> str:
