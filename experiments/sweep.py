@@ -38,6 +38,8 @@ flags.DEFINE_list('seeds', ['0', '1', '2', '3'], 'Seeds; every size is trained o
                   'dense-vs-MoE gaps get intervals 0.64x as wide as three seeds give; README, Fair defaults).')
 flags.DEFINE_string('out', 'runs', 'Output directory, shared by sweeps of both architectures.')
 flags.DEFINE_boolean('plot', True, 'Draw the plots at the end.')
+flags.DEFINE_boolean('decode_cost', True, "Measure each rung's decode ms/token (batch 1 and 64) once it trains: "
+                     '~5 s a rung on a 2-core CPU, ~35 s at 512x8 on an H200 (compiling two decode programs).')
 FLAGS = flags.FLAGS
 FLAGS.set_default('tokens', 1_000_000)  # with 4 seeds: README, Fair defaults
 FLAGS.set_default('seq_len', 128)
@@ -81,7 +83,8 @@ def main(argv):
   points, budget = sweep_points()
   writer = jax.process_index() == 0
   sweep.run_sweep(points, budget, FLAGS.out, log=print if writer else (lambda line: None),
-                  mesh=sharding.make_mesh(FLAGS.mesh), tensorboard=FLAGS.tensorboard)
+                  mesh=sharding.make_mesh(FLAGS.mesh), tensorboard=FLAGS.tensorboard,
+                  measure_inference=FLAGS.decode_cost)
   if not writer:
     return
   print()

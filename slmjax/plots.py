@@ -90,7 +90,7 @@ def plot_cost(rows: list[dict], path: str) -> str:
   ax_decode.set(xscale='log', yscale='log' if decoded else 'linear', xlabel='active parameters (per token)',
                 ylabel='decode ms / token (one step)', title='decode speed (measured)')
   if not decoded:
-    ax_decode.text(0.5, 0.5, 'no decode cost in these rows\n(results from before it was measured)',
+    ax_decode.text(0.5, 0.5, 'no decode cost in these rows\n(sweeps run with --nodecode_cost, or older results)',
                    ha='center', va='center', transform=ax_decode.transAxes)
   if not ax_loss.lines:
     ax_loss.text(0.5, 0.5, 'no measured peak memory in these rows', ha='center', va='center',

@@ -301,7 +301,9 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
 
     def add_row(cfg: TrainConfig, summary: dict, rid: str, branch: dict | None = None) -> None:
       if measure_inference and not inference:
+        measuring = time.perf_counter()
         inference.update(decode_cost.rung_cost(model_cfg, min(train_cfg.seq_len, model_cfg.max_seq_len)))
+        log(f'  decode cost measured in {time.perf_counter() - measuring:.1f} s')
       row = result_row(model_cfg, cfg, budget, summary, counts, rid, mesh, branch, inference)
       warning = report.router_warning(row)
       if warning:
@@ -322,7 +324,9 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
       summary = train(model_cfg, train_cfg, dirs[i], **kwargs)
       add_row(train_cfg, summary, dirs[i].name)
       step_time = summary.get('step_time_s')
-    eta.add(flops_per_step[i], trained[i], step_time, time.perf_counter() - started)
+    wall_s = time.perf_counter() - started
+    eta.add(flops_per_step[i], trained[i], step_time, wall_s)
+    log(f'  point done in {format_duration(wall_s)}')
   return [done[rid] for rids in rows_of for rid in rids.values()]
 
 

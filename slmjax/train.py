@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from typing import Any, Callable
 
 import flax
@@ -248,9 +249,12 @@ class _Loop:
     if timer.steps:
       summary.update(cost.throughput(tokens_per_step, timer.mean_s, self.flops_per_token, self.peak_flops))
     if summary['complete'] and measure:  # after the last checkpoint: the timed steps are never saved
+      started = time.perf_counter()
       summary['cost'], _, _ = cost.measure_train_step(self.train_step, state, opt_state, self._fixed_batch(),
                                                      tokens_per_step, self.flops_per_token, self.peak_flops,
                                                      self.memory)
+      if self.log:
+        self.log(f'step cost measured in {time.perf_counter() - started:.1f} s')
     if summary['complete']:
       self.run_dir.write_json(self.run_dir.summary_path, summary)
     return summary

@@ -210,9 +210,10 @@ def test_sample_init_from_an_hf_directory_uses_its_tokenizer(tmp_path):
   tok.save(str(hf / 'tokenizer.json'))
   prompt = 'the model reads'
   root = pathlib.Path(__file__).parent.parent
+  path = os.pathsep.join(filter(None, (str(root), os.environ.get('PYTHONPATH'))))  # keep the caller's packages
   done = subprocess.run([sys.executable, str(root / 'experiments' / 'sample.py'),
                          f'--init_from={hf}', f'--prompt={prompt}', '--max_new_tokens=6', '--temperature=0'],
-                        capture_output=True, text=True, timeout=300, env={**os.environ, 'PYTHONPATH': str(root)})
+                        capture_output=True, text=True, timeout=300, env={**os.environ, 'PYTHONPATH': path})
   assert done.returncode == 0, done.stderr[-2000:]
   head, _, text = done.stdout.partition('---\n')
   assert f'tokenizer {hf / "tokenizer.json"}' in head

@@ -35,7 +35,8 @@ def test_script_restarts_with_the_tunable(tmp_path):
   script.write_text('import os, sys\nfrom slmjax import hugepages\nhugepages.reexec()\n'
                     'print(repr(sys.argv[1:]), "jax" in sys.modules, os.environ.get("GLIBC_TUNABLES"))\n')
   env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'SLMJAX_HUGEPAGES')}
-  env['PYTHONPATH'] = str(pathlib.Path(__file__).resolve().parents[1])
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, (str(pathlib.Path(__file__).resolve().parents[1]),
+                                                   os.environ.get('PYTHONPATH'))))
   out = subprocess.run([sys.executable, str(script), '--flag=1'], env=env, capture_output=True, text=True,
                        check=True).stdout.split()
   applies = hugepages.hugepage_env(env, platform.system(), platform.libc_ver(), hugepages._thp_enabled())

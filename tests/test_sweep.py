@@ -108,6 +108,7 @@ def test_mfu_is_against_the_peak_of_each_points_compute_dtype(corpus_dir, tmp_pa
   rows = sweep.run_sweep(points, sweep.Budget(tokens=2 * 2 * 16), str(tmp_path), log=lambda line: None,
                          measure_inference=False)
   assert measured == ['bfloat16', 'float32']  # once per dtype
+  assert 'decode_ms_per_token_b1' not in rows[0]  # measure_inference=False (--nodecode_cost): not measured
   assert [row['peak_flops_per_s'] for row in rows] == [4e9, 1e9]
   assert rows[0]['mfu'] == pytest.approx(rows[0]['achieved_flops_per_s'] / 4e9)
 

@@ -55,6 +55,21 @@ def losses(rows: list[dict]) -> list[tuple]:
   return [tuple(r.get(k) for k in keys) for r in rows]
 
 
+# Resuming is bit for bit on CPU. XLA:GPU's reductions are not deterministic run to run (on an H200 resumed
+# losses differed from straight ones in the 7th digit), so elsewhere the same runs must agree to float rounding.
+EXACT = jax.default_backend() == 'cpu'
+
+
+def assert_same(a, b) -> None:
+  """`a == b` on CPU; on GPU / TPU the same structure (None where None) and values within 1e-5."""
+  if EXACT:
+    assert a == b
+    return
+  flat_a, flat_b = jax.tree.leaves(a, is_leaf=lambda x: x is None), jax.tree.leaves(b, is_leaf=lambda x: x is None)
+  assert [x is None for x in flat_a] == [y is None for y in flat_b]
+  np.testing.assert_allclose([x for x in flat_a if x is not None], [y for y in flat_b if y is not None], rtol=1e-5)
+
+
 def restore_latest(out, model_cfg=MOE):
   graphdef, state, _, opt_state = steps_lib.init_state(model_cfg, SMALL)
   with checkpoint.Checkpointer(pathlib.Path(out) / 'checkpoints') as ck:
@@ -117,13 +132,16 @@ def test_resume_is_exact(straight, tmp_path):
   assert partial['step'] == 5 and not partial['complete'] and not (tmp_path / 'summary.json').exists()
   summary_b = train(MOE, SMALL, tmp_path, log=None)
   assert summary_b['step'] == 12 and summary_b['complete']
-  assert losses(read_metrics(tmp_path)) == losses(read_metrics(out_a))  # bit-identical, every logged step
-  assert (summary_b['train_loss'], summary_b['eval_loss']) == (summary_a['train_loss'], summary_a['eval_loss'])
+  assert_same(losses(read_metrics(tmp_path)), losses(read_metrics(out_a)))  # bit-identical on CPU, every step
+  assert_same((summary_b['train_loss'], summary_b['eval_loss']), (summary_a['train_loss'], summary_a['eval_loss']))
   _, state_a, opt_a, data_a = restore_latest(out_a)
   _, state_b, opt_b, data_b = restore_latest(tmp_path)
   assert data_a == data_b
   for x, y in zip(jax.tree.leaves((state_a, opt_a)), jax.tree.leaves((state_b, opt_b))):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    if EXACT:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    else:
+      np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-4, atol=1e-6)
 
 
 def test_metrics_and_files(straight):
@@ -306,7 +324,7 @@ def test_kill_dash_9_then_rerun_matches_a_straight_run(tmp_path):
   rerun = run_script(*args, f'--out={killed}')
   assert rerun.returncode == 0, rerun.stderr
   assert 'resuming' in rerun.stdout
-  assert losses(read_metrics(killed)) == losses(read_metrics(tmp_path / 'straight'))
+  assert_same(losses(read_metrics(killed)), losses(read_metrics(tmp_path / 'straight')))
 
 
 def test_place_state_hook_places_fresh_and_restored_state(tmp_path):
