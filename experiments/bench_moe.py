@@ -175,7 +175,8 @@ def layer_rows(setting: str) -> list[dict]:
 
 def model_sets() -> list[tuple[ModelConfig, dict[str, ModelConfig]]]:
   """(dense config, {name: MoE config}) per table: the one model of the --model_* flags with each of
-  --model_impls, or with --model_ladder every rung as the sweep builds it, dropless and at --capacity_factor."""
+  --model_impls, or with --model_ladder every rung as the sweep builds it, dropless and at --capacity_factor
+  (and dropless with each implementation of --model_impls, where that flag is given)."""
   f = FLAGS
   common = dict(vocab_size=256, max_seq_len=f.model_seq_len, activation=f.activation, dtype=f.dtype,
                 param_dtype=f.dtype, matmul=f.matmul)
@@ -183,8 +184,11 @@ def model_sets() -> list[tuple[ModelConfig, dict[str, ModelConfig]]]:
     sets = []
     for dense in sweep.ladder(ModelConfig(**common), sweep.parse_sizes(f.model_ladder)):
       moe = sweep.moe_rung(dense, 8, 2, 'active')
+      # With --model_impls given: each of them dropless (e.g. dense: every expert on every token) as well.
+      extra = {f'{impl} dropless': moe.replace(capacity_factor=None, dispatch=impl)
+               for impl in f.model_impls if impl != 'auto'} if f['model_impls'].present else {}
       sets.append((dense, {'dropless': moe.replace(capacity_factor=None),
-                           f'cf {f.capacity_factor:g}': moe.replace(capacity_factor=f.capacity_factor)}))
+                           f'cf {f.capacity_factor:g}': moe.replace(capacity_factor=f.capacity_factor), **extra}))
     return sets
   dense = ModelConfig(d_model=f.d_model, n_layers=f.model_layers, n_heads=4, d_ff=f.model_d_ff, **common)
   return [(dense, {impl: dense.replace(n_experts=8, top_k=2, d_expert=f.model_d_ff // 2,

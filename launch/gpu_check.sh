@@ -17,9 +17,12 @@ sweep="--ladder=${LADDER:-256x4,512x8} --tokens=${TOKENS:-3000000} --seeds=0 --b
 for arch in "--arch=dense" "--arch=moe --experts=8 --k=2"; do
   timeout "${SWEEP_S:-180}" "$python" experiments/sweep.py $arch $sweep; echo "sweep $arch: exit $?"
 done 2>&1 | tee "$out/sweep.log"
-timeout "${BENCH_S:-180}" "$python" experiments/bench_moe.py --settings=coarse,fine --group_sizes=512 \
-  --tokens=65536 --d_model=1024 --dtype=bfloat16 --nomodel --repeats=5 --inner=5 --max_ratio=4 \
-  --impls=einsum,gather,ragged 2>&1 | tee "$out/bench_moe.log"
+bench=(timeout "${BENCH_S:-180}" "$python" experiments/bench_moe.py --group_sizes=512 --tokens=65536 --d_model=1024
+       --dtype=bfloat16 --nomodel --repeats=5 --inner=5 --max_ratio=4)
+"${bench[@]}" --settings=coarse,fine --impls=einsum,gather,ragged 2>&1 | tee "$out/bench_moe.log"
+# A dropless candidate for GPUs, where ragged_dot is E times the work: gather at capacity factor E / k never drops
+# (capacity = the group), and its tail runs on the busiest expert's bucket only.
+"${bench[@]}" --settings=coarse --impls=gather --capacity_factor=4 2>&1 | tee "$out/bench_moe_gather_dropless.log"
 # f32 tests compare implementations to 1e-5: without 'highest' XLA:GPU runs f32 matmuls in TF32. -v names each
 # failure as it happens, so a run the time limit cuts still says which tests failed.
 XLA_FLAGS= JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TESTS_S:-300}" "$python" -m pytest -v -o addopts= \

@@ -121,6 +121,17 @@ def test_bench_moe_rows():
 
 
 @pytest.mark.slow
+def test_bench_moe_ladder_times_each_given_model_impl_dropless_too():
+  result = run('bench_moe.py', '--settings=', '--model_ladder=32x1', '--model_seq_len=16', '--model_batch=2',
+               '--repeats=1', '--model_impls=dense', '--json')
+  assert result.returncode == 0, result.stderr
+  rows = json.loads(result.stdout)
+  # the sweep's pair (dropless: ragged; gather at the capacity factor), then --model_impls dropless
+  assert [(r['impl'], r['capacity_factor']) for r in rows] == [('ragged', None), ('gather', 1.25), ('dense', None)]
+  assert all(r['ratio'] > 0 and r['d_model'] == 32 for r in rows)
+
+
+@pytest.mark.slow
 def test_bench_infer_quick_rows_and_plot(tmp_path):
   result = run('bench_infer.py', '--quick', f'--out={tmp_path}', '--json')
   assert result.returncode == 0, result.stderr
