@@ -205,7 +205,8 @@ def test_grouped_ffn_tiles_match_per_expert_ffns(activation, tiles, matmul, in_p
 def test_grouped_ffn_in_bf16_writes_tiles_in_place_and_matches_f32(in_place, monkeypatch):
   """bf16 rows and weights: outputs and gradients (weight gradients summed over tiles in f32) within bf16
   rounding of the f32 run, and no tile write in the compiled program runs in f32 (XLA:CPU's bf16
-  normalization would convert the whole buffer around each one); also with dx written over dy's bits."""
+  normalization would convert the whole buffer around each one), nor any read of the weights or residuals (an f32
+  copy of the whole operand, hoisted out of the loop); also with dx written over dy's bits."""
   monkeypatch.setattr(grouped, 'IN_PLACE_MIN_ELEMENTS', 0 if in_place else 1 << 62)
   _, _, _, w = _inputs(4, 6, 1, 'swiglu', seed=3)
   sizes_E = np.array([37, 0, 8, 1, 16, 15], np.int32)
@@ -227,6 +228,9 @@ def test_grouped_ffn_in_bf16_writes_tiles_in_place_and_matches_f32(in_place, mon
   hlo = grad.lower(*to_bf16((x_ND, w))).compile().as_text()
   assert 'dynamic-update-slice(' in hlo or 'dynamic-update-slice_' in hlo
   assert not re.search(r'= f32\[[0-9,]+\]\S* dynamic-update-slice\(', hlo)
+  # Reads on bits too: no f32 copy of every expert's weights, nor of the gate / up residuals (F = 8 wide).
+  assert not re.search(rf'= f32\[{len(sizes_E)},\d+,\d+\]', hlo)
+  assert not re.search(rf'= f32\[{N + 8},{F}\]', hlo)
 
 
 @pytest.mark.parametrize('n, n_experts', [(4096, 8), (1 << 16, (1 << 15) + 1)])  # packed key; two-operand sort
