@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from slmjax.dispatch.bits import as_bits, from_bits, index_in_dim
 from slmjax.dispatch.experts import ExpertWeights
 from slmjax.dispatch.rows import sum_rows, take_rows
 from slmjax.kernels.gemm import dot, on_one_cpu_device
@@ -25,9 +26,8 @@ IN_PLACE_MIN_ELEMENTS = 2 ** 21
 
 
 def _pick(w: ExpertWeights, e) -> ExpertWeights:
-  """Expert e's weights, sliced on their bits (`_bits`)."""
-  pick = lambda a: _from_bits(jax.lax.dynamic_index_in_dim(_bits(a), e, keepdims=False), a.dtype)
-  return ExpertWeights(*(None if a is None else pick(a) for a in w))
+  """Expert e's weights, sliced on their bits (slmjax/dispatch/bits.py)."""
+  return ExpertWeights(*(None if a is None else index_in_dim(a, e) for a in w))
 
 
 def _tile_plan(sizes_E: jax.Array, rows: int, tiles: tuple[int, ...]):
@@ -44,22 +44,9 @@ def _tile_plan(sizes_E: jax.Array, rows: int, tiles: tuple[int, ...]):
   return jnp.cumsum(sizes_E) - sizes_E, tuple(zip(sizes, counts))
 
 
-# Buffers written tile by tile are carried as bits: bf16 as uint16. XLA:CPU's bf16 normalization runs a bf16
-# dynamic-update-slice in f32, converting the whole buffer there and back at every tile (the largest cost of a
-# bf16 MoE step: 378 of 1,404 ms, profiled); on the bits, the update is in place and costs the tile alone.
-# Reads go through bits too: a bf16 dynamic-slice or gather in a loop made XLA hoist an f32 copy of the whole
-# operand (every expert's weights, the rows, the residuals) out of it, a full conversion pass per layer.
-def _bits(a: jax.Array) -> jax.Array:
-  return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
-
-
-def _from_bits(a: jax.Array, dtype) -> jax.Array:
-  return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
-
-
 def _write_at(buf: jax.Array, update: jax.Array, start, dtype) -> jax.Array:
-  """buf (`_bits` of a `dtype` array) with `update` written at index `start` of axis 0, in place."""
-  return jax.lax.dynamic_update_slice_in_dim(buf, _bits(update.astype(dtype)), start, 0)
+  """buf (`as_bits` of a `dtype` array) with `update` written at index `start` of axis 0, in place."""
+  return jax.lax.dynamic_update_slice_in_dim(buf, as_bits(update.astype(dtype)), start, 0)
 
 
 def _over_tiles(e, plan, tile_step, carry):
@@ -100,7 +87,7 @@ def grouped_ffn(x_XD: jax.Array, row_src_N: jax.Array, dest_XA: jax.Array, w: Ex
 def _source_rows(x_XD, row_src_N, row, size):
   """Rows [row, row + size) of the sorted layout, gathered (on their bits) from their source rows (past the end:
   clipped)."""
-  return _from_bits(take_rows(_bits(x_XD), jax.lax.dynamic_slice_in_dim(row_src_N, row, size)), x_XD.dtype)
+  return from_bits(take_rows(as_bits(x_XD), jax.lax.dynamic_slice_in_dim(row_src_N, row, size)), x_XD.dtype)
 
 
 def _grouped_fwd(x_XD, row_src_N, dest_XA, w, sizes_E, activation, tiles, matmul):
@@ -125,10 +112,10 @@ def _grouped_fwd(x_XD, row_src_N, dest_XA, w, sizes_E, activation, tiles, matmul
   # buffers of their own, as a concatenated [tile, 2F] write costs a copy per tile.
   # Zeros made like an operand (full_like keeps its shard_map varying axes, which a loop carry must match).
   zeros_NF = lambda F: jax.lax.full_like(x_XD, 0, shape=(N, F))
-  init = tuple(None if a is None else _bits(zeros_NF(a.shape[-1])) for a in (x_XD, w.w_gate_EDF, w.w_up_EDF))
+  init = tuple(None if a is None else as_bits(zeros_NF(a.shape[-1])) for a in (x_XD, w.w_gate_EDF, w.w_up_EDF))
   out = jax.lax.fori_loop(0, w.w_up_EDF.shape[0], expert, init)
   y_ND, gate_NF, up_NF = out  # the residuals stay bits: the backward's tiles slice them
-  return _from_bits(y_ND, x_XD.dtype), (x_XD, row_src_N, dest_XA, w, sizes_E, gate_NF, up_NF)
+  return from_bits(y_ND, x_XD.dtype), (x_XD, row_src_N, dest_XA, w, sizes_E, gate_NF, up_NF)
 
 
 def _grouped_bwd(activation, tiles, matmul, res, dy_ND):
@@ -148,11 +135,11 @@ def _grouped_bwd(activation, tiles, matmul, res, dy_ND):
       rows = lambda buf: None if buf is None else jax.lax.dynamic_slice_in_dim(buf, row, size)
       valid_W1 = (jnp.arange(size) < end_E[e] - row)[:, None]  # later rows: the next expert's or slack
       # In place, dx_ND holds dy in the rows no tile has written yet (this tile's included).
-      dy_in_WD = _from_bits(rows(dx_ND if in_place else _bits(dy_ND)), dtype)
+      dy_in_WD = from_bits(rows(dx_ND if in_place else as_bits(dy_ND)), dtype)
       x_WD, dy_WD = _source_rows(x_XD, row_src_N, row, size), jnp.where(valid_W1, dy_in_WD, 0)
       # The activation's backward in f32, from dy w_down^T's f32 result: in bf16 it would round that product to
       # bf16 only for XLA to compute in f32 again; its results are rounded once, as GEMM operands.
-      f32_rows = lambda buf: None if buf is None else _from_bits(rows(buf), dtype).astype(jnp.float32)
+      f32_rows = lambda buf: None if buf is None else from_bits(rows(buf), dtype).astype(jnp.float32)
       h_WF, act_vjp = jax.vjp(lambda g, u: activate(g, u, activation), f32_rows(gate_NF), f32_rows(up_NF))
       dgate_WF, dup_WF = (None if a is None else a.astype(dtype)
                           for a in act_vjp(dot_(dy_WD, we.w_down_EFD, transb=True, f32=True)))
@@ -175,11 +162,11 @@ def _grouped_bwd(activation, tiles, matmul, res, dy_ND):
                          for a, g, wa in zip(dw, dwe, w)))
     return dx_ND, dw
 
-  zeros = ExpertWeights(*(None if a is None else _bits(jnp.zeros_like(a)) for a in w))
+  zeros = ExpertWeights(*(None if a is None else as_bits(jnp.zeros_like(a)) for a in w))
   dx_init_ND = dy_ND if in_place else jnp.zeros_like(dy_ND)
-  dx_ND, dw = jax.lax.fori_loop(0, w.w_up_EDF.shape[0], expert, (_bits(dx_init_ND), zeros))
-  dw = ExpertWeights(*(None if a is None else _from_bits(a, wa.dtype) for a, wa in zip(dw, w)))
-  return sum_rows((_from_bits(dx_ND, dtype),), dest_XA), None, None, dw, None
+  dx_ND, dw = jax.lax.fori_loop(0, w.w_up_EDF.shape[0], expert, (as_bits(dx_init_ND), zeros))
+  dw = ExpertWeights(*(None if a is None else from_bits(a, wa.dtype) for a, wa in zip(dw, w)))
+  return sum_rows((from_bits(dx_ND, dtype),), dest_XA), None, None, dw, None
 
 
 grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)

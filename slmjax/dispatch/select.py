@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from slmjax.dispatch.bits import index_in_dim
 from slmjax.dispatch.experts import ExpertWeights
 from slmjax.dispatch.gather import gather_dispatch
 from slmjax.layers import activate
@@ -39,7 +40,7 @@ def select_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
     """One assignment: its expert's matrices sliced out in place (dynamic slices feed the dots; a gather
     would copy each [D, F] first, 2.7x slower at mixtral-512's layer)."""
     x_D, expert, gate = row
-    pick = lambda weights: jax.lax.dynamic_index_in_dim(weights, expert, keepdims=False)
+    pick = lambda weights: index_in_dim(weights, expert)  # on the bits: a bf16 slice would copy every expert to f32
     up_F = x_D @ pick(w.w_up_EDF)
     gate_F = None if w.w_gate_EDF is None else x_D @ pick(w.w_gate_EDF)
     return carry, (activate(gate_F, up_F, activation) * gate.astype(x_D.dtype)) @ pick(w.w_down_EFD)
