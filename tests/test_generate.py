@@ -1,6 +1,7 @@
 """KV-cache generation: cached decoding reproduces the full forward, seeds fix samples, bad requests fail in one line."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,16 @@ def test_select_decode_reads_only_the_chosen_experts():
   products = [line for line in hlo.splitlines() if 'dot_general' in line]
   assert 'stablehlo.dynamic_slice' in hlo and 'stablehlo.sort' not in hlo and len(products) == 3
   assert not any('tensor<8x' in line for line in products)  # every product on one sliced expert
+
+
+def test_select_in_bf16_converts_only_the_chosen_experts():
+  """In the compiled bf16 program no op makes an f32 copy of all E experts' weights: XLA:CPU runs a bf16 slice in
+  f32 and hoists the conversion of the whole array out of the scan, unless the slice is on the bits."""
+  w = ExpertWeights(*(jnp.ones(s, jnp.bfloat16) for s in ((8, 32, 16), (8, 32, 16), (8, 16, 32))))
+  step = jax.jit(lambda x, w: dispatch.DISPATCH['select'](
+      x, jnp.ones((1, 1, 2)), jnp.array([[[1, 5]]], jnp.int32), w, 1, 'swiglu')[0])
+  hlo = step.lower(jnp.ones((1, 1, 32), jnp.bfloat16), w).compile().as_text()
+  assert not re.search(r'= f32\[8,\d+,\d+\]', hlo)
 
 
 def test_generation_is_seeded_and_greedy_is_the_argmax():
