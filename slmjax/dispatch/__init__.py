@@ -35,7 +35,8 @@ later token's first choice evict an earlier token's second: information from the
 One implementation a module: einsum.py, gather.py, ragged.py (with grouped.py, its row tiles on CPU), dense.py,
 select.py, alltoall.py.
 What they share: experts.py (the stacked expert weights and their FFNs), slots.py (capacity slots in token
-order), rows.py (row gathers into and out of expert buffers, gathers in the backward pass too).
+order), rows.py (row gathers into and out of expert buffers, gathers in the backward pass too), bits.py (bf16
+slices and updates on uint16 bits, where XLA:CPU would convert whole arrays to f32).
 
 Shape letters: slmjax/shapes.py (here G, S, A, E, C, D).
 """
