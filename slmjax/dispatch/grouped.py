@@ -85,9 +85,8 @@ def grouped_ffn(x_XD: jax.Array, row_src_N: jax.Array, dest_XA: jax.Array, w: Ex
 
 
 def _source_rows(x_XD, row_src_N, row, size):
-  """Rows [row, row + size) of the sorted layout, gathered (on their bits) from their source rows (past the end:
-  clipped)."""
-  return from_bits(take_rows(as_bits(x_XD), jax.lax.dynamic_slice_in_dim(row_src_N, row, size)), x_XD.dtype)
+  """Rows [row, row + size) of the sorted layout, gathered from their source rows (past the end: clipped)."""
+  return take_rows(x_XD, jax.lax.dynamic_slice_in_dim(row_src_N, row, size))
 
 
 def _grouped_fwd(x_XD, row_src_N, dest_XA, w, sizes_E, activation, tiles, matmul):

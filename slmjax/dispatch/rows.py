@@ -11,11 +11,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from slmjax.dispatch.bits import as_bits, from_bits
+
 
 def take_rows(src_ND: jax.Array, idx: jax.Array) -> jax.Array:
   """src_ND[idx] with out-of-range indices clamped: one gather pass (mode='fill' adds a select pass over the
-  whole output); callers mask the rows an out-of-range 'empty' index reads."""
-  return jnp.take(src_ND, idx, axis=0, mode='clip')
+  whole output); callers mask the rows an out-of-range 'empty' index reads. bf16 rows move as their bits:
+  XLA:CPU gathers bf16 in f32, converting the whole source first (slmjax/dispatch/bits.py)."""
+  return from_bits(jnp.take(as_bits(src_ND), idx, axis=0, mode='clip'), src_ND.dtype)
 
 
 def _take_segments(segments, idx_X: jax.Array) -> jax.Array:
