@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from slmjax.axes import constrain
 from slmjax.dispatch.experts import ExpertWeights, expert_ffn_rows
-from slmjax.dispatch.grouped import GROUP_TILE, grouped_ffn, row_tiles_pay
+from slmjax.dispatch.grouped import GROUP_TILE, row_tiles_pay, rows_ffn
 from slmjax.dispatch.rows import combine_rows, dispatch_rows
 from slmjax.dispatch.slots import slots_and_counts
 
@@ -118,6 +118,6 @@ def packed_rows_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capaci
   dest_XA = jnp.where(kept_GSA, run_start_E[experts_GSA] + _row_in_expert(experts_GSA, slot_GSA, count_GE),
                       N).reshape(X, A)
   asg_N = _assignment_of_row(dest_XA, N)
-  y_ND = grouped_ffn(x_GSD.reshape(X, D), asg_N // A, dest_XA, w, sizes_E, activation, matmul=matmul)
+  y_ND = rows_ffn(x_GSD.reshape(X, D), asg_N // A, dest_XA, w, sizes_E, activation, matmul=matmul)
   weight_XA = (gates_GSA * kept_GSA).reshape(X, A).astype(x_GSD.dtype)
   return combine_rows((y_ND,), weight_XA, dest_XA, (asg_N,)).reshape(G, S, D), kept_GSA

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+import slmjax.dispatch.fused_swiglu as fused_swiglu
 from slmjax.dispatch.bits import as_bits, from_bits, index_in_dim
 from slmjax.dispatch.experts import ExpertWeights
 from slmjax.dispatch.rows import sum_rows, take_rows
@@ -171,6 +172,15 @@ def _grouped_bwd(activation, tiles, matmul, res, dy_ND):
 grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
 
 
+def rows_ffn(x_XD: jax.Array, row_src_N: jax.Array, dest_XA: jax.Array, w: ExpertWeights, sizes_E: jax.Array,
+             activation: str, matmul: str = 'xla'):
+  """`grouped_ffn` (its arguments and result), or where it takes the layer the fused SwiGLU call
+  (slmjax/dispatch/fused_swiglu.py: narrow f32 experts on one CPU device, `matmul` 'auto')."""
+  if fused_swiglu.runs(x_XD, w, activation, matmul):
+    return fused_swiglu.swiglu_ffn(x_XD, row_src_N, dest_XA, w, sizes_E)
+  return grouped_ffn(x_XD, row_src_N, dest_XA, w, sizes_E, activation, matmul=matmul)
+
+
 def row_tiles_pay(rows_per_expert: int) -> bool:
   """Whether einsum and gather run their experts as these row tiles rather than batched products: on one CPU
   device (no mesh, or a mesh of one device), once an expert's rows (on average) fill the smallest tile. On a
@@ -189,5 +199,5 @@ def equal_runs_ffn(x_EMD: jax.Array, w: ExpertWeights, activation: str, matmul: 
   row_src_N = jnp.concatenate([jnp.arange(N, dtype=jnp.int32), jnp.full((GROUP_TILE,), N, jnp.int32)])
   dest_N1 = jnp.arange(N, dtype=jnp.int32)[:, None]
   sizes_E = jnp.full((E,), M, jnp.int32)
-  y_ND = grouped_ffn(x_EMD.reshape(N, D), row_src_N, dest_N1, w, sizes_E, activation, matmul=matmul)
+  y_ND = rows_ffn(x_EMD.reshape(N, D), row_src_N, dest_N1, w, sizes_E, activation, matmul=matmul)
   return y_ND[:N].reshape(E, M, D)

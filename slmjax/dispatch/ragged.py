@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from slmjax.dispatch.experts import ExpertWeights
-from slmjax.dispatch.grouped import GROUP_TILE, grouped_ffn
+from slmjax.dispatch.grouped import GROUP_TILE, rows_ffn
 from slmjax.dispatch.rows import combine_rows, dispatch_rows
 from slmjax.layers import activate
 
@@ -56,11 +56,11 @@ def slack_rows() -> int:
 def sorted_rows_ffn(x_XD, row_src_N, dest_XA, w: ExpertWeights, sizes_E, activation: str, matmul: str = 'xla'):
   """Expert e's FFN on its run of sizes_E[e] rows, for rows x_XD[row_src_N] sorted by expert (plus
   `slack_rows()` rows; dest_XA the inverse map, as for `dispatch_rows`): the grouped matmuls are
-  `jax.lax.ragged_dot` on the gathered rows on accelerators with grouped-matmul kernels, `grouped_ffn`'s row
-  tiles on CPU, each gathering its own rows (ragged_dot lowers to a dense masked product there, E times the
-  work; `matmul` picks the tiles' GEMM)."""
+  `jax.lax.ragged_dot` on the gathered rows on accelerators with grouped-matmul kernels, `rows_ffn` on CPU
+  (`grouped_ffn`'s row tiles, each gathering its own rows, or the fused SwiGLU call; ragged_dot lowers to a
+  dense masked product there, E times the work; `matmul` picks the tiles' GEMM)."""
   if jax.default_backend() == 'cpu':
-    return grouped_ffn(x_XD, row_src_N, dest_XA, w, sizes_E, activation, matmul=matmul)
+    return rows_ffn(x_XD, row_src_N, dest_XA, w, sizes_E, activation, matmul=matmul)
   x_ND, = dispatch_rows(x_XD, (row_src_N,), dest_XA)
   up_NF = jax.lax.ragged_dot(x_ND, w.w_up_EDF, sizes_E)
   gate_NF = None if w.w_gate_EDF is None else jax.lax.ragged_dot(x_ND, w.w_gate_EDF, sizes_E)

@@ -63,23 +63,41 @@ def target(library: str, dtype) -> str:
   return f'slmjax_{library}_gemm_{jnp.dtype(dtype).name.replace("float", "f")}'
 
 
-def build(cache: pathlib.Path | None = None) -> pathlib.Path:
-  """The compiled handler library, built once per source and jax version (atomically: concurrent first uses
-  each compile to a temporary name and rename)."""
+def build(cache: pathlib.Path | None = None, source: pathlib.Path = SOURCE, flags: tuple[str, ...] = ('-O2',)
+          ) -> pathlib.Path:
+  """The compiled handler library of `source`, built once per source, flags and jax version (atomically:
+  concurrent first uses each compile to a temporary name and rename). With -march=native the key holds this
+  CPU's feature flags too, so a cache shared between machines never runs another CPU's instructions."""
   cache = cache or pathlib.Path(os.environ.get('SLMJAX_CACHE', pathlib.Path.home() / '.cache' / 'slmjax'))
-  key = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode()).hexdigest()[:16]
-  lib = cache / 'kernels' / f'gemm-{key}.so'
+  cpu = _cpu_flags() if '-march=native' in flags else ''
+  key = hashlib.sha256(source.read_bytes() + jax.__version__.encode() + ' '.join(flags).encode()
+                       + cpu.encode()).hexdigest()[:16]
+  lib = cache / 'kernels' / f'{source.stem}-{key}.so'
   if not lib.exists():
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
       out = pathlib.Path(tmp) / lib.name
-      cmd = [os.environ.get('CXX', 'g++'), '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
-             f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(out), '-ldl']
-      result = subprocess.run(cmd, capture_output=True, text=True)
+      cmd = [os.environ.get('CXX', 'g++'), *flags, '-std=c++17', '-shared', '-fPIC', '-w',
+             f'-I{jax.ffi.include_dir()}', str(source), '-o', str(out), '-ldl']
+      try:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+      except OSError as e:
+        raise RuntimeError(f'{cmd[0]}: {e}') from None
       if result.returncode:
-        raise RuntimeError(f'{cmd[0]} failed: {result.stderr.strip().splitlines()[-1:]}')
+        lines = result.stderr.strip().splitlines()
+        errors = [line for line in lines if 'error' in line] or lines[-1:]
+        raise RuntimeError(f'{cmd[0]} failed: {errors[:1]}')
       os.replace(out, lib)
   return lib
+
+
+def _cpu_flags() -> str:
+  """This CPU's model and feature flags (Linux), '' where unknown."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      return ''.join(line for line in f if line.startswith(('flags', 'model name')))[:8192]
+  except OSError:
+    return ''
 
 
 @functools.cache

@@ -1,0 +1,281 @@
+// XLA:CPU FFI handlers: the dropless SwiGLU expert FFN of narrow experts, forward and backward, in one call each
+// (slmjax/kernels/swiglu_ffn.py). Rows are sorted by expert (sizes[e] rows each, row n reads x[row_src[n]]), as
+// for slmjax/dispatch/grouped.py's row tiles, which at d_model 32-128 spend most of their time in XLA's per-op
+// overhead (loops, slices, small GEMMs at a third of the big ones' FLOP rate). Here each expert's run is
+// processed in blocks of R rows with register-blocked f32 kernels, experts spread over XLA's own intra-op
+// threads. Built by slmjax/dispatch/fused_swiglu.py at first use with -O3 -march=native. Widths must be
+// multiples of 32.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int R = 4;  // rows per product kernel: R x 64 accumulators fill half the AVX-512 registers
+constexpr int RB = 16;  // rows per block: a weight gradient reads and writes its accumulator once a block
+
+// 16 floats (GCC vector extensions; one AVX-512 register).
+typedef float V __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+typedef float VU __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
+constexpr int L = 16;
+
+inline V Load(const float* p) { return *reinterpret_cast<const VU*>(p); }
+inline void Store(float* p, V v) { *reinterpret_cast<VU*>(p) = v; }
+
+
+// c[r, j0:j0+CB] (+)= sum_k a[r, k] b[k, j0 + j] for the R rows of a (row stride lda) and b [K, N].
+template <int CB>
+inline void BlockTimes(const float* a, int64_t lda, const float* b, int64_t K, int64_t N, int64_t j0, float* c,
+                       int64_t ldc, bool accumulate) {
+  float acc[R][CB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < CB; ++j) acc[r][j] = accumulate ? c[r * ldc + j0 + j] : 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * N + j0;
+    const float a0 = a[k], a1 = a[lda + k], a2 = a[2 * lda + k], a3 = a[3 * lda + k];
+    for (int j = 0; j < CB; ++j) {
+      const float bj = bk[j];
+      acc[0][j] += a0 * bj;
+      acc[1][j] += a1 * bj;
+      acc[2][j] += a2 * bj;
+      acc[3][j] += a3 * bj;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < CB; ++j) c[r * ldc + j0 + j] = acc[r][j];
+}
+
+// c[RB, N] (+)= a[RB, K] b[K, N]; N a multiple of 32.
+inline void RowsTimes(const float* a, int64_t K, const float* b, int64_t N, float* c, bool accumulate) {
+  for (int r = 0; r < RB; r += R) {
+    int64_t j0 = 0;
+    for (; j0 + 64 <= N; j0 += 64) BlockTimes<64>(a + r * K, K, b, K, N, j0, c + r * N, N, accumulate);
+    for (; j0 < N; j0 += 32) BlockTimes<32>(a + r * K, K, b, K, N, j0, c + r * N, N, accumulate);
+  }
+}
+
+// c[M, N] += a[RB, M]^T b[RB, N]: a weight gradient's share of one block.
+inline void AddOuter(const float* a, int64_t M, const float* b, int64_t N, float* c) {
+  for (int64_t m = 0; m < M; ++m) {
+    float am[RB];
+    for (int r = 0; r < RB; ++r) am[r] = a[r * M + m];
+    float* cm = c + m * N;
+    for (int64_t j = 0; j < N; j += L) {
+      V sum = Load(cm + j);
+      for (int r = 0; r < RB; ++r) sum += am[r] * Load(b + r * N + j);
+      Store(cm + j, sum);
+    }
+  }
+}
+
+// t[C, R] = s[R, C]^T.
+inline void Transpose(const float* s, int64_t rows, int64_t cols, float* t) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = s[r * cols + c];
+}
+
+// body(e) for every expert e, on the calling thread and the pool's others: experts are claimed one at a time,
+// and the call returns once every claimed expert is done. A helper that starts late finds nothing to claim, so
+// the caller never waits for a pool thread to become free (no deadlock when the pool is busy).
+template <typename Body>
+void ForEachExpert(ffi::ThreadPool& pool, int64_t E, const Body& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> active{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, E, &body] {
+    state->active.fetch_add(1);
+    for (int64_t e; (e = state->next.fetch_add(1)) < E;) body(e);
+    state->active.fetch_sub(1);
+  };
+  for (int64_t i = 1; i < std::min(pool.num_threads(), E); ++i) pool.Schedule([work] { work(); });
+  for (int64_t e; (e = state->next.fetch_add(1)) < E;) body(e);
+  while (state->active.load() > 0) std::this_thread::yield();
+}
+
+struct Runs {
+  std::vector<int64_t> start;
+  int64_t total = 0;
+  explicit Runs(const int32_t* sizes, int64_t E) : start(E) {
+    for (int64_t e = 0; e < E; ++e) start[e] = total, total += std::max<int32_t>(sizes[e], 0);
+  }
+};
+
+// The RB rows of block [n0, n0 + RB) of a run ending at `end`: x rows gathered (clipped to X), `rows` of them
+// valid, the rest zero.
+inline int GatherBlock(const float* x, int64_t X, int64_t D, const int32_t* row_src, int64_t n0, int64_t end,
+                       float* xb) {
+  const int rows = static_cast<int>(std::min<int64_t>(RB, end - n0));
+  for (int r = 0; r < RB; ++r) {
+    if (r < rows) {
+      const int64_t src = std::clamp<int64_t>(row_src[n0 + r], 0, X - 1);
+      std::memcpy(xb + r * D, x + src * D, D * sizeof(float));
+    } else {
+      std::memset(xb + r * D, 0, D * sizeof(float));
+    }
+  }
+  return rows;
+}
+
+// The activation on 16 floats at a time (vectors: the loops over scalars did not vectorize, and
+// glibc's scalar expf was most of the forward's time). exp as Cephes' expf computes it: 2^n times a polynomial
+// of the remainder, ~1 ulp on [-87, 88].
+
+inline V Exp(V x) {
+  x = x > 88.f ? V{} + 88.f : x;
+  x = x < -87.f ? V{} - 87.f : x;
+  const V t = x * 1.44269504089f + 0.5f;
+  V n = __builtin_convertvector(__builtin_convertvector(t, VI), V);  // truncated: floor below
+  n = n > t ? n - 1.f : n;
+  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  return p * reinterpret_cast<V>((__builtin_convertvector(n, VI) + 127) << 23);
+}
+
+// h = silu(g) u over `size` (a multiple of 16) elements.
+inline void SwigluForward(const float* g, const float* u, float* h, int64_t size) {
+  for (int64_t i = 0; i < size; i += L) {
+    const V gi = Load(g + i);
+    Store(h + i, gi / (1.f + Exp(-gi)) * Load(u + i));
+  }
+}
+
+// h = silu(g) u, and the cotangents of g and u from h's, dh.
+inline void SwigluBackward(const float* g, const float* u, const float* dh, float* h, float* dg, float* du,
+                           int64_t size) {
+  for (int64_t i = 0; i < size; i += L) {
+    const V gi = Load(g + i), ui = Load(u + i), dhi = Load(dh + i);
+    const V s = 1.f / (1.f + Exp(-gi)), silu = gi * s;
+    Store(h + i, silu * ui);
+    Store(du + i, dhi * silu);
+    Store(dg + i, dhi * ui * s * (1.f + gi * (1.f - s)));
+  }
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> row_src, ffi::Buffer<ffi::S32> sizes,
+                   ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down,
+                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> gate, ffi::ResultBuffer<ffi::F32> up) {
+  const int64_t X = x.dimensions()[0], D = x.dimensions()[1], N = row_src.dimensions()[0];
+  const int64_t E = w_up.dimensions()[0], F = w_up.dimensions()[2];
+  const Runs runs(sizes.typed_data(), E);
+  if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
+  float *y_ND = y->typed_data(), *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
+  std::memset(y_ND + runs.total * D, 0, (N - runs.total) * D * sizeof(float));
+  std::memset(gate_NF + runs.total * F, 0, (N - runs.total) * F * sizeof(float));
+  std::memset(up_NF + runs.total * F, 0, (N - runs.total) * F * sizeof(float));
+  ForEachExpert(pool, E, [&](int64_t e) {
+    std::vector<float> xb(RB * D), g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
+    {
+      const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
+      const float* wd = w_down.typed_data() + e * F * D;
+      const int64_t end = runs.start[e] + std::max<int32_t>(sizes.typed_data()[e], 0);
+      for (int64_t n0 = runs.start[e]; n0 < end; n0 += RB) {
+        const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, end, xb.data());
+        RowsTimes(xb.data(), D, wg, F, g.data(), false);
+        RowsTimes(xb.data(), D, wu, F, u.data(), false);
+        SwigluForward(g.data(), u.data(), h.data(), RB * F);
+        RowsTimes(h.data(), F, wd, D, yb.data(), false);
+        std::memcpy(y_ND + n0 * D, yb.data(), rows * D * sizeof(float));
+        std::memcpy(gate_NF + n0 * F, g.data(), rows * F * sizeof(float));
+        std::memcpy(up_NF + n0 * F, u.data(), rows * F * sizeof(float));
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> row_src, ffi::Buffer<ffi::S32> sizes,
+                    ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down,
+                    ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> up, ffi::Buffer<ffi::F32> dy,
+                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw_gate,
+                    ffi::ResultBuffer<ffi::F32> dw_up, ffi::ResultBuffer<ffi::F32> dw_down) {
+  const int64_t X = x.dimensions()[0], D = x.dimensions()[1], N = row_src.dimensions()[0];
+  const int64_t E = w_up.dimensions()[0], F = w_up.dimensions()[2];
+  const Runs runs(sizes.typed_data(), E);
+  if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
+  float* dx_ND = dx->typed_data();
+  std::memset(dx_ND + runs.total * D, 0, (N - runs.total) * D * sizeof(float));
+  ForEachExpert(pool, E, [&](int64_t e) {
+    std::vector<float> xb(RB * D), dyb(RB * D), g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F),
+        du(RB * F), dxb(RB * D), wgT(F * D), wuT(F * D), wdT(D * F);
+    {
+      const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
+      const float* wd = w_down.typed_data() + e * F * D;
+      float *dwg = dw_gate->typed_data() + e * D * F, *dwu = dw_up->typed_data() + e * D * F;
+      float* dwd = dw_down->typed_data() + e * F * D;
+      std::memset(dwg, 0, D * F * sizeof(float));
+      std::memset(dwu, 0, D * F * sizeof(float));
+      std::memset(dwd, 0, F * D * sizeof(float));
+      Transpose(wg, D, F, wgT.data());
+      Transpose(wu, D, F, wuT.data());
+      Transpose(wd, F, D, wdT.data());
+      const int64_t end = runs.start[e] + std::max<int32_t>(sizes.typed_data()[e], 0);
+      for (int64_t n0 = runs.start[e]; n0 < end; n0 += RB) {
+        const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, end, xb.data());
+        std::fill(dyb.begin(), dyb.end(), 0.f);
+        std::fill(g.begin(), g.end(), 0.f);
+        std::fill(u.begin(), u.end(), 0.f);
+        std::memcpy(dyb.data(), dy.typed_data() + n0 * D, rows * D * sizeof(float));
+        std::memcpy(g.data(), gate.typed_data() + n0 * F, rows * F * sizeof(float));
+        std::memcpy(u.data(), up.typed_data() + n0 * F, rows * F * sizeof(float));
+        RowsTimes(dyb.data(), D, wdT.data(), F, dh.data(), false);
+        SwigluBackward(g.data(), u.data(), dh.data(), h.data(), dg.data(), du.data(), RB * F);
+        RowsTimes(dg.data(), F, wgT.data(), D, dxb.data(), false);
+        RowsTimes(du.data(), F, wuT.data(), D, dxb.data(), true);
+        std::memcpy(dx_ND + n0 * D, dxb.data(), rows * D * sizeof(float));
+        AddOuter(h.data(), F, dyb.data(), D, dwd);
+        AddOuter(xb.data(), D, dg.data(), F, dwg);
+        AddOuter(xb.data(), D, du.data(), F, dwu);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxSwigluFfnFwd, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxSwigluFfnBwd, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

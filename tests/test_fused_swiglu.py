@@ -1,0 +1,108 @@
+"""The fused SwiGLU expert FFN (slmjax/dispatch/fused_swiglu.py, slmjax/kernels/swiglu_ffn.cc): the same values
+and gradients as each expert's FFN on its own rows, taken only where it runs, the row tiles elsewhere."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slmjax.dispatch import fused_swiglu, grouped
+from slmjax.dispatch.experts import ExpertWeights, expert_ffn
+from slmjax.dispatch.ragged import ragged_dispatch
+
+D, F = 32, 64
+
+
+@pytest.fixture(scope='module', autouse=True)
+def built(tmp_path_factory):
+  """The handlers built once into a temporary cache (not ~); skip where this machine cannot build them."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('SLMJAX_CACHE', str(tmp_path_factory.mktemp('cache')))
+    fused_swiglu.load.cache_clear()
+    if (reason := fused_swiglu.load()) is not None:
+      pytest.skip(f'no fused SwiGLU call here: {reason}')
+    yield
+
+
+def _weights(E, seed=0, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: (rng.normal(size=shape) * shape[1] ** -0.5).astype(dtype)
+  return ExpertWeights(normal(E, D, F), normal(E, D, F), normal(E, F, D))
+
+
+def test_matches_per_expert_ffns_values_and_gradients():
+  """Runs of 0 to 45 rows (an empty expert, runs not a multiple of the 16-row block, one of a single row), rows
+  gathered from a shuffled source, slack rows past the runs (zero out, their cotangent ignored): the output and
+  the gradients of x and of every weight equal each expert's FFN on its own rows."""
+  w = _weights(6)
+  sizes_E = np.array([45, 0, 8, 1, 16, 17], np.int32)
+  N = int(sizes_E.sum())
+  rng = np.random.default_rng(4)
+  x_ND, dy_ND = (rng.normal(size=(N, D)).astype(np.float32) for _ in range(2))
+  perm_N = rng.permutation(N)
+
+  def reference(x_ND, w):
+    starts = np.concatenate([[0], np.cumsum(sizes_E)])
+    return jnp.concatenate([expert_ffn(x_ND[None, lo:hi], ExpertWeights(*(a[e:e + 1] for a in w)), 'swiglu')[0]
+                            for e, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))])
+
+  def fused(x_ND, w):
+    src_ND = x_ND[np.argsort(perm_N)]  # row n of the sorted layout is source row perm_N[n]
+    row_src_N = jnp.asarray(np.concatenate([perm_N, np.full(8, N)]), jnp.int32)
+    dest_N1 = jnp.asarray(np.argsort(perm_N)[:, None], jnp.int32)
+    return fused_swiglu.swiglu_ffn(src_ND, row_src_N, dest_N1, w, jnp.asarray(sizes_E))
+
+  np.testing.assert_array_equal(fused(x_ND, w)[N:], 0)
+
+  results = [jax.value_and_grad(lambda x, w: jnp.vdot(fn(x, w)[:N], dy_ND), argnums=(0, 1))(x_ND, w)
+             for fn in (fused, reference)]
+  for got, want in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_dropless_dispatch_takes_the_call_with_the_same_result_as_the_tiles(monkeypatch):
+  """The ragged dispatch of an f32 SwiGLU layer of width 32 runs the fused call (its custom call is in the
+  compiled program); with the call ruled out it runs the row tiles, and both give the same output and
+  gradients."""
+  rng = np.random.default_rng(1)
+  E, A, X = 8, 2, 256
+  w = _weights(E, seed=2)
+  x_GSD = rng.normal(size=(1, X, D)).astype(np.float32)
+  experts_GSA = np.argsort(-rng.uniform(size=(1, X, E)), axis=-1)[..., :A].astype(np.int32)
+  gates_GSA = rng.uniform(0.1, 1.0, size=(1, X, A)).astype(np.float32)
+
+  def loss(x, gates, w):
+    y, _ = ragged_dispatch(x, gates, experts_GSA, w, 0, 'swiglu', 'auto')
+    return jnp.sum(jnp.sin(y))
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  assert 'slmjax_swiglu_ffn_fwd' in grad.lower(x_GSD, gates_GSA, w).as_text()
+  fused = grad(x_GSD, gates_GSA, w)
+  monkeypatch.setattr(fused_swiglu, 'runs', lambda *args: False)
+  tiles_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  assert 'slmjax_swiglu_ffn_fwd' not in tiles_grad.lower(x_GSD, gates_GSA, w).as_text()
+  for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(tiles_grad(x_GSD, gates_GSA, w))):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('change, runs', [
+    ({}, True), ({'matmul': 'xla'}, False), ({'matmul': 'onednn'}, False), ({'activation': 'gelu'}, False),
+    ({'dtype': jnp.bfloat16}, False), ({'d_model': 48}, False), ({'d_model': 128}, False),
+    ({'expert_width': 512}, False)])
+def test_taken_only_for_narrow_f32_swiglu_layers_with_matmul_auto(change, runs):
+  d_model, width = change.get('d_model', D), change.get('expert_width', F)
+  dtype = change.get('dtype', jnp.float32)
+  w = ExpertWeights(*(jnp.zeros(s, dtype) for s in ((8, d_model, width), (8, d_model, width), (8, width, d_model))))
+  x_XD = jnp.zeros((16, d_model), dtype)
+  assert fused_swiglu.runs(x_XD, w, change.get('activation', 'swiglu'), change.get('matmul', 'auto')) == runs
+
+
+def test_where_it_cannot_build_the_tiles_run(monkeypatch):
+  monkeypatch.setattr(fused_swiglu, 'load', lambda: 'cannot build the fused SwiGLU FFN: no g++ (test)')
+  w = _weights(2)
+  x_XD = jnp.ones((4, D))
+  assert not fused_swiglu.runs(x_XD, w, 'swiglu', 'auto')
+  calls = []
+  monkeypatch.setattr(grouped, 'grouped_ffn', lambda *args, **kwargs: calls.append(args) or args[0])
+  grouped.rows_ffn(x_XD, jnp.arange(4), jnp.arange(4)[:, None], w, jnp.array([4, 0]), 'swiglu', 'auto')
+  assert len(calls) == 1
