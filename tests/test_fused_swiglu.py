@@ -87,7 +87,7 @@ def test_dropless_dispatch_takes_the_call_with_the_same_result_as_the_tiles(monk
 
 @pytest.mark.parametrize('change, runs', [
     ({}, True), ({'matmul': 'xla'}, False), ({'matmul': 'onednn'}, False), ({'activation': 'gelu'}, False),
-    ({'dtype': jnp.bfloat16}, False), ({'d_model': 48}, False), ({'d_model': 128}, False),
+    ({'dtype': jnp.bfloat16}, False), ({'d_model': 48}, False), ({'d_model': 128}, True), ({'d_model': 160}, False),
     ({'expert_width': 512}, False)])
 def test_taken_only_for_narrow_f32_swiglu_layers_with_matmul_auto(change, runs):
   d_model, width = change.get('d_model', D), change.get('expert_width', F)

@@ -26,10 +26,11 @@ from slmjax.kernels import gemm
 
 SOURCE = pathlib.Path(__file__).parents[1] / 'kernels' / 'swiglu_ffn.cc'
 FLAGS = ('-O3', '-march=native')
-# Widest layer the call takes: training steps of the cpu ladder's dropless MoE against the tiles, interleaved:
-# 32x2 0.74x, 64x2 0.82x, 96x3 (d_model 96, experts 192) 0.91x, but 128x4 (128, 256) 1.21x (the tiles' larger
-# GEMMs run nearer XLA's peak than these kernels).
-MAX_D_MODEL, MAX_EXPERT_WIDTH = 96, 256
+# Widest layer the call takes. Training steps of the cpu ladder's MoE, interleaved with the dense step (MoE /
+# dense, row tiles -> this call): dropless 32x2 1.64 -> 1.17, 64x2 1.45 -> 1.16, 96x3 1.40 -> 1.19, 128x4 1.27 ->
+# 1.21 (at capacity factor 1.25 a wash there: 1.14 -> 1.20, 1.21 -> 1.22); wider, the tiles' larger GEMMs run
+# nearer XLA's peak than these kernels (not measured past 128).
+MAX_D_MODEL, MAX_EXPERT_WIDTH = 128, 256
 
 
 @functools.cache
