@@ -1,12 +1,12 @@
-"""The dropless SwiGLU expert FFN of narrow f32 experts as two XLA:CPU FFI calls (slmjax/kernels/swiglu_ffn.cc): `grouped_ffn`'s
-contract (rows x_XD[row_src_N] sorted by expert, sizes_E each; the output in the sorted layout), forward and
-backward each one call instead of a loop of XLA ops per tile.
+"""The dropless SwiGLU expert FFN of narrow f32 experts as two XLA:CPU FFI calls (slmjax/kernels/swiglu_ffn.cc):
+`grouped_ffn`'s contract (rows x_XD[row_src_N] sorted by expert, sizes_E each; the output in the sorted layout),
+forward and backward each one call instead of a loop of XLA ops per tile.
 
 Why: at the cpu ladder's widths (d_model 32-128) `grouped_ffn`'s row tiles are mostly XLA's per-op cost (a
 [512, 32] x [32, 64] product runs at a third of a large one's FLOP rate, plus a slice, a gather and writes per
 tile), so a dropless MoE step took 1.4-1.7x the dense step at d_model 32. Built at first use like the GEMM
-handlers (slmjax/kernels/gemm.py), with -march=native, on XLA's own threads; where it cannot build or load, `runs` says no
-and the row tiles run instead.
+handlers (slmjax/kernels/gemm.py), with -march=native; runs on XLA's own threads; where it cannot build or load,
+`runs` says no and the row tiles run instead.
 
 Shape letters: slmjax/shapes.py (here X source rows, A, E, D, F, N rows sorted by expert plus slack).
 """

@@ -1,8 +1,8 @@
 // XLA:CPU FFI handlers: the dropless SwiGLU expert FFN of narrow experts, forward and backward, in one call each
-// (slmjax/kernels/swiglu_ffn.py). Rows are sorted by expert (sizes[e] rows each, row n reads x[row_src[n]]), as
+// (slmjax/dispatch/fused_swiglu.py). Rows are sorted by expert (sizes[e] rows each, row n reads x[row_src[n]]), as
 // for slmjax/dispatch/grouped.py's row tiles, which at d_model 32-128 spend most of their time in XLA's per-op
 // overhead (loops, slices, small GEMMs at a third of the big ones' FLOP rate). Here each expert's run is
-// processed in blocks of R rows with register-blocked f32 kernels, experts spread over XLA's own intra-op
+// processed in blocks of RB rows with register-blocked f32 kernels, experts spread over XLA's own intra-op
 // threads. Built by slmjax/dispatch/fused_swiglu.py at first use with -O3 -march=native. Widths must be
 // multiples of 32.
 #include <algorithm>
@@ -175,7 +175,8 @@ inline void SwigluBackward(const float* g, const float* u, const float* dh, floa
   }
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> row_src, ffi::Buffer<ffi::S32> sizes,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> row_src,
+                   ffi::Buffer<ffi::S32> sizes,
                    ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down,
                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> gate, ffi::ResultBuffer<ffi::F32> up) {
   const int64_t X = x.dimensions()[0], D = x.dimensions()[1], N = row_src.dimensions()[0];
@@ -188,26 +189,25 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   std::memset(up_NF + runs.total * F, 0, (N - runs.total) * F * sizeof(float));
   ForEachExpert(pool, E, [&](int64_t e) {
     std::vector<float> xb(RB * D), g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
-    {
-      const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
-      const float* wd = w_down.typed_data() + e * F * D;
-      const int64_t end = runs.start[e] + std::max<int32_t>(sizes.typed_data()[e], 0);
-      for (int64_t n0 = runs.start[e]; n0 < end; n0 += RB) {
-        const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, end, xb.data());
-        RowsTimes(xb.data(), D, wg, F, g.data(), false);
-        RowsTimes(xb.data(), D, wu, F, u.data(), false);
-        SwigluForward(g.data(), u.data(), h.data(), RB * F);
-        RowsTimes(h.data(), F, wd, D, yb.data(), false);
-        std::memcpy(y_ND + n0 * D, yb.data(), rows * D * sizeof(float));
-        std::memcpy(gate_NF + n0 * F, g.data(), rows * F * sizeof(float));
-        std::memcpy(up_NF + n0 * F, u.data(), rows * F * sizeof(float));
-      }
+    const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
+    const float* wd = w_down.typed_data() + e * F * D;
+    const int64_t end = runs.start[e] + std::max<int32_t>(sizes.typed_data()[e], 0);
+    for (int64_t n0 = runs.start[e]; n0 < end; n0 += RB) {
+      const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, end, xb.data());
+      RowsTimes(xb.data(), D, wg, F, g.data(), false);
+      RowsTimes(xb.data(), D, wu, F, u.data(), false);
+      SwigluForward(g.data(), u.data(), h.data(), RB * F);
+      RowsTimes(h.data(), F, wd, D, yb.data(), false);
+      std::memcpy(y_ND + n0 * D, yb.data(), rows * D * sizeof(float));
+      std::memcpy(gate_NF + n0 * F, g.data(), rows * F * sizeof(float));
+      std::memcpy(up_NF + n0 * F, u.data(), rows * F * sizeof(float));
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> row_src, ffi::Buffer<ffi::S32> sizes,
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> row_src,
+                    ffi::Buffer<ffi::S32> sizes,
                     ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down,
                     ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> up, ffi::Buffer<ffi::F32> dy,
                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw_gate,
@@ -221,35 +221,33 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   ForEachExpert(pool, E, [&](int64_t e) {
     std::vector<float> xb(RB * D), dyb(RB * D), g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F),
         du(RB * F), dxb(RB * D), wgT(F * D), wuT(F * D), wdT(D * F);
-    {
-      const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
-      const float* wd = w_down.typed_data() + e * F * D;
-      float *dwg = dw_gate->typed_data() + e * D * F, *dwu = dw_up->typed_data() + e * D * F;
-      float* dwd = dw_down->typed_data() + e * F * D;
-      std::memset(dwg, 0, D * F * sizeof(float));
-      std::memset(dwu, 0, D * F * sizeof(float));
-      std::memset(dwd, 0, F * D * sizeof(float));
-      Transpose(wg, D, F, wgT.data());
-      Transpose(wu, D, F, wuT.data());
-      Transpose(wd, F, D, wdT.data());
-      const int64_t end = runs.start[e] + std::max<int32_t>(sizes.typed_data()[e], 0);
-      for (int64_t n0 = runs.start[e]; n0 < end; n0 += RB) {
-        const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, end, xb.data());
-        std::fill(dyb.begin(), dyb.end(), 0.f);
-        std::fill(g.begin(), g.end(), 0.f);
-        std::fill(u.begin(), u.end(), 0.f);
-        std::memcpy(dyb.data(), dy.typed_data() + n0 * D, rows * D * sizeof(float));
-        std::memcpy(g.data(), gate.typed_data() + n0 * F, rows * F * sizeof(float));
-        std::memcpy(u.data(), up.typed_data() + n0 * F, rows * F * sizeof(float));
-        RowsTimes(dyb.data(), D, wdT.data(), F, dh.data(), false);
-        SwigluBackward(g.data(), u.data(), dh.data(), h.data(), dg.data(), du.data(), RB * F);
-        RowsTimes(dg.data(), F, wgT.data(), D, dxb.data(), false);
-        RowsTimes(du.data(), F, wuT.data(), D, dxb.data(), true);
-        std::memcpy(dx_ND + n0 * D, dxb.data(), rows * D * sizeof(float));
-        AddOuter(h.data(), F, dyb.data(), D, dwd);
-        AddOuter(xb.data(), D, dg.data(), F, dwg);
-        AddOuter(xb.data(), D, du.data(), F, dwu);
-      }
+    const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
+    const float* wd = w_down.typed_data() + e * F * D;
+    float *dwg = dw_gate->typed_data() + e * D * F, *dwu = dw_up->typed_data() + e * D * F;
+    float* dwd = dw_down->typed_data() + e * F * D;
+    std::memset(dwg, 0, D * F * sizeof(float));
+    std::memset(dwu, 0, D * F * sizeof(float));
+    std::memset(dwd, 0, F * D * sizeof(float));
+    Transpose(wg, D, F, wgT.data());
+    Transpose(wu, D, F, wuT.data());
+    Transpose(wd, F, D, wdT.data());
+    const int64_t end = runs.start[e] + std::max<int32_t>(sizes.typed_data()[e], 0);
+    for (int64_t n0 = runs.start[e]; n0 < end; n0 += RB) {
+      const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, end, xb.data());
+      std::fill(dyb.begin(), dyb.end(), 0.f);
+      std::fill(g.begin(), g.end(), 0.f);
+      std::fill(u.begin(), u.end(), 0.f);
+      std::memcpy(dyb.data(), dy.typed_data() + n0 * D, rows * D * sizeof(float));
+      std::memcpy(g.data(), gate.typed_data() + n0 * F, rows * F * sizeof(float));
+      std::memcpy(u.data(), up.typed_data() + n0 * F, rows * F * sizeof(float));
+      RowsTimes(dyb.data(), D, wdT.data(), F, dh.data(), false);
+      SwigluBackward(g.data(), u.data(), dh.data(), h.data(), dg.data(), du.data(), RB * F);
+      RowsTimes(dg.data(), F, wgT.data(), D, dxb.data(), false);
+      RowsTimes(du.data(), F, wuT.data(), D, dxb.data(), true);
+      std::memcpy(dx_ND + n0 * D, dxb.data(), rows * D * sizeof(float));
+      AddOuter(h.data(), F, dyb.data(), D, dwd);
+      AddOuter(xb.data(), D, dg.data(), F, dwg);
+      AddOuter(xb.data(), D, du.data(), F, dwu);
     }
   });
   return ffi::Error::Success();
@@ -269,4 +267,5 @@ auto BindCommon() {
 // and the three weight gradients.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxSwigluFfnFwd, Forward, BindCommon().Ret<F32>().Ret<F32>().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxSwigluFfnBwd, Backward,
-                              BindCommon().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
+                              BindCommon().Arg<F32>().Arg<F32>().Arg<F32>()  // gate, up, dy
+                                  .Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
