@@ -15,13 +15,19 @@ D, F = 32, 64
 
 @pytest.fixture(scope='module', autouse=True)
 def built(tmp_path_factory):
-  """The handlers built once into a temporary cache (not ~); skip where this machine cannot build them."""
+  """The handlers, built into a temporary cache (not ~) unless this process has them already; skip where this
+  machine cannot build them."""
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv('SLMJAX_CACHE', str(tmp_path_factory.mktemp('cache')))
-    fused_swiglu.load.cache_clear()
     if (reason := fused_swiglu.load()) is not None:
       pytest.skip(f'no fused SwiGLU call here: {reason}')
     yield
+
+
+def test_loads_again_after_its_cache_is_cleared():
+  """A second load in one process (another cache, another copy of the library) registers nothing twice."""
+  fused_swiglu.load.cache_clear()
+  assert fused_swiglu.load() is None
 
 
 def _weights(E, seed=0, dtype=np.float32):

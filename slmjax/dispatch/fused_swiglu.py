@@ -35,9 +35,12 @@ MAX_D_MODEL, MAX_EXPERT_WIDTH = 128, 256
 
 @functools.cache
 def load() -> str | None:
-  """Builds the handlers and registers their FFI targets once; None when ready, else why not (one line)."""
+  """Builds the handlers and registers their FFI targets once a process; None when ready, else why not (one
+  line)."""
   if jax.default_backend() != 'cpu':
     return f'the fused SwiGLU FFN is for XLA:CPU, not {jax.default_backend()}'
+  if _registered:
+    return None
   try:
     lib = ctypes.CDLL(str(gemm.build(source=SOURCE, flags=FLAGS)))
   except (OSError, RuntimeError) as e:
@@ -45,7 +48,11 @@ def load() -> str | None:
   for name in ('Fwd', 'Bwd'):
     handler = jax.ffi.pycapsule(getattr(lib, f'SlmjaxSwigluFfn{name}'))
     jax.ffi.register_ffi_target(f'slmjax_swiglu_ffn_{name.lower()}', handler, platform='cpu')
+  _registered.append(lib)  # XLA refuses a second registration of a target name
   return None
+
+
+_registered = []
 
 
 def runs(x_XD: jax.Array, w: ExpertWeights, activation: str, matmul: str) -> bool:
