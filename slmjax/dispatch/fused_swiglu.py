@@ -31,6 +31,7 @@ FLAGS = ('-O3', '-march=native')
 # 1.21 (at capacity factor 1.25 a wash there: 1.14 -> 1.20, 1.21 -> 1.22); wider, the tiles' larger GEMMs run
 # nearer XLA's peak than these kernels (not measured past 128).
 MAX_D_MODEL, MAX_EXPERT_WIDTH = 128, 256
+_registered = []  # the loaded library, once its FFI targets are registered: XLA refuses a second registration
 
 
 @functools.cache
@@ -48,11 +49,8 @@ def load() -> str | None:
   for name in ('Fwd', 'Bwd'):
     handler = jax.ffi.pycapsule(getattr(lib, f'SlmjaxSwigluFfn{name}'))
     jax.ffi.register_ffi_target(f'slmjax_swiglu_ffn_{name.lower()}', handler, platform='cpu')
-  _registered.append(lib)  # XLA refuses a second registration of a target name
+  _registered.append(lib)
   return None
-
-
-_registered = []
 
 
 def runs(x_XD: jax.Array, w: ExpertWeights, activation: str, matmul: str) -> bool:

@@ -32,7 +32,6 @@ constexpr int L = 16;
 inline V Load(const float* p) { return *reinterpret_cast<const VU*>(p); }
 inline void Store(float* p, V v) { *reinterpret_cast<VU*>(p) = v; }
 
-
 // c[r, j0:j0+CB] (+)= sum_k a[r, k] b[k, j0 + j] for the R rows of a (row stride lda) and b [K, N].
 template <int CB>
 inline void BlockTimes(const float* a, int64_t lda, const float* b, int64_t K, int64_t N, int64_t j0, float* c,
@@ -110,34 +109,39 @@ void ForEachExpert(ffi::ThreadPool& pool, int64_t E, const Body& body) {
   while (state->active.load() > 0) std::this_thread::yield();
 }
 
+// Where each expert's run of sorted rows starts and ends, and the rows of all runs.
 struct Runs {
-  std::vector<int64_t> start;
+  std::vector<int64_t> start, end;
   int64_t total = 0;
-  explicit Runs(const int32_t* sizes, int64_t E) : start(E) {
-    for (int64_t e = 0; e < E; ++e) start[e] = total, total += std::max<int32_t>(sizes[e], 0);
+  explicit Runs(const int32_t* sizes, int64_t E) : start(E), end(E) {
+    for (int64_t e = 0; e < E; ++e) start[e] = total, end[e] = total += std::max<int32_t>(sizes[e], 0);
+  }
+  // Zeros in buf [N, width]'s rows past the runs (the slack rows).
+  void ZeroPast(float* buf, int64_t N, int64_t width) const {
+    std::memset(buf + total * width, 0, (N - total) * width * sizeof(float));
   }
 };
+
+// dst[RB, width] = the first `rows` rows of src, then zeros (a block's rows past its run).
+inline void CopyBlock(const float* src, int rows, int64_t width, float* dst) {
+  std::memcpy(dst, src, rows * width * sizeof(float));
+  std::memset(dst + rows * width, 0, (RB - rows) * width * sizeof(float));
+}
 
 // The RB rows of block [n0, n0 + RB) of a run ending at `end`: x rows gathered (clipped to X), `rows` of them
 // valid, the rest zero.
 inline int GatherBlock(const float* x, int64_t X, int64_t D, const int32_t* row_src, int64_t n0, int64_t end,
                        float* xb) {
   const int rows = static_cast<int>(std::min<int64_t>(RB, end - n0));
-  for (int r = 0; r < RB; ++r) {
-    if (r < rows) {
-      const int64_t src = std::clamp<int64_t>(row_src[n0 + r], 0, X - 1);
-      std::memcpy(xb + r * D, x + src * D, D * sizeof(float));
-    } else {
-      std::memset(xb + r * D, 0, D * sizeof(float));
-    }
-  }
+  for (int r = 0; r < rows; ++r)
+    std::memcpy(xb + r * D, x + std::clamp<int64_t>(row_src[n0 + r], 0, X - 1) * D, D * sizeof(float));
+  std::memset(xb + rows * D, 0, (RB - rows) * D * sizeof(float));
   return rows;
 }
 
 // The activation on 16 floats at a time (vectors: the loops over scalars did not vectorize, and
 // glibc's scalar expf was most of the forward's time). exp as Cephes' expf computes it: 2^n times a polynomial
 // of the remainder, ~1 ulp on [-87, 88].
-
 inline V Exp(V x) {
   x = x > 88.f ? V{} + 88.f : x;
   x = x < -87.f ? V{} - 87.f : x;
@@ -155,11 +159,13 @@ inline V Exp(V x) {
   return p * reinterpret_cast<V>((__builtin_convertvector(n, VI) + 127) << 23);
 }
 
+inline V Sigmoid(V g) { return 1.f / (1.f + Exp(-g)); }
+
 // h = silu(g) u over `size` (a multiple of 16) elements.
 inline void SwigluForward(const float* g, const float* u, float* h, int64_t size) {
   for (int64_t i = 0; i < size; i += L) {
     const V gi = Load(g + i);
-    Store(h + i, gi / (1.f + Exp(-gi)) * Load(u + i));
+    Store(h + i, gi * Sigmoid(gi) * Load(u + i));
   }
 }
 
@@ -168,7 +174,7 @@ inline void SwigluBackward(const float* g, const float* u, const float* dh, floa
                            int64_t size) {
   for (int64_t i = 0; i < size; i += L) {
     const V gi = Load(g + i), ui = Load(u + i), dhi = Load(dh + i);
-    const V s = 1.f / (1.f + Exp(-gi)), silu = gi * s;
+    const V s = Sigmoid(gi), silu = gi * s;
     Store(h + i, silu * ui);
     Store(du + i, dhi * silu);
     Store(dg + i, dhi * ui * s * (1.f + gi * (1.f - s)));
@@ -184,16 +190,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const Runs runs(sizes.typed_data(), E);
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   float *y_ND = y->typed_data(), *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
-  std::memset(y_ND + runs.total * D, 0, (N - runs.total) * D * sizeof(float));
-  std::memset(gate_NF + runs.total * F, 0, (N - runs.total) * F * sizeof(float));
-  std::memset(up_NF + runs.total * F, 0, (N - runs.total) * F * sizeof(float));
+  runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
   ForEachExpert(pool, E, [&](int64_t e) {
     std::vector<float> xb(RB * D), g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
     const float* wd = w_down.typed_data() + e * F * D;
-    const int64_t end = runs.start[e] + std::max<int32_t>(sizes.typed_data()[e], 0);
-    for (int64_t n0 = runs.start[e]; n0 < end; n0 += RB) {
-      const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, end, xb.data());
+    for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
+      const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
       RowsTimes(xb.data(), D, wg, F, g.data(), false);
       RowsTimes(xb.data(), D, wu, F, u.data(), false);
       SwigluForward(g.data(), u.data(), h.data(), RB * F);
@@ -217,7 +220,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const Runs runs(sizes.typed_data(), E);
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   float* dx_ND = dx->typed_data();
-  std::memset(dx_ND + runs.total * D, 0, (N - runs.total) * D * sizeof(float));
+  runs.ZeroPast(dx_ND, N, D);
   ForEachExpert(pool, E, [&](int64_t e) {
     std::vector<float> xb(RB * D), dyb(RB * D), g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F),
         du(RB * F), dxb(RB * D), wgT(F * D), wuT(F * D), wdT(D * F);
@@ -231,15 +234,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     Transpose(wg, D, F, wgT.data());
     Transpose(wu, D, F, wuT.data());
     Transpose(wd, F, D, wdT.data());
-    const int64_t end = runs.start[e] + std::max<int32_t>(sizes.typed_data()[e], 0);
-    for (int64_t n0 = runs.start[e]; n0 < end; n0 += RB) {
-      const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, end, xb.data());
-      std::fill(dyb.begin(), dyb.end(), 0.f);
-      std::fill(g.begin(), g.end(), 0.f);
-      std::fill(u.begin(), u.end(), 0.f);
-      std::memcpy(dyb.data(), dy.typed_data() + n0 * D, rows * D * sizeof(float));
-      std::memcpy(g.data(), gate.typed_data() + n0 * F, rows * F * sizeof(float));
-      std::memcpy(u.data(), up.typed_data() + n0 * F, rows * F * sizeof(float));
+    for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
+      const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
+      CopyBlock(dy.typed_data() + n0 * D, rows, D, dyb.data());  // zero past the run: no share in any gradient
+      CopyBlock(gate.typed_data() + n0 * F, rows, F, g.data());
+      CopyBlock(up.typed_data() + n0 * F, rows, F, u.data());
       RowsTimes(dyb.data(), D, wdT.data(), F, dh.data(), false);
       SwigluBackward(g.data(), u.data(), dh.data(), h.data(), dg.data(), du.data(), RB * F);
       RowsTimes(dg.data(), F, wgT.data(), D, dxb.data(), false);
