@@ -37,11 +37,12 @@ def _weights(E, seed=0, dtype=np.float32):
 
 
 def test_matches_per_expert_ffns_values_and_gradients():
-  """Runs of 0 to 45 rows (an empty expert, runs not a multiple of the 16-row block, one of a single row), rows
+  """Runs of 0 to 130 rows (an empty expert, one of a single row, one over two 64-row blocks, runs not a multiple
+  of the block or of the product kernel's 8 rows), rows
   gathered from a shuffled source, slack rows past the runs (zero out, their cotangent ignored): the output and
   the gradients of x and of every weight equal each expert's FFN on its own rows."""
   w = _weights(6)
-  sizes_E = np.array([45, 0, 8, 1, 16, 17], np.int32)
+  sizes_E = np.array([45, 0, 8, 1, 130, 17], np.int32)
   N = int(sizes_E.sum())
   rng = np.random.default_rng(4)
   x_ND, dy_ND = (rng.normal(size=(N, D)).astype(np.float32) for _ in range(2))
@@ -93,8 +94,8 @@ def test_dropless_dispatch_takes_the_call_with_the_same_result_as_the_tiles(monk
 
 @pytest.mark.parametrize('change, runs', [
     ({}, True), ({'matmul': 'xla'}, False), ({'matmul': 'onednn'}, False), ({'activation': 'gelu'}, False),
-    ({'dtype': jnp.bfloat16}, False), ({'d_model': 48}, False), ({'d_model': 128}, True), ({'d_model': 160}, False),
-    ({'expert_width': 512}, False)])
+    ({'dtype': jnp.bfloat16}, False), ({'d_model': 48}, False), ({'d_model': 256}, True), ({'d_model': 288}, False),
+    ({'expert_width': 512}, True), ({'expert_width': 544}, False)])
 def test_taken_only_for_narrow_f32_swiglu_layers_with_matmul_auto(change, runs):
   d_model, width = change.get('d_model', D), change.get('expert_width', F)
   dtype = change.get('dtype', jnp.float32)

@@ -4,7 +4,8 @@ forward and backward each one call instead of a loop of XLA ops per tile.
 
 Why: at the cpu ladder's widths (d_model 32-128) `grouped_ffn`'s row tiles are mostly XLA's per-op cost (a
 [512, 32] x [32, 64] product runs at a third of a large one's FLOP rate, plus a slice, a gather and writes per
-tile), so a dropless MoE step took 1.4-1.7x the dense step at d_model 32. Built at first use like the GEMM
+tile), so a dropless MoE step took 1.4-1.7x the dense step at d_model 32; with many narrow experts (64 of 64 at
+d_model 256) the tiles' small products made the layer 2.2-2.3x a dense FFN of the same FLOPs. Built at first use like the GEMM
 handlers (slmjax/kernels/gemm.py), with -march=native; runs on XLA's own threads; where it cannot build or load,
 `runs` says no and the row tiles run instead.
 
@@ -26,11 +27,12 @@ from slmjax.kernels import gemm
 
 SOURCE = pathlib.Path(__file__).parents[1] / 'kernels' / 'swiglu_ffn.cc'
 FLAGS = ('-O3', '-march=native')
-# Widest layer the call takes. Training steps of the cpu ladder's MoE, interleaved with the dense step (MoE /
-# dense, row tiles -> this call): dropless 32x2 1.64 -> 1.17, 64x2 1.45 -> 1.16, 96x3 1.40 -> 1.19, 128x4 1.27 ->
-# 1.21 (at capacity factor 1.25 a wash there: 1.14 -> 1.20, 1.21 -> 1.22); wider, the tiles' larger GEMMs run
-# nearer XLA's peak than these kernels (not measured past 128).
-MAX_D_MODEL, MAX_EXPERT_WIDTH = 128, 256
+# Widest layer the call takes, from interleaved A/B runs against the row tiles (MoE / dense step or layer):
+# the cpu ladder's dropless MoE (d_model 32-128) 1.64 / 1.45 / 1.40 / 1.27 -> 1.17 / 1.16 / 1.19 / 1.21 with the
+# first kernels; bench_moe's fine layer (d_model 256, 64 experts of 64) 2.28 -> 1.44, its coarse one (8 of 512)
+# 1.11 -> 1.03; bench_train's mixtral-512 step 1110 -> 925 ms, mixtral-1024 (experts of 1024) a wash (1583 vs
+# 1607 ms), so not taken there. Wider layers are not measured (and each thread keeps 3 d_model x width floats).
+MAX_D_MODEL, MAX_EXPERT_WIDTH = 256, 512
 _registered = []  # the loaded library, once its FFI targets are registered: XLA refuses a second registration
 
 
