@@ -16,7 +16,7 @@ from flax import nnx
 
 from slmjax.attention_core import causal_attention, softcap, visible
 from slmjax.config import ModelConfig
-from slmjax.kernels import acc32, gemm
+from slmjax.kernels import acc32, gemm, swiglu_ffn
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -322,6 +322,11 @@ class DenseFFN(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dt = dtype_of(self.cfg.dtype)
+    if self.cfg.activation == 'swiglu':
+      x_MD = x_BTD.reshape(-1, x_BTD.shape[-1]).astype(dt)
+      w = [a[...].astype(dt) for a in (self.w_gate_DF, self.w_up_DF, self.w_down_FD)]
+      if parts := swiglu_ffn.dense_parts(x_MD, *w, self.cfg.matmul):  # f32 rows on one CPU device: fused calls
+        return swiglu_ffn.dense_ffn(x_MD, *w, parts).reshape(x_BTD.shape)
     up_BTF = linear(x_BTD, self.w_up_DF[...].astype(dt), matmul=self.cfg.matmul)
     gate_BTF = None
     if is_gated(self.cfg.activation):

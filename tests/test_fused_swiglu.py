@@ -1,14 +1,22 @@
-"""The fused SwiGLU expert FFN (slmjax/dispatch/fused_swiglu.py, slmjax/kernels/swiglu_ffn.cc): the same values
-and gradients as each expert's FFN on its own rows, taken only where it runs, the row tiles elsewhere."""
+"""The fused SwiGLU calls (slmjax/kernels/swiglu_ffn.py and .cc, slmjax/dispatch/fused_swiglu.py): the same
+values and gradients as each expert's FFN on its own rows, and as XLA's dense FFN, taken only where they run, the
+row tiles or XLA's dots elsewhere."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
+from slmjax.config import ModelConfig
 from slmjax.dispatch import fused_swiglu, grouped
 from slmjax.dispatch.experts import ExpertWeights, expert_ffn
 from slmjax.dispatch.ragged import ragged_dispatch
+from slmjax.kernels import swiglu_ffn as kernel
+from slmjax.layers import DenseFFN
 
 D, F = 32, 64
 
@@ -19,15 +27,15 @@ def built(tmp_path_factory):
   machine cannot build them."""
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv('SLMJAX_CACHE', str(tmp_path_factory.mktemp('cache')))
-    if (reason := fused_swiglu.load()) is not None:
+    if (reason := kernel.load()) is not None:
       pytest.skip(f'no fused SwiGLU call here: {reason}')
     yield
 
 
 def test_loads_again_after_its_cache_is_cleared():
   """A second load in one process (another cache, another copy of the library) registers nothing twice."""
-  fused_swiglu.load.cache_clear()
-  assert fused_swiglu.load() is None
+  kernel.load.cache_clear()
+  assert kernel.load() is None
 
 
 def _weights(E, seed=0, dtype=np.float32):
@@ -105,7 +113,7 @@ def test_taken_only_for_narrow_f32_swiglu_layers_with_matmul_auto(change, runs):
 
 
 def test_where_it_cannot_build_the_tiles_run(monkeypatch):
-  monkeypatch.setattr(fused_swiglu, 'load', lambda: 'cannot build the fused SwiGLU FFN: no g++ (test)')
+  monkeypatch.setattr(kernel, 'load', lambda: 'cannot build the fused SwiGLU FFN: no g++ (test)')
   w = _weights(2)
   x_XD = jnp.ones((4, D))
   assert not fused_swiglu.runs(x_XD, w, 'swiglu', 'auto')
@@ -113,3 +121,34 @@ def test_where_it_cannot_build_the_tiles_run(monkeypatch):
   monkeypatch.setattr(grouped, 'grouped_ffn', lambda *args, **kwargs: calls.append(args) or args[0])
   grouped.rows_ffn(x_XD, jnp.arange(4), jnp.arange(4)[:, None], w, jnp.array([4, 0]), 'swiglu', 'auto')
   assert len(calls) == 1
+
+
+def _dense_grad(cfg: ModelConfig, x_BTD):
+  """Jitted (state, x) -> (loss, gradients) of a DenseFFN of cfg, and its state."""
+  graph, state = nnx.split(DenseFFN(cfg, cfg.d_ff, nnx.Rngs(0)))
+  loss = lambda state, x: jnp.sum(jnp.sin(nnx.merge(graph, state)(x)))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), state
+
+
+def test_dense_ffn_takes_the_call_with_the_same_values_and_gradients_as_xla(monkeypatch):
+  """A 512-row f32 SwiGLU DenseFFN runs as the fused calls, d_ff split in parts (3 cores: 3 parts of 32), with
+  XLA's output and gradients; `matmul='xla'` keeps XLA's dots."""
+  monkeypatch.setattr(kernel.os, 'sched_getaffinity', lambda pid: {0, 1, 2})
+  cfg = ModelConfig(d_model=D, d_ff=96, n_layers=1, n_heads=1, vocab_size=16, activation='swiglu')
+  x_BTD = np.random.default_rng(5).normal(size=(4, 128, D)).astype(np.float32)
+  (fused, state), (xla, _) = (_dense_grad(dataclasses.replace(cfg, matmul=m), x_BTD) for m in ('auto', 'xla'))
+  assert 'slmjax_swiglu_ffn_fwd' in fused.lower(state, x_BTD).as_text()
+  assert 'slmjax_swiglu_ffn' not in xla.lower(state, x_BTD).as_text()
+  for got, want in zip(jax.tree.leaves(fused(state, x_BTD)), jax.tree.leaves(xla(state, x_BTD))):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('cores, rows, change, parts', [
+    (2, 512, {}, 1), (2, 512, {'d_ff': 128}, 2), (3, 512, {}, 3), (4, 512, {}, 3), (1, 512, {}, 1), (2, 511, {}, 0),
+    (2, 512, {'matmul': 'xla'}, 0), (2, 512, {'dtype': jnp.bfloat16}, 0), (2, 512, {'d_model': 288}, 0),
+    (2, 512, {'d_ff': 2048}, 0), (8, 512, {'d_ff': 1024}, 8), (2, 512, {'d_ff': 80}, 0)])
+def test_dense_parts_one_a_core_where_the_width_divides(monkeypatch, cores, rows, change, parts):
+  monkeypatch.setattr(kernel.os, 'sched_getaffinity', lambda pid: set(range(cores)))
+  d_model, d_ff, dtype = change.get('d_model', D), change.get('d_ff', 96), change.get('dtype', jnp.float32)
+  w = (jnp.zeros((d_model, d_ff), dtype), jnp.zeros((d_model, d_ff), dtype), jnp.zeros((d_ff, d_model), dtype))
+  assert kernel.dense_parts(jnp.zeros((rows, d_model), dtype), *w, change.get('matmul', 'auto')) == parts

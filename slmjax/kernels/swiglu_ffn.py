@@ -1,0 +1,138 @@
+"""The SwiGLU FFN handlers of swiglu_ffn.cc as JAX calls: built and registered once a process, the raw forward
+and backward on rows sorted by expert (slmjax/dispatch/fused_swiglu.py wraps them for the experts), and a dense
+f32 SwiGLU FFN made of the same calls.
+
+The handlers need only g++: built at first use like the GEMM handlers (slmjax/kernels/gemm.py), with
+-march=native, and run on XLA's own intra-op threads, one expert at a time a thread. Where they cannot build or
+load, `load` says why and callers keep XLA's ops.
+
+The dense FFN splits d_ff into `parts` (one a core) and runs them as experts that each take every row, summing
+their outputs: [4096, 256] rows, d_ff 1024, forward + backward 0.87-0.88x XLA's dots; the cpu ladder's widths
+(2048 rows, d_model 32 / 64 / 128) 0.66 / 0.77 / 0.96x (interleaved, 2 cores).
+
+Shape letters: slmjax/shapes.py (here X source rows, E experts or parts, D, F, N rows sorted by expert, M rows, P
+parts).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from slmjax.kernels import gemm
+
+SOURCE = pathlib.Path(__file__).with_suffix('.cc')
+FLAGS = ('-O3', '-march=native')
+# Widest layer the calls take, from interleaved A/B runs against XLA (slmjax/dispatch/fused_swiglu.py has the
+# MoE figures): bench_train's mixtral-1024 (experts of 1024) was a wash, so widths stop at 512. Wider layers are
+# not measured (and each thread keeps 3 d_model x width floats).
+MAX_D_MODEL, MAX_WIDTH = 256, 512
+# Fewest rows the dense FFN takes the calls for: measured from 2048 rows on; decode's few rows stay on XLA's dots
+# (the split copies the gate and up weights each call).
+DENSE_MIN_ROWS = 512
+_registered = []  # the loaded library, once its FFI targets are registered: XLA refuses a second registration
+
+
+@functools.cache
+def load() -> str | None:
+  """Builds the handlers and registers their FFI targets once a process; None when ready, else why not (one
+  line)."""
+  if jax.default_backend() != 'cpu':
+    return f'the fused SwiGLU FFN is for XLA:CPU, not {jax.default_backend()}'
+  if _registered:
+    return None
+  try:
+    lib = ctypes.CDLL(str(gemm.build(source=SOURCE, flags=FLAGS)))
+  except (OSError, RuntimeError) as e:
+    return f'cannot build the fused SwiGLU FFN: {e}'
+  for name in ('Fwd', 'Bwd'):
+    handler = jax.ffi.pycapsule(getattr(lib, f'SlmjaxSwigluFfn{name}'))
+    jax.ffi.register_ffi_target(f'slmjax_swiglu_ffn_{name.lower()}', handler, platform='cpu')
+  _registered.append(lib)
+  return None
+
+
+def fits(D: int, F: int, *arrays: jax.Array) -> bool:
+  """Whether the calls take widths D and F (multiples of 32, up to MAX_D_MODEL and MAX_WIDTH) and these f32
+  arrays, on one CPU device, the handlers loaded."""
+  return (D % 32 == 0 and F % 32 == 0 and D <= MAX_D_MODEL and F <= MAX_WIDTH
+          and all(a.dtype == jnp.float32 for a in arrays) and gemm.on_one_cpu_device() and load() is None)
+
+
+def forward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Expert e's SwiGLU FFN on its run of sorted rows (row n is x_XD[row_src_N[n]], sizes_E rows an expert, rows
+  past the runs zero): y_ND and the gate and up activations the backward takes."""
+  N, (D, F) = row_src_N.shape[0], w_up_EDF.shape[1:]
+  out = lambda width: jax.ShapeDtypeStruct((N, width), jnp.float32)
+  call = jax.ffi.ffi_call('slmjax_swiglu_ffn_fwd', (out(D), out(F), out(F)))
+  return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+def backward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, gate_NF, up_NF, dy_ND):
+  """The cotangents of `forward`'s sorted rows (dx_ND, not yet summed into x_XD's rows) and of the weights."""
+  w = (w_gate_EDF, w_up_EDF, w_down_EFD)
+  call = jax.ffi.ffi_call('slmjax_swiglu_ffn_bwd', (jax.ShapeDtypeStruct(dy_ND.shape, jnp.float32),
+                                                    *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in w)))
+  return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), *w, gate_NF, up_NF,
+              dy_ND.astype(jnp.float32))
+
+
+def dense_parts(x_MD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array,
+                matmul: str) -> int:
+  """How many parts of d_ff the dense SwiGLU FFN runs as, one a core where the width divides (0: keep XLA's
+  dots): f32, `matmul` 'auto', at least DENSE_MIN_ROWS rows, the parts' widths within `fits`."""
+  (M, D), F = x_MD.shape, w_up_DF.shape[1]
+  if matmul != 'auto' or M < DENSE_MIN_ROWS:
+    return 0
+  for P in range(len(os.sched_getaffinity(0)), 0, -1):
+    if F % P == 0 and fits(D, F // P, x_MD, w_gate_DF, w_up_DF, w_down_FD):
+      return P
+  return 0
+
+
+def _parted(w_gate_DF, w_up_DF, w_down_FD, P):
+  """The weights as P experts of d_ff / P columns each."""
+  (D, F), Fp = w_up_DF.shape, w_up_DF.shape[1] // P
+  split = lambda w_DF: w_DF.reshape(D, P, Fp).transpose(1, 0, 2)
+  return split(w_gate_DF), split(w_up_DF), w_down_FD.reshape(P, Fp, D)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def dense_ffn(x_MD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array, parts: int):
+  """silu(x w_gate) (x w_up) w_down, d_ff split into `parts` (`dense_parts`) that each take every row."""
+  return _dense_fwd(x_MD, w_gate_DF, w_up_DF, w_down_FD, parts)[0]
+
+
+def _sum_parts(y_ND: jax.Array, P: int) -> jax.Array:
+  """The P parts' [M, D] blocks of y_ND added (as adds XLA fuses into one loop: a reduce over P became a YNNPACK
+  reduction that made the layer's backward 1.7x slower at d_model 32)."""
+  return functools.reduce(jnp.add, jnp.split(y_ND, P))
+
+
+def _rows(M: int, P: int):
+  """Every row once for each part, and each part's size."""
+  return jnp.tile(jnp.arange(M, dtype=jnp.int32), P), jnp.full((P,), M, jnp.int32)
+
+
+def _dense_fwd(x_MD, w_gate_DF, w_up_DF, w_down_FD, parts):
+  (M, D), P = x_MD.shape, parts
+  w = _parted(w_gate_DF, w_up_DF, w_down_FD, P)
+  y_ND, gate_NF, up_NF = forward(x_MD, *_rows(M, P), *w)
+  return _sum_parts(y_ND, P), (x_MD, w, gate_NF, up_NF)
+
+
+def _dense_bwd(parts, res, dy_MD):
+  x_MD, w, gate_NF, up_NF = res
+  (M, D), P = x_MD.shape, parts
+  dy_ND = jnp.broadcast_to(dy_MD[None], (P, M, D)).reshape(P * M, D)
+  dx_ND, dw_gate_PDF, dw_up_PDF, dw_down_PFD = backward(x_MD, *_rows(M, P), *w, gate_NF, up_NF, dy_ND)
+  join = lambda dw_PDF: dw_PDF.transpose(1, 0, 2).reshape(D, -1)
+  return _sum_parts(dx_ND, P), join(dw_gate_PDF), join(dw_up_PDF), dw_down_PFD.reshape(-1, D)
+
+
+dense_ffn.defvjp(_dense_fwd, _dense_bwd)
