@@ -3,6 +3,7 @@ values and gradients as each expert's FFN on its own rows, and as XLA's dense FF
 row tiles or XLA's dots elsewhere."""
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,9 @@ def built(tmp_path_factory):
     if (reason := kernel.load()) is not None:
       pytest.skip(f'no fused SwiGLU call here: {reason}')
     yield
+
+
+BF16 = 'avx512_bf16' in open('/proc/cpuinfo').read() if pathlib.Path('/proc/cpuinfo').exists() else False
 
 
 def test_loads_again_after_its_cache_is_cleared():
@@ -102,13 +106,14 @@ def test_dropless_dispatch_takes_the_call_with_the_same_result_as_the_tiles(monk
 
 @pytest.mark.parametrize('change, runs', [
     ({}, True), ({'matmul': 'xla'}, False), ({'matmul': 'onednn'}, False), ({'activation': 'gelu'}, False),
-    ({'dtype': jnp.bfloat16}, False), ({'d_model': 48}, False), ({'d_model': 256}, True), ({'d_model': 288}, False),
+    ({'dtype': jnp.bfloat16}, 'bf16'), ({'dtype': jnp.float16}, False), ({'d_model': 48}, False), ({'d_model': 256}, True), ({'d_model': 288}, False),
     ({'expert_width': 512}, True), ({'expert_width': 544}, False)])
 def test_taken_only_for_narrow_f32_swiglu_layers_with_matmul_auto(change, runs):
   d_model, width = change.get('d_model', D), change.get('expert_width', F)
   dtype = change.get('dtype', jnp.float32)
   w = ExpertWeights(*(jnp.zeros(s, dtype) for s in ((8, d_model, width), (8, d_model, width), (8, width, d_model))))
   x_XD = jnp.zeros((16, d_model), dtype)
+  runs = runs == 'bf16' and BF16 or runs  # bf16 where this CPU has the bf16 handlers
   assert fused_swiglu.runs(x_XD, w, change.get('activation', 'swiglu'), change.get('matmul', 'auto')) == runs
 
 
@@ -133,7 +138,7 @@ def _dense_grad(cfg: ModelConfig, x_BTD):
 def test_dense_ffn_takes_the_call_with_the_same_values_and_gradients_as_xla(monkeypatch):
   """A 512-row f32 SwiGLU DenseFFN runs as the fused calls, d_ff split in parts (3 cores: 3 parts of 32), with
   XLA's output and gradients; `matmul='xla'` keeps XLA's dots."""
-  monkeypatch.setattr(kernel.os, 'sched_getaffinity', lambda pid: {0, 1, 2})
+  monkeypatch.setattr(kernel, '_cores', lambda: 3)
   cfg = ModelConfig(d_model=D, d_ff=96, n_layers=1, n_heads=1, vocab_size=16, activation='swiglu')
   x_BTD = np.random.default_rng(5).normal(size=(4, 128, D)).astype(np.float32)
   (fused, state), (xla, _) = (_dense_grad(dataclasses.replace(cfg, matmul=m), x_BTD) for m in ('auto', 'xla'))
@@ -145,10 +150,42 @@ def test_dense_ffn_takes_the_call_with_the_same_values_and_gradients_as_xla(monk
 
 @pytest.mark.parametrize('cores, rows, change, parts', [
     (2, 512, {}, 1), (2, 512, {'d_ff': 128}, 2), (3, 512, {}, 3), (4, 512, {}, 3), (1, 512, {}, 1), (2, 511, {}, 0),
-    (2, 512, {'matmul': 'xla'}, 0), (2, 512, {'dtype': jnp.bfloat16}, 0), (2, 512, {'d_model': 288}, 0),
+    (2, 512, {'matmul': 'xla'}, 0), (2, 512, {'dtype': jnp.bfloat16}, 'bf16'), (2, 512, {'d_model': 288}, 0),
     (2, 512, {'d_ff': 2048}, 0), (8, 512, {'d_ff': 1024}, 8), (2, 512, {'d_ff': 80}, 0)])
 def test_dense_parts_one_a_core_where_the_width_divides(monkeypatch, cores, rows, change, parts):
-  monkeypatch.setattr(kernel.os, 'sched_getaffinity', lambda pid: set(range(cores)))
+  monkeypatch.setattr(kernel, '_cores', lambda: cores)
   d_model, d_ff, dtype = change.get('d_model', D), change.get('d_ff', 96), change.get('dtype', jnp.float32)
   w = (jnp.zeros((d_model, d_ff), dtype), jnp.zeros((d_model, d_ff), dtype), jnp.zeros((d_ff, d_model), dtype))
+  parts = int(BF16) if parts == 'bf16' else parts
   assert kernel.dense_parts(jnp.zeros((rows, d_model), dtype), *w, change.get('matmul', 'auto')) == parts
+
+
+@pytest.mark.skipif(not BF16, reason='no AVX512_BF16 here: no bf16 handlers')
+def test_bf16_calls_match_the_f32_ffn_of_the_same_bf16_values():
+  """bf16 x, weights and dy (a run over two 64-row blocks, an empty expert, a run not a multiple of 8 rows):
+  the output, dx and the weight gradients (in bf16) are the f32 FFN's of the same values to bf16 rounding (2% of
+  the largest), and the dense FFN takes the bf16 calls too."""
+  assert {'fwd_bf16', 'bwd_bf16'} <= kernel._targets
+  w = ExpertWeights(*(jnp.asarray(a, jnp.bfloat16) for a in _weights(3, seed=6)))
+  sizes_E = np.array([130, 0, 13], np.int32)
+  N = int(sizes_E.sum())
+  rng = np.random.default_rng(7)
+  x_ND, dy_ND = (jnp.asarray(rng.normal(size=(N, D)), jnp.bfloat16) for _ in range(2))
+  starts = np.concatenate([[0], np.cumsum(sizes_E)])
+  f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+  def reference(x_ND, w):
+    return jnp.concatenate([expert_ffn(x_ND[None, lo:hi], ExpertWeights(*(a[e:e + 1] for a in w)), 'swiglu')[0]
+                            for e, (lo, hi) in enumerate(zip(starts[:-1], starts[1:]))])
+
+  fused = lambda x_ND, w: fused_swiglu.swiglu_ffn(x_ND, jnp.arange(N), jnp.arange(N)[:, None], w,
+                                                  jnp.asarray(sizes_E))
+  got = (fused(x_ND, w), *jax.grad(lambda x, w: jnp.vdot(f32(fused(x, w)), f32(dy_ND)), (0, 1))(x_ND, w))
+  want = (reference(f32(x_ND), f32(w)),
+          *jax.grad(lambda x, w: jnp.vdot(reference(x, w), f32(dy_ND)), (0, 1))(f32(x_ND), f32(w)))
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(got))
+  for g, r in zip(jax.tree.leaves(f32(got)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, r, atol=0.02 * float(np.abs(r).max()), rtol=0.02)
+  parts = kernel.dense_parts(jnp.zeros((512, D), jnp.bfloat16), w.w_gate_EDF[0], w.w_up_EDF[0],
+                             w.w_down_EFD[0], 'auto')
+  assert parts >= 1

@@ -1,14 +1,15 @@
 """The SwiGLU FFN handlers of swiglu_ffn.cc as JAX calls: built and registered once a process, the raw forward
 and backward on rows sorted by expert (slmjax/dispatch/fused_swiglu.py wraps them for the experts), and a dense
-f32 SwiGLU FFN made of the same calls.
+SwiGLU FFN made of the same calls. f32, and bf16 where the CPU has bf16 dot units (AVX512_BF16: products at
+210-230 GFLOP/s a core here, against 105-116 for f32; activation, gate / up and weight-gradient sums in f32).
 
 The handlers need only g++: built at first use like the GEMM handlers (slmjax/kernels/gemm.py), with
 -march=native, and run on XLA's own intra-op threads, one expert at a time a thread. Where they cannot build or
 load, `load` says why and callers keep XLA's ops.
 
 The dense FFN splits d_ff into `parts` (one a core) and runs them as experts that each take every row, summing
-their outputs: [4096, 256] rows, d_ff 1024, forward + backward 0.87-0.88x XLA's dots; the cpu ladder's widths
-(2048 rows, d_model 32 / 64 / 128) 0.66 / 0.77 / 0.96x (interleaved, 2 cores).
+their outputs: [4096, 256] rows, d_ff 1024, forward + backward 0.76-0.84x XLA's dots in f32; the cpu ladder's
+widths (2048 rows, d_model 32) 0.88x (interleaved, 2 cores).
 
 Shape letters: slmjax/shapes.py (here X source rows, E experts or parts, D, F, N rows sorted by expert, M rows, P
 parts).
@@ -36,6 +37,8 @@ MAX_D_MODEL, MAX_WIDTH = 256, 512
 # (the split copies the gate and up weights each call).
 DENSE_MIN_ROWS = 512
 _registered = []  # the loaded library, once its FFI targets are registered: XLA refuses a second registration
+_TARGETS = {'Fwd': 'fwd', 'Bwd': 'bwd', 'FwdBf16': 'fwd_bf16', 'BwdBf16': 'bwd_bf16'}  # handler -> target suffix
+_targets: set[str] = set()  # the suffixes registered
 
 
 @functools.cache
@@ -50,36 +53,52 @@ def load() -> str | None:
     lib = ctypes.CDLL(str(gemm.build(source=SOURCE, flags=FLAGS)))
   except (OSError, RuntimeError) as e:
     return f'cannot build the fused SwiGLU FFN: {e}'
-  for name in ('Fwd', 'Bwd'):
-    handler = jax.ffi.pycapsule(getattr(lib, f'SlmjaxSwigluFfn{name}'))
-    jax.ffi.register_ffi_target(f'slmjax_swiglu_ffn_{name.lower()}', handler, platform='cpu')
+  for name, suffix in _TARGETS.items():
+    if hasattr(lib, f'SlmjaxSwigluFfn{name}'):  # the bf16 handlers exist where the CPU has AVX512_BF16
+      handler = jax.ffi.pycapsule(getattr(lib, f'SlmjaxSwigluFfn{name}'))
+      jax.ffi.register_ffi_target(f'slmjax_swiglu_ffn_{suffix}', handler, platform='cpu')
+      _targets.add(suffix)
   _registered.append(lib)
   return None
 
 
 def fits(D: int, F: int, *arrays: jax.Array) -> bool:
-  """Whether the calls take widths D and F (multiples of 32, up to MAX_D_MODEL and MAX_WIDTH) and these f32
-  arrays, on one CPU device, the handlers loaded."""
+  """Whether the calls take widths D and F (multiples of 32, up to MAX_D_MODEL and MAX_WIDTH) and these arrays,
+  all f32, or all bf16 where this CPU has bf16 dot units (AVX512_BF16), on one CPU device, the handlers loaded."""
+  dtypes = {a.dtype for a in arrays}
   return (D % 32 == 0 and F % 32 == 0 and D <= MAX_D_MODEL and F <= MAX_WIDTH
-          and all(a.dtype == jnp.float32 for a in arrays) and gemm.on_one_cpu_device() and load() is None)
+          and dtypes in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)})
+          and gemm.on_one_cpu_device() and load() is None and _suffix('fwd', dtypes.pop()) in _targets)
+
+
+def _suffix(call: str, dtype) -> str:
+  return f'{call}_bf16' if dtype == jnp.bfloat16 else call
 
 
 def forward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
   """Expert e's SwiGLU FFN on its run of sorted rows (row n is x_XD[row_src_N[n]], sizes_E rows an expert, rows
-  past the runs zero): y_ND and the gate and up activations the backward takes."""
+  past the runs zero): y_ND (x's dtype) and the gate and up activations (f32) the backward takes."""
   N, (D, F) = row_src_N.shape[0], w_up_EDF.shape[1:]
-  out = lambda width: jax.ShapeDtypeStruct((N, width), jnp.float32)
-  call = jax.ffi.ffi_call('slmjax_swiglu_ffn_fwd', (out(D), out(F), out(F)))
+  out = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((N, width), dtype)
+  call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("fwd", x_XD.dtype)}', (out(D, x_XD.dtype), out(F), out(F)))
   return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
 def backward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, gate_NF, up_NF, dy_ND):
-  """The cotangents of `forward`'s sorted rows (dx_ND, not yet summed into x_XD's rows) and of the weights."""
+  """The cotangents of `forward`'s sorted rows (dx_ND, not yet summed into x_XD's rows) and of the weights, in
+  their dtypes (bf16 weight gradients are summed in f32 and rounded once)."""
   w = (w_gate_EDF, w_up_EDF, w_down_EFD)
-  call = jax.ffi.ffi_call('slmjax_swiglu_ffn_bwd', (jax.ShapeDtypeStruct(dy_ND.shape, jnp.float32),
-                                                    *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in w)))
-  return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), *w, gate_NF, up_NF,
-              dy_ND.astype(jnp.float32))
+  call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("bwd", x_XD.dtype)}',
+                          (jax.ShapeDtypeStruct(dy_ND.shape, x_XD.dtype),
+                           *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in w)))
+  dx_ND, *dw = call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), *w, gate_NF, up_NF,
+                    dy_ND.astype(x_XD.dtype))
+  return dx_ND, *(d.astype(a.dtype) for d, a in zip(dw, w))
+
+
+def _cores() -> int:
+  """The CPU cores this process may run on (XLA's intra-op threads are as many)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def dense_parts(x_MD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array,
@@ -89,7 +108,7 @@ def dense_parts(x_MD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_dow
   (M, D), F = x_MD.shape, w_up_DF.shape[1]
   if matmul != 'auto' or M < DENSE_MIN_ROWS:
     return 0
-  for P in range(len(os.sched_getaffinity(0)), 0, -1):
+  for P in range(_cores(), 0, -1):
     if F % P == 0 and fits(D, F // P, x_MD, w_gate_DF, w_up_DF, w_down_FD):
       return P
   return 0
@@ -110,7 +129,7 @@ def dense_ffn(x_MD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_
 
 def _sum_parts(y_ND: jax.Array, P: int) -> jax.Array:
   """The P parts' [M, D] blocks of y_ND added (as adds XLA fuses into one loop: a reduce over P became a YNNPACK
-  reduction that made the layer's backward 1.7x slower at d_model 32)."""
+  reduction that made the layer's forward + backward 1.45x slower at d_model 32)."""
   return functools.reduce(jnp.add, jnp.split(y_ND, P))
 
 
