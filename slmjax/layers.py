@@ -309,7 +309,8 @@ def is_gated(activation: str) -> bool:
 class DenseFFN(nnx.Module):
   """Position-wise feed-forward block of width `d_ff`: gated (SwiGLU/GeGLU, three matrices) or GELU (two).
 
-  `role` is 'dense_ffn', or 'shared_expert' for an MoE layer's always-on shared experts.
+  `role` is 'dense_ffn', or 'shared_expert' for an MoE layer's always-on shared experts. A narrow SwiGLU FFN
+  of 512+ rows on one CPU device runs as the fused calls of slmjax/kernels/swiglu_ffn.py (`dense_parts`).
   """
 
   def __init__(self, cfg: ModelConfig, d_ff: int, rngs: nnx.Rngs, role: str = 'dense_ffn'):
@@ -325,7 +326,7 @@ class DenseFFN(nnx.Module):
     if self.cfg.activation == 'swiglu':
       x_MD = x_BTD.reshape(-1, x_BTD.shape[-1]).astype(dt)
       w = [a[...].astype(dt) for a in (self.w_gate_DF, self.w_up_DF, self.w_down_FD)]
-      if parts := swiglu_ffn.dense_parts(x_MD, *w, self.cfg.matmul):  # f32 rows on one CPU device: fused calls
+      if parts := swiglu_ffn.dense_parts(x_MD, *w, self.cfg.matmul):
         return swiglu_ffn.dense_ffn(x_MD, *w, parts).reshape(x_BTD.shape)
     up_BTF = linear(x_BTD, self.w_up_DF[...].astype(dt), matmul=self.cfg.matmul)
     gate_BTF = None

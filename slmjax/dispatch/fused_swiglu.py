@@ -1,6 +1,6 @@
-"""The dropless SwiGLU expert FFN of narrow f32 experts as two XLA:CPU FFI calls (slmjax/kernels/swiglu_ffn.py):
-`grouped_ffn`'s contract (rows x_XD[row_src_N] sorted by expert, sizes_E each; the output in the sorted layout),
-forward and backward each one call instead of a loop of XLA ops per tile.
+"""The dropless SwiGLU expert FFN of narrow experts (f32; bf16 where the CPU has AVX512_BF16) as two XLA:CPU FFI
+calls (slmjax/kernels/swiglu_ffn.py): `grouped_ffn`'s contract (rows x_XD[row_src_N] sorted by expert, sizes_E
+each; the output in the sorted layout), forward and backward each one call instead of a loop of XLA ops per tile.
 
 Why: at the cpu ladder's widths (d_model 32-128) `grouped_ffn`'s row tiles are mostly XLA's per-op cost (a
 [512, 32] x [32, 64] product runs at a third of a large one's FLOP rate, plus a slice, a gather and writes per
@@ -25,8 +25,8 @@ from slmjax.kernels import swiglu_ffn as kernel
 
 def runs(x_XD: jax.Array, w: ExpertWeights, activation: str, matmul: str) -> bool:
   """Whether the fused call takes this layer: SwiGLU, `matmul` 'auto' (ModelConfig.matmul: 'xla' keeps
-  everything in XLA, a vendor GEMM keeps the tiles), and what the handlers take (`kernel.fits`: f32, widths
-  multiples of 32 up to d_model 256 and expert width 512, one CPU device)."""
+  everything in XLA, a vendor GEMM keeps the tiles), and what the handlers take (`kernel.fits`: f32, or bf16 on
+  bf16 dot units; widths multiples of 32 up to d_model 256 and expert width 512; one CPU device)."""
   D, F = w.w_up_EDF.shape[1:]
   return (matmul == 'auto' and activation == 'swiglu' and w.w_gate_EDF is not None
           and kernel.fits(D, F, x_XD, *w))

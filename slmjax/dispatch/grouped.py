@@ -175,7 +175,7 @@ grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
 def rows_ffn(x_XD: jax.Array, row_src_N: jax.Array, dest_XA: jax.Array, w: ExpertWeights, sizes_E: jax.Array,
              activation: str, matmul: str = 'xla'):
   """`grouped_ffn` (its arguments and result), or where it takes the layer the fused SwiGLU call
-  (slmjax/dispatch/fused_swiglu.py: narrow f32 experts on one CPU device, `matmul` 'auto')."""
+  (slmjax/dispatch/fused_swiglu.py: narrow experts on one CPU device, `matmul` 'auto')."""
   if fused_swiglu.runs(x_XD, w, activation, matmul):
     return fused_swiglu.swiglu_ffn(x_XD, row_src_N, dest_XA, w, sizes_E)
   return grouped_ffn(x_XD, row_src_N, dest_XA, w, sizes_E, activation, matmul=matmul)
