@@ -1,6 +1,7 @@
 // XLA:CPU FFI handlers: the SwiGLU FFN of narrow experts, forward and backward, in one call each (the dropless
-// experts of slmjax/dispatch/fused_swiglu.py; the dense FFN as parts of d_ff, slmjax/kernels/swiglu_ffn.py). Rows are sorted by expert (sizes[e] rows each, row n reads x[row_src[n]]), as
-// for slmjax/dispatch/grouped.py's row tiles, which at d_model 32-128 spend most of their time in XLA's per-op
+// experts of slmjax/dispatch/fused_swiglu.py; the dense FFN as parts of d_ff, slmjax/kernels/swiglu_ffn.py).
+// Rows are sorted by expert (sizes[e] rows each, row n reads x[row_src[n]]), as for slmjax/dispatch/grouped.py's
+// row tiles, which at d_model 32-128 spend most of their time in XLA's per-op
 // overhead (loops, slices, small GEMMs at a third of the big ones' FLOP rate). Here each expert's run is
 // processed in blocks of RB rows with one register-blocked f32 product kernel (MR x NB accumulators, for the
 // row products and, over a block's rows, the weight gradients), experts spread over XLA's own intra-op threads.
@@ -116,8 +117,9 @@ struct Runs {
     for (int64_t e = 0; e < E; ++e) start[e] = total, end[e] = total += std::max<int32_t>(sizes[e], 0);
   }
   // Zeros in buf [N, width]'s rows past the runs (the slack rows).
-  void ZeroPast(float* buf, int64_t N, int64_t width) const {
-    std::memset(buf + total * width, 0, (N - total) * width * sizeof(float));
+  template <typename T>
+  void ZeroPast(T* buf, int64_t N, int64_t width) const {
+    std::memset(buf + total * width, 0, (N - total) * width * sizeof(T));
   }
 };
 
@@ -341,8 +343,7 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
   bf16* y_ND = reinterpret_cast<bf16*>(y->typed_data());
   float *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
-  std::memset(y_ND + runs.total * D, 0, (N - runs.total) * D * sizeof(bf16));
-  runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
+  runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
   ForEachExpert(pool, E, [&](int64_t e) {
     if (runs.end[e] == runs.start[e]) return;
     std::vector<bf16> xb(RB * D), hb(RB * F), wg(D * F), wu(D * F), wd(F * D);
@@ -379,7 +380,7 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
   const bf16* dys = reinterpret_cast<const bf16*>(dy.typed_data());
   bf16* dx_ND = reinterpret_cast<bf16*>(dx->typed_data());
-  std::memset(dx_ND + runs.total * D, 0, (N - runs.total) * D * sizeof(bf16));
+  runs.ZeroPast(dx_ND, N, D);
   ForEachExpert(pool, E, [&](int64_t e) {
     float *dwg = dw_gate->typed_data() + e * D * F, *dwu = dw_up->typed_data() + e * D * F;
     float* dwd = dw_down->typed_data() + e * F * D;

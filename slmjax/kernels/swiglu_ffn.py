@@ -72,6 +72,7 @@ def fits(D: int, F: int, *arrays: jax.Array) -> bool:
 
 
 def _suffix(call: str, dtype) -> str:
+  """The FFI target suffix of `call` ('fwd' or 'bwd') for operands of `dtype`."""
   return f'{call}_bf16' if dtype == jnp.bfloat16 else call
 
 
