@@ -34,9 +34,9 @@ def attention_outputs_and_grads(q, k, v, w, cap, window):
   return run(q, k, v)
 
 
-def random_qkvw(T, Q, Y, dtype=jnp.float32, seed=0):
+def random_qkvw(T, Q, Y, dtype=jnp.float32, seed=0, Z=8):
   rng = np.random.default_rng(seed)
-  B, K, Z = 2, 2, 8
+  B, K = 2, 2
   shapes = (B, T, K, Q, Z), (B, T, K, Z), (B, T, K, Y)
   q, k, v = (jnp.asarray(rng.normal(size=s), dtype) for s in shapes)
   return q, k, v, jnp.asarray(rng.normal(size=(B, T, K, Q, Y)), jnp.float32)

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from slmjax.kernels import acc32
 
 SOURCE = pathlib.Path(__file__).with_name('gemm.cc')
+_libraries = []  # the handler libraries `register` loaded, kept for the process's life
+_registered: set[str] = set()  # the FFI targets `register` registered
 
 
 class Library(NamedTuple):
@@ -65,12 +67,14 @@ def target(library: str, dtype) -> str:
 
 def build(cache: pathlib.Path | None = None, source: pathlib.Path = SOURCE, flags: tuple[str, ...] = ('-O2',)
           ) -> pathlib.Path:
-  """The compiled handler library of `source`, built once per source, flags and jax version (atomically:
-  concurrent first uses each compile to a temporary name and rename). With -march=native the key holds this
-  CPU's feature flags too, so a cache shared between machines never runs another CPU's instructions."""
+  """The compiled handler library of `source`, built once per source (with the .h files beside it), flags and jax
+  version (atomically: concurrent first uses each compile to a temporary name and rename). With -march=native the
+  key holds this CPU's feature flags too, so a cache shared between machines never runs another CPU's
+  instructions."""
   cache = cache or pathlib.Path(os.environ.get('SLMJAX_CACHE', pathlib.Path.home() / '.cache' / 'slmjax'))
   cpu = _cpu_flags() if '-march=native' in flags else ''
-  key = hashlib.sha256(source.read_bytes() + jax.__version__.encode() + ' '.join(flags).encode()
+  headers = b''.join(h.read_bytes() for h in sorted(source.parent.glob('*.h')))  # what the source may include
+  key = hashlib.sha256(source.read_bytes() + headers + jax.__version__.encode() + ' '.join(flags).encode()
                        + cpu.encode()).hexdigest()[:16]
   lib = cache / 'kernels' / f'{source.stem}-{key}.so'
   if not lib.exists():
@@ -89,6 +93,21 @@ def build(cache: pathlib.Path | None = None, source: pathlib.Path = SOURCE, flag
         raise RuntimeError(f'{cmd[0]} failed: {errors[:1]}')
       os.replace(out, lib)
   return lib
+
+
+def register(source: pathlib.Path, flags: tuple[str, ...], handlers: dict[str, str]) -> set[str]:
+  """Builds `source` and registers each handler symbol it exports (key) as an XLA:CPU FFI target (value), once a
+  process (XLA refuses a second registration); returns the targets registered (a handler compiled only for some
+  CPUs may be absent). Raises OSError or RuntimeError when the library cannot build or load."""
+  if done := _registered & set(handlers.values()):
+    return done
+  lib = ctypes.CDLL(str(build(source=source, flags=flags)))
+  for symbol, target in handlers.items():
+    if hasattr(lib, symbol):
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
+      _registered.add(target)
+  _libraries.append(lib)
+  return _registered & set(handlers.values())
 
 
 def _cpu_flags() -> str:

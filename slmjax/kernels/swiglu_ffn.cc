@@ -18,96 +18,11 @@
 
 #include <immintrin.h>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "products.h"
 
 namespace {
 
-constexpr int MR = 8;   // rows of the product kernel: MR x NB accumulators fill half the AVX-512 registers
-constexpr int NB = 32;  // columns of the product kernel: widths must be multiples of it
 constexpr int RB = 64;  // rows per block: a weight gradient reads and writes its accumulator once a block
-
-// 16 floats (GCC vector extensions; one AVX-512 register).
-typedef float V __attribute__((vector_size(64)));
-typedef int32_t VI __attribute__((vector_size(64)));
-typedef float VU __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
-constexpr int L = 16;
-
-inline V Load(const float* p) { return *reinterpret_cast<const VU*>(p); }
-inline void Store(float* p, V v) { *reinterpret_cast<VU*>(p) = v; }
-
-// c[MR, NB] (+)= sum_k a(r, k) b[k, 0:NB] over K, a(r, k) = a[r * ar + k * ak]; b's rows ldb apart, c's ldc.
-// The accumulators stay in registers across k (8 x 32 measured 112 GFLOP/s a core here, 4 x 64 of scalar loops
-// the compiler vectorized 57-79).
-__attribute__((always_inline)) inline void Kernel(const float* a, int64_t ar, int64_t ak, const float* b,
-                                                  int64_t K, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  constexpr int NV = NB / L;
-  V acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 2
-    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? Load(c + r * ldc + L * j) : V{};
-  for (int64_t k = 0; k < K; ++k) {
-    V bk[NV];
-#pragma GCC unroll 2
-    for (int j = 0; j < NV; ++j) bk[j] = Load(b + k * ldb + L * j);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const float av = a[r * ar + k * ak];
-#pragma GCC unroll 2
-      for (int j = 0; j < NV; ++j) acc[r][j] += av * bk[j];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 2
-    for (int j = 0; j < NV; ++j) Store(c + r * ldc + L * j, acc[r][j]);
-}
-
-// c[M, N] (+)= a(m, k) b[K, N], a(m, k) = a[m * am + k * ak]: a's rows (am = K, ak = 1) or its transpose's
-// (am = 1, ak = M, for weight gradients); M a multiple of MR, N of NB.
-inline void Times(const float* a, int64_t am, int64_t ak, int64_t M, int64_t K, const float* b, int64_t N, float* c,
-                  bool accumulate) {
-  for (int64_t m = 0; m < M; m += MR)
-    for (int64_t j = 0; j < N; j += NB) Kernel(a + m * am, am, ak, b + j, K, N, c + m * N + j, N, accumulate);
-}
-
-// c[M, N] (+)= a[M, K] b[K, N].
-inline void RowsTimes(const float* a, int64_t M, int64_t K, const float* b, int64_t N, float* c, bool accumulate) {
-  Times(a, K, 1, M, K, b, N, c, accumulate);
-}
-
-// c[M, N] += a[K, M]^T b[K, N]: a weight gradient's share of K rows.
-inline void AddOuter(const float* a, int64_t K, int64_t M, const float* b, int64_t N, float* c) {
-  Times(a, 1, M, M, K, b, N, c, true);
-}
-
-// t[C, R] = s[R, C]^T.
-inline void Transpose(const float* s, int64_t rows, int64_t cols, float* t) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = s[r * cols + c];
-}
-
-// body(e) for every expert e, on the calling thread and the pool's others: experts are claimed one at a time,
-// and the call returns once every claimed expert is done. A helper that starts late finds nothing to claim, so
-// the caller never waits for a pool thread to become free (no deadlock when the pool is busy).
-template <typename Body>
-void ForEachExpert(ffi::ThreadPool& pool, int64_t E, const Body& body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> active{0};
-  };
-  auto state = std::make_shared<State>();
-  auto work = [state, E, &body] {
-    state->active.fetch_add(1);
-    for (int64_t e; (e = state->next.fetch_add(1)) < E;) body(e);
-    state->active.fetch_sub(1);
-  };
-  for (int64_t i = 1; i < std::min(pool.num_threads(), E); ++i) pool.Schedule([work] { work(); });
-  for (int64_t e; (e = state->next.fetch_add(1)) < E;) body(e);
-  while (state->active.load() > 0) std::this_thread::yield();
-}
 
 // Where each expert's run of sorted rows starts and ends, and the rows of all runs.
 struct Runs {
@@ -144,26 +59,7 @@ inline int GatherBlock(const T* x, int64_t X, int64_t D, const int32_t* row_src,
   return rows;
 }
 
-// The activation on 16 floats at a time (vectors: the loops over scalars did not vectorize, and
-// glibc's scalar expf was most of the forward's time). exp as Cephes' expf computes it: 2^n times a polynomial
-// of the remainder, ~1 ulp on [-87, 88].
-inline V Exp(V x) {
-  x = x > 88.f ? V{} + 88.f : x;
-  x = x < -87.f ? V{} - 87.f : x;
-  const V t = x * 1.44269504089f + 0.5f;
-  V n = __builtin_convertvector(__builtin_convertvector(t, VI), V);  // truncated: floor below
-  n = n > t ? n - 1.f : n;
-  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  V p = V{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  return p * reinterpret_cast<V>((__builtin_convertvector(n, VI) + 127) << 23);
-}
-
+// The activation on 16 floats at a time (vectors: the loops over scalars did not vectorize).
 inline V Sigmoid(V g) { return 1.f / (1.f + Exp(-g)); }
 
 // h = silu(g) u over `size` (a multiple of 16) elements.
@@ -196,7 +92,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   float *y_ND = y->typed_data(), *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
   runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
-  ForEachExpert(pool, E, [&](int64_t e) {
+  ForEach(pool, E, [&](int64_t e) {
     std::vector<float> xb(RB * D), g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
     const float* wd = w_down.typed_data() + e * F * D;
@@ -227,7 +123,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   float* dx_ND = dx->typed_data();
   runs.ZeroPast(dx_ND, N, D);
-  ForEachExpert(pool, E, [&](int64_t e) {
+  ForEach(pool, E, [&](int64_t e) {
     std::vector<float> xb(RB * D), dyb(RB * D), g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F),
         du(RB * F), dxb(RB * D), wgT(F * D), wuT(F * D), wdT(D * F);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
@@ -344,7 +240,7 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   bf16* y_ND = reinterpret_cast<bf16*>(y->typed_data());
   float *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
   runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
-  ForEachExpert(pool, E, [&](int64_t e) {
+  ForEach(pool, E, [&](int64_t e) {
     if (runs.end[e] == runs.start[e]) return;
     std::vector<bf16> xb(RB * D), hb(RB * F), wg(D * F), wu(D * F), wd(F * D);
     std::vector<float> g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
@@ -381,7 +277,7 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const bf16* dys = reinterpret_cast<const bf16*>(dy.typed_data());
   bf16* dx_ND = reinterpret_cast<bf16*>(dx->typed_data());
   runs.ZeroPast(dx_ND, N, D);
-  ForEachExpert(pool, E, [&](int64_t e) {
+  ForEach(pool, E, [&](int64_t e) {
     float *dwg = dw_gate->typed_data() + e * D * F, *dwu = dw_up->typed_data() + e * D * F;
     float* dwd = dw_down->typed_data() + e * F * D;
     std::memset(dwg, 0, D * F * sizeof(float));

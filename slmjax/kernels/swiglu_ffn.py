@@ -17,7 +17,6 @@ parts).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import pathlib
@@ -36,7 +35,6 @@ MAX_D_MODEL, MAX_WIDTH = 256, 512
 # Fewest rows the dense FFN takes the calls for: measured from 2048 rows on; decode's few rows stay on XLA's dots
 # (the split copies the gate and up weights each call).
 DENSE_MIN_ROWS = 512
-_registered = []  # the loaded library, once its FFI targets are registered: XLA refuses a second registration
 _TARGETS = {'Fwd': 'fwd', 'Bwd': 'bwd', 'FwdBf16': 'fwd_bf16', 'BwdBf16': 'bwd_bf16'}  # handler -> target suffix
 _targets: set[str] = set()  # the suffixes registered
 
@@ -47,18 +45,12 @@ def load() -> str | None:
   line)."""
   if jax.default_backend() != 'cpu':
     return f'the fused SwiGLU FFN is for XLA:CPU, not {jax.default_backend()}'
-  if _registered:
-    return None
-  try:
-    lib = ctypes.CDLL(str(gemm.build(source=SOURCE, flags=FLAGS)))
+  try:  # the bf16 handlers exist where the CPU has AVX512_BF16
+    registered = gemm.register(SOURCE, FLAGS, {f'SlmjaxSwigluFfn{name}': f'slmjax_swiglu_ffn_{suffix}'
+                                               for name, suffix in _TARGETS.items()})
   except (OSError, RuntimeError) as e:
     return f'cannot build the fused SwiGLU FFN: {e}'
-  for name, suffix in _TARGETS.items():
-    if hasattr(lib, f'SlmjaxSwigluFfn{name}'):  # the bf16 handlers exist where the CPU has AVX512_BF16
-      handler = jax.ffi.pycapsule(getattr(lib, f'SlmjaxSwigluFfn{name}'))
-      jax.ffi.register_ffi_target(f'slmjax_swiglu_ffn_{suffix}', handler, platform='cpu')
-      _targets.add(suffix)
-  _registered.append(lib)
+  _targets.update(suffix for suffix in _TARGETS.values() if f'slmjax_swiglu_ffn_{suffix}' in registered)
   return None
 
 

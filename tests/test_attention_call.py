@@ -1,0 +1,71 @@
+"""The attention call (slmjax/kernels/attention.py and .cc): causal attention's values and gradients as the plain
+formula's, taken by `causal_attention` exactly where the call fits, XLA's ops elsewhere."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slmjax import layers
+from slmjax.kernels import attention as call
+from test_layers import attention_outputs_and_grads, random_qkvw
+
+
+@pytest.fixture(scope='module', autouse=True)
+def built(tmp_path_factory):
+  """The handlers, built into a temporary cache (not ~) unless this process has them already; skip where this
+  machine cannot build them."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv('SLMJAX_CACHE', str(tmp_path_factory.mktemp('cache')))
+    if (reason := call.load()) is not None:
+      pytest.skip(f'no attention call here: {reason}')
+    yield
+
+
+def takes_call(q, k, v, cap=0.0, window=0) -> bool:
+  """Whether causal_attention's forward and backward (of <out, 1>) compile to the attention calls."""
+  loss = lambda q, k, v: jnp.sum(layers.causal_attention(q, k, v, cap, window=window).astype(jnp.float32))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
+  return 'slmjax_attention_fwd' in hlo and 'slmjax_attention_bwd' in hlo
+
+
+@pytest.mark.parametrize('T,Q,Y,Z', [(96, 1, 32, 32), (64, 3, 64, 32), (256, 2, 32, 64)])
+def test_matches_plain_attention_values_and_gradients(T, Q, Y, Z):
+  """A backward group of 64 rows and one of 32 (T = 96), grouped query heads sharing a key head (their key and
+  value gradients summed), a value width Y != Z, and 256 positions: the call's output and the gradients of q, k, v
+  equal autodiff of the plain formula."""
+  q, k, v, w = random_qkvw(T, Q, Y, Z=Z, seed=T + Q)
+  assert takes_call(q, k, v)
+  (out, ref_out), (grads, ref_grads) = attention_outputs_and_grads(q, k, v, w, 0.0, 0)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_operands_are_close_to_f32():
+  """bf16 q, k, v (the call runs on f32 copies): bf16 outputs and gradients within bf16's rounding of f32's."""
+  q, k, v, w = random_qkvw(128, 2, 32, jnp.bfloat16, Z=32)
+  assert takes_call(q, k, v)
+  (out, ref_out), (grads, ref_grads) = attention_outputs_and_grads(q, k, v, w, 0.0, 0)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  np.testing.assert_allclose(out.astype(jnp.float32), ref_out, rtol=0.03, atol=0.03)
+  for got, want in zip(grads, ref_grads):
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got.astype(jnp.float32) / scale, want / scale, atol=0.02)
+
+
+@pytest.mark.parametrize('T,Z,cap,window', [(64, 32, 5.0, 0), (64, 32, 0.0, 24), (80, 32, 0.0, 0),
+                                            (64, 8, 0.0, 0)])
+def test_xla_ops_where_the_call_does_not_fit(T, Z, cap, window):
+  """A soft-cap, a window, positions or head widths not multiples of 32: XLA's ops, still the plain formula."""
+  q, k, v, w = random_qkvw(T, 1, 32, Z=Z)
+  assert not takes_call(q, k, v, cap, window)
+  (out, ref_out), _ = attention_outputs_and_grads(q, k, v, w, cap, window)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtypes_do_not_fit():
+  q, k, v, _ = random_qkvw(64, 1, 32, Z=32)
+  to_heads = lambda a: jnp.moveaxis(a, 1, -2)
+  assert call.fits(to_heads(q), to_heads(k), to_heads(v), 0.0, 0)
+  assert not call.fits(to_heads(q), to_heads(k).astype(jnp.bfloat16), to_heads(v), 0.0, 0)
