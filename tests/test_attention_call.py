@@ -22,6 +22,12 @@ def built(tmp_path_factory):
     yield
 
 
+def test_loads_again_after_its_cache_is_cleared():
+  """A second load in one process registers nothing twice (XLA would refuse it)."""
+  call.load.cache_clear()
+  assert call.load() is None
+
+
 def takes_call(q, k, v, cap=0.0, window=0) -> bool:
   """Whether causal_attention's forward and backward (of <out, 1>) compile to the attention calls."""
   loss = lambda q, k, v: jnp.sum(layers.causal_attention(q, k, v, cap, window=window).astype(jnp.float32))
@@ -69,3 +75,12 @@ def test_mixed_dtypes_do_not_fit():
   to_heads = lambda a: jnp.moveaxis(a, 1, -2)
   assert call.fits(to_heads(q), to_heads(k), to_heads(v), 0.0, 0)
   assert not call.fits(to_heads(q), to_heads(k).astype(jnp.bfloat16), to_heads(v), 0.0, 0)
+
+
+def test_vmap_runs_the_call_per_element():
+  """jax.vmap over a leading axis (the calls loop over it) gives each element's own attention."""
+  q, k, v, _ = random_qkvw(64, 1, 32, Z=32)
+  stacked = [jnp.stack([a, a[::-1]]) for a in (q, k, v)]
+  out = jax.vmap(lambda q, k, v: layers.causal_attention(q, k, v))(*stacked)
+  for i, pick in enumerate((lambda a: a, lambda a: a[::-1])):
+    np.testing.assert_allclose(out[i], layers.causal_attention(pick(q), pick(k), pick(v)), rtol=1e-6, atol=1e-6)

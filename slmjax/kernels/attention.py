@@ -5,7 +5,7 @@ slmjax/attention_core.py's attention, for training on CPU, where XLA's batched G
 The backward takes the forward's output and logsumexp (one float a query) and recomputes the probabilities, as
 flash attention does. Built at first use like the other handlers (slmjax/kernels/gemm.py), with -march=native;
 where they cannot build or load, `load` says why and attention keeps XLA's ops. bf16 operands run the f32 call
-on f32 copies.
+on f32 copies. Under `jax.vmap` the calls run once per mapped element (vmap_method 'sequential').
 
 Shape letters: slmjax/shapes.py (B batch, K key/value heads, Q query heads a key head, T query positions, U key
 positions, Z query/key width, Y value width).
@@ -52,13 +52,15 @@ def fits(q_BKQTZ: jax.Array, k_BKUZ: jax.Array, v_BKUY: jax.Array, cap: float, w
 
 
 def _f32(*arrays):
+  """The arrays as f32 (the call's operand type; a no-op for f32)."""
   return tuple(a.astype(jnp.float32) for a in arrays)
 
 
 def _forward(q_BKQTZ, k_BKUZ, v_BKUY, scale):
   (B, K, Q, T, _), Y = q_BKQTZ.shape, v_BKUY.shape[3]
   call = jax.ffi.ffi_call('slmjax_attention_fwd', (jax.ShapeDtypeStruct((B, K, Q, T, Y), jnp.float32),
-                                                  jax.ShapeDtypeStruct((B, K, Q, T), jnp.float32)))
+                                                  jax.ShapeDtypeStruct((B, K, Q, T), jnp.float32)),
+                       vmap_method='sequential')
   return call(*_f32(q_BKQTZ, k_BKUZ, v_BKUY), scale=np.float32(scale))
 
 
@@ -77,7 +79,8 @@ def _attention_fwd(q_BKQTZ, k_BKUZ, v_BKUY, scale):
 def _attention_bwd(scale, saved, dout_BKQTY):
   q_BKQTZ, k_BKUZ, v_BKUY, out_BKQTY, lse_BKQT = saved
   call = jax.ffi.ffi_call('slmjax_attention_bwd', tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32)
-                                                        for a in (q_BKQTZ, k_BKUZ, v_BKUY)))
+                                                        for a in (q_BKQTZ, k_BKUZ, v_BKUY)),
+                       vmap_method='sequential')
   grads = call(*_f32(q_BKQTZ, k_BKUZ, v_BKUY), out_BKQTY, lse_BKQT, dout_BKQTY.astype(jnp.float32),
                scale=np.float32(scale))
   return tuple(g.astype(a.dtype) for g, a in zip(grads, (q_BKQTZ, k_BKUZ, v_BKUY)))
