@@ -325,7 +325,7 @@ class DenseFFN(nnx.Module):
     dt = dtype_of(self.cfg.dtype)
     if self.cfg.activation == 'swiglu':
       x_MD = x_BTD.reshape(-1, x_BTD.shape[-1]).astype(dt)
-      w = [a[...].astype(dt) for a in (self.w_gate_DF, self.w_up_DF, self.w_down_FD)]
+      w = [a[...] for a in (self.w_gate_DF, self.w_up_DF, self.w_down_FD)]  # uncast: the calls round while packing
       if parts := swiglu_ffn.dense_parts(x_MD, *w, self.cfg.matmul):
         return swiglu_ffn.dense_ffn(x_MD, *w, parts).reshape(x_BTD.shape)
     up_BTF = linear(x_BTD, self.w_up_DF[...].astype(dt), matmul=self.cfg.matmul)

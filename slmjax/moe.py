@@ -203,9 +203,8 @@ class MoEFFN(nnx.Module):
                     cfg.sparsemixer_eps)
     S = group_size_for(B * T, cfg.group_size)
     G = B * T // S
-    weights = ExpertWeights(
-        self.w_gate_EDF[...].astype(dt) if is_gated(cfg.activation) else None,
-        self.w_up_EDF[...].astype(dt), self.w_down_EFD[...].astype(dt))
+    weights = ExpertWeights(  # the master weights: each dispatch's products cast them (ExpertWeights.cast)
+        self.w_gate_EDF[...] if is_gated(cfg.activation) else None, self.w_up_EDF[...], self.w_down_EFD[...])
     y_GSD, kept_GSA = get_dispatch(cfg.dispatch, cfg.dropless)(
         x_XD.reshape(G, S, D), (cfg.routed_scale * routing.gates_XA).reshape(G, S, -1),
         routing.experts_XA.reshape(G, S, -1),

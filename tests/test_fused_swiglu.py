@@ -193,3 +193,26 @@ def test_bf16_calls_match_the_f32_ffn_of_the_same_bf16_values():
   parts = kernel.dense_parts(jnp.zeros((512, D), jnp.bfloat16), w.w_gate_EDF[0], w.w_up_EDF[0],
                              w.w_down_EFD[0], 'auto')
   assert parts >= 1
+
+
+def test_bf16_calls_read_f32_master_weights_and_return_f32_gradients():
+  """bf16 rows with f32 weights (the model's master weights, uncast): the calls round the weights as they pack
+  them, the output is bf16, and the weight gradients come back in f32, equal to those of the same weights cast to
+  bf16 first (to 2% of the largest: those are rounded to bf16 once more)."""
+  if not bf16_here():
+    pytest.skip('no AVX512_BF16 here: no bf16 handlers')
+  w32 = ExpertWeights(*(jnp.asarray(a) for a in _weights(2, seed=8)))
+  sizes_E = np.array([70, 9], np.int32)
+  N = int(sizes_E.sum())
+  x_ND = jnp.asarray(np.random.default_rng(9).normal(size=(N, D)), jnp.bfloat16)
+  assert fused_swiglu.runs(x_ND, w32, 'swiglu', 'auto')
+  fused = lambda x_ND, w: fused_swiglu.swiglu_ffn(x_ND, jnp.arange(N), jnp.arange(N)[:, None], w,
+                                                  jnp.asarray(sizes_E))
+  loss = lambda w: jnp.sum(jnp.sin(fused(x_ND, w).astype(jnp.float32)))
+  got_y, got_dw = fused(x_ND, w32), jax.grad(loss)(w32)
+  cast = lambda w: ExpertWeights(*(a.astype(jnp.bfloat16) for a in w))
+  want_y, want_dw = fused(x_ND, cast(w32)), jax.grad(lambda w: loss(w))(cast(w32))
+  assert got_y.dtype == jnp.bfloat16 and all(a.dtype == jnp.float32 for a in got_dw)
+  np.testing.assert_array_equal(got_y, want_y)  # the same bf16 weights inside the call
+  for g, r in zip(got_dw, want_dw):
+    np.testing.assert_allclose(g, r.astype(jnp.float32), atol=0.02 * float(np.abs(r.astype(jnp.float32)).max()))

@@ -24,9 +24,16 @@ class ExpertWeights(NamedTuple):
   w_up_EDF: jax.Array
   w_down_EFD: jax.Array
 
+  def cast(self, dtype) -> ExpertWeights:
+    """The weights in `dtype`, the compute dtype. Dispatches receive the master weights (param_dtype) and each
+    product casts them where it runs, so the fused SwiGLU call can read f32 masters itself and return f32
+    gradients (slmjax/kernels/swiglu_ffn.py) with no bf16 copy made and no gradient rounded on the way."""
+    return ExpertWeights(*(None if a is None else a.astype(dtype) for a in self))
+
 
 def expert_ffn(x_EMD: jax.Array, w: ExpertWeights, activation: str) -> jax.Array:
-  """Run expert e's FFN on the rows x_EMD[e], for all experts at once (batched matmuls)."""
+  """Run expert e's FFN on the rows x_EMD[e], for all experts at once (batched matmuls), in x's dtype."""
+  w = w.cast(x_EMD.dtype)
   up_EMF = einsum('EMD,EDF->EMF', x_EMD, w.w_up_EDF)
   gate_EMF = None if w.w_gate_EDF is None else einsum('EMD,EDF->EMF', x_EMD, w.w_gate_EDF)
   return einsum('EMF,EFD->EMD', activate(gate_EMF, up_EMF, activation), w.w_down_EFD)
@@ -35,11 +42,16 @@ def expert_ffn(x_EMD: jax.Array, w: ExpertWeights, activation: str) -> jax.Array
 FUSE_GATE_UP_MAX_F = 128  # fine-grained experts: one [D, 2F] matmul beats two narrow [D, F] ones (measured)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def expert_ffn_rows(x_EMD, w: ExpertWeights, n_rows, activation: str, buckets: tuple[int, ...]):
   """expert_ffn(x_EMD, w) on rows [0, n_rows) of every expert; later rows are don't-care (their output is
   arbitrary, their cotangent must be zero). The matmuls, forward and backward, run on the smallest static bucket
-  >= n_rows rows. Residuals are the pre-activations, so the backward recomputes only the cheap activation."""
+  >= n_rows rows, in x's dtype. Residuals are the pre-activations, so the backward recomputes only the cheap
+  activation."""
+  return _ffn_rows(x_EMD, w.cast(x_EMD.dtype), n_rows, activation, buckets)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _ffn_rows(x_EMD, w: ExpertWeights, n_rows, activation: str, buckets: tuple[int, ...]):
   return _ffn_rows_fwd(x_EMD, w, n_rows, activation, buckets)[0]
 
 
@@ -110,4 +122,4 @@ def _ffn_rows_bwd(activation, buckets, res, dy_EMD):
   return dx_EMD, dw, None
 
 
-expert_ffn_rows.defvjp(_ffn_rows_fwd, _ffn_rows_bwd)
+_ffn_rows.defvjp(_ffn_rows_fwd, _ffn_rows_bwd)

@@ -174,11 +174,12 @@ grouped_ffn.defvjp(_grouped_fwd, _grouped_bwd)
 
 def rows_ffn(x_XD: jax.Array, row_src_N: jax.Array, dest_XA: jax.Array, w: ExpertWeights, sizes_E: jax.Array,
              activation: str, matmul: str = 'xla'):
-  """`grouped_ffn` (its arguments and result), or where it takes the layer the fused SwiGLU call
-  (slmjax/dispatch/fused_swiglu.py: narrow experts on one CPU device, `matmul` 'auto')."""
+  """`grouped_ffn` (its arguments and result; the weights cast to x's dtype), or where it takes the layer the
+  fused SwiGLU call on the weights as given (slmjax/dispatch/fused_swiglu.py: narrow experts on one CPU device,
+  `matmul` 'auto')."""
   if fused_swiglu.runs(x_XD, w, activation, matmul):
     return fused_swiglu.swiglu_ffn(x_XD, row_src_N, dest_XA, w, sizes_E)
-  return grouped_ffn(x_XD, row_src_N, dest_XA, w, sizes_E, activation, matmul=matmul)
+  return grouped_ffn(x_XD, row_src_N, dest_XA, w.cast(x_XD.dtype), sizes_E, activation, matmul=matmul)
 
 
 def row_tiles_pay(rows_per_expert: int) -> bool:

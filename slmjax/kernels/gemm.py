@@ -16,6 +16,8 @@ XLA's bf16 dot is slow (a linear layer's forward + backward at 4,096 rows: 0.45-
 its plain products are as fast as oneDNN's or faster (0.95-1.06x at 4,096 rows, 1.1-4.4x below; bf16 decode ran
 1.1-2.6x slower a token with its products in oneDNN), and small products lose to the custom call's overhead. f32
 stays on XLA: oneDNN's x^T dy sped the llama step up 0-15% but slowed the cpu ladder's rungs 5-18%.
+
+`build` and `register` also compile and register slmjax's own handler libraries (swiglu_ffn.cc, attention.cc).
 """
 
 from __future__ import annotations

@@ -156,9 +156,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 }
 
 #ifdef __AVX512BF16__
-// bf16 operands (x, the weights, dy; y and dx out), every product on the CPU's bf16 dot units (vdpbf16ps: two
-// bf16 products a lane per instruction, summed in f32: 210 GFLOP/s a core here against 112 for the f32 kernel);
-// the activation in f32, gate and up kept in f32, weight gradients summed in f32. The dot units take K in pairs,
+// bf16 operands (x, dy; y and dx out; the f32 weights rounded to bf16 as they are packed), every product on the
+// CPU's bf16 dot units (vdpbf16ps: two bf16 products a lane per instruction, summed in f32: 210 GFLOP/s a core here
+// against 112 for the f32 kernel); the activation in f32, gate and up kept in f32, weight gradients summed and
+// returned in f32. The dot units take K in pairs,
 // so the B operand is packed [K / 2][N][2] and the A operand read as 32-bit pairs along K.
 typedef uint16_t bf16;
 
@@ -203,12 +204,21 @@ inline void PairTimes(const uint32_t* a, int64_t am, int64_t ak, int64_t M, int6
       PairKernel(a + m * am, am, ak, b + 2 * j, K2, N, c + m * N + j, N, accumulate);
 }
 
-// dst [K / 2][N][2] = B(k, j) = src[k * ks + j * js], packed for the dot units (once a call, for the weights).
-inline void PackB(const bf16* src, int64_t ks, int64_t js, int64_t K, int64_t N, bf16* dst) {
+// f rounded to bf16, to nearest even (as XLA's convert; NaN stays NaN).
+inline bf16 ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((u >> 16) | 0x40);
+  return static_cast<bf16>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// dst [K / 2][N][2] = B(k, j) = src[k * ks + j * js] in bf16, packed for the dot units (once a call, for the
+// f32 master weights: no bf16 copy of them is made outside the call, and their gradients leave it in f32).
+inline void PackB(const float* src, int64_t ks, int64_t js, int64_t K, int64_t N, bf16* dst) {
   for (int64_t k = 0; k < K; k += 2)
     for (int64_t j = 0; j < N; ++j) {
-      dst[(k * N) + 2 * j] = src[k * ks + j * js];
-      dst[(k * N) + 2 * j + 1] = src[(k + 1) * ks + j * js];
+      dst[(k * N) + 2 * j] = ToBf16(src[k * ks + j * js]);
+      dst[(k * N) + 2 * j + 1] = ToBf16(src[(k + 1) * ks + j * js]);
     }
 }
 
@@ -229,8 +239,8 @@ inline void Interleave(const bf16* src, int64_t K, int64_t N, bf16* dst) {
 inline const uint32_t* Pairs(const bf16* p) { return reinterpret_cast<const uint32_t*>(p); }
 
 ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> row_src,
-                       ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::BF16> w_gate, ffi::Buffer<ffi::BF16> w_up,
-                       ffi::Buffer<ffi::BF16> w_down, ffi::ResultBuffer<ffi::BF16> y,
+                       ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
+                       ffi::Buffer<ffi::F32> w_down, ffi::ResultBuffer<ffi::BF16> y,
                        ffi::ResultBuffer<ffi::F32> gate, ffi::ResultBuffer<ffi::F32> up) {
   const int64_t X = x.dimensions()[0], D = x.dimensions()[1], N = row_src.dimensions()[0];
   const int64_t E = w_up.dimensions()[0], F = w_up.dimensions()[2];
@@ -244,9 +254,9 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
     if (runs.end[e] == runs.start[e]) return;
     std::vector<bf16> xb(RB * D), hb(RB * F), wg(D * F), wu(D * F), wd(F * D);
     std::vector<float> g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
-    PackB(reinterpret_cast<const bf16*>(w_gate.typed_data()) + e * D * F, F, 1, D, F, wg.data());
-    PackB(reinterpret_cast<const bf16*>(w_up.typed_data()) + e * D * F, F, 1, D, F, wu.data());
-    PackB(reinterpret_cast<const bf16*>(w_down.typed_data()) + e * F * D, D, 1, F, D, wd.data());
+    PackB(w_gate.typed_data() + e * D * F, F, 1, D, F, wg.data());
+    PackB(w_up.typed_data() + e * D * F, F, 1, D, F, wu.data());
+    PackB(w_down.typed_data() + e * F * D, D, 1, F, D, wd.data());
     for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
       const int rows = GatherBlock(xs, X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
       const int M = Padded(rows);
@@ -264,8 +274,8 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
 }
 
 ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> row_src,
-                        ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::BF16> w_gate, ffi::Buffer<ffi::BF16> w_up,
-                        ffi::Buffer<ffi::BF16> w_down, ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> up,
+                        ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
+                        ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> up,
                         ffi::Buffer<ffi::BF16> dy, ffi::ResultBuffer<ffi::BF16> dx,
                         ffi::ResultBuffer<ffi::F32> dw_gate, ffi::ResultBuffer<ffi::F32> dw_up,
                         ffi::ResultBuffer<ffi::F32> dw_down) {
@@ -287,9 +297,8 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
     std::vector<bf16> xb(RB * D), dyb(RB * D), hb(RB * F), dgb(RB * F), dub(RB * F), wgT(F * D), wuT(F * D),
         wdT(D * F), aT(std::max(D, F) * RB), bP(RB * std::max(D, F));
     std::vector<float> g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F), du(RB * F), dxb(RB * D);
-    const bf16* wg = reinterpret_cast<const bf16*>(w_gate.typed_data()) + e * D * F;
-    const bf16* wu = reinterpret_cast<const bf16*>(w_up.typed_data()) + e * D * F;
-    const bf16* wd = reinterpret_cast<const bf16*>(w_down.typed_data()) + e * F * D;
+    const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
+    const float* wd = w_down.typed_data() + e * F * D;
     PackB(wg, 1, F, F, D, wgT.data());  // B(f, d) = w_gate[d, f]
     PackB(wu, 1, F, F, D, wuT.data());
     PackB(wd, 1, D, D, F, wdT.data());  // B(d, f) = w_down[f, d]
@@ -325,12 +334,12 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
 using F32 = ffi::Buffer<ffi::F32>;
 using S32 = ffi::Buffer<ffi::S32>;
 
-// The arguments both calls start with: the pool, then x, row_src, sizes and the three stacked weights (T: f32, or
-// bf16 for the bf16 calls).
+// The arguments both calls start with: the pool, then x (T: f32, or bf16 for the bf16 calls), row_src, sizes and
+// the three stacked weights (f32 for both).
 template <typename T = F32>
 auto BindCommon() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<T>().template Arg<S32>().template Arg<S32>()
-      .template Arg<T>().template Arg<T>().template Arg<T>();
+      .template Arg<F32>().template Arg<F32>().template Arg<F32>();
 }
 
 }  // namespace

@@ -1,7 +1,10 @@
 """The SwiGLU FFN handlers of swiglu_ffn.cc as JAX calls: built and registered once a process, the raw forward
 and backward on rows sorted by expert (slmjax/dispatch/fused_swiglu.py wraps them for the experts), and a dense
 SwiGLU FFN made of the same calls. f32, and bf16 where the CPU has bf16 dot units (AVX512_BF16: products at
-210-230 GFLOP/s a core here, against 105-116 for f32; activation, gate / up and weight-gradient sums in f32).
+210-230 GFLOP/s a core here, against 105-116 for f32; activation, gate / up and weight-gradient sums in f32). The
+weights are read in f32 either way: callers pass the f32 master weights uncast, the bf16 calls round them as
+they pack them, and their gradients leave in f32, so a bf16 step makes no bf16 copy of them and rounds no
+gradient.
 
 The handlers need only g++: built at first use like the GEMM handlers (slmjax/kernels/gemm.py), with
 -march=native, and run on XLA's own intra-op threads, one expert at a time a thread. Where they cannot build or
@@ -54,18 +57,25 @@ def load() -> str | None:
   return None
 
 
-def fits(D: int, F: int, *arrays: jax.Array) -> bool:
-  """Whether the calls take widths D and F (multiples of 32, up to MAX_D_MODEL and MAX_WIDTH) and these arrays,
-  all f32, or all bf16 where this CPU has bf16 dot units (AVX512_BF16), on one CPU device, the handlers loaded."""
-  dtypes = {a.dtype for a in arrays}
+def fits(D: int, F: int, x: jax.Array, *weights: jax.Array) -> bool:
+  """Whether the calls take widths D and F (multiples of 32, up to MAX_D_MODEL and MAX_WIDTH), rows x in f32, or
+  in bf16 where this CPU has bf16 dot units (AVX512_BF16), and f32 or bf16 weights (the calls read f32 weights:
+  pass the f32 master weights uncast, and their gradients come back in f32 with no cast either way), on one CPU
+  device, the handlers loaded."""
+  floats = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
   return (D % 32 == 0 and F % 32 == 0 and D <= MAX_D_MODEL and F <= MAX_WIDTH
-          and dtypes in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)})
-          and gemm.on_one_cpu_device() and load() is None and _suffix('fwd', dtypes.pop()) in _targets)
+          and x.dtype in floats and all(w.dtype in floats for w in weights)
+          and gemm.on_one_cpu_device() and load() is None and _suffix('fwd', x.dtype) in _targets)
 
 
 def _suffix(call: str, dtype) -> str:
   """The FFI target suffix of `call` ('fwd' or 'bwd') for operands of `dtype`."""
   return f'{call}_bf16' if dtype == jnp.bfloat16 else call
+
+
+def _f32(*weights):
+  """The weights as the calls read them: f32 (a no-op for f32 master weights)."""
+  return tuple(w.astype(jnp.float32) for w in weights)
 
 
 def forward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -74,17 +84,18 @@ def forward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
   N, (D, F) = row_src_N.shape[0], w_up_EDF.shape[1:]
   out = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((N, width), dtype)
   call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("fwd", x_XD.dtype)}', (out(D, x_XD.dtype), out(F), out(F)))
-  return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), w_gate_EDF, w_up_EDF, w_down_EFD)
+  return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32),
+              *_f32(w_gate_EDF, w_up_EDF, w_down_EFD))
 
 
 def backward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, gate_NF, up_NF, dy_ND):
   """The cotangents of `forward`'s sorted rows (dx_ND, not yet summed into x_XD's rows) and of the weights, in
-  their dtypes (bf16 weight gradients are summed in f32 and rounded once)."""
+  their dtypes (summed in f32; bf16 weights' gradients rounded once)."""
   w = (w_gate_EDF, w_up_EDF, w_down_EFD)
   call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("bwd", x_XD.dtype)}',
                           (jax.ShapeDtypeStruct(dy_ND.shape, x_XD.dtype),
                            *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in w)))
-  dx_ND, *dw = call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), *w, gate_NF, up_NF,
+  dx_ND, *dw = call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), *_f32(*w), gate_NF, up_NF,
                     dy_ND.astype(x_XD.dtype))
   return dx_ND, *(d.astype(a.dtype) for d, a in zip(dw, w))
 
@@ -97,7 +108,7 @@ def _cores() -> int:
 def dense_parts(x_MD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array,
                 matmul: str) -> int:
   """How many parts of d_ff the dense SwiGLU FFN runs as, one a core where the width divides (0: keep XLA's
-  dots): f32, `matmul` 'auto', at least DENSE_MIN_ROWS rows, the parts' widths within `fits`."""
+  dots): `matmul` 'auto', at least DENSE_MIN_ROWS rows, the parts' widths and the dtypes within `fits`."""
   (M, D), F = x_MD.shape, w_up_DF.shape[1]
   if matmul != 'auto' or M < DENSE_MIN_ROWS:
     return 0
