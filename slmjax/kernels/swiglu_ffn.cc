@@ -31,6 +31,15 @@ struct Runs {
   explicit Runs(const int32_t* sizes, int64_t E) : start(E), end(E) {
     for (int64_t e = 0; e < E; ++e) start[e] = total, end[e] = total += std::max<int32_t>(sizes[e], 0);
   }
+  // The experts, longest run first: claimed in this order, the threads finish together (a long run claimed last
+  // would leave the other threads idle while it runs).
+  std::vector<int64_t> LongestFirst() const {
+    std::vector<int64_t> order(start.size());
+    for (size_t e = 0; e < order.size(); ++e) order[e] = e;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return end[a] - start[a] > end[b] - start[b]; });
+    return order;
+  }
   // Zeros in buf [N, width]'s rows past the runs (the slack rows).
   template <typename T>
   void ZeroPast(T* buf, int64_t N, int64_t width) const {
@@ -92,7 +101,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   float *y_ND = y->typed_data(), *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
   runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
-  ForEach(pool, E, [&](int64_t e) {
+  const std::vector<int64_t> order = runs.LongestFirst();
+  ForEach(pool, E, [&](int64_t i) {
+    const int64_t e = order[i];
     std::vector<float> xb(RB * D), g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
     const float* wd = w_down.typed_data() + e * F * D;
@@ -123,7 +134,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   float* dx_ND = dx->typed_data();
   runs.ZeroPast(dx_ND, N, D);
-  ForEach(pool, E, [&](int64_t e) {
+  const std::vector<int64_t> order = runs.LongestFirst();
+  ForEach(pool, E, [&](int64_t i) {
+    const int64_t e = order[i];
     std::vector<float> xb(RB * D), dyb(RB * D), g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F),
         du(RB * F), dxb(RB * D), wgT(F * D), wuT(F * D), wdT(D * F);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
@@ -204,26 +217,8 @@ inline void PairTimes(const uint32_t* a, int64_t am, int64_t ak, int64_t M, int6
       PairKernel(a + m * am, am, ak, b + 2 * j, K2, N, c + m * N + j, N, accumulate);
 }
 
-// f rounded to bf16, to nearest even (as XLA's convert; NaN stays NaN).
-inline bf16 ToBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((u >> 16) | 0x40);
-  return static_cast<bf16>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
-// dst [K / 2][N][2] = B(k, j) = src[k * ks + j * js] in bf16, packed for the dot units (once a call, for the
-// f32 master weights: no bf16 copy of them is made outside the call, and their gradients leave it in f32).
-inline void PackB(const float* src, int64_t ks, int64_t js, int64_t K, int64_t N, bf16* dst) {
-  for (int64_t k = 0; k < K; k += 2)
-    for (int64_t j = 0; j < N; ++j) {
-      dst[(k * N) + 2 * j] = ToBf16(src[k * ks + j * js]);
-      dst[(k * N) + 2 * j + 1] = ToBf16(src[(k + 1) * ks + j * js]);
-    }
-}
-
-// dst [K / 2][N][2] = src [K, N] rows interleaved in pairs: PackB of a row-major block (N a multiple of 32), and,
-// read as 32-bit pairs with strides (1, N), the transposed A operand of a weight gradient.
+// dst [K / 2][N][2] = src [K, N] rows interleaved in pairs: a row-major block packed for the dot units (N a
+// multiple of 32), and, read as 32-bit pairs with strides (1, N), the transposed A operand of a weight gradient.
 inline void Interleave(const bf16* src, int64_t K, int64_t N, bf16* dst) {
   alignas(64) static const uint16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
@@ -238,6 +233,20 @@ inline void Interleave(const bf16* src, int64_t K, int64_t N, bf16* dst) {
 
 inline const uint32_t* Pairs(const bf16* p) { return reinterpret_cast<const uint32_t*>(p); }
 
+// dst [K / 2][N][2] = src [K, N] (f32 weights) in bf16, packed for the dot units (tmp: K x N bf16).
+inline void PackRows(const float* src, int64_t K, int64_t N, bf16* tmp, bf16* dst) {
+  Round(src, K * N, tmp);
+  Interleave(tmp, K, N, dst);
+}
+
+// dst [K / 2][N][2] = src [N, K]^T (f32 weights) in bf16, packed for the dot units: rounded, then transposed as
+// 32-bit pairs (src's adjacent columns are a pair; tmp: N x K bf16). 30 us for 256 x 512 here, 122 us element
+// by element.
+inline void PackColumns(const float* src, int64_t N, int64_t K, bf16* tmp, bf16* dst) {
+  Round(src, N * K, tmp);
+  Transpose(reinterpret_cast<const uint32_t*>(tmp), N, K / 2, reinterpret_cast<uint32_t*>(dst));
+}
+
 ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> row_src,
                        ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
                        ffi::Buffer<ffi::F32> w_down, ffi::ResultBuffer<ffi::BF16> y,
@@ -250,13 +259,15 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   bf16* y_ND = reinterpret_cast<bf16*>(y->typed_data());
   float *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
   runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
-  ForEach(pool, E, [&](int64_t e) {
+  const std::vector<int64_t> order = runs.LongestFirst();
+  ForEach(pool, E, [&](int64_t i) {
+    const int64_t e = order[i];
     if (runs.end[e] == runs.start[e]) return;
-    std::vector<bf16> xb(RB * D), hb(RB * F), wg(D * F), wu(D * F), wd(F * D);
+    std::vector<bf16> xb(RB * D), hb(RB * F), wg(D * F), wu(D * F), wd(F * D), tmp(D * F);
     std::vector<float> g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
-    PackB(w_gate.typed_data() + e * D * F, F, 1, D, F, wg.data());
-    PackB(w_up.typed_data() + e * D * F, F, 1, D, F, wu.data());
-    PackB(w_down.typed_data() + e * F * D, D, 1, F, D, wd.data());
+    PackRows(w_gate.typed_data() + e * D * F, D, F, tmp.data(), wg.data());
+    PackRows(w_up.typed_data() + e * D * F, D, F, tmp.data(), wu.data());
+    PackRows(w_down.typed_data() + e * F * D, F, D, tmp.data(), wd.data());
     for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
       const int rows = GatherBlock(xs, X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
       const int M = Padded(rows);
@@ -287,7 +298,9 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const bf16* dys = reinterpret_cast<const bf16*>(dy.typed_data());
   bf16* dx_ND = reinterpret_cast<bf16*>(dx->typed_data());
   runs.ZeroPast(dx_ND, N, D);
-  ForEach(pool, E, [&](int64_t e) {
+  const std::vector<int64_t> order = runs.LongestFirst();
+  ForEach(pool, E, [&](int64_t i) {
+    const int64_t e = order[i];
     float *dwg = dw_gate->typed_data() + e * D * F, *dwu = dw_up->typed_data() + e * D * F;
     float* dwd = dw_down->typed_data() + e * F * D;
     std::memset(dwg, 0, D * F * sizeof(float));
@@ -295,13 +308,13 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
     std::memset(dwd, 0, F * D * sizeof(float));
     if (runs.end[e] == runs.start[e]) return;
     std::vector<bf16> xb(RB * D), dyb(RB * D), hb(RB * F), dgb(RB * F), dub(RB * F), wgT(F * D), wuT(F * D),
-        wdT(D * F), aT(std::max(D, F) * RB), bP(RB * std::max(D, F));
+        wdT(D * F), aT(std::max(D, F) * RB), bP(RB * std::max(D, F)), tmp(D * F);
     std::vector<float> g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F), du(RB * F), dxb(RB * D);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
     const float* wd = w_down.typed_data() + e * F * D;
-    PackB(wg, 1, F, F, D, wgT.data());  // B(f, d) = w_gate[d, f]
-    PackB(wu, 1, F, F, D, wuT.data());
-    PackB(wd, 1, D, D, F, wdT.data());  // B(d, f) = w_down[f, d]
+    PackColumns(wg, D, F, tmp.data(), wgT.data());  // B(f, d) = w_gate[d, f]
+    PackColumns(wu, D, F, tmp.data(), wuT.data());
+    PackColumns(wd, F, D, tmp.data(), wdT.data());  // B(d, f) = w_down[f, d]
     for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
       const int rows = GatherBlock(xs, X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
       const int M = Padded(rows);
