@@ -115,11 +115,9 @@ def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, c
   """
   T, Z = q_BTKQZ.shape[1], q_BTKQZ.shape[-1]
   scale = Z ** -0.5 if scale is None else scale
+  if attention_call.fits(q_BTKQZ, k_BUKZ, v_BUKY, cap, window):
+    return attention_call.attention(q_BTKQZ, k_BUKZ, v_BUKY, float(scale))
   blocks = QUERY_BLOCKS if T % QUERY_BLOCKS == 0 and T >= 16 * QUERY_BLOCKS else 1
-  q_BKQTZ = jnp.transpose(q_BTKQZ, (0, 2, 3, 1, 4))
-  k_BKUZ, v_BKUY = jnp.transpose(k_BUKZ, (0, 2, 1, 3)), jnp.transpose(v_BUKY, (0, 2, 1, 3))
-  if attention_call.fits(q_BKQTZ, k_BKUZ, v_BKUY, cap, window):
-    out_BKQTY = attention_call.attention(q_BKQTZ, k_BKUZ, v_BKUY, float(scale))
-  else:
-    out_BKQTY = _attention(q_BKQTZ, k_BKUZ, v_BKUY, float(cap), float(scale), int(window), blocks)
+  out_BKQTY = _attention(jnp.transpose(q_BTKQZ, (0, 2, 3, 1, 4)), jnp.transpose(k_BUKZ, (0, 2, 1, 3)),
+                         jnp.transpose(v_BUKY, (0, 2, 1, 3)), float(cap), float(scale), int(window), blocks)
   return jnp.transpose(out_BKQTY, (0, 3, 1, 2, 4))

@@ -7,6 +7,9 @@ flash attention does. Built at first use like the other handlers (slmjax/kernels
 where they cannot build or load, `load` says why and attention keeps XLA's ops. bf16 operands run the f32 call
 on f32 copies. Under `jax.vmap` the calls run once per mapped element (vmap_method 'sequential').
 
+Operands stay in the projections' token-major layout (q [B, T, K, Q, Z], k [B, U, K, Z], v [B, U, K, Y]): the
+call reads and writes them with strides, so no heads-major copies are made either way.
+
 Shape letters: slmjax/shapes.py (B batch, K key/value heads, Q query heads a key head, T query positions, U key
 positions, Z query/key width, Y value width).
 """
@@ -41,13 +44,13 @@ def load() -> str | None:
   return None
 
 
-def fits(q_BKQTZ: jax.Array, k_BKUZ: jax.Array, v_BKUY: jax.Array, cap: float, window: int) -> bool:
+def fits(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float, window: int) -> bool:
   """Whether the call takes this attention: causal over all keys (no soft-cap, no window), U = T, T, Z and Y
   multiples of WIDTH, f32 or bf16 operands of one dtype, on one CPU device, the handlers loaded."""
-  T, Z, (U, Y) = q_BKQTZ.shape[3], q_BKQTZ.shape[4], v_BKUY.shape[2:]
+  T, Z, (U, Y) = q_BTKQZ.shape[1], q_BTKQZ.shape[4], (v_BUKY.shape[1], v_BUKY.shape[3])
   return (not cap and not window and U == T and T % WIDTH == 0 and Z % WIDTH == 0 and Y % WIDTH == 0
-          and len({q_BKQTZ.dtype, k_BKUZ.dtype, v_BKUY.dtype}) == 1
-          and q_BKQTZ.dtype in (jnp.float32, jnp.bfloat16)
+          and len({q_BTKQZ.dtype, k_BUKZ.dtype, v_BUKY.dtype}) == 1
+          and q_BTKQZ.dtype in (jnp.float32, jnp.bfloat16)
           and gemm.on_one_cpu_device() and load() is None)
 
 
@@ -56,34 +59,34 @@ def _f32(*arrays):
   return tuple(a.astype(jnp.float32) for a in arrays)
 
 
-def _forward(q_BKQTZ, k_BKUZ, v_BKUY, scale):
-  (B, K, Q, T, _), Y = q_BKQTZ.shape, v_BKUY.shape[3]
-  call = jax.ffi.ffi_call('slmjax_attention_fwd', (jax.ShapeDtypeStruct((B, K, Q, T, Y), jnp.float32),
+def _forward(q_BTKQZ, k_BUKZ, v_BUKY, scale):
+  (B, T, K, Q, _), Y = q_BTKQZ.shape, v_BUKY.shape[3]
+  call = jax.ffi.ffi_call('slmjax_attention_fwd', (jax.ShapeDtypeStruct((B, T, K, Q, Y), jnp.float32),
                                                   jax.ShapeDtypeStruct((B, K, Q, T), jnp.float32)),
-                       vmap_method='sequential')
-  return call(*_f32(q_BKQTZ, k_BKUZ, v_BKUY), scale=np.float32(scale))
+                          vmap_method='sequential')
+  return call(*_f32(q_BTKQZ, k_BUKZ, v_BUKY), scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attention(q_BKQTZ: jax.Array, k_BKUZ: jax.Array, v_BKUY: jax.Array, scale: float) -> jax.Array:
-  """softmax(scale q k^T + causal mask) v over heads-major operands, in the call (`fits`); out_BKQTY in q's
-  dtype."""
-  return _forward(q_BKQTZ, k_BKUZ, v_BKUY, scale)[0].astype(q_BKQTZ.dtype)
+def attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, scale: float) -> jax.Array:
+  """softmax(scale q k^T + causal mask) v in the call (`fits`), on the projections' token-major operands as they
+  are (the call reads them with strides: no heads-major copies); out_BTKQY in q's dtype."""
+  return _forward(q_BTKQZ, k_BUKZ, v_BUKY, scale)[0].astype(q_BTKQZ.dtype)
 
 
-def _attention_fwd(q_BKQTZ, k_BKUZ, v_BKUY, scale):
-  out_BKQTY, lse_BKQT = _forward(q_BKQTZ, k_BKUZ, v_BKUY, scale)
-  return out_BKQTY.astype(q_BKQTZ.dtype), (q_BKQTZ, k_BKUZ, v_BKUY, out_BKQTY, lse_BKQT)
+def _attention_fwd(q_BTKQZ, k_BUKZ, v_BUKY, scale):
+  out_BTKQY, lse_BKQT = _forward(q_BTKQZ, k_BUKZ, v_BUKY, scale)
+  return out_BTKQY.astype(q_BTKQZ.dtype), (q_BTKQZ, k_BUKZ, v_BUKY, out_BTKQY, lse_BKQT)
 
 
-def _attention_bwd(scale, saved, dout_BKQTY):
-  q_BKQTZ, k_BKUZ, v_BKUY, out_BKQTY, lse_BKQT = saved
+def _attention_bwd(scale, saved, dout_BTKQY):
+  q_BTKQZ, k_BUKZ, v_BUKY, out_BTKQY, lse_BKQT = saved
   call = jax.ffi.ffi_call('slmjax_attention_bwd', tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32)
-                                                        for a in (q_BKQTZ, k_BKUZ, v_BKUY)),
-                       vmap_method='sequential')
-  grads = call(*_f32(q_BKQTZ, k_BKUZ, v_BKUY), out_BKQTY, lse_BKQT, dout_BKQTY.astype(jnp.float32),
+                                                        for a in (q_BTKQZ, k_BUKZ, v_BUKY)),
+                          vmap_method='sequential')
+  grads = call(*_f32(q_BTKQZ, k_BUKZ, v_BUKY), out_BTKQY, lse_BKQT, dout_BTKQY.astype(jnp.float32),
                scale=np.float32(scale))
-  return tuple(g.astype(a.dtype) for g, a in zip(grads, (q_BKQTZ, k_BKUZ, v_BKUY)))
+  return tuple(g.astype(a.dtype) for g, a in zip(grads, (q_BTKQZ, k_BUKZ, v_BUKY)))
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
