@@ -8,18 +8,13 @@ import pytest
 
 from slmjax import layers
 from slmjax.kernels import attention as call
-from test_layers import attention_outputs_and_grads, random_qkvw
+from own_kernels import built_in_temp_cache
+from test_layers import assert_bf16_close_to_f32, attention_outputs_and_grads, random_qkvw
 
 
 @pytest.fixture(scope='module', autouse=True)
 def built(tmp_path_factory):
-  """The handlers, built into a temporary cache (not ~) unless this process has them already; skip where this
-  machine cannot build them."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv('SLMJAX_CACHE', str(tmp_path_factory.mktemp('cache')))
-    if (reason := call.load()) is not None:
-      pytest.skip(f'no attention call here: {reason}')
-    yield
+  yield from built_in_temp_cache(tmp_path_factory, call.load, 'attention call')
 
 
 def test_loads_again_after_its_cache_is_cleared():
@@ -52,12 +47,7 @@ def test_bf16_operands_are_close_to_f32():
   """bf16 q, k, v (the call runs on f32 copies): bf16 outputs and gradients within bf16's rounding of f32's."""
   q, k, v, w = random_qkvw(128, 2, 32, jnp.bfloat16, Z=32)
   assert takes_call(q, k, v)
-  (out, ref_out), (grads, ref_grads) = attention_outputs_and_grads(q, k, v, w, 0.0, 0)
-  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
-  np.testing.assert_allclose(out.astype(jnp.float32), ref_out, rtol=0.03, atol=0.03)
-  for got, want in zip(grads, ref_grads):
-    scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(got.astype(jnp.float32) / scale, want / scale, atol=0.02)
+  assert_bf16_close_to_f32(q, k, v, w)
 
 
 @pytest.mark.parametrize('T,Z,cap,window', [(64, 32, 5.0, 0), (64, 32, 0.0, 24), (80, 32, 0.0, 0),

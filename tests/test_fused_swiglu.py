@@ -17,19 +17,14 @@ from slmjax.dispatch.experts import ExpertWeights, expert_ffn
 from slmjax.dispatch.ragged import ragged_dispatch
 from slmjax.kernels import swiglu_ffn as kernel
 from slmjax.layers import DenseFFN
+from own_kernels import built_in_temp_cache
 
 D, F = 32, 64
 
 
 @pytest.fixture(scope='module', autouse=True)
 def built(tmp_path_factory):
-  """The handlers, built into a temporary cache (not ~) unless this process has them already; skip where this
-  machine cannot build them."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv('SLMJAX_CACHE', str(tmp_path_factory.mktemp('cache')))
-    if (reason := kernel.load()) is not None:
-      pytest.skip(f'no fused SwiGLU call here: {reason}')
-    yield
+  yield from built_in_temp_cache(tmp_path_factory, kernel.load, 'fused SwiGLU call')
 
 
 def bf16_here() -> bool:

@@ -57,7 +57,11 @@ def test_blocked_causal_attention_matches_reference(T, Q, Y, cap, window):
 
 def test_blocked_causal_attention_in_bf16_is_close_to_f32():
   """bf16 operands: outputs and gradients (bf16, f32-accumulated) within bf16's rounding of the f32 reference."""
-  q, k, v, w = random_qkvw(128, 2, 8, jnp.bfloat16)
+  assert_bf16_close_to_f32(*random_qkvw(128, 2, 8, jnp.bfloat16))
+
+
+def assert_bf16_close_to_f32(q, k, v, w):
+  """causal_attention of bf16 q, k, v: bf16 outputs and gradients within bf16's rounding of the f32 formula's."""
   (out, ref_out), (grads, ref_grads) = attention_outputs_and_grads(q, k, v, w, 0.0, 0)
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
   np.testing.assert_allclose(out.astype(jnp.float32), ref_out, rtol=0.03, atol=0.03)
