@@ -1,7 +1,7 @@
 """Train a ladder of dense or MoE models and compare their scaling curves.
 
-  python experiments/sweep.py --arch=dense                      # default CPU ladder, ~11 min on 2 cores
-  python experiments/sweep.py --arch=moe --experts=8 --k=2      # the matched MoE ladder, same --out, ~16 min
+  python experiments/sweep.py --arch=dense                      # default CPU ladder, ~8 min on 2 cores
+  python experiments/sweep.py --arch=moe --experts=8 --k=2      # the matched MoE ladder, same --out, ~8 min
   python experiments/sweep.py --arch=moe --ladder=32x2,64x2,128x4 --match=total --tokens_per_param=20
   python experiments/sweep.py --preset=deepseek-v3 --tokens=500000    # DeepSeek-V3's architecture, CPU widths
   python experiments/sweep.py --arch=moe --experts=4,8,16 --k=2        # three expert counts: the joint MoE law

@@ -100,22 +100,22 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float = 0.0, *,
-                     scale: float | None = None, window: int = 0) -> jax.Array:
+                     scale: float | None = None, window: int = 0, matmul: str = 'auto') -> jax.Array:
   """softmax(q k^T / sqrt(Z) + causal mask) v, logits and softmax in float32; returns out_BTKQY.
 
   `scale` replaces 1 / sqrt(Z) (Gemma 2's query_pre_attn_scalar); `window` > 0 masks keys `window` or more
   positions back (sliding-window attention: a query sees itself and the window - 1 keys before it).
 
   Q query heads share each of the K key/value heads (Q = 1 is plain multi-head attention); Y is the value width
-  (Z in GQA). On one CPU device, without soft-cap or window, at positions and head widths in multiples of 32,
-  it runs as one call each way (slmjax/kernels/attention.py: 16 x 256 tokens, 4 heads of 64, forward + backward
+  (Z in GQA). With `matmul` 'auto' (ModelConfig.matmul) on one CPU device, without soft-cap or window, at
+  positions and head widths in multiples of 32, it runs as one call each way (slmjax/kernels/attention.py: 16 x 256 tokens, 4 heads of 64, forward + backward
   of one layer 40 -> 14 ms in f32, 28 -> 17 ms in bf16). Otherwise XLA's ops, measured on CPU at that shape:
   heads-major operands (83 -> 59 ms) and QUERY_BLOCKS query blocks (59 -> 42 ms); the backward: module
   docstring.
   """
   T, Z = q_BTKQZ.shape[1], q_BTKQZ.shape[-1]
   scale = Z ** -0.5 if scale is None else scale
-  if attention_call.fits(q_BTKQZ, k_BUKZ, v_BUKY, cap, window):
+  if attention_call.fits(q_BTKQZ, k_BUKZ, v_BUKY, cap, window, matmul):
     return attention_call.attention(q_BTKQZ, k_BUKZ, v_BUKY, float(scale))
   blocks = QUERY_BLOCKS if T % QUERY_BLOCKS == 0 and T >= 16 * QUERY_BLOCKS else 1
   out_BKQTY = _attention(jnp.transpose(q_BTKQZ, (0, 2, 3, 1, 4)), jnp.transpose(k_BUKZ, (0, 2, 1, 3)),

@@ -96,7 +96,8 @@ class ModelConfig(ConfigDict):
                        'bf16 on the bf16 matrix units where the library uses them), XLA\'s dot with a notice where '
                        'it cannot run; auto = the bf16 backward\'s large products (dy w^T, x^T dy) in oneDNN on one '
                        'CPU device where it loads, every other product in XLA\'s dot, silently '
-                       '(slmjax/kernels/gemm.py).',
+                       '(slmjax/kernels/gemm.py), and on one CPU device slmjax\'s own calls for narrow SwiGLU FFNs '
+                       'and for causal attention (slmjax/kernels/); any other value keeps those in XLA\'s ops.',
                        choices=MATMULS, runtime=True)
 
   # Attention variants.

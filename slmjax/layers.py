@@ -241,7 +241,7 @@ class Attention(nnx.Module):
     H, K, Q, Z = cfg.n_heads, cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
     q_BTHZ, k_BUKZ, v_BUKZ = self.project(x_BTD, cos_TR, sin_TR)
     out_BTKQZ = causal_attention(q_BTHZ.reshape(B, T, K, Q, Z), k_BUKZ, v_BUKZ, cfg.attn_softcap,
-                                 scale=self.scale, window=self.window)
+                                 scale=self.scale, window=self.window, matmul=cfg.matmul)
     return self.output(out_BTKQZ.reshape(B, T, H, Z))
 
   def cached(self, x_BTD: jax.Array, cos_TR: jax.Array, sin_TR: jax.Array, cache: KVCache, start
@@ -257,7 +257,7 @@ class Attention(nnx.Module):
     q_BTKQZ = q_BTHZ.reshape(B, T, K, Q, Z)
     if isinstance(start, int) and start == 0:
       out_BTKQZ = causal_attention(q_BTKQZ, k_BTKZ, v_BTKZ, cfg.attn_softcap, scale=self.scale,
-                                   window=self.window)
+                                   window=self.window, matmul=cfg.matmul)
     else:
       out_BTKQZ = cached_attention(q_BTKQZ, cache.k_BUKZ, cache.v_BUKZ, start, cfg.attn_softcap,
                                    scale=self.scale, window=self.window)

@@ -117,7 +117,7 @@ class MLAttention(nnx.Module):
     k_BUHO = jnp.concatenate([k_BUHZ, jnp.broadcast_to(kr_BUR[:, :, None], (B, U, H, kr_BUR.shape[-1]))], axis=-1)
     v_BUHY = linear(ckv_BUJ, self.w_uv_JHY[...].astype(dt))
     out_BTH1Y = causal_attention(q_BTHO[:, :, :, None], k_BUHO, v_BUHY, cfg.attn_softcap,  # K = H heads, Q = 1
-                                   scale=cfg.attention_scale)
+                                   scale=cfg.attention_scale, matmul=cfg.matmul)
     return out_BTH1Y[:, :, :, 0]
 
   def absorbed_attention(self, q_BTHO: jax.Array, cache: LatentCache, start) -> jax.Array:

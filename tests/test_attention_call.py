@@ -23,9 +23,10 @@ def test_loads_again_after_its_cache_is_cleared():
   assert call.load() is None
 
 
-def takes_call(q, k, v, cap=0.0, window=0) -> bool:
+def takes_call(q, k, v, cap=0.0, window=0, matmul='auto') -> bool:
   """Whether causal_attention's forward and backward (of <out, 1>) compile to the attention calls."""
-  loss = lambda q, k, v: jnp.sum(layers.causal_attention(q, k, v, cap, window=window).astype(jnp.float32))
+  loss = lambda q, k, v: jnp.sum(layers.causal_attention(q, k, v, cap, window=window, matmul=matmul)
+                                 .astype(jnp.float32))
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text()
   return 'slmjax_attention_fwd' in hlo and 'slmjax_attention_bwd' in hlo
 
@@ -60,10 +61,12 @@ def test_xla_ops_where_the_call_does_not_fit(T, Z, cap, window):
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_dtypes_do_not_fit():
+def test_mixed_dtypes_and_matmuls_other_than_auto_do_not_fit():
+  """Mixed dtypes, and `matmul` 'xla' (everything in XLA's ops) or a vendor GEMM, keep XLA's attention."""
   q, k, v, _ = random_qkvw(64, 1, 32, Z=32)
   assert call.fits(q, k, v, 0.0, 0)
   assert not call.fits(q, k.astype(jnp.bfloat16), v, 0.0, 0)
+  assert not takes_call(q, k, v, matmul='xla') and not call.fits(q, k, v, 0.0, 0, 'onednn')
 
 
 def test_vmap_runs_the_call_per_element():

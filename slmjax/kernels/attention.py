@@ -44,11 +44,13 @@ def load() -> str | None:
   return None
 
 
-def fits(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float, window: int) -> bool:
-  """Whether the call takes this attention: causal over all keys (no soft-cap, no window), U = T, T, Z and Y
-  multiples of WIDTH, f32 or bf16 operands of one dtype, on one CPU device, the handlers loaded."""
+def fits(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float, window: int,
+         matmul: str = 'auto') -> bool:
+  """Whether the call takes this attention: `matmul` 'auto' (ModelConfig.matmul: 'xla' keeps XLA's ops), causal
+  over all keys (no soft-cap, no window), U = T, T, Z and Y multiples of WIDTH, f32 or bf16 operands of one
+  dtype, on one CPU device, the handlers loaded."""
   T, Z, (U, Y) = q_BTKQZ.shape[1], q_BTKQZ.shape[4], (v_BUKY.shape[1], v_BUKY.shape[3])
-  return (not cap and not window and U == T and T % WIDTH == 0 and Z % WIDTH == 0 and Y % WIDTH == 0
+  return (matmul == 'auto' and not cap and not window and U == T and T % WIDTH == 0 and Z % WIDTH == 0 and Y % WIDTH == 0
           and len({q_BTKQZ.dtype, k_BUKZ.dtype, v_BUKY.dtype}) == 1
           and q_BTKQZ.dtype in (jnp.float32, jnp.bfloat16)
           and gemm.on_one_cpu_device() and load() is None)
