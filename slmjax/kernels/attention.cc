@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "products.h"
@@ -94,8 +95,8 @@ struct Layout {
 };
 
 // s = the layout of q, k, v; an error when the call does not take them.
-ffi::Error Check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
-                 Layout& s) {
+template <typename Buf>
+ffi::Error Check(const Buf& q, const Buf& k, const Buf& v, Layout& s) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 5 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("attention: q must be [B, T, K, Q, Z], k [B, U, K, Z], v [B, U, K, Y]");
@@ -107,90 +108,169 @@ ffi::Error Check(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   float scale, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  Layout l;
-  if (ffi::Error error = Check(q, k, v, l); error.failure()) return error;
-  const int64_t T = l.T, Z = l.Z, Y = l.Y, sq = l.sq(), so = l.so(), sv = l.sv();
+typedef uint16_t bf16;
+
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(bf16 x) {
+  const uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline void FromFloat(float x, float* d) { *d = x; }
+// bf16 rounded to nearest even, as XLA's convert (NaN stays NaN).
+inline void FromFloat(float x, bf16* d) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  *d = (u & 0x7fffffffu) > 0x7f800000u ? static_cast<bf16>((u >> 16) | 0x40)
+                                       : static_cast<bf16>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// dst [rows, cols] (f32, contiguous) = src's rows, lds apart.
+template <typename In>
+inline void ReadRows(const In* src, int64_t rows, int64_t cols, int64_t lds, float* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = ToFloat(src[r * lds + c]);
+}
+
+// dst's rows, ldd apart = src [rows, cols] (f32), in dst's type.
+template <typename Out>
+inline void WriteRows(const float* src, int64_t rows, int64_t cols, Out* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) FromFloat(src[r * cols + c], dst + r * ldd + c);
+}
+
+// Each task reads its operands into contiguous f32 copies (bf16 operands converted as they are read: no f32 copy
+// of the whole tensor is made outside the call) and writes its results back in the operands' type.
+template <typename In>
+void Forward(ffi::ThreadPool& pool, const In* q, const In* k, const In* v, const Layout& l, float scale, In* out,
+             float* lse) {
+  const int64_t T = l.T, Z = l.Z, Y = l.Y;
   ForEach(pool, l.B * l.K, [&](int64_t h) {
-    std::vector<float> kT(Z * T), s(MR * T);
-    Transpose(k.typed_data() + l.K0(h), T, Z, kT.data(), l.sk());
-    const float* vh = v.typed_data() + l.V0(h);
+    std::vector<float> kf(T * Z), kT(Z * T), vf(T * Y), qf(T * Z), s(MR * T), ob(MR * Y);
+    ReadRows(k + l.K0(h), T, Z, l.sk(), kf.data());
+    Transpose(kf.data(), T, Z, kT.data());
+    ReadRows(v + l.V0(h), T, Y, l.sv(), vf.data());
     for (int64_t qi = 0; qi < l.Q; ++qi) {
-      const float* qh = q.typed_data() + l.Q0(h, qi);
-      float *oh = out->typed_data() + l.O0(h, qi), *lh = lse->typed_data() + l.L0(h, qi);
+      ReadRows(q + l.Q0(h, qi), T, Z, l.sq(), qf.data());
+      In* oh = out + l.O0(h, qi);
+      float* lh = lse + l.L0(h, qi);
       for (int64_t m = 0; m < T; m += MR) {
         const int64_t cols = Cols(m);
-        Scores(qh + m * sq, sq, Z, kT.data(), T, cols, s.data(), T);
+        Scores(qf.data() + m * Z, Z, Z, kT.data(), T, cols, s.data(), T);
         for (int r = 0; r < MR; ++r) lh[m + r] = SoftmaxRow(s.data() + r * T, m + r, cols, scale);
-        RowBlockTimes(s.data(), T, m + MR, vh, sv, Y, oh + m * so, so);
+        RowBlockTimes(s.data(), T, m + MR, vf.data(), Y, Y, ob.data(), Y);
+        WriteRows(ob.data(), MR, Y, oh + m * l.so(), l.so());
       }
     }
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, float scale,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
-  Layout l;
-  if (ffi::Error error = Check(q, k, v, l); error.failure()) return error;
-  const int64_t T = l.T, Z = l.Z, Y = l.Y, sq = l.sq(), so = l.so(), sk = l.sk(), sv = l.sv();
+template <typename In>
+void Backward(ffi::ThreadPool& pool, const In* q, const In* k, const In* v, const In* out, const float* lse,
+              const In* dout, const Layout& l, float scale, In* dq, In* dk, In* dv) {
+  const int64_t T = l.T, Z = l.Z, Y = l.Y;
   ForEach(pool, l.B * l.K, [&](int64_t h) {
-    std::vector<float> kT(Z * T), vT(Y * T), p(G * T), ds(G * T), delta(G);
-    const float *kh = k.typed_data() + l.K0(h), *vh = v.typed_data() + l.V0(h);
-    Transpose(kh, T, Z, kT.data(), sk);
-    Transpose(vh, T, Y, vT.data(), sv);
-    float *dkh = dk->typed_data() + l.K0(h), *dvh = dv->typed_data() + l.V0(h);
-    for (int64_t t = 0; t < T; ++t) {
-      std::memset(dkh + t * sk, 0, Z * sizeof(float));
-      std::memset(dvh + t * sv, 0, Y * sizeof(float));
-    }
+    std::vector<float> kf(T * Z), vf(T * Y), kT(Z * T), vT(Y * T), qf(T * Z), of(T * Y), dof(T * Y), dqb(MR * Z),
+        dkf(T * Z), dvf(T * Y), p(G * T), ds(G * T), delta(G);
+    ReadRows(k + l.K0(h), T, Z, l.sk(), kf.data());
+    ReadRows(v + l.V0(h), T, Y, l.sv(), vf.data());
+    Transpose(kf.data(), T, Z, kT.data());
+    Transpose(vf.data(), T, Y, vT.data());
     for (int64_t qi = 0; qi < l.Q; ++qi) {
-      const float *qh = q.typed_data() + l.Q0(h, qi), *oh = out.typed_data() + l.O0(h, qi);
-      const float *doh = dout.typed_data() + l.O0(h, qi), *lh = lse.typed_data() + l.L0(h, qi);
-      float* dqh = dq->typed_data() + l.Q0(h, qi);
+      ReadRows(q + l.Q0(h, qi), T, Z, l.sq(), qf.data());
+      ReadRows(out + l.O0(h, qi), T, Y, l.so(), of.data());
+      ReadRows(dout + l.O0(h, qi), T, Y, l.so(), dof.data());
+      const float* lh = lse + l.L0(h, qi);
+      In* dqh = dq + l.Q0(h, qi);
       for (int64_t g0 = 0; g0 < T; g0 += G) {
         const int64_t end = std::min<int64_t>(g0 + G, T);
         for (int64_t t = g0; t < end; ++t) {
           V acc = V{};
-          for (int64_t c = 0; c < Y; c += L) acc += Load(doh + t * so + c) * Load(oh + t * so + c);
+          for (int64_t c = 0; c < Y; c += L) acc += Load(dof.data() + t * Y + c) * Load(of.data() + t * Y + c);
           delta[t - g0] = 0.f;
           for (int i = 0; i < L; ++i) delta[t - g0] += acc[i];
         }
         for (int64_t m = g0; m < end; m += MR) {
           const int64_t cols = Cols(m);
           float *pm = p.data() + (m - g0) * T, *dsm = ds.data() + (m - g0) * T;
-          Scores(qh + m * sq, sq, Z, kT.data(), T, cols, pm, T);
-          Scores(doh + m * so, so, Y, vT.data(), T, cols, dsm, T);
+          Scores(qf.data() + m * Z, Z, Z, kT.data(), T, cols, pm, T);
+          Scores(dof.data() + m * Y, Y, Y, vT.data(), T, cols, dsm, T);
           for (int r = 0; r < MR; ++r)
             BackwardRow(pm + r * T, dsm + r * T, m + r, cols, scale, lh[m + r], delta[m - g0 + r]);
-          RowBlockTimes(dsm, T, m + MR, kh, sk, Z, dqh + m * sq, sq);
+          RowBlockTimes(dsm, T, m + MR, kf.data(), Z, Z, dqb.data(), Z);
+          WriteRows(dqb.data(), MR, Z, dqh + m * l.sq(), l.sq());
         }
         // Key block u0 gets the group's rows t >= u0 (earlier rows do not see it); their entries are computed
         // (zeros where masked) since t's row block scored keys past t's own block.
         for (int64_t u0 = 0; u0 < end; u0 += MR) {
           const int64_t t0 = std::max(g0, u0);
-          AddColumnTimes(ds.data() + (t0 - g0) * T + u0, T, end - t0, qh + t0 * sq, sq, Z, dkh + u0 * sk, sk);
-          AddColumnTimes(p.data() + (t0 - g0) * T + u0, T, end - t0, doh + t0 * so, so, Y, dvh + u0 * sv, sv);
+          AddColumnTimes(ds.data() + (t0 - g0) * T + u0, T, end - t0, qf.data() + t0 * Z, Z, Z, dkf.data() + u0 * Z,
+                         Z);
+          AddColumnTimes(p.data() + (t0 - g0) * T + u0, T, end - t0, dof.data() + t0 * Y, Y, Y, dvf.data() + u0 * Y,
+                         Y);
         }
       }
     }
+    WriteRows(dkf.data(), T, Z, dk + l.K0(h), l.sk());
+    WriteRows(dvf.data(), T, Y, dv + l.V0(h), l.sv());
   });
+}
+
+template <ffi::DataType DT>
+using In = ffi::Buffer<DT>;
+template <ffi::DataType DT>
+using Out = ffi::ResultBuffer<DT>;
+using F32 = ffi::Buffer<ffi::F32>;
+
+// The element type the handlers compute on for buffers of DT (bf16 as its 16 bits).
+template <ffi::DataType DT>
+using Elem = std::conditional_t<DT == ffi::DataType::F32, float, bf16>;
+
+template <ffi::DataType DT>
+const Elem<DT>* Data(const In<DT>& b) { return reinterpret_cast<const Elem<DT>*>(b.typed_data()); }
+template <ffi::DataType DT>
+Elem<DT>* Data(Out<DT>& b) { return reinterpret_cast<Elem<DT>*>(b->typed_data()); }
+
+template <ffi::DataType DT>
+ffi::Error ForwardCall(ffi::ThreadPool pool, In<DT> q, In<DT> k, In<DT> v, float scale, Out<DT> out,
+                       ffi::ResultBuffer<ffi::F32> lse) {
+  Layout l;
+  if (ffi::Error error = Check(q, k, v, l); error.failure()) return error;
+  Forward(pool, Data(q), Data(k), Data(v), l, scale, Data(out), lse->typed_data());
   return ffi::Error::Success();
 }
 
-using F32 = ffi::Buffer<ffi::F32>;
+template <ffi::DataType DT>
+ffi::Error BackwardCall(ffi::ThreadPool pool, In<DT> q, In<DT> k, In<DT> v, In<DT> out, F32 lse, In<DT> dout,
+                        float scale, Out<DT> dq, Out<DT> dk, Out<DT> dv) {
+  Layout l;
+  if (ffi::Error error = Check(q, k, v, l); error.failure()) return error;
+  Backward(pool, Data(q), Data(k), Data(v), Data(out), lse.typed_data(), Data(dout), l, scale, Data(dq), Data(dk),
+           Data(dv));
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType DT>
+auto BindForward() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<In<DT>>().template Arg<In<DT>>()
+      .template Arg<In<DT>>().template Attr<float>("scale").template Ret<ffi::Buffer<DT>>().template Ret<F32>();
+}
+
+template <ffi::DataType DT>
+auto BindBackward() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<In<DT>>().template Arg<In<DT>>()
+      .template Arg<In<DT>>().template Arg<In<DT>>().template Arg<F32>().template Arg<In<DT>>()  // out, lse, dout
+      .template Attr<float>("scale").template Ret<ffi::Buffer<DT>>().template Ret<ffi::Buffer<DT>>()
+      .template Ret<ffi::Buffer<DT>>();
+}
 
 }  // namespace
 
-// Forward returns out [B, T, K, Q, Y] and the logsumexp of each query's scaled scores [B, K, Q, T]; the backward
-// takes them with dout and returns dq, dk, dv.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxAttentionFwd, Forward,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Attr<float>("scale").Ret<F32>().Ret<F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxAttentionBwd, Backward,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>().Arg<F32>().Arg<F32>()  // out, lse, dout
-                                  .Attr<float>("scale").Ret<F32>().Ret<F32>().Ret<F32>());
+// Forward returns out [B, T, K, Q, Y] (q's type) and the logsumexp of each query's scaled scores [B, K, Q, T]
+// (f32); the backward takes them with dout and returns dq, dk, dv. f32 and bf16 operands (bf16 read into f32
+// copies task by task, results rounded once).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxAttentionFwd, ForwardCall<ffi::F32>, BindForward<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxAttentionBwd, BackwardCall<ffi::F32>, BindBackward<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxAttentionFwdBf16, ForwardCall<ffi::BF16>, BindForward<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxAttentionBwdBf16, BackwardCall<ffi::BF16>, BindBackward<ffi::BF16>());

@@ -4,8 +4,9 @@ slmjax/attention_core.py's attention, for training on CPU, where XLA's batched G
 
 The backward takes the forward's output and logsumexp (one float a query) and recomputes the probabilities, as
 flash attention does. Built at first use like the other handlers (slmjax/kernels/gemm.py), with -march=native;
-where they cannot build or load, `load` says why and attention keeps XLA's ops. bf16 operands run the f32 call
-on f32 copies. Under `jax.vmap` the calls run once per mapped element (vmap_method 'sequential').
+where they cannot build or load, `load` says why and attention keeps XLA's ops. bf16 operands are read into
+f32 copies a task at a time inside the call (scores, softmax and products in f32) and the results rounded to
+bf16 once. Under `jax.vmap` the calls run once per mapped element (vmap_method 'sequential').
 
 Operands stay in the projections' token-major layout (q [B, T, K, Q, Z], k [B, U, K, Z], v [B, U, K, Y]): the
 call reads and writes them with strides, so no heads-major copies are made either way.
@@ -37,8 +38,9 @@ def load() -> str | None:
   if jax.default_backend() != 'cpu':
     return f'the attention call is for XLA:CPU, not {jax.default_backend()}'
   try:
-    gemm.register(SOURCE, FLAGS, {'SlmjaxAttentionFwd': 'slmjax_attention_fwd',
-                                  'SlmjaxAttentionBwd': 'slmjax_attention_bwd'})
+    gemm.register(SOURCE, FLAGS, {f'SlmjaxAttention{call.capitalize()}{suffix}': _target(call, dtype)
+                                  for call in ('fwd', 'bwd')
+                                  for suffix, dtype in (('', jnp.float32), ('Bf16', jnp.bfloat16))})
   except (OSError, RuntimeError) as e:
     return f'cannot build the attention call: {e}'
   return None
@@ -56,39 +58,38 @@ def fits(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float, w
           and gemm.on_one_cpu_device() and load() is None)
 
 
-def _f32(*arrays):
-  """The arrays as f32 (the call's operand type; a no-op for f32)."""
-  return tuple(a.astype(jnp.float32) for a in arrays)
+def _target(call: str, dtype) -> str:
+  """The FFI target of `call` ('fwd' or 'bwd') for operands of `dtype` (f32 or bf16)."""
+  return f'slmjax_attention_{call}' + ('_bf16' if jnp.dtype(dtype) == jnp.bfloat16 else '')
 
 
 def _forward(q_BTKQZ, k_BUKZ, v_BUKY, scale):
   (B, T, K, Q, _), Y = q_BTKQZ.shape, v_BUKY.shape[3]
-  call = jax.ffi.ffi_call('slmjax_attention_fwd', (jax.ShapeDtypeStruct((B, T, K, Q, Y), jnp.float32),
-                                                  jax.ShapeDtypeStruct((B, K, Q, T), jnp.float32)),
+  call = jax.ffi.ffi_call(_target('fwd', q_BTKQZ.dtype), (jax.ShapeDtypeStruct((B, T, K, Q, Y), q_BTKQZ.dtype),
+                                                          jax.ShapeDtypeStruct((B, K, Q, T), jnp.float32)),
                           vmap_method='sequential')
-  return call(*_f32(q_BTKQZ, k_BUKZ, v_BUKY), scale=np.float32(scale))
+  return call(q_BTKQZ, k_BUKZ, v_BUKY, scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, scale: float) -> jax.Array:
   """softmax(scale q k^T + causal mask) v in the call (`fits`), on the projections' token-major operands as they
   are (the call reads them with strides: no heads-major copies); out_BTKQY in q's dtype."""
-  return _forward(q_BTKQZ, k_BUKZ, v_BUKY, scale)[0].astype(q_BTKQZ.dtype)
+  return _forward(q_BTKQZ, k_BUKZ, v_BUKY, scale)[0]
 
 
 def _attention_fwd(q_BTKQZ, k_BUKZ, v_BUKY, scale):
   out_BTKQY, lse_BKQT = _forward(q_BTKQZ, k_BUKZ, v_BUKY, scale)
-  return out_BTKQY.astype(q_BTKQZ.dtype), (q_BTKQZ, k_BUKZ, v_BUKY, out_BTKQY, lse_BKQT)
+  return out_BTKQY, (q_BTKQZ, k_BUKZ, v_BUKY, out_BTKQY, lse_BKQT)
 
 
 def _attention_bwd(scale, saved, dout_BTKQY):
   q_BTKQZ, k_BUKZ, v_BUKY, out_BTKQY, lse_BKQT = saved
-  call = jax.ffi.ffi_call('slmjax_attention_bwd', tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32)
-                                                        for a in (q_BTKQZ, k_BUKZ, v_BUKY)),
+  call = jax.ffi.ffi_call(_target('bwd', q_BTKQZ.dtype), tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                                               for a in (q_BTKQZ, k_BUKZ, v_BUKY)),
                           vmap_method='sequential')
-  grads = call(*_f32(q_BTKQZ, k_BUKZ, v_BUKY), out_BTKQY, lse_BKQT, dout_BTKQY.astype(jnp.float32),
-               scale=np.float32(scale))
-  return tuple(g.astype(a.dtype) for g, a in zip(grads, (q_BTKQZ, k_BUKZ, v_BUKY)))
+  return tuple(call(q_BTKQZ, k_BUKZ, v_BUKY, out_BTKQY, lse_BKQT, dout_BTKQY.astype(q_BTKQZ.dtype),
+                    scale=np.float32(scale)))
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
