@@ -52,7 +52,8 @@ def fits(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float, w
   over all keys (no soft-cap, no window), U = T, T, Z and Y multiples of WIDTH, f32 or bf16 operands of one
   dtype, on one CPU device, the handlers loaded."""
   T, Z, (U, Y) = q_BTKQZ.shape[1], q_BTKQZ.shape[4], (v_BUKY.shape[1], v_BUKY.shape[3])
-  return (matmul == 'auto' and not cap and not window and U == T and T % WIDTH == 0 and Z % WIDTH == 0 and Y % WIDTH == 0
+  return (matmul == 'auto' and not cap and not window and U == T
+          and T % WIDTH == 0 and Z % WIDTH == 0 and Y % WIDTH == 0
           and len({q_BTKQZ.dtype, k_BUKZ.dtype, v_BUKY.dtype}) == 1
           and q_BTKQZ.dtype in (jnp.float32, jnp.bfloat16)
           and gemm.on_one_cpu_device() and load() is None)
