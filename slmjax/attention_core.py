@@ -106,12 +106,12 @@ def causal_attention(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, c
   `scale` replaces 1 / sqrt(Z) (Gemma 2's query_pre_attn_scalar); `window` > 0 masks keys `window` or more
   positions back (sliding-window attention: a query sees itself and the window - 1 keys before it).
 
-  Q query heads share each of the K key/value heads (Q = 1 is plain multi-head attention); Y is the value width
-  (Z in GQA). With `matmul` 'auto' (ModelConfig.matmul) on one CPU device, without soft-cap or window, at
-  positions and head widths in multiples of 32, it runs as one call each way (slmjax/kernels/attention.py: 16 x 256 tokens, 4 heads of 64, forward + backward
-  of one layer 40 -> 14 ms in f32, 28-33 -> 16 ms in bf16). Otherwise XLA's ops, measured on CPU at that shape:
-  heads-major operands (83 -> 59 ms) and QUERY_BLOCKS query blocks (59 -> 42 ms); the backward: module
-  docstring.
+  Q query heads share each of the K key/value heads (Q = 1 is plain multi-head attention); Y is the value width (Z in
+  GQA). With `matmul` 'auto' (ModelConfig.matmul) on one CPU device, without soft-cap or window, at positions and head
+  widths in multiples of 32, it runs as one call each way (slmjax/kernels/attention.py: 16 x 256 tokens, 4 heads of
+  64, forward + backward of one layer 40 -> 14 ms in f32, 28-33 -> 16 ms in bf16). Otherwise XLA's ops, measured on
+  CPU at that shape: heads-major operands (83 -> 59 ms) and QUERY_BLOCKS query blocks (59 -> 42 ms); the backward:
+  module docstring.
   """
   T, Z = q_BTKQZ.shape[1], q_BTKQZ.shape[-1]
   scale = Z ** -0.5 if scale is None else scale
