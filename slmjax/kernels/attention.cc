@@ -22,23 +22,9 @@ constexpr int G = 64;  // query rows a backward group: the key and value gradien
 // Keys a block of MR query rows from m scores against: [0, m + MR) rounded up to whole product kernels.
 inline int64_t Cols(int64_t m) { return (m + MR + NB - 1) / NB * NB; }
 
-// s[MR, cols] = a[MR, K] b[K, 0:cols]: a's rows lda apart, b's ldb, s's lds.
-inline void Scores(const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb, int64_t cols, float* s,
-                   int64_t lds) {
-  for (int64_t j = 0; j < cols; j += NB) Kernel(a, lda, 1, b + j, K, ldb, s + j, lds, false);
-}
-
-// c[MR, N] = a[MR, 0:K] b[K, N]: a's rows lda apart, b's ldb, c's ldc.
-inline void RowBlockTimes(const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb, int64_t N, float* c,
-                          int64_t ldc) {
-  for (int64_t j = 0; j < N; j += NB) Kernel(a, lda, 1, b + j, K, ldb, c + j, ldc, false);
-}
-
-// c[MR, N] += a[0:K, MR]^T b[K, N]: a's rows lda apart (the MR columns of a probability or score block), b's ldb,
-// c's ldc.
-inline void AddColumnTimes(const float* a, int64_t lda, int64_t K, const float* b, int64_t ldb, int64_t N,
-                           float* c, int64_t ldc) {
-  for (int64_t j = 0; j < N; j += NB) Kernel(a, 1, lda, b + j, K, ldb, c + j, ldc, true);
+// s[MR, cols] = a[MR, K] b[K, 0:cols]: b's and s's rows ld apart (the full key length).
+inline void Scores(const float* a, int64_t K, const float* b, int64_t ld, int64_t cols, float* s) {
+  for (int64_t j = 0; j < cols; j += NB) Kernel(a, K, 1, b + j, K, ld, s + j, ld, false);
 }
 
 const VI kLane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
@@ -157,9 +143,9 @@ void Forward(ffi::ThreadPool& pool, const In* q, const In* k, const In* v, const
       float* lh = lse + l.L0(h, qi);
       for (int64_t m = 0; m < T; m += MR) {
         const int64_t cols = Cols(m);
-        Scores(qf.data() + m * Z, Z, Z, kT.data(), T, cols, s.data(), T);
+        Scores(qf.data() + m * Z, Z, kT.data(), T, cols, s.data());
         for (int r = 0; r < MR; ++r) lh[m + r] = SoftmaxRow(s.data() + r * T, m + r, cols, scale);
-        RowBlockTimes(s.data(), T, m + MR, vf.data(), Y, Y, ob.data(), Y);
+        Times(s.data(), T, 1, MR, m + MR, vf.data(), Y, ob.data(), false);  // out rows
         WriteRows(ob.data(), MR, Y, oh + m * l.so(), l.so());
       }
     }
@@ -194,21 +180,20 @@ void Backward(ffi::ThreadPool& pool, const In* q, const In* k, const In* v, cons
         for (int64_t m = g0; m < end; m += MR) {
           const int64_t cols = Cols(m);
           float *pm = p.data() + (m - g0) * T, *dsm = ds.data() + (m - g0) * T;
-          Scores(qf.data() + m * Z, Z, Z, kT.data(), T, cols, pm, T);
-          Scores(dof.data() + m * Y, Y, Y, vT.data(), T, cols, dsm, T);
+          Scores(qf.data() + m * Z, Z, kT.data(), T, cols, pm);
+          Scores(dof.data() + m * Y, Y, vT.data(), T, cols, dsm);
           for (int r = 0; r < MR; ++r)
             BackwardRow(pm + r * T, dsm + r * T, m + r, cols, scale, lh[m + r], delta[m - g0 + r]);
-          RowBlockTimes(dsm, T, m + MR, kf.data(), Z, Z, dqb.data(), Z);
+          Times(dsm, T, 1, MR, m + MR, kf.data(), Z, dqb.data(), false);  // dq rows
           WriteRows(dqb.data(), MR, Z, dqh + m * l.sq(), l.sq());
         }
         // Key block u0 gets the group's rows t >= u0 (earlier rows do not see it); their entries are computed
         // (zeros where masked) since t's row block scored keys past t's own block.
         for (int64_t u0 = 0; u0 < end; u0 += MR) {
           const int64_t t0 = std::max(g0, u0);
-          AddColumnTimes(ds.data() + (t0 - g0) * T + u0, T, end - t0, qf.data() + t0 * Z, Z, Z, dkf.data() + u0 * Z,
-                         Z);
-          AddColumnTimes(p.data() + (t0 - g0) * T + u0, T, end - t0, dof.data() + t0 * Y, Y, Y, dvf.data() + u0 * Y,
-                         Y);
+          const float *ds_t = ds.data() + (t0 - g0) * T + u0, *p_t = p.data() + (t0 - g0) * T + u0;
+          Times(ds_t, 1, T, MR, end - t0, qf.data() + t0 * Z, Z, dkf.data() + u0 * Z, true);  // ds^T q
+          Times(p_t, 1, T, MR, end - t0, dof.data() + t0 * Y, Y, dvf.data() + u0 * Y, true);  // p^T dout
         }
       }
     }

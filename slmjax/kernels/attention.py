@@ -1,6 +1,6 @@
-"""Causal softmax attention in one XLA:CPU call each way (attention.cc): the f32 forward and backward of
-slmjax/attention_core.py's attention, for training on CPU, where XLA's batched GEMMs and softmax loops run at
-40-50 GFLOP/s at 256 positions.
+"""Causal softmax attention in one XLA:CPU call each way (attention.cc): the forward and backward (f32 or bf16
+operands, f32 arithmetic) of slmjax/attention_core.py's attention, for training on CPU, where XLA's batched GEMMs
+and softmax loops run at 40-50 GFLOP/s at 256 positions.
 
 The backward takes the forward's output and logsumexp (one float a query) and recomputes the probabilities, as
 flash attention does. Built at first use like the other handlers (slmjax/kernels/gemm.py), with -march=native;

@@ -75,15 +75,13 @@ inline void AddOuter(const float* a, int64_t K, int64_t M, const float* b, int64
 
 // t[C, R] = s[R, C]^T, in 16 x 16 blocks (a 256 x 512 f32 matrix 41 us here, 206 us row by row: the strided
 // writes of a block stay in cache).
-// s's rows lds apart (0: cols apart, contiguous).
 template <typename T>
-inline void Transpose(const T* s, int64_t rows, int64_t cols, T* t, int64_t lds = 0) {
+inline void Transpose(const T* s, int64_t rows, int64_t cols, T* t) {
   constexpr int64_t BS = 16;
-  lds = lds ? lds : cols;
   for (int64_t r0 = 0; r0 < rows; r0 += BS)
     for (int64_t c0 = 0; c0 < cols; c0 += BS)
       for (int64_t r = r0; r < std::min(r0 + BS, rows); ++r)
-        for (int64_t c = c0; c < std::min(c0 + BS, cols); ++c) t[c * rows + r] = s[r * lds + c];
+        for (int64_t c = c0; c < std::min(c0 + BS, cols); ++c) t[c * rows + r] = s[r * cols + c];
 }
 
 // body(e) for every e < E (an expert, a head), on the calling thread and the pool's others: tasks are claimed one

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -31,21 +32,24 @@ struct Runs {
   explicit Runs(const int32_t* sizes, int64_t E) : start(E), end(E) {
     for (int64_t e = 0; e < E; ++e) start[e] = total, end[e] = total += std::max<int32_t>(sizes[e], 0);
   }
-  // The experts, longest run first: claimed in this order, the threads finish together (a long run claimed last
-  // would leave the other threads idle while it runs).
-  std::vector<int64_t> LongestFirst() const {
-    std::vector<int64_t> order(start.size());
-    for (size_t e = 0; e < order.size(); ++e) order[e] = e;
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return end[a] - start[a] > end[b] - start[b]; });
-    return order;
-  }
   // Zeros in buf [N, width]'s rows past the runs (the slack rows).
   template <typename T>
   void ZeroPast(T* buf, int64_t N, int64_t width) const {
     std::memset(buf + total * width, 0, (N - total) * width * sizeof(T));
   }
 };
+
+// body(e) for every expert e on XLA's threads (ForEach), claimed longest run first, so the threads finish together
+// (a long run claimed last would leave the others idle while it runs).
+template <typename Body>
+void ForEachExpert(ffi::ThreadPool& pool, const Runs& runs, const Body& body) {
+  std::vector<int64_t> order(runs.start.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return runs.end[a] - runs.start[a] > runs.end[b] - runs.start[b];
+  });
+  ForEach(pool, order.size(), [&](int64_t i) { body(order[i]); });
+}
 
 // A block's rows rounded up to whole product kernels: the rows the products run on.
 inline int Padded(int rows) { return (rows + MR - 1) / MR * MR; }
@@ -101,9 +105,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   float *y_ND = y->typed_data(), *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
   runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
-  const std::vector<int64_t> order = runs.LongestFirst();
-  ForEach(pool, E, [&](int64_t i) {
-    const int64_t e = order[i];
+  ForEachExpert(pool, runs, [&](int64_t e) {
     std::vector<float> xb(RB * D), g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
     const float* wd = w_down.typed_data() + e * F * D;
@@ -134,9 +136,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   float* dx_ND = dx->typed_data();
   runs.ZeroPast(dx_ND, N, D);
-  const std::vector<int64_t> order = runs.LongestFirst();
-  ForEach(pool, E, [&](int64_t i) {
-    const int64_t e = order[i];
+  ForEachExpert(pool, runs, [&](int64_t e) {
     std::vector<float> xb(RB * D), dyb(RB * D), g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F),
         du(RB * F), dxb(RB * D), wgT(F * D), wuT(F * D), wdT(D * F);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
@@ -259,9 +259,7 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   bf16* y_ND = reinterpret_cast<bf16*>(y->typed_data());
   float *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
   runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
-  const std::vector<int64_t> order = runs.LongestFirst();
-  ForEach(pool, E, [&](int64_t i) {
-    const int64_t e = order[i];
+  ForEachExpert(pool, runs, [&](int64_t e) {
     if (runs.end[e] == runs.start[e]) return;
     std::vector<bf16> xb(RB * D), hb(RB * F), wg(D * F), wu(D * F), wd(F * D), tmp(D * F);
     std::vector<float> g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
@@ -298,9 +296,7 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const bf16* dys = reinterpret_cast<const bf16*>(dy.typed_data());
   bf16* dx_ND = reinterpret_cast<bf16*>(dx->typed_data());
   runs.ZeroPast(dx_ND, N, D);
-  const std::vector<int64_t> order = runs.LongestFirst();
-  ForEach(pool, E, [&](int64_t i) {
-    const int64_t e = order[i];
+  ForEachExpert(pool, runs, [&](int64_t e) {
     float *dwg = dw_gate->typed_data() + e * D * F, *dwu = dw_up->typed_data() + e * D * F;
     float* dwd = dw_down->typed_data() + e * F * D;
     std::memset(dwg, 0, D * F * sizeof(float));
