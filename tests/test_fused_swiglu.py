@@ -75,41 +75,6 @@ def test_matches_per_expert_ffns_values_and_gradients():
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize('dtype', [np.float32, jnp.bfloat16])
-def test_out_rows_place_each_sorted_row_and_zero_the_rest(dtype):
-  """With out_row_N the forward writes sorted row n's output to row out_row_N[n] of its out_rows rows (nowhere
-  when that is past them), rows no sorted row writes are zero, and the backward reads dy and writes dx through
-  the same map: the values of the sorted layout, moved."""
-  if dtype == jnp.bfloat16 and not bf16_here():
-    pytest.skip('no bf16 handlers on this CPU')
-  w = _weights(3, seed=5)
-  sizes_E = jnp.array([5, 0, 11], jnp.int32)
-  N, slack, M = 16, 8, 24
-  rng = np.random.default_rng(6)
-  x_XD = jnp.asarray(rng.normal(size=(N, D)), dtype)
-  row_src_N = jnp.asarray(np.concatenate([rng.permutation(N), np.full(slack, N)]), jnp.int32)
-  out_row_N = np.concatenate([rng.permutation(M)[:N], np.full(slack, M)])
-  out_row_N[3] = M + 5  # a dropped row
-  y_ND, gate_NF, up_NF = kernel.forward(x_XD, row_src_N, sizes_E, *w)
-  y_MD, *_ = kernel.forward(x_XD, row_src_N, sizes_E, *w, out_row_N=jnp.asarray(out_row_N), out_rows=M)
-  kept_N = np.arange(N + slack)[out_row_N < M]
-  want_MD = np.zeros((M, D), np.float32)
-  want_MD[out_row_N[kept_N]] = np.asarray(y_ND, np.float32)[kept_N]
-  np.testing.assert_array_equal(np.asarray(y_MD, np.float32), want_MD)
-
-  dy_MD = jnp.asarray(rng.normal(size=(M, D)), dtype)
-  dy_ND = np.zeros((N + slack, D), np.float32)
-  dy_ND[kept_N] = np.asarray(dy_MD, np.float32)[out_row_N[kept_N]]
-  dx_ND, *dw_sorted = kernel.backward(x_XD, row_src_N, sizes_E, *w, gate_NF, up_NF, jnp.asarray(dy_ND, dtype))
-  dx_MD, *dw = kernel.backward(x_XD, row_src_N, sizes_E, *w, gate_NF, up_NF, dy_MD,
-                               out_row_N=jnp.asarray(out_row_N))
-  want_MD[:] = 0
-  want_MD[out_row_N[kept_N]] = np.asarray(dx_ND, np.float32)[kept_N]
-  np.testing.assert_array_equal(np.asarray(dx_MD, np.float32), want_MD)
-  for got, want in zip(dw, dw_sorted):
-    np.testing.assert_array_equal(got, want)
-
-
 def test_dropless_dispatch_takes_the_call_with_the_same_result_as_the_tiles(monkeypatch):
   """The ragged dispatch of an f32 SwiGLU layer of width 32 runs the fused call (its custom call is in the
   compiled program); with the call ruled out it runs the row tiles, and both give the same output and

@@ -16,10 +16,7 @@ Shape letters: slmjax/shapes.py (here X source rows, A, E, D, F, N rows sorted b
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 
 from slmjax.dispatch.experts import ExpertWeights
 from slmjax.dispatch.rows import sum_rows
@@ -54,31 +51,3 @@ def _bwd(res, dy_ND):
 
 
 swiglu_ffn.defvjp(_fwd, _bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def assigned_ffn(x_XD: jax.Array, asg_N: jax.Array, w: ExpertWeights, sizes_E: jax.Array, A: int) -> jax.Array:
-  """y_XAD: the expert FFN's output for each of a token's A assignments, as the ragged dispatch sorts them (sorted
-  row n holds assignment asg_N[n] = t * A + a, its rows sizes_E an expert). The call writes each row where its
-  assignment is and reads the rows' cotangents from there, so combining the outputs is a weighted sum over A and
-  its backward a broadcast: no gather of rows either way (the sorted layout's combine and its backward were
-  eight gathers a layer, 10 ms of a 440 ms bf16 mixtral-512 step, profiled)."""
-  return _assigned_fwd(x_XD, asg_N, w, sizes_E, A)[0]
-
-
-def _assigned_fwd(x_XD, asg_N, w, sizes_E, A):
-  X, D = x_XD.shape
-  y_MD, gate_NF, up_NF = kernel.forward(x_XD, asg_N // A, sizes_E, *w, out_row_N=asg_N, out_rows=X * A)
-  return y_MD.reshape(X, A, D), (x_XD, asg_N, w, sizes_E, gate_NF, up_NF)
-
-
-def _assigned_bwd(A, res, dy_XAD):
-  x_XD, asg_N, w, sizes_E, gate_NF, up_NF = res
-  X, D = x_XD.shape
-  dx_MD, *dw = kernel.backward(x_XD, asg_N // A, sizes_E, *w, gate_NF, up_NF, dy_XAD.reshape(X * A, D),
-                               out_row_N=asg_N)
-  dx_XAD = dx_MD.reshape(X, A, D)
-  return functools.reduce(jnp.add, (dx_XAD[:, a] for a in range(A))), None, ExpertWeights(*dw), None
-
-
-assigned_ffn.defvjp(_assigned_fwd, _assigned_bwd)

@@ -5,12 +5,9 @@ Shape letters: slmjax/shapes.py (here G, S, A, E, D, F, X = G * S tokens, N rows
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from slmjax.dispatch import fused_swiglu
 from slmjax.dispatch.experts import ExpertWeights
 from slmjax.dispatch.grouped import GROUP_TILE, rows_ffn
 from slmjax.dispatch.rows import combine_rows, dispatch_rows
@@ -21,24 +18,18 @@ def ragged_dispatch(x_GSD, gates_GSA, experts_GSA, w: ExpertWeights, capacity: i
                     matmul: str = 'xla'):
   """Dropless: assignments sorted by expert, then grouped matmuls; `capacity` is ignored.
 
-  The grouped matmuls: `sorted_rows_ffn`, or on CPU, where the fused SwiGLU call takes the layer, that call
-  writing its rows back in assignment order (`fused_swiglu.assigned_ffn`).
+  The grouped matmuls: `sorted_rows_ffn`.
   """
   del capacity
   G, S, D = x_GSD.shape
   A, E, X = experts_GSA.shape[-1], w.w_up_EDF.shape[0], G * S
   _, asg_N, sizes_E = sort_by_expert(experts_GSA.reshape(X * A), E)
-  x_XD, gates_XA = x_GSD.reshape(X, D), gates_GSA.reshape(X, A).astype(x_GSD.dtype)
-  if jax.default_backend() == 'cpu' and fused_swiglu.runs(x_XD, w, activation, matmul):
-    y_XAD = fused_swiglu.assigned_ffn(x_XD, asg_N, w, sizes_E, A)  # in assignment order: no combine gather
-    y_XD = functools.reduce(jnp.add, (y_XAD[:, a] * gates_XA[:, a, None] for a in range(A)))
-    return y_XD.reshape(G, S, D), jnp.ones(experts_GSA.shape, dtype=bool)
   dest_XA = jnp.zeros(X * A, jnp.int32).at[asg_N].set(jnp.arange(X * A, dtype=jnp.int32),
                                                        unique_indices=True).reshape(X, A)
   if slack_rows():  # grouped_ffn's slack rows, read from token X (clipped): empty rows
     asg_N = jnp.concatenate([asg_N, jnp.full((slack_rows(),), X * A, jnp.int32)])
-  y_ND = sorted_rows_ffn(x_XD, asg_N // A, dest_XA, w, sizes_E, activation, matmul)
-  y_XD = combine_rows((y_ND,), gates_XA, dest_XA, (asg_N,))
+  y_ND = sorted_rows_ffn(x_GSD.reshape(X, D), asg_N // A, dest_XA, w, sizes_E, activation, matmul)
+  y_XD = combine_rows((y_ND,), gates_GSA.reshape(X, A).astype(x_GSD.dtype), dest_XA, (asg_N,))
   return y_XD.reshape(G, S, D), jnp.ones(experts_GSA.shape, dtype=bool)
 
 

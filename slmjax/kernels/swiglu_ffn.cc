@@ -1,12 +1,12 @@
 // XLA:CPU FFI handlers: the SwiGLU FFN of narrow experts, forward and backward, in one call each (the dropless
 // experts of slmjax/dispatch/fused_swiglu.py; the dense FFN as parts of d_ff, slmjax/kernels/swiglu_ffn.py).
-// Rows are sorted by expert (sizes[e] rows each, row n reads x[row_src[n]] and its output goes to row out_row[n]
-// of y, none where past y's end: an injective map), as for slmjax/dispatch/grouped.py's row tiles, which at
-// d_model 32-128 spend most of their time in XLA's per-op overhead (loops, slices, small GEMMs at a third of the
-// big ones' FLOP rate). Here each expert's run is processed in blocks of RB rows with one register-blocked f32
-// product kernel (MR x NB accumulators, for the row products and, over a block's rows, the weight gradients),
-// experts spread over XLA's own intra-op threads. Built by slmjax/kernels/swiglu_ffn.py at first use with -O3
-// -march=native (the bf16 handlers only where the CPU has AVX512_BF16). Widths must be multiples of 32.
+// Rows are sorted by expert (sizes[e] rows each, row n reads x[row_src[n]]), as for slmjax/dispatch/grouped.py's
+// row tiles, which at d_model 32-128 spend most of their time in XLA's per-op
+// overhead (loops, slices, small GEMMs at a third of the big ones' FLOP rate). Here each expert's run is
+// processed in blocks of RB rows with one register-blocked f32 product kernel (MR x NB accumulators, for the
+// row products and, over a block's rows, the weight gradients), experts spread over XLA's own intra-op threads.
+// Built by slmjax/kernels/swiglu_ffn.py at first use with -O3 -march=native (the bf16 handlers only where the CPU
+// has AVX512_BF16). Widths must be multiples of 32.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -51,20 +51,6 @@ void ForEachExpert(ffi::ThreadPool& pool, const Runs& runs, const Body& body) {
   ForEach(pool, order.size(), [&](int64_t i) { body(order[i]); });
 }
 
-// Zeros in out [M, width]'s rows that no run row writes (out_row[n] for n in the runs): the rows of dropped
-// assignments, or past the runs where out_row is the identity.
-template <typename T>
-void ZeroUnwritten(const int32_t* out_row, const Runs& runs, int64_t M, int64_t width, T* out) {
-  std::vector<bool> written(M);
-  for (int64_t n = 0; n < runs.total; ++n)
-    if (out_row[n] >= 0 && out_row[n] < M) written[out_row[n]] = true;
-  for (int64_t m = 0; m < M; ++m)
-    if (!written[m]) std::memset(out + m * width, 0, width * sizeof(T));
-}
-
-// Whether sorted row n has an output row (out_row[n] inside out's M rows).
-inline bool HasOut(const int32_t* out_row, int64_t n, int64_t M) { return out_row[n] >= 0 && out_row[n] < M; }
-
 // A block's rows rounded up to whole product kernels: the rows the products run on.
 inline int Padded(int rows) { return (rows + MR - 1) / MR * MR; }
 
@@ -84,18 +70,6 @@ inline int GatherBlock(const T* x, int64_t X, int64_t D, const int32_t* row_src,
     std::memcpy(xb + r * D, x + std::clamp<int64_t>(row_src[n0 + r], 0, X - 1) * D, D * sizeof(T));
   std::memset(xb + rows * D, 0, (Padded(rows) - rows) * D * sizeof(T));
   return rows;
-}
-
-// dst[Padded(rows), D] = the cotangents of the block's rows: dy[out_row[n]] (zero where n has no output row), then
-// zeros past the rows (no share in any gradient).
-template <typename T>
-inline void OutRowsBlock(const T* dy, int64_t M, int64_t D, const int32_t* out_row, int64_t n0, int rows, T* dst) {
-  for (int r = 0; r < rows; ++r)
-    if (HasOut(out_row, n0 + r, M))
-      std::memcpy(dst + r * D, dy + out_row[n0 + r] * D, D * sizeof(T));
-    else
-      std::memset(dst + r * D, 0, D * sizeof(T));
-  std::memset(dst + rows * D, 0, (Padded(rows) - rows) * D * sizeof(T));
 }
 
 // The activation on 16 floats at a time (vectors: the loops over scalars did not vectorize).
@@ -122,17 +96,15 @@ inline void SwigluBackward(const float* g, const float* u, const float* dh, floa
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> row_src,
-                   ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::S32> out_row,
+                   ffi::Buffer<ffi::S32> sizes,
                    ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down,
                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> gate, ffi::ResultBuffer<ffi::F32> up) {
   const int64_t X = x.dimensions()[0], D = x.dimensions()[1], N = row_src.dimensions()[0];
   const int64_t E = w_up.dimensions()[0], F = w_up.dimensions()[2];
   const Runs runs(sizes.typed_data(), E);
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
-  const int64_t out_rows = y->dimensions()[0];
-  const int32_t* outs = out_row.typed_data();
-  float *y_MD = y->typed_data(), *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
-  ZeroUnwritten(outs, runs, out_rows, D, y_MD), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
+  float *y_ND = y->typed_data(), *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
+  runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
   ForEachExpert(pool, runs, [&](int64_t e) {
     std::vector<float> xb(RB * D), g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
@@ -144,8 +116,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       RowsTimes(xb.data(), M, D, wu, F, u.data(), false);
       SwigluForward(g.data(), u.data(), h.data(), M * F);
       RowsTimes(h.data(), M, F, wd, D, yb.data(), false);
-      for (int r = 0; r < rows; ++r)
-        if (HasOut(outs, n0 + r, out_rows)) std::memcpy(y_MD + outs[n0 + r] * D, yb.data() + r * D, D * sizeof(float));
+      std::memcpy(y_ND + n0 * D, yb.data(), rows * D * sizeof(float));
       std::memcpy(gate_NF + n0 * F, g.data(), rows * F * sizeof(float));
       std::memcpy(up_NF + n0 * F, u.data(), rows * F * sizeof(float));
     }
@@ -154,7 +125,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> row_src,
-                    ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::S32> out_row,
+                    ffi::Buffer<ffi::S32> sizes,
                     ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down,
                     ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> up, ffi::Buffer<ffi::F32> dy,
                     ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw_gate,
@@ -163,10 +134,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const int64_t E = w_up.dimensions()[0], F = w_up.dimensions()[2];
   const Runs runs(sizes.typed_data(), E);
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
-  const int64_t out_rows = dy.dimensions()[0];
-  const int32_t* outs = out_row.typed_data();
-  float* dx_MD = dx->typed_data();
-  ZeroUnwritten(outs, runs, out_rows, D, dx_MD);
+  float* dx_ND = dx->typed_data();
+  runs.ZeroPast(dx_ND, N, D);
   ForEachExpert(pool, runs, [&](int64_t e) {
     std::vector<float> xb(RB * D), dyb(RB * D), g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F),
         du(RB * F), dxb(RB * D), wgT(F * D), wuT(F * D), wdT(D * F);
@@ -182,7 +151,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     Transpose(wd, F, D, wdT.data());
     for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
       const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
-      OutRowsBlock(dy.typed_data(), out_rows, D, outs, n0, rows, dyb.data());
+      CopyBlock(dy.typed_data() + n0 * D, rows, D, dyb.data());  // zero past the run: no share in any gradient
       CopyBlock(gate.typed_data() + n0 * F, rows, F, g.data());
       CopyBlock(up.typed_data() + n0 * F, rows, F, u.data());
       const int M = Padded(rows);
@@ -190,9 +159,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
       SwigluBackward(g.data(), u.data(), dh.data(), h.data(), dg.data(), du.data(), M * F);
       RowsTimes(dg.data(), M, F, wgT.data(), D, dxb.data(), false);
       RowsTimes(du.data(), M, F, wuT.data(), D, dxb.data(), true);
-      for (int r = 0; r < rows; ++r)
-        if (HasOut(outs, n0 + r, out_rows))
-          std::memcpy(dx_MD + outs[n0 + r] * D, dxb.data() + r * D, D * sizeof(float));
+      std::memcpy(dx_ND + n0 * D, dxb.data(), rows * D * sizeof(float));
       AddOuter(h.data(), rows, F, dyb.data(), D, dwd);
       AddOuter(xb.data(), rows, D, dg.data(), F, dwg);
       AddOuter(xb.data(), rows, D, du.data(), F, dwu);
@@ -281,19 +248,17 @@ inline void PackColumns(const float* src, int64_t N, int64_t K, bf16* tmp, bf16*
 }
 
 ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> row_src,
-                       ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::S32> out_row, ffi::Buffer<ffi::F32> w_gate,
-                       ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down, ffi::ResultBuffer<ffi::BF16> y,
+                       ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
+                       ffi::Buffer<ffi::F32> w_down, ffi::ResultBuffer<ffi::BF16> y,
                        ffi::ResultBuffer<ffi::F32> gate, ffi::ResultBuffer<ffi::F32> up) {
   const int64_t X = x.dimensions()[0], D = x.dimensions()[1], N = row_src.dimensions()[0];
   const int64_t E = w_up.dimensions()[0], F = w_up.dimensions()[2];
   const Runs runs(sizes.typed_data(), E);
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
-  const int64_t out_rows = y->dimensions()[0];
-  const int32_t* outs = out_row.typed_data();
-  bf16* y_MD = reinterpret_cast<bf16*>(y->typed_data());
+  bf16* y_ND = reinterpret_cast<bf16*>(y->typed_data());
   float *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
-  ZeroUnwritten(outs, runs, out_rows, D, y_MD), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
+  runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
   ForEachExpert(pool, runs, [&](int64_t e) {
     if (runs.end[e] == runs.start[e]) return;
     std::vector<bf16> xb(RB * D), hb(RB * F), wg(D * F), wu(D * F), wd(F * D), tmp(D * F);
@@ -309,8 +274,7 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
       SwigluForward(g.data(), u.data(), h.data(), M * F);
       Round(h.data(), M * F, hb.data());
       PairTimes(Pairs(hb.data()), F / 2, 1, M, F / 2, wd.data(), D, yb.data(), false);
-      for (int r = 0; r < rows; ++r)
-        if (HasOut(outs, n0 + r, out_rows)) Round(yb.data() + r * D, D, y_MD + outs[n0 + r] * D);
+      Round(yb.data(), rows * D, y_ND + n0 * D);
       std::memcpy(gate_NF + n0 * F, g.data(), rows * F * sizeof(float));
       std::memcpy(up_NF + n0 * F, u.data(), rows * F * sizeof(float));
     }
@@ -319,9 +283,8 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
 }
 
 ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> row_src,
-                        ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::S32> out_row, ffi::Buffer<ffi::F32> w_gate,
-                        ffi::Buffer<ffi::F32> w_up, ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::F32> gate,
-                        ffi::Buffer<ffi::F32> up,
+                        ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
+                        ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> up,
                         ffi::Buffer<ffi::BF16> dy, ffi::ResultBuffer<ffi::BF16> dx,
                         ffi::ResultBuffer<ffi::F32> dw_gate, ffi::ResultBuffer<ffi::F32> dw_up,
                         ffi::ResultBuffer<ffi::F32> dw_down) {
@@ -331,10 +294,8 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
   const bf16* dys = reinterpret_cast<const bf16*>(dy.typed_data());
-  const int64_t out_rows = dy.dimensions()[0];
-  const int32_t* outs = out_row.typed_data();
-  bf16* dx_MD = reinterpret_cast<bf16*>(dx->typed_data());
-  ZeroUnwritten(outs, runs, out_rows, D, dx_MD);
+  bf16* dx_ND = reinterpret_cast<bf16*>(dx->typed_data());
+  runs.ZeroPast(dx_ND, N, D);
   ForEachExpert(pool, runs, [&](int64_t e) {
     float *dwg = dw_gate->typed_data() + e * D * F, *dwu = dw_up->typed_data() + e * D * F;
     float* dwd = dw_down->typed_data() + e * F * D;
@@ -353,7 +314,7 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
     for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
       const int rows = GatherBlock(xs, X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
       const int M = Padded(rows);
-      OutRowsBlock(dys, out_rows, D, outs, n0, rows, dyb.data());
+      CopyBlock(dys + n0 * D, rows, D, dyb.data());  // zero past the run: no share in any gradient
       CopyBlock(gate.typed_data() + n0 * F, rows, F, g.data());
       CopyBlock(up.typed_data() + n0 * F, rows, F, u.data());
       PairTimes(Pairs(dyb.data()), D / 2, 1, M, D / 2, wdT.data(), F, dh.data(), false);
@@ -363,8 +324,7 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
       Round(du.data(), M * F, dub.data());
       PairTimes(Pairs(dgb.data()), F / 2, 1, M, F / 2, wgT.data(), D, dxb.data(), false);
       PairTimes(Pairs(dub.data()), F / 2, 1, M, F / 2, wuT.data(), D, dxb.data(), true);
-      for (int r = 0; r < rows; ++r)
-        if (HasOut(outs, n0 + r, out_rows)) Round(dxb.data() + r * D, D, dx_MD + outs[n0 + r] * D);
+      Round(dxb.data(), rows * D, dx_ND + n0 * D);
       // Weight gradients over the block's M rows (the padded ones zero): K = M, in pairs of rows.
       Interleave(hb.data(), M, F, aT.data());
       Interleave(dyb.data(), M, D, bP.data());
@@ -383,18 +343,18 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
 using F32 = ffi::Buffer<ffi::F32>;
 using S32 = ffi::Buffer<ffi::S32>;
 
-// The arguments both calls start with: the pool, then x (T: f32, or bf16 for the bf16 calls), row_src, sizes,
-// out_row and the three stacked weights (f32 for both).
+// The arguments both calls start with: the pool, then x (T: f32, or bf16 for the bf16 calls), row_src, sizes and
+// the three stacked weights (f32 for both).
 template <typename T = F32>
 auto BindCommon() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().template Arg<T>().template Arg<S32>().template Arg<S32>()
-      .template Arg<S32>().template Arg<F32>().template Arg<F32>().template Arg<F32>();
+      .template Arg<F32>().template Arg<F32>().template Arg<F32>();
 }
 
 }  // namespace
 
-// Forward returns y [M, D] (row out_row[n] sorted row n's output), gate [N, F], up [N, F]; the backward also takes
-// gate, up and dy [M, D], and returns dx [M, D] (laid out as y) and the three weight gradients.
+// Forward returns y [N, D], gate [N, F], up [N, F]; the backward also takes gate, up and dy, and returns dx [N, D]
+// and the three weight gradients.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxSwigluFfnFwd, Forward, BindCommon().Ret<F32>().Ret<F32>().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxSwigluFfnBwd, Backward,
                               BindCommon().Arg<F32>().Arg<F32>().Arg<F32>()  // gate, up, dy

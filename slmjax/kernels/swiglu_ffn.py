@@ -78,35 +78,26 @@ def _f32(*weights):
   return tuple(w.astype(jnp.float32) for w in weights)
 
 
-def _out_rows(row_src_N, out_row_N):
-  """Where each sorted row's output goes: out_row_N, or the sorted order itself."""
-  N = row_src_N.shape[0]
-  return jnp.arange(N, dtype=jnp.int32) if out_row_N is None else out_row_N.astype(jnp.int32)
-
-
-def forward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, out_row_N=None, out_rows=None):
-  """Expert e's SwiGLU FFN on its run of sorted rows (row n is x_XD[row_src_N[n]], sizes_E rows an expert): y_MD
-  (x's dtype; sorted row n's output in row out_row_N[n] of `out_rows` rows, none where past them; by default
-  the sorted order, rows past the runs zero; rows no sorted row writes are zero) and the gate and up activations
-  (f32, sorted order) the backward takes. out_row_N must not send two rows to one."""
+def forward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """Expert e's SwiGLU FFN on its run of sorted rows (row n is x_XD[row_src_N[n]], sizes_E rows an expert, rows
+  past the runs zero): y_ND (x's dtype) and the gate and up activations (f32) the backward takes."""
   N, (D, F) = row_src_N.shape[0], w_up_EDF.shape[1:]
-  out = lambda rows, width, dtype=jnp.float32: jax.ShapeDtypeStruct((rows, width), dtype)
-  call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("fwd", x_XD.dtype)}',
-                          (out(N if out_rows is None else out_rows, D, x_XD.dtype), out(N, F), out(N, F)))
-  return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), _out_rows(row_src_N, out_row_N),
+  out = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((N, width), dtype)
+  call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("fwd", x_XD.dtype)}', (out(D, x_XD.dtype), out(F), out(F)))
+  return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32),
               *_f32(w_gate_EDF, w_up_EDF, w_down_EFD))
 
 
-def backward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, gate_NF, up_NF, dy_MD, out_row_N=None):
-  """The cotangents of `forward`'s rows (dx_MD, laid out as y_MD, not yet summed into x_XD's rows) and of the
-  weights, in their dtypes (summed in f32; bf16 weights' gradients rounded once)."""
+def backward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, gate_NF, up_NF, dy_ND):
+  """The cotangents of `forward`'s sorted rows (dx_ND, not yet summed into x_XD's rows) and of the weights, in
+  their dtypes (summed in f32; bf16 weights' gradients rounded once)."""
   w = (w_gate_EDF, w_up_EDF, w_down_EFD)
   call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("bwd", x_XD.dtype)}',
-                          (jax.ShapeDtypeStruct(dy_MD.shape, x_XD.dtype),
+                          (jax.ShapeDtypeStruct(dy_ND.shape, x_XD.dtype),
                            *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in w)))
-  dx_MD, *dw = call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), _out_rows(row_src_N, out_row_N),
-                    *_f32(*w), gate_NF, up_NF, dy_MD.astype(x_XD.dtype))
-  return dx_MD, *(d.astype(a.dtype) for d, a in zip(dw, w))
+  dx_ND, *dw = call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), *_f32(*w), gate_NF, up_NF,
+                    dy_ND.astype(x_XD.dtype))
+  return dx_ND, *(d.astype(a.dtype) for d, a in zip(dw, w))
 
 
 def _cores() -> int:
