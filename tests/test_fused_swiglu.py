@@ -133,6 +133,22 @@ def _dense_grad(cfg: ModelConfig, x_BTD):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), state
 
 
+def test_vmap_runs_the_calls_per_element():
+  """jax.vmap over a DenseFFN that takes the fused calls (512 rows an element), and over its gradient, gives each
+  element's own values and gradients: the calls run once per element."""
+  cfg = ModelConfig(d_model=D, d_ff=64, n_layers=1, n_heads=1, vocab_size=16, activation='swiglu')
+  graph, state = nnx.split(DenseFFN(cfg, cfg.d_ff, nnx.Rngs(0)))
+  loss = lambda state, x: jnp.sum(jnp.sin(nnx.merge(graph, state)(x)))
+  x_PBTD = jnp.asarray(np.random.default_rng(7).normal(size=(2, 1, 512, D)), jnp.float32)
+  per_element = jax.jit(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0)))
+  assert 'slmjax_swiglu_ffn_bwd' in per_element.lower(state, x_PBTD).as_text()
+  got = per_element(state, x_PBTD)
+  for i in range(2):
+    want = jax.value_and_grad(loss)(state, x_PBTD[i])
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g[i], w, rtol=2e-5, atol=2e-5)
+
+
 def test_dense_ffn_takes_the_call_with_the_same_values_and_gradients_as_xla(monkeypatch):
   """A 512-row f32 SwiGLU DenseFFN runs as the fused calls, d_ff split in parts (3 cores: 3 parts of 32), with
   XLA's output and gradients; `matmul='xla'` keeps XLA's dots."""

@@ -46,6 +46,13 @@ def test_gemm_reads_transposes_in_place(library, transa, transb):
   np.testing.assert_allclose(got, a @ b, **TOL[jnp.float32])
 
 
+def test_vmap_runs_the_call_per_element(library):
+  """jax.vmap over stacked operands (the call loops over them) gives each element's own product."""
+  a, b = operands()
+  got = jax.jit(jax.vmap(lambda x, y: gemm.gemm_f32(x, y, library=library)))(jnp.stack([a, -a]), jnp.stack([b, b]))
+  np.testing.assert_allclose(got, jnp.stack([a @ b, -(a @ b)]), **TOL[jnp.float32])
+
+
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
 def test_matmul_forward_and_gradients_match_xla(library, dtype):
   matmul = lambda x, y: gemm.matmul(x, y, library)

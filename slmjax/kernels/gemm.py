@@ -176,7 +176,8 @@ def gemm_f32(a: jax.Array, b: jax.Array, transa: bool = False, transb: bool = Fa
   both f32; `load(library)` must have succeeded."""
   m = a.shape[1] if transa else a.shape[0]
   n = b.shape[0] if transb else b.shape[1]
-  call = jax.ffi.ffi_call(target(library, a.dtype), jax.ShapeDtypeStruct((m, n), jnp.float32))
+  call = jax.ffi.ffi_call(target(library, a.dtype), jax.ShapeDtypeStruct((m, n), jnp.float32),
+                          vmap_method='sequential')  # under jax.vmap: one call per element
   return call(a, b, transa=int(transa), transb=int(transb))
 
 

@@ -83,7 +83,8 @@ def forward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
   past the runs zero): y_ND (x's dtype) and the gate and up activations (f32) the backward takes."""
   N, (D, F) = row_src_N.shape[0], w_up_EDF.shape[1:]
   out = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((N, width), dtype)
-  call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("fwd", x_XD.dtype)}', (out(D, x_XD.dtype), out(F), out(F)))
+  call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("fwd", x_XD.dtype)}', (out(D, x_XD.dtype), out(F), out(F)),
+                          vmap_method='sequential')  # under jax.vmap: one call per element
   return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32),
               *_f32(w_gate_EDF, w_up_EDF, w_down_EFD))
 
@@ -94,7 +95,7 @@ def backward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, gate_NF
   w = (w_gate_EDF, w_up_EDF, w_down_EFD)
   call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("bwd", x_XD.dtype)}',
                           (jax.ShapeDtypeStruct(dy_ND.shape, x_XD.dtype),
-                           *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in w)))
+                           *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in w)), vmap_method='sequential')
   dx_ND, *dw = call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), *_f32(*w), gate_NF, up_NF,
                     dy_ND.astype(x_XD.dtype))
   return dx_ND, *(d.astype(a.dtype) for d, a in zip(dw, w))
