@@ -6,7 +6,7 @@ The backward takes the forward's output and logsumexp (one float a query) and re
 flash attention does. Built at first use like the other handlers (slmjax/kernels/gemm.py), with -march=native;
 where they cannot build or load, `load` says why and attention keeps XLA's ops. bf16 operands are read into
 f32 copies a task at a time inside the call (scores, softmax and products in f32) and the results rounded to
-bf16 once. Under `jax.vmap` the calls run once per mapped element (vmap_method 'sequential').
+bf16 once. Under `jax.vmap` the calls run once per mapped element (`gemm.ffi_call`).
 
 Operands stay in the projections' token-major layout (q [B, T, K, Q, Z], k [B, U, K, Z], v [B, U, K, Y]): the
 call reads and writes them with strides, so no heads-major copies are made either way.
@@ -66,9 +66,8 @@ def _target(call: str, dtype) -> str:
 
 def _forward(q_BTKQZ, k_BUKZ, v_BUKY, scale):
   (B, T, K, Q, _), Y = q_BTKQZ.shape, v_BUKY.shape[3]
-  call = jax.ffi.ffi_call(_target('fwd', q_BTKQZ.dtype), (jax.ShapeDtypeStruct((B, T, K, Q, Y), q_BTKQZ.dtype),
-                                                          jax.ShapeDtypeStruct((B, K, Q, T), jnp.float32)),
-                          vmap_method='sequential')
+  call = gemm.ffi_call(_target('fwd', q_BTKQZ.dtype), (jax.ShapeDtypeStruct((B, T, K, Q, Y), q_BTKQZ.dtype),
+                                                       jax.ShapeDtypeStruct((B, K, Q, T), jnp.float32)))
   return call(q_BTKQZ, k_BUKZ, v_BUKY, scale=np.float32(scale))
 
 
@@ -86,9 +85,8 @@ def _attention_fwd(q_BTKQZ, k_BUKZ, v_BUKY, scale):
 
 def _attention_bwd(scale, saved, dout_BTKQY):
   q_BTKQZ, k_BUKZ, v_BUKY, out_BTKQY, lse_BKQT = saved
-  call = jax.ffi.ffi_call(_target('bwd', q_BTKQZ.dtype), tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
-                                                               for a in (q_BTKQZ, k_BUKZ, v_BUKY)),
-                          vmap_method='sequential')
+  call = gemm.ffi_call(_target('bwd', q_BTKQZ.dtype), tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                                            for a in (q_BTKQZ, k_BUKZ, v_BUKY)))
   return tuple(call(q_BTKQZ, k_BUKZ, v_BUKY, out_BTKQY, lse_BKQT, dout_BTKQY.astype(q_BTKQZ.dtype),
                     scale=np.float32(scale)))
 

@@ -112,6 +112,12 @@ def register(source: pathlib.Path, flags: tuple[str, ...], handlers: dict[str, s
   return _registered & set(handlers.values())
 
 
+def ffi_call(target: str, results):
+  """jax.ffi.ffi_call of one of slmjax's handlers (registered by `load` or `register`): under jax.vmap it runs
+  once per mapped element (the handlers take unbatched operands)."""
+  return jax.ffi.ffi_call(target, results, vmap_method='sequential')
+
+
 def _cpu_flags() -> str:
   """This CPU's model and feature flags (Linux), '' where unknown."""
   try:
@@ -176,8 +182,7 @@ def gemm_f32(a: jax.Array, b: jax.Array, transa: bool = False, transb: bool = Fa
   both f32; `load(library)` must have succeeded."""
   m = a.shape[1] if transa else a.shape[0]
   n = b.shape[0] if transb else b.shape[1]
-  call = jax.ffi.ffi_call(target(library, a.dtype), jax.ShapeDtypeStruct((m, n), jnp.float32),
-                          vmap_method='sequential')  # under jax.vmap: one call per element
+  call = ffi_call(target(library, a.dtype), jax.ShapeDtypeStruct((m, n), jnp.float32))
   return call(a, b, transa=int(transa), transb=int(transb))
 
 

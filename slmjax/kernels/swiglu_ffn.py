@@ -83,8 +83,7 @@ def forward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
   past the runs zero): y_ND (x's dtype) and the gate and up activations (f32) the backward takes."""
   N, (D, F) = row_src_N.shape[0], w_up_EDF.shape[1:]
   out = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((N, width), dtype)
-  call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("fwd", x_XD.dtype)}', (out(D, x_XD.dtype), out(F), out(F)),
-                          vmap_method='sequential')  # under jax.vmap: one call per element
+  call = gemm.ffi_call(f'slmjax_swiglu_ffn_{_suffix("fwd", x_XD.dtype)}', (out(D, x_XD.dtype), out(F), out(F)))
   return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32),
               *_f32(w_gate_EDF, w_up_EDF, w_down_EFD))
 
@@ -93,9 +92,9 @@ def backward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, gate_NF
   """The cotangents of `forward`'s sorted rows (dx_ND, not yet summed into x_XD's rows) and of the weights, in
   their dtypes (summed in f32; bf16 weights' gradients rounded once)."""
   w = (w_gate_EDF, w_up_EDF, w_down_EFD)
-  call = jax.ffi.ffi_call(f'slmjax_swiglu_ffn_{_suffix("bwd", x_XD.dtype)}',
-                          (jax.ShapeDtypeStruct(dy_ND.shape, x_XD.dtype),
-                           *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in w)), vmap_method='sequential')
+  call = gemm.ffi_call(f'slmjax_swiglu_ffn_{_suffix("bwd", x_XD.dtype)}',
+                       (jax.ShapeDtypeStruct(dy_ND.shape, x_XD.dtype),
+                        *(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in w)))
   dx_ND, *dw = call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32), *_f32(*w), gate_NF, up_NF,
                     dy_ND.astype(x_XD.dtype))
   return dx_ND, *(d.astype(a.dtype) for d, a in zip(dw, w))
