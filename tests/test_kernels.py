@@ -30,6 +30,12 @@ def library(request, cache):
   return request.param
 
 
+def skip_unless_runs(library, dtype):
+  """Skips where `library`'s GEMM for `dtype` does not run on this CPU (oneDNN's bf16 one without AVX-512)."""
+  if not gemm.runs_dtype(library, dtype):
+    pytest.skip(f'no {library} {jnp.dtype(dtype).name} GEMM on this CPU')
+
+
 TOL = {jnp.bfloat16: dict(rtol=2e-2, atol=2e-2), jnp.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
@@ -55,6 +61,7 @@ def test_vmap_runs_the_call_per_element(library):
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
 def test_matmul_forward_and_gradients_match_xla(library, dtype):
+  skip_unless_runs(library, dtype)
   matmul = lambda x, y: gemm.matmul(x, y, library)
   a, b = operands(dtype=dtype)
   c = jax.random.normal(jax.random.key(2), (48, 24))  # a cotangent that weights every output differently
@@ -74,6 +81,7 @@ def test_matmul_forward_and_gradients_match_xla(library, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_model_loss_and_gradients_with_a_vendor_gemm_match_xla(library, dtype):
+  skip_unless_runs(library, dtype)
   cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, d_ff=64, dtype=dtype)
   tokens_BT = jax.random.randint(jax.random.key(3), (2, 16), 0, 64)
 
@@ -102,6 +110,20 @@ def test_fallback_is_xla_with_one_notice(monkeypatch, capsys):
   assert capsys.readouterr().err == 'slmjax: matmul=mkl falls back to XLA: no libmkl_rt (test)\n'
 
 
+def test_a_library_without_a_bf16_gemm_here_falls_back_for_bf16_only(library, monkeypatch, capsys):
+  """Where the library's bf16 GEMM does not run on this CPU (`load` found it unimplemented), bf16 products take
+  XLA's dot with one notice, f32 ones still the library."""
+  monkeypatch.setattr(gemm, '_no_bf16', {library})
+  gemm._notice.cache_clear()
+  a, b = operands(dtype=jnp.bfloat16)
+  assert 'slmjax_' not in jax.jit(lambda x, y: gemm.matmul(x, y, library)).lower(a, b).as_text()
+  assert capsys.readouterr().err == (f'slmjax: matmul={library} falls back to XLA: its bf16 GEMM does not run on '
+                                     "this CPU (oneDNN 3.2's needs AVX-512)\n")
+  a, b = operands()
+  assert f'slmjax_{library}_gemm_f32' in jax.jit(lambda x, y: gemm.matmul(x, y, library)).lower(a, b).as_text()
+  assert gemm.resolve('auto', jnp.bfloat16, gemm.AUTO_MIN_MACS) == 'xla'
+
+
 def test_build_failure_is_one_line(monkeypatch, tmp_path):
   monkeypatch.setenv('CXX', 'false')  # a compiler that always fails
   with pytest.raises(RuntimeError, match='^false failed'):
@@ -115,7 +137,8 @@ def test_config_rejects_unknown_matmul():
 
 
 def test_auto_takes_onednn_for_large_bf16_backward_products_on_one_cpu_device_only(cache):
-  onednn = 'onednn' if gemm.load('onednn') is None else 'xla'  # without the wheel (or g++) auto is XLA's dot
+  # without the wheel (or g++), or where its bf16 GEMM does not run on this CPU, auto is XLA's dot
+  onednn = 'onednn' if gemm.runs_dtype('onednn', jnp.bfloat16) else 'xla'
   big, small = gemm.AUTO_MIN_MACS, gemm.AUTO_MIN_MACS - 1
   assert gemm.resolve('auto', jnp.bfloat16, big, transposed=True) == onednn  # dy w^T, x^T dy
   assert gemm.resolve('auto', jnp.bfloat16, big, transposed=False) == 'xla'  # the forward: XLA is as fast

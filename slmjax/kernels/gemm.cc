@@ -52,7 +52,7 @@ int ViaDnnl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64
 template <typename T, ffi::DataType D, auto* fn, Gemm<T> gemm>
 ffi::Error Handle(ffi::Buffer<D> a, ffi::Buffer<D> b, ffi::ResultBuffer<ffi::F32> c, int64_t transa,
                   int64_t transb) {
-  if (*fn == nullptr) return ffi::Error::Internal("slmjax gemm: the library's init was not called");
+  if (*fn == nullptr) return ffi::Error::Internal("slmjax gemm: no such GEMM here (init not called, or not on this CPU)");
   auto da = a.dimensions(), db = b.dimensions();
   if (da.size() != 2 || db.size() != 2) return ffi::Error::InvalidArgument("slmjax gemm: operands must be 2-D");
   const int64_t m = transa ? da[1] : da[0], k = transa ? da[0] : da[1];
@@ -81,12 +81,18 @@ int Init(const char* path, const char* bf16_name, const char* f32_name, Bf16* bf
 
 }  // namespace
 
-// 0 on success; 1 when the library does not load, 2 when it lacks a symbol.
+// 0 on success; 1 when the library does not load, 2 when it lacks a symbol; 3 (oneDNN) when its bf16 GEMM does
+// not run on this CPU (oneDNN 3.2's answers "unimplemented" without AVX-512): the f32 GEMM still runs.
 extern "C" int slmjax_mkl_init(const char* path) {
   return Init(path, "cblas_gemm_bf16bf16f32", "cblas_sgemm", &cblas_bf16, &cblas_f32);
 }
 extern "C" int slmjax_onednn_init(const char* path) {
-  return Init(path, "dnnl_gemm_bf16bf16f32", "dnnl_sgemm", &dnnl_bf16, &dnnl_f32);
+  if (int status = Init(path, "dnnl_gemm_bf16bf16f32", "dnnl_sgemm", &dnnl_bf16, &dnnl_f32)) return status;
+  const uint16_t one = 0x3f80;  // 1.0 in bf16: a 1 x 1 x 1 product to ask whether the bf16 GEMM runs here
+  float c = 0.0f;
+  if (dnnl_bf16('N', 'N', 1, 1, 1, 1.0f, &one, 1, &one, 1, 0.0f, &c, 1) == 0 && c == 1.0f) return 0;
+  dnnl_bf16 = nullptr;
+  return 3;
 }
 
 #define SLMJAX_GEMM_HANDLER(symbol, fn, type)                                                       \

@@ -41,6 +41,7 @@ from slmjax.kernels import acc32
 SOURCE = pathlib.Path(__file__).with_name('gemm.cc')
 _libraries = []  # the handler libraries `register` loaded, kept for the process's life
 _registered: set[str] = set()  # the FFI targets `register` registered
+_no_bf16: set[str] = set()  # the loaded libraries whose bf16 GEMM does not run on this CPU (f32 only)
 
 
 class Library(NamedTuple):
@@ -141,10 +142,12 @@ def load(library: str = 'mkl') -> str | None:
   except (OSError, RuntimeError) as e:
     return f'cannot build the GEMM FFI handlers: {e}'
   status = getattr(lib, f'slmjax_{library}_init')(path.encode())
-  if status:
+  if status in (1, 2):
     return f'{path} ' + ('does not load' if status == 1 else 'lacks its bf16 or f32 GEMM')
+  if status == 3:
+    _no_bf16.add(library)
   title = library.capitalize()
-  for dtype, name in ((jnp.bfloat16, 'Bf16'), (jnp.float32, 'F32')):
+  for dtype, name in ((jnp.bfloat16, 'Bf16'), (jnp.float32, 'F32'))[status == 3:]:
     handler = getattr(lib, f'Slmjax{title}Gemm{name}')
     jax.ffi.register_ffi_target(target(library, dtype), jax.ffi.pycapsule(handler), platform='cpu')
   return None
@@ -168,7 +171,13 @@ def resolve(library: str, dtype, macs: int, transposed: bool = True) -> str:
   if library != 'auto':
     return library
   wanted = transposed and jnp.dtype(dtype) == jnp.bfloat16 and macs >= AUTO_MIN_MACS
-  return 'onednn' if wanted and on_one_cpu_device() and load('onednn') is None else 'xla'
+  return 'onednn' if wanted and on_one_cpu_device() and runs_dtype('onednn', dtype) else 'xla'
+
+
+def runs_dtype(library: str, dtype) -> bool:
+  """Whether `library` loads and runs its GEMM for `dtype` operands on this CPU (oneDNN 3.2's bf16 GEMM needs
+  AVX-512; on AVX2 CPUs it answers "unimplemented" and only its f32 GEMM runs)."""
+  return load(library) is None and not (jnp.dtype(dtype) == jnp.bfloat16 and library in _no_bf16)
 
 
 @functools.cache
@@ -215,6 +224,8 @@ def _runs(library: str, a: jax.Array, b: jax.Array) -> bool:
     reason = f'operands of two dtypes ({a.dtype}, {b.dtype})'
   if reason is None and a.dtype not in (jnp.bfloat16, jnp.float32):
     reason = f'no {library} GEMM for {a.dtype}'
+  if reason is None and not runs_dtype(library, a.dtype):
+    reason = "its bf16 GEMM does not run on this CPU (oneDNN 3.2's needs AVX-512)"
   if reason is not None:
     _notice(library, reason)
   return reason is None
