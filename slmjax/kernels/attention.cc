@@ -27,7 +27,7 @@ inline void Scores(const float* a, int64_t K, const float* b, int64_t ld, int64_
   for (int64_t j = 0; j < cols; j += NB) Kernel(a, K, 1, b + j, K, ld, s + j, ld, false);
 }
 
-const VI kLane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+const VI kLane = [] { VI lane; for (int i = 0; i < L; ++i) lane[i] = i; return lane; }();  // 0, 1, ... L - 1
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Whether each lane of columns [c, c + L) is past query t (masked by causality).
