@@ -27,6 +27,22 @@ def built(tmp_path_factory):
   yield from built_in_temp_cache(tmp_path_factory, kernel.load, 'fused SwiGLU call')
 
 
+@pytest.fixture(autouse=True)
+def f32_calls_taken(monkeypatch):
+  """The f32 calls taken on any CPU, so their numerics are tested on AVX2 ones too (`auto` takes them only with
+  AVX-512: kernel.F32_PAYS)."""
+  monkeypatch.setattr(kernel, 'F32_PAYS', True)
+
+
+def test_without_avx512_f32_layers_keep_xlas_dots(monkeypatch):
+  monkeypatch.setattr(kernel, 'F32_PAYS', False)
+  w = _weights(2)
+  assert not fused_swiglu.runs(jnp.zeros((16, D)), w, 'swiglu', 'auto')
+  assert kernel.dense_parts(jnp.zeros((512, D)), w.w_gate_EDF[0], w.w_up_EDF[0], w.w_down_EFD[0], 'auto') == 0
+  w16 = ExpertWeights(*(a.astype(jnp.bfloat16) for a in w))
+  assert fused_swiglu.runs(jnp.zeros((16, D), jnp.bfloat16), w16, 'swiglu', 'auto') == bf16_here()
+
+
 def bf16_here() -> bool:
   """Whether this CPU's build has the bf16 handlers (AVX512_BF16); asked once the fixture has loaded them."""
   return {'fwd_bf16', 'bwd_bf16'} <= kernel._targets

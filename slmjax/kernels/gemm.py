@@ -128,6 +128,11 @@ def _cpu_flags() -> str:
     return ''
 
 
+def cpu_has(feature: str) -> bool:
+  """Whether this CPU lists `feature` (a /proc/cpuinfo flag, e.g. 'avx512f'); False where unknown."""
+  return feature in _cpu_flags().split()
+
+
 @functools.cache
 def load(library: str = 'mkl') -> str | None:
   """Builds and loads the handlers and registers `library`'s FFI targets once; None when ready, else why not

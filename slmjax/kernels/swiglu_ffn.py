@@ -38,6 +38,10 @@ MAX_D_MODEL, MAX_WIDTH = 256, 512
 # Fewest rows the dense FFN takes the calls for: measured from 2048 rows on; decode's few rows stay on XLA's dots
 # (the split copies the gate and up weights each call).
 DENSE_MIN_ROWS = 512
+# The f32 calls are taken where the CPU has AVX-512. On an AVX2-only EPYC (Zen 1, 2 cores) they ran the dense FFN
+# layer (4096 x 256 x 1024, forward + backward) 1.15x slower than XLA's dots, which reach ~61 GFLOP/s there, near
+# the cores' peak, and whole llama / mixtral-512 steps 1.03 / 1.07x slower; the bf16 calls need AVX512_BF16 anyway.
+F32_PAYS = gemm.cpu_has('avx512f')
 _TARGETS = {'Fwd': 'fwd', 'Bwd': 'bwd', 'FwdBf16': 'fwd_bf16', 'BwdBf16': 'bwd_bf16'}  # handler -> target suffix
 _targets: set[str] = set()  # the suffixes registered
 
@@ -58,13 +62,15 @@ def load() -> str | None:
 
 
 def fits(D: int, F: int, x: jax.Array, *weights: jax.Array) -> bool:
-  """Whether the calls take widths D and F (multiples of 32, up to MAX_D_MODEL and MAX_WIDTH), rows x in f32, or
+  """Whether the calls take widths D and F (multiples of 32, up to MAX_D_MODEL and MAX_WIDTH), rows x in f32 (on
+  AVX-512 CPUs: F32_PAYS), or
   in bf16 where this CPU has bf16 dot units (AVX512_BF16), and f32 or bf16 weights (the calls read f32 weights:
   pass the f32 master weights uncast, and their gradients come back in f32 with no cast either way), on one CPU
   device, the handlers loaded."""
   floats = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
   return (D % 32 == 0 and F % 32 == 0 and D <= MAX_D_MODEL and F <= MAX_WIDTH
           and x.dtype in floats and all(w.dtype in floats for w in weights)
+          and (x.dtype == jnp.bfloat16 or F32_PAYS)
           and gemm.on_one_cpu_device() and load() is None and _suffix('fwd', x.dtype) in _targets)
 
 
