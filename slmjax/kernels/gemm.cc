@@ -52,7 +52,7 @@ int ViaDnnl(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64
 template <typename T, ffi::DataType D, auto* fn, Gemm<T> gemm>
 ffi::Error Handle(ffi::Buffer<D> a, ffi::Buffer<D> b, ffi::ResultBuffer<ffi::F32> c, int64_t transa,
                   int64_t transb) {
-  if (*fn == nullptr) return ffi::Error::Internal("slmjax gemm: no such GEMM here (init not called, or not on this CPU)");
+  if (*fn == nullptr) return ffi::Error::Internal("slmjax gemm: no such GEMM (init not called, or not on this CPU)");
   auto da = a.dimensions(), db = b.dimensions();
   if (da.size() != 2 || db.size() != 2) return ffi::Error::InvalidArgument("slmjax gemm: operands must be 2-D");
   const int64_t m = transa ? da[1] : da[0], k = transa ? da[0] : da[1];

@@ -15,22 +15,17 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// L floats a vector (GCC vector extensions): one register. A type wider than the registers is kept in memory
+// (AVX2 with 16 floats: the fused FFN ran 13x slower than XLA's dots on an AVX2-only EPYC).
 #ifdef __AVX512F__
+constexpr int L = 16;
 constexpr int MR = 8;   // rows of the product kernel: MR x NB accumulators fill half the AVX-512 registers
 constexpr int NB = 32;  // columns of the product kernel: widths must be multiples of it
 #else
-// AVX2's 16 registers of 8 floats: 4 x 16 accumulators take 8, leaving room for b's row and a's broadcast
-// (8 x 32 would take 32 and spill to memory).
+// AVX2's 16 registers of 8 floats: 4 x 16 accumulators take 8, leaving room for b's row and a's broadcast.
+constexpr int L = 8;
 constexpr int MR = 4;
 constexpr int NB = 16;
-#endif
-
-// L floats (GCC vector extensions): one register. A type wider than the registers is kept in memory (AVX2 with
-// 16 floats: the fused FFN ran 13x slower than XLA's dots on an AVX2-only EPYC).
-#ifdef __AVX512F__
-constexpr int L = 16;
-#else
-constexpr int L = 8;
 #endif
 typedef float V __attribute__((vector_size(4 * L)));
 typedef int32_t VI __attribute__((vector_size(4 * L)));
