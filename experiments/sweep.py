@@ -40,6 +40,8 @@ flags.DEFINE_string('out', 'runs', 'Output directory, shared by sweeps of both a
 flags.DEFINE_boolean('plot', True, 'Draw the plots at the end.')
 flags.DEFINE_boolean('decode_cost', True, "Measure each rung's decode ms/token (batch 1 and 64) once it trains: "
                      '~5 s a rung on a 2-core CPU, ~35 s at 512x8 on an H200 (compiling two decode programs).')
+flags.DEFINE_boolean('mfu', True, 'Measure the matmul peak of this machine (once per compute dtype, ~7 s on a '
+                     '2-core CPU) and report each point\'s model FLOP utilisation.')
 FLAGS = flags.FLAGS
 FLAGS.set_default('tokens', 1_000_000)  # with 4 seeds: README, Fair defaults
 FLAGS.set_default('seq_len', 128)
@@ -84,7 +86,7 @@ def main(argv):
   writer = jax.process_index() == 0
   sweep.run_sweep(points, budget, FLAGS.out, log=print if writer else (lambda line: None),
                   mesh=sharding.make_mesh(FLAGS.mesh), tensorboard=FLAGS.tensorboard,
-                  measure_inference=FLAGS.decode_cost)
+                  measure_inference=FLAGS.decode_cost, measure_mfu=FLAGS.mfu)
   if not writer:
     return
   print()

@@ -252,7 +252,7 @@ def ragged_on_gpu_notice(configs: list[ModelConfig], backend: str) -> str | None
 
 def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out_dir: str,
               log: Callable[[str], None] = print, mesh=None, tensorboard: bool = False,
-              measure_inference: bool = True) -> list[dict]:
+              measure_inference: bool = True, measure_mfu: bool = True) -> list[dict]:
   """Train every point not yet in `<out_dir>/results.jsonl`; returns this sweep's rows (old and new).
 
   A point with schedule=wsd trains its stable trunk and cooldown branches (slmjax/wsd.py) in `point_dir`
@@ -261,7 +261,8 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
   With a `mesh` every point trains sharded on it; with several processes only process 0 writes rows.
   `tensorboard`: event files per point in `<out_dir>/<run_id>/tensorboard/`. `measure_inference`: each row also
   carries the rung's decode cost (`decode_cost.rung_cost`: ms/token at batch 1 and 64, KV bytes per token, the
-  decode's peak memory), measured once per point after it trains.
+  decode's peak memory), measured once per point after it trains. `measure_mfu`: time this device's matmul peak
+  once per compute dtype first (~7 s on a 2-core CPU) and give each row its MFU; without it rows have no MFU.
   """
   is_writer = jax.process_index() == 0
   out = pathlib.Path(out_dir)
@@ -278,7 +279,7 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
   if notice:
     log(notice)
   peaks = {}  # compute dtype -> measured matmul FLOP/s, the MFU denominator of points in that dtype
-  for dtype in dict.fromkeys(points[i][0].dtype for i in todo):
+  for dtype in dict.fromkeys(points[i][0].dtype for i in todo) if measure_mfu else ():
     peaks[dtype] = cost.matmul_peak_flops(dtype=dtype)
     log(f'measured {dtype} matmul peak of this {jax.default_backend()} device: {peaks[dtype] / 1e9:.1f} GFLOP/s')
   flops_per_step = [counting.train_flops_per_token(m, t.seq_len) * t.tokens_per_step for m, t in points]
@@ -294,7 +295,7 @@ def run_sweep(points: list[tuple[ModelConfig, TrainConfig]], budget: Budget, out
     log(f'[point {n + 1}/{len(todo)}] {dirs[i].name}: {counts.total:,} params ({counts.active:,} active), '
         f'{train_cfg.steps} steps{branches}' + (f', sweep ETA {format_duration(left)}' if left is not None else ''))
     started = time.perf_counter()
-    kwargs = dict(peak_flops=peaks[model_cfg.dtype], mesh=mesh, counts=counts, measure_cost=True,
+    kwargs = dict(peak_flops=peaks.get(model_cfg.dtype), mesh=mesh, counts=counts, measure_cost=True,
                   tensorboard=tensorboard, log=(lambda line: log(f'  {line}')) if is_writer else None)
 
     inference = decode_costs.setdefault(identity(model_cfg), {})  # once per rung, not per seed or branch

@@ -18,7 +18,7 @@ ENV = {'SLMJAX_HUGEPAGES': '0', 'PATH': '/usr/bin:/bin',
        **{k: os.environ[k] for k in ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
                                      'XLA_FLAGS') if k in os.environ}}
 FLAGS = ['--ladder=16x1', '--batch_size=4', '--seq_len=32', '--tokens=1024', '--checkpoint_every=4',
-         '--data=corpus.txt', '--out=runs', '--noplot',
+         '--data=corpus.txt', '--out=runs', '--noplot', '--nomfu', '--nodecode_cost',
          '--seeds=0', '--capacity_factor=1.25']  # the sweep defaults of then (one seed, cf 1.25), not of today
 
 
