@@ -39,7 +39,20 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm's clipping (gradients untouched below `max_norm`, scaled to it above), as one
+  scalar factor: optax divides every element by the norm, and XLA then writes the clipped gradients out in a pass
+  of their own, where a product by a scalar fuses into Adam's moment updates. The optimizer update of 12.6M
+  parameters (AdamW, 2-core CPU): 14.8 -> 10.6 ms; values equal to optax's within an ulp when clipping."""
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
+  clip = clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
   return optax.chain(clip, optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                                        mask=decay_mask))

@@ -1,0 +1,42 @@
+"""The optimizer's own global-norm clipping against optax's, and decay on matrices only."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from slmjax import optim
+from slmjax.config import TrainConfig
+
+
+def _grads(scale):
+  rng = np.random.default_rng(0)
+  return {'w': jnp.asarray(rng.standard_normal((64, 32)) * scale, jnp.float32),
+          'b': jnp.asarray(rng.standard_normal((32,)) * scale, jnp.float32)}
+
+
+@pytest.mark.parametrize('scale', [1e-3, 10.0])  # global norm ~0.05 (untouched) and ~450 (clipped to 1)
+def test_clip_by_global_norm_matches_optax(scale):
+  grads = _grads(scale)
+  ours, _ = optim.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  theirs, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  for k in grads:
+    if scale < 1:  # below the limit the gradients pass bit for bit
+      np.testing.assert_array_equal(ours[k], grads[k])
+    np.testing.assert_allclose(ours[k], theirs[k], rtol=2e-7, atol=0)
+  assert float(optax.tree.norm(ours)) == pytest.approx(min(1.0, float(optax.tree.norm(grads))), rel=1e-6)
+
+
+def test_make_optimizer_clips_and_decays_matrices_only():
+  cfg = TrainConfig(steps=10, warmup=0, lr=1.0, weight_decay=0.5, grad_clip=1.0)
+  tx = optim.make_optimizer(cfg)
+  params = {'w': jnp.ones((4, 4)), 'b': jnp.ones((4,))}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  assert float(jnp.max(jnp.abs(updates['b']))) == 0.0  # no gradient, no decay on a 1-D parameter
+  assert float(updates['w'][0, 0]) < 0  # decay pulls a matrix towards zero
+  huge = jax.tree.map(lambda p: 1e6 * p, params)  # global norm 4.5e6, clipped to 1 before Adam's moments
+  _, state = tx.update(huge, tx.init(params), params)
+  mu = optax.tree.get(state, 'mu')
+  np.testing.assert_allclose(optax.tree.norm(mu), (1 - cfg.b1) * 1.0, rtol=1e-5)
