@@ -11,7 +11,6 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
-#include <vector>
 
 #include "products.h"
 
@@ -133,20 +132,22 @@ void Forward(ffi::ThreadPool& pool, const In* q, const In* k, const In* v, const
              float* lse) {
   const int64_t T = l.T, Z = l.Z, Y = l.Y;
   ForEach(pool, l.B * l.K, [&](int64_t h) {
-    std::vector<float> kf(T * Z), kT(Z * T), vf(T * Y), qf(T * Z), s(MR * T), ob(MR * Y);
-    ReadRows(k + l.K0(h), T, Z, l.sk(), kf.data());
-    Transpose(kf.data(), T, Z, kT.data());
-    ReadRows(v + l.V0(h), T, Y, l.sv(), vf.data());
+    Scratch& scratch = Scratch::ForTask();
+    float *kf = scratch.Take<float>(T * Z), *kT = scratch.Take<float>(Z * T), *vf = scratch.Take<float>(T * Y),
+          *qf = scratch.Take<float>(T * Z), *s = scratch.Take<float>(MR * T), *ob = scratch.Take<float>(MR * Y);
+    ReadRows(k + l.K0(h), T, Z, l.sk(), kf);
+    Transpose(kf, T, Z, kT);
+    ReadRows(v + l.V0(h), T, Y, l.sv(), vf);
     for (int64_t qi = 0; qi < l.Q; ++qi) {
-      ReadRows(q + l.Q0(h, qi), T, Z, l.sq(), qf.data());
+      ReadRows(q + l.Q0(h, qi), T, Z, l.sq(), qf);
       In* oh = out + l.O0(h, qi);
       float* lh = lse + l.L0(h, qi);
       for (int64_t m = 0; m < T; m += MR) {
         const int64_t cols = Cols(m);
-        Scores(qf.data() + m * Z, Z, kT.data(), T, cols, s.data());
-        for (int r = 0; r < MR; ++r) lh[m + r] = SoftmaxRow(s.data() + r * T, m + r, cols, scale);
-        Times(s.data(), T, 1, MR, m + MR, vf.data(), Y, ob.data(), false);  // out rows
-        WriteRows(ob.data(), MR, Y, oh + m * l.so(), l.so());
+        Scores(qf + m * Z, Z, kT, T, cols, s);
+        for (int r = 0; r < MR; ++r) lh[m + r] = SoftmaxRow(s + r * T, m + r, cols, scale);
+        Times(s, T, 1, MR, m + MR, vf, Y, ob, false);  // out rows
+        WriteRows(ob, MR, Y, oh + m * l.so(), l.so());
       }
     }
   });
@@ -157,48 +158,54 @@ void Backward(ffi::ThreadPool& pool, const In* q, const In* k, const In* v, cons
               const In* dout, const Layout& l, float scale, In* dq, In* dk, In* dv) {
   const int64_t T = l.T, Z = l.Z, Y = l.Y;
   ForEach(pool, l.B * l.K, [&](int64_t h) {
-    std::vector<float> kf(T * Z), vf(T * Y), kT(Z * T), vT(Y * T), qf(T * Z), of(T * Y), dof(T * Y), dqb(MR * Z),
-        dkf(T * Z), dvf(T * Y), p(G * T), ds(G * T), delta(G);
-    ReadRows(k + l.K0(h), T, Z, l.sk(), kf.data());
-    ReadRows(v + l.V0(h), T, Y, l.sv(), vf.data());
-    Transpose(kf.data(), T, Z, kT.data());
-    Transpose(vf.data(), T, Y, vT.data());
+    Scratch& scratch = Scratch::ForTask();
+    float *kf = scratch.Take<float>(T * Z), *vf = scratch.Take<float>(T * Y), *kT = scratch.Take<float>(Z * T),
+          *vT = scratch.Take<float>(Y * T), *qf = scratch.Take<float>(T * Z), *of = scratch.Take<float>(T * Y),
+          *dof = scratch.Take<float>(T * Y), *dqb = scratch.Take<float>(MR * Z), *dkf = scratch.Take<float>(T * Z),
+          *dvf = scratch.Take<float>(T * Y), *p = scratch.Take<float>(G * T), *ds = scratch.Take<float>(G * T),
+          *delta = scratch.Take<float>(G);
+    std::fill(dkf, dkf + T * Z, 0.f);  // summed over the query blocks
+    std::fill(dvf, dvf + T * Y, 0.f);
+    ReadRows(k + l.K0(h), T, Z, l.sk(), kf);
+    ReadRows(v + l.V0(h), T, Y, l.sv(), vf);
+    Transpose(kf, T, Z, kT);
+    Transpose(vf, T, Y, vT);
     for (int64_t qi = 0; qi < l.Q; ++qi) {
-      ReadRows(q + l.Q0(h, qi), T, Z, l.sq(), qf.data());
-      ReadRows(out + l.O0(h, qi), T, Y, l.so(), of.data());
-      ReadRows(dout + l.O0(h, qi), T, Y, l.so(), dof.data());
+      ReadRows(q + l.Q0(h, qi), T, Z, l.sq(), qf);
+      ReadRows(out + l.O0(h, qi), T, Y, l.so(), of);
+      ReadRows(dout + l.O0(h, qi), T, Y, l.so(), dof);
       const float* lh = lse + l.L0(h, qi);
       In* dqh = dq + l.Q0(h, qi);
       for (int64_t g0 = 0; g0 < T; g0 += G) {
         const int64_t end = std::min<int64_t>(g0 + G, T);
         for (int64_t t = g0; t < end; ++t) {
           V acc = V{};
-          for (int64_t c = 0; c < Y; c += L) acc += Load(dof.data() + t * Y + c) * Load(of.data() + t * Y + c);
+          for (int64_t c = 0; c < Y; c += L) acc += Load(dof + t * Y + c) * Load(of + t * Y + c);
           delta[t - g0] = 0.f;
           for (int i = 0; i < L; ++i) delta[t - g0] += acc[i];
         }
         for (int64_t m = g0; m < end; m += MR) {
           const int64_t cols = Cols(m);
-          float *pm = p.data() + (m - g0) * T, *dsm = ds.data() + (m - g0) * T;
-          Scores(qf.data() + m * Z, Z, kT.data(), T, cols, pm);
-          Scores(dof.data() + m * Y, Y, vT.data(), T, cols, dsm);
+          float *pm = p + (m - g0) * T, *dsm = ds + (m - g0) * T;
+          Scores(qf + m * Z, Z, kT, T, cols, pm);
+          Scores(dof + m * Y, Y, vT, T, cols, dsm);
           for (int r = 0; r < MR; ++r)
             BackwardRow(pm + r * T, dsm + r * T, m + r, cols, scale, lh[m + r], delta[m - g0 + r]);
-          Times(dsm, T, 1, MR, m + MR, kf.data(), Z, dqb.data(), false);  // dq rows
-          WriteRows(dqb.data(), MR, Z, dqh + m * l.sq(), l.sq());
+          Times(dsm, T, 1, MR, m + MR, kf, Z, dqb, false);  // dq rows
+          WriteRows(dqb, MR, Z, dqh + m * l.sq(), l.sq());
         }
         // Key block u0 gets the group's rows t >= u0 (earlier rows do not see it); their entries are computed
         // (zeros where masked) since t's row block scored keys past t's own block.
         for (int64_t u0 = 0; u0 < end; u0 += MR) {
           const int64_t t0 = std::max(g0, u0);
-          const float *ds_t = ds.data() + (t0 - g0) * T + u0, *p_t = p.data() + (t0 - g0) * T + u0;
-          Times(ds_t, 1, T, MR, end - t0, qf.data() + t0 * Z, Z, dkf.data() + u0 * Z, true);  // ds^T q
-          Times(p_t, 1, T, MR, end - t0, dof.data() + t0 * Y, Y, dvf.data() + u0 * Y, true);  // p^T dout
+          const float *ds_t = ds + (t0 - g0) * T + u0, *p_t = p + (t0 - g0) * T + u0;
+          Times(ds_t, 1, T, MR, end - t0, qf + t0 * Z, Z, dkf + u0 * Z, true);  // ds^T q
+          Times(p_t, 1, T, MR, end - t0, dof + t0 * Y, Y, dvf + u0 * Y, true);  // p^T dout
         }
       }
     }
-    WriteRows(dkf.data(), T, Z, dk + l.K0(h), l.sk());
-    WriteRows(dvf.data(), T, Y, dv + l.V0(h), l.sv());
+    WriteRows(dkf, T, Z, dk + l.K0(h), l.sk());
+    WriteRows(dvf, T, Y, dv + l.V0(h), l.sv());
   });
 }
 

@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -90,6 +92,44 @@ inline void Transpose(const T* s, int64_t rows, int64_t cols, T* t) {
       for (int64_t r = r0; r < std::min(r0 + BS, rows); ++r)
         for (int64_t c = c0; c < std::min(c0 + BS, cols); ++c) t[c * rows + r] = s[r * cols + c];
 }
+
+// Per-thread memory reused from task to task and call to call: a task's buffers come uninitialised (the handlers
+// write before they read, and zero what they accumulate into) from blocks that stay with the thread. Zeroed
+// std::vectors cost a task its buffers' size in stores and a malloc each (swiglu_ffn's backward: ~2 MB an expert
+// a call).
+class Scratch {
+ public:
+  // This thread's scratch, every buffer taken from it before released: call once at the start of a task.
+  static Scratch& ForTask() {
+    thread_local Scratch scratch;
+    scratch.block_ = 0, scratch.used_ = 0;
+    return scratch;
+  }
+
+  // n uninitialised elements, 64-byte aligned, valid until this thread's next ForTask.
+  template <typename T>
+  T* Take(int64_t n) {
+    const int64_t bytes = (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
+    while (block_ < blocks_.size() && used_ + bytes > blocks_[block_].bytes) ++block_, used_ = 0;
+    if (block_ == blocks_.size()) {
+      const int64_t size = std::max<int64_t>(bytes, int64_t{4} << 20);
+      blocks_.push_back({std::unique_ptr<char, decltype(&std::free)>(
+                             static_cast<char*>(std::aligned_alloc(64, size)), &std::free), size});
+    }
+    T* p = reinterpret_cast<T*>(blocks_[block_].data.get() + used_);
+    used_ += bytes;
+    return p;
+  }
+
+ private:
+  struct Block {
+    std::unique_ptr<char, decltype(&std::free)> data;
+    int64_t bytes;
+  };
+  std::vector<Block> blocks_;
+  size_t block_ = 0;
+  int64_t used_ = 0;
+};
 
 // body(e) for every e < E (an expert, a head), on the calling thread and the pool's others: tasks are claimed one
 // at a time, and the call returns once every claimed task is done. A helper that starts late finds nothing to

@@ -106,19 +106,21 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   float *y_ND = y->typed_data(), *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
   runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
   ForEachExpert(pool, runs, [&](int64_t e) {
-    std::vector<float> xb(RB * D), g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
+    Scratch& scratch = Scratch::ForTask();
+    float *xb = scratch.Take<float>(RB * D), *g = scratch.Take<float>(RB * F), *u = scratch.Take<float>(RB * F),
+        *h = scratch.Take<float>(RB * F), *yb = scratch.Take<float>(RB * D);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
     const float* wd = w_down.typed_data() + e * F * D;
     for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
-      const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
+      const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, runs.end[e], xb);
       const int M = Padded(rows);
-      RowsTimes(xb.data(), M, D, wg, F, g.data(), false);
-      RowsTimes(xb.data(), M, D, wu, F, u.data(), false);
-      SwigluForward(g.data(), u.data(), h.data(), M * F);
-      RowsTimes(h.data(), M, F, wd, D, yb.data(), false);
-      std::memcpy(y_ND + n0 * D, yb.data(), rows * D * sizeof(float));
-      std::memcpy(gate_NF + n0 * F, g.data(), rows * F * sizeof(float));
-      std::memcpy(up_NF + n0 * F, u.data(), rows * F * sizeof(float));
+      RowsTimes(xb, M, D, wg, F, g, false);
+      RowsTimes(xb, M, D, wu, F, u, false);
+      SwigluForward(g, u, h, M * F);
+      RowsTimes(h, M, F, wd, D, yb, false);
+      std::memcpy(y_ND + n0 * D, yb, rows * D * sizeof(float));
+      std::memcpy(gate_NF + n0 * F, g, rows * F * sizeof(float));
+      std::memcpy(up_NF + n0 * F, u, rows * F * sizeof(float));
     }
   });
   return ffi::Error::Success();
@@ -137,8 +139,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   float* dx_ND = dx->typed_data();
   runs.ZeroPast(dx_ND, N, D);
   ForEachExpert(pool, runs, [&](int64_t e) {
-    std::vector<float> xb(RB * D), dyb(RB * D), g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F),
-        du(RB * F), dxb(RB * D), wgT(F * D), wuT(F * D), wdT(D * F);
+    Scratch& scratch = Scratch::ForTask();
+    float *xb = scratch.Take<float>(RB * D), *dyb = scratch.Take<float>(RB * D), *g = scratch.Take<float>(RB * F),
+        *u = scratch.Take<float>(RB * F), *dh = scratch.Take<float>(RB * F), *h = scratch.Take<float>(RB * F),
+        *dg = scratch.Take<float>(RB * F), *du = scratch.Take<float>(RB * F), *dxb = scratch.Take<float>(RB * D),
+        *wgT = scratch.Take<float>(F * D), *wuT = scratch.Take<float>(F * D), *wdT = scratch.Take<float>(D * F);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
     const float* wd = w_down.typed_data() + e * F * D;
     float *dwg = dw_gate->typed_data() + e * D * F, *dwu = dw_up->typed_data() + e * D * F;
@@ -146,23 +151,23 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     std::memset(dwg, 0, D * F * sizeof(float));
     std::memset(dwu, 0, D * F * sizeof(float));
     std::memset(dwd, 0, F * D * sizeof(float));
-    Transpose(wg, D, F, wgT.data());
-    Transpose(wu, D, F, wuT.data());
-    Transpose(wd, F, D, wdT.data());
+    Transpose(wg, D, F, wgT);
+    Transpose(wu, D, F, wuT);
+    Transpose(wd, F, D, wdT);
     for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
-      const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
-      CopyBlock(dy.typed_data() + n0 * D, rows, D, dyb.data());  // zero past the run: no share in any gradient
-      CopyBlock(gate.typed_data() + n0 * F, rows, F, g.data());
-      CopyBlock(up.typed_data() + n0 * F, rows, F, u.data());
+      const int rows = GatherBlock(x.typed_data(), X, D, row_src.typed_data(), n0, runs.end[e], xb);
+      CopyBlock(dy.typed_data() + n0 * D, rows, D, dyb);  // zero past the run: no share in any gradient
+      CopyBlock(gate.typed_data() + n0 * F, rows, F, g);
+      CopyBlock(up.typed_data() + n0 * F, rows, F, u);
       const int M = Padded(rows);
-      RowsTimes(dyb.data(), M, D, wdT.data(), F, dh.data(), false);
-      SwigluBackward(g.data(), u.data(), dh.data(), h.data(), dg.data(), du.data(), M * F);
-      RowsTimes(dg.data(), M, F, wgT.data(), D, dxb.data(), false);
-      RowsTimes(du.data(), M, F, wuT.data(), D, dxb.data(), true);
-      std::memcpy(dx_ND + n0 * D, dxb.data(), rows * D * sizeof(float));
-      AddOuter(h.data(), rows, F, dyb.data(), D, dwd);
-      AddOuter(xb.data(), rows, D, dg.data(), F, dwg);
-      AddOuter(xb.data(), rows, D, du.data(), F, dwu);
+      RowsTimes(dyb, M, D, wdT, F, dh, false);
+      SwigluBackward(g, u, dh, h, dg, du, M * F);
+      RowsTimes(dg, M, F, wgT, D, dxb, false);
+      RowsTimes(du, M, F, wuT, D, dxb, true);
+      std::memcpy(dx_ND + n0 * D, dxb, rows * D * sizeof(float));
+      AddOuter(h, rows, F, dyb, D, dwd);
+      AddOuter(xb, rows, D, dg, F, dwg);
+      AddOuter(xb, rows, D, du, F, dwu);
     }
   });
   return ffi::Error::Success();
@@ -261,22 +266,25 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
   ForEachExpert(pool, runs, [&](int64_t e) {
     if (runs.end[e] == runs.start[e]) return;
-    std::vector<bf16> xb(RB * D), hb(RB * F), wg(D * F), wu(D * F), wd(F * D), tmp(D * F);
-    std::vector<float> g(RB * F), u(RB * F), h(RB * F), yb(RB * D);
-    PackRows(w_gate.typed_data() + e * D * F, D, F, tmp.data(), wg.data());
-    PackRows(w_up.typed_data() + e * D * F, D, F, tmp.data(), wu.data());
-    PackRows(w_down.typed_data() + e * F * D, F, D, tmp.data(), wd.data());
+    Scratch& scratch = Scratch::ForTask();
+    bf16 *xb = scratch.Take<bf16>(RB * D), *hb = scratch.Take<bf16>(RB * F), *wg = scratch.Take<bf16>(D * F),
+        *wu = scratch.Take<bf16>(D * F), *wd = scratch.Take<bf16>(F * D), *tmp = scratch.Take<bf16>(D * F);
+    float *g = scratch.Take<float>(RB * F), *u = scratch.Take<float>(RB * F), *h = scratch.Take<float>(RB * F),
+        *yb = scratch.Take<float>(RB * D);
+    PackRows(w_gate.typed_data() + e * D * F, D, F, tmp, wg);
+    PackRows(w_up.typed_data() + e * D * F, D, F, tmp, wu);
+    PackRows(w_down.typed_data() + e * F * D, F, D, tmp, wd);
     for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
-      const int rows = GatherBlock(xs, X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
+      const int rows = GatherBlock(xs, X, D, row_src.typed_data(), n0, runs.end[e], xb);
       const int M = Padded(rows);
-      PairTimes(Pairs(xb.data()), D / 2, 1, M, D / 2, wg.data(), F, g.data(), false);
-      PairTimes(Pairs(xb.data()), D / 2, 1, M, D / 2, wu.data(), F, u.data(), false);
-      SwigluForward(g.data(), u.data(), h.data(), M * F);
-      Round(h.data(), M * F, hb.data());
-      PairTimes(Pairs(hb.data()), F / 2, 1, M, F / 2, wd.data(), D, yb.data(), false);
-      Round(yb.data(), rows * D, y_ND + n0 * D);
-      std::memcpy(gate_NF + n0 * F, g.data(), rows * F * sizeof(float));
-      std::memcpy(up_NF + n0 * F, u.data(), rows * F * sizeof(float));
+      PairTimes(Pairs(xb), D / 2, 1, M, D / 2, wg, F, g, false);
+      PairTimes(Pairs(xb), D / 2, 1, M, D / 2, wu, F, u, false);
+      SwigluForward(g, u, h, M * F);
+      Round(h, M * F, hb);
+      PairTimes(Pairs(hb), F / 2, 1, M, F / 2, wd, D, yb, false);
+      Round(yb, rows * D, y_ND + n0 * D);
+      std::memcpy(gate_NF + n0 * F, g, rows * F * sizeof(float));
+      std::memcpy(up_NF + n0 * F, u, rows * F * sizeof(float));
     }
   });
   return ffi::Error::Success();
@@ -303,37 +311,43 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
     std::memset(dwu, 0, D * F * sizeof(float));
     std::memset(dwd, 0, F * D * sizeof(float));
     if (runs.end[e] == runs.start[e]) return;
-    std::vector<bf16> xb(RB * D), dyb(RB * D), hb(RB * F), dgb(RB * F), dub(RB * F), wgT(F * D), wuT(F * D),
-        wdT(D * F), aT(std::max(D, F) * RB), bP(RB * std::max(D, F)), tmp(D * F);
-    std::vector<float> g(RB * F), u(RB * F), dh(RB * F), h(RB * F), dg(RB * F), du(RB * F), dxb(RB * D);
+    Scratch& scratch = Scratch::ForTask();
+    bf16 *xb = scratch.Take<bf16>(RB * D), *dyb = scratch.Take<bf16>(RB * D), *hb = scratch.Take<bf16>(RB * F),
+        *dgb = scratch.Take<bf16>(RB * F), *dub = scratch.Take<bf16>(RB * F), *wgT = scratch.Take<bf16>(F * D),
+        *wuT = scratch.Take<bf16>(F * D), *wdT = scratch.Take<bf16>(D * F),
+        *aT = scratch.Take<bf16>(std::max(D, F) * RB), *bP = scratch.Take<bf16>(RB * std::max(D, F)),
+        *tmp = scratch.Take<bf16>(D * F);
+    float *g = scratch.Take<float>(RB * F), *u = scratch.Take<float>(RB * F), *dh = scratch.Take<float>(RB * F),
+        *h = scratch.Take<float>(RB * F), *dg = scratch.Take<float>(RB * F), *du = scratch.Take<float>(RB * F),
+        *dxb = scratch.Take<float>(RB * D);
     const float *wg = w_gate.typed_data() + e * D * F, *wu = w_up.typed_data() + e * D * F;
     const float* wd = w_down.typed_data() + e * F * D;
-    PackColumns(wg, D, F, tmp.data(), wgT.data());  // B(f, d) = w_gate[d, f]
-    PackColumns(wu, D, F, tmp.data(), wuT.data());
-    PackColumns(wd, F, D, tmp.data(), wdT.data());  // B(d, f) = w_down[f, d]
+    PackColumns(wg, D, F, tmp, wgT);  // B(f, d) = w_gate[d, f]
+    PackColumns(wu, D, F, tmp, wuT);
+    PackColumns(wd, F, D, tmp, wdT);  // B(d, f) = w_down[f, d]
     for (int64_t n0 = runs.start[e]; n0 < runs.end[e]; n0 += RB) {
-      const int rows = GatherBlock(xs, X, D, row_src.typed_data(), n0, runs.end[e], xb.data());
+      const int rows = GatherBlock(xs, X, D, row_src.typed_data(), n0, runs.end[e], xb);
       const int M = Padded(rows);
-      CopyBlock(dys + n0 * D, rows, D, dyb.data());  // zero past the run: no share in any gradient
-      CopyBlock(gate.typed_data() + n0 * F, rows, F, g.data());
-      CopyBlock(up.typed_data() + n0 * F, rows, F, u.data());
-      PairTimes(Pairs(dyb.data()), D / 2, 1, M, D / 2, wdT.data(), F, dh.data(), false);
-      SwigluBackward(g.data(), u.data(), dh.data(), h.data(), dg.data(), du.data(), M * F);
-      Round(h.data(), M * F, hb.data());
-      Round(dg.data(), M * F, dgb.data());
-      Round(du.data(), M * F, dub.data());
-      PairTimes(Pairs(dgb.data()), F / 2, 1, M, F / 2, wgT.data(), D, dxb.data(), false);
-      PairTimes(Pairs(dub.data()), F / 2, 1, M, F / 2, wuT.data(), D, dxb.data(), true);
-      Round(dxb.data(), rows * D, dx_ND + n0 * D);
+      CopyBlock(dys + n0 * D, rows, D, dyb);  // zero past the run: no share in any gradient
+      CopyBlock(gate.typed_data() + n0 * F, rows, F, g);
+      CopyBlock(up.typed_data() + n0 * F, rows, F, u);
+      PairTimes(Pairs(dyb), D / 2, 1, M, D / 2, wdT, F, dh, false);
+      SwigluBackward(g, u, dh, h, dg, du, M * F);
+      Round(h, M * F, hb);
+      Round(dg, M * F, dgb);
+      Round(du, M * F, dub);
+      PairTimes(Pairs(dgb), F / 2, 1, M, F / 2, wgT, D, dxb, false);
+      PairTimes(Pairs(dub), F / 2, 1, M, F / 2, wuT, D, dxb, true);
+      Round(dxb, rows * D, dx_ND + n0 * D);
       // Weight gradients over the block's M rows (the padded ones zero): K = M, in pairs of rows.
-      Interleave(hb.data(), M, F, aT.data());
-      Interleave(dyb.data(), M, D, bP.data());
-      PairTimes(Pairs(aT.data()), 1, F, F, M / 2, bP.data(), D, dwd, true);
-      Interleave(xb.data(), M, D, aT.data());
-      Interleave(dgb.data(), M, F, bP.data());
-      PairTimes(Pairs(aT.data()), 1, D, D, M / 2, bP.data(), F, dwg, true);
-      Interleave(dub.data(), M, F, bP.data());
-      PairTimes(Pairs(aT.data()), 1, D, D, M / 2, bP.data(), F, dwu, true);
+      Interleave(hb, M, F, aT);
+      Interleave(dyb, M, D, bP);
+      PairTimes(Pairs(aT), 1, F, F, M / 2, bP, D, dwd, true);
+      Interleave(xb, M, D, aT);
+      Interleave(dgb, M, F, bP);
+      PairTimes(Pairs(aT), 1, D, D, M / 2, bP, F, dwg, true);
+      Interleave(dub, M, F, bP);
+      PairTimes(Pairs(aT), 1, D, D, M / 2, bP, F, dwu, true);
     }
   });
   return ffi::Error::Success();
