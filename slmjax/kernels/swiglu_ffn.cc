@@ -176,9 +176,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 #ifdef __AVX512BF16__
 // bf16 operands (x, dy; y and dx out; the f32 weights rounded to bf16 as they are packed), every product on the
 // CPU's bf16 dot units (vdpbf16ps: two bf16 products a lane per instruction, summed in f32: 210 GFLOP/s a core here
-// against 112 for the f32 kernel); the activation in f32, gate and up kept in f32, weight gradients summed and
-// returned in f32. The dot units take K in pairs,
-// so the B operand is packed [K / 2][N][2] and the A operand read as 32-bit pairs along K.
+// against 112 for the f32 kernel); the activation in f32 on f32 gate and up, which are kept for the backward in
+// bf16 (as autocast keeps them: half the bytes written and read back, half the step's largest temporaries), weight
+// gradients summed and returned in f32. The dot units take K in pairs, so the B operand is packed [K / 2][N][2]
+// and the A operand read as 32-bit pairs along K.
 typedef uint16_t bf16;
 
 // dst = src rounded to bf16 (nearest even), `size` a multiple of 32.
@@ -187,6 +188,15 @@ inline void Round(const float* src, int64_t size, bf16* dst) {
     const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + L), _mm512_loadu_ps(src + i));
     _mm512_storeu_si512(dst + i, (__m512i)pair);
   }
+}
+
+// dst[Padded(rows), width] = the first `rows` rows of src (bf16) in f32, then zeros; width a multiple of 16.
+inline void WidenBlock(const bf16* src, int rows, int64_t width, float* dst) {
+  for (int64_t i = 0; i < rows * width; i += L) {
+    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)));
+  }
+  std::memset(dst + rows * width, 0, (Padded(rows) - rows) * width * sizeof(float));
 }
 
 // c[MR, NB] (+)= sum over K2 pairs of a(r, k) b[k, 0:NB]: a's pairs at a[r * ar + k2 * ak], b packed [K2][ldb][2].
@@ -255,14 +265,14 @@ inline void PackColumns(const float* src, int64_t N, int64_t K, bf16* tmp, bf16*
 ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> row_src,
                        ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
                        ffi::Buffer<ffi::F32> w_down, ffi::ResultBuffer<ffi::BF16> y,
-                       ffi::ResultBuffer<ffi::F32> gate, ffi::ResultBuffer<ffi::F32> up) {
+                       ffi::ResultBuffer<ffi::BF16> gate, ffi::ResultBuffer<ffi::BF16> up) {
   const int64_t X = x.dimensions()[0], D = x.dimensions()[1], N = row_src.dimensions()[0];
   const int64_t E = w_up.dimensions()[0], F = w_up.dimensions()[2];
   const Runs runs(sizes.typed_data(), E);
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
   bf16* y_ND = reinterpret_cast<bf16*>(y->typed_data());
-  float *gate_NF = gate->typed_data(), *up_NF = up->typed_data();
+  bf16 *gate_NF = reinterpret_cast<bf16*>(gate->typed_data()), *up_NF = reinterpret_cast<bf16*>(up->typed_data());
   runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
   ForEachExpert(pool, runs, [&](int64_t e) {
     if (runs.end[e] == runs.start[e]) return;
@@ -283,8 +293,8 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
       Round(h, M * F, hb);
       PairTimes(Pairs(hb), F / 2, 1, M, F / 2, wd, D, yb, false);
       Round(yb, rows * D, y_ND + n0 * D);
-      std::memcpy(gate_NF + n0 * F, g, rows * F * sizeof(float));
-      std::memcpy(up_NF + n0 * F, u, rows * F * sizeof(float));
+      Round(g, rows * F, gate_NF + n0 * F);
+      Round(u, rows * F, up_NF + n0 * F);
     }
   });
   return ffi::Error::Success();
@@ -292,7 +302,7 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
 
 ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> row_src,
                         ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::F32> w_gate, ffi::Buffer<ffi::F32> w_up,
-                        ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::F32> gate, ffi::Buffer<ffi::F32> up,
+                        ffi::Buffer<ffi::F32> w_down, ffi::Buffer<ffi::BF16> gate, ffi::Buffer<ffi::BF16> up,
                         ffi::Buffer<ffi::BF16> dy, ffi::ResultBuffer<ffi::BF16> dx,
                         ffi::ResultBuffer<ffi::F32> dw_gate, ffi::ResultBuffer<ffi::F32> dw_up,
                         ffi::ResultBuffer<ffi::F32> dw_down) {
@@ -302,6 +312,8 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
   const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
   const bf16* dys = reinterpret_cast<const bf16*>(dy.typed_data());
+  const bf16* gs = reinterpret_cast<const bf16*>(gate.typed_data());
+  const bf16* us = reinterpret_cast<const bf16*>(up.typed_data());
   bf16* dx_ND = reinterpret_cast<bf16*>(dx->typed_data());
   runs.ZeroPast(dx_ND, N, D);
   ForEachExpert(pool, runs, [&](int64_t e) {
@@ -329,8 +341,8 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
       const int rows = GatherBlock(xs, X, D, row_src.typed_data(), n0, runs.end[e], xb);
       const int M = Padded(rows);
       CopyBlock(dys + n0 * D, rows, D, dyb);  // zero past the run: no share in any gradient
-      CopyBlock(gate.typed_data() + n0 * F, rows, F, g);
-      CopyBlock(up.typed_data() + n0 * F, rows, F, u);
+      WidenBlock(gs + n0 * F, rows, F, g);
+      WidenBlock(us + n0 * F, rows, F, u);
       PairTimes(Pairs(dyb), D / 2, 1, M, D / 2, wdT, F, dh, false);
       SwigluBackward(g, u, dh, h, dg, du, M * F);
       Round(h, M * F, hb);
@@ -374,11 +386,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxSwigluFfnBwd, Backward,
                               BindCommon().Arg<F32>().Arg<F32>().Arg<F32>()  // gate, up, dy
                                   .Ret<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
 #ifdef __AVX512BF16__
-// The bf16 calls: y and dx in bf16, gate, up and the weight gradients in f32.
+// The bf16 calls: y, dx and the gate and up activations the backward takes in bf16, the weight gradients in f32.
 using BF16 = ffi::Buffer<ffi::BF16>;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxSwigluFfnFwdBf16, ForwardBf16,
-                              BindCommon<BF16>().Ret<BF16>().Ret<F32>().Ret<F32>());
+                              BindCommon<BF16>().Ret<BF16>().Ret<BF16>().Ret<BF16>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SlmjaxSwigluFfnBwdBf16, BackwardBf16,
-                              BindCommon<BF16>().Arg<F32>().Arg<F32>().Arg<BF16>()  // gate, up, dy
+                              BindCommon<BF16>().Arg<BF16>().Arg<BF16>().Arg<BF16>()  // gate, up, dy
                                   .Ret<BF16>().Ret<F32>().Ret<F32>().Ret<F32>());
 #endif

@@ -1,8 +1,8 @@
 """The SwiGLU FFN handlers of swiglu_ffn.cc as JAX calls: built and registered once a process, the raw forward
 and backward on rows sorted by expert (slmjax/dispatch/fused_swiglu.py wraps them for the experts), and a dense
 SwiGLU FFN made of the same calls. f32, and bf16 where the CPU has bf16 dot units (AVX512_BF16: products at
-210-230 GFLOP/s a core here, against 105-116 for f32; activation, gate / up and weight-gradient sums in f32). The
-weights are read in f32 either way: callers pass the f32 master weights uncast, the bf16 calls round them as
+210-230 GFLOP/s a core here, against 105-116 for f32; activation and weight-gradient sums in f32, the gate / up
+activations kept for the backward in bf16). The weights are read in f32 either way: callers pass the f32 master weights uncast, the bf16 calls round them as
 they pack them, and their gradients leave in f32, so a bf16 step makes no bf16 copy of them and rounds no
 gradient.
 
@@ -86,10 +86,11 @@ def _f32(*weights):
 
 def forward(x_XD, row_src_N, sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
   """Expert e's SwiGLU FFN on its run of sorted rows (row n is x_XD[row_src_N[n]], sizes_E rows an expert, rows
-  past the runs zero): y_ND (x's dtype) and the gate and up activations (f32) the backward takes."""
+  past the runs zero): y_ND and the gate and up activations the backward takes, all in x's dtype (computed in
+  f32; bf16's rounded once)."""
   N, (D, F) = row_src_N.shape[0], w_up_EDF.shape[1:]
-  out = lambda width, dtype=jnp.float32: jax.ShapeDtypeStruct((N, width), dtype)
-  call = gemm.ffi_call(f'slmjax_swiglu_ffn_{_suffix("fwd", x_XD.dtype)}', (out(D, x_XD.dtype), out(F), out(F)))
+  out = lambda width: jax.ShapeDtypeStruct((N, width), x_XD.dtype)
+  call = gemm.ffi_call(f'slmjax_swiglu_ffn_{_suffix("fwd", x_XD.dtype)}', (out(D), out(F), out(F)))
   return call(x_XD, row_src_N.astype(jnp.int32), sizes_E.astype(jnp.int32),
               *_f32(w_gate_EDF, w_up_EDF, w_down_EFD))
 
