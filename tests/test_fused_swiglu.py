@@ -54,22 +54,26 @@ def test_loads_again_after_its_cache_is_cleared():
   assert kernel.load() is None
 
 
-def _weights(E, seed=0, dtype=np.float32):
+def _weights(E, seed=0, dtype=np.float32, d=D, f=F):
   rng = np.random.default_rng(seed)
   normal = lambda *shape: (rng.normal(size=shape) * shape[1] ** -0.5).astype(dtype)
-  return ExpertWeights(normal(E, D, F), normal(E, D, F), normal(E, F, D))
+  return ExpertWeights(normal(E, d, f), normal(E, d, f), normal(E, f, d))
 
 
-def test_matches_per_expert_ffns_values_and_gradients():
+WIDTHS = [(D, F), (kernel.MAX_D_MODEL, kernel.MAX_WIDTH)]  # (d_model, width): small, and the widest taken
+
+
+@pytest.mark.parametrize('d, f', WIDTHS)
+def test_matches_per_expert_ffns_values_and_gradients(d, f):
   """Runs of 0 to 130 rows (an empty expert, one of a single row, one over two 64-row blocks, runs not a multiple
   of the block or of the product kernel's 8 rows), rows
   gathered from a shuffled source, slack rows past the runs (zero out, their cotangent ignored): the output and
   the gradients of x and of every weight equal each expert's FFN on its own rows."""
-  w = _weights(6)
+  w = _weights(6, d=d, f=f)
   sizes_E = np.array([45, 0, 8, 1, 130, 17], np.int32)
   N = int(sizes_E.sum())
   rng = np.random.default_rng(4)
-  x_ND, dy_ND = (rng.normal(size=(N, D)).astype(np.float32) for _ in range(2))
+  x_ND, dy_ND = (rng.normal(size=(N, d)).astype(np.float32) for _ in range(2))
   perm_N = rng.permutation(N)
 
   def reference(x_ND, w):
@@ -120,7 +124,7 @@ def test_dropless_dispatch_takes_the_call_with_the_same_result_as_the_tiles(monk
     ({}, True), ({'matmul': 'xla'}, False), ({'matmul': 'onednn'}, False), ({'activation': 'gelu'}, False),
     ({'dtype': jnp.bfloat16}, 'bf16'), ({'dtype': jnp.float16}, False), ({'d_model': 48}, False),
     ({'d_model': 256}, True), ({'d_model': 288}, False),
-    ({'expert_width': 512}, True), ({'expert_width': 544}, False)])
+    ({'expert_width': 1024}, True), ({'expert_width': 1056}, False)])
 def test_taken_only_for_narrow_f32_swiglu_layers_with_matmul_auto(change, runs):
   d_model, width = change.get('d_model', D), change.get('expert_width', F)
   dtype = change.get('dtype', jnp.float32)
@@ -181,7 +185,7 @@ def test_dense_ffn_takes_the_call_with_the_same_values_and_gradients_as_xla(monk
 @pytest.mark.parametrize('cores, rows, change, parts', [
     (2, 512, {}, 1), (2, 512, {'d_ff': 128}, 2), (3, 512, {}, 3), (4, 512, {}, 3), (1, 512, {}, 1), (2, 511, {}, 0),
     (2, 512, {'matmul': 'xla'}, 0), (2, 512, {'dtype': jnp.bfloat16}, 'bf16'), (2, 512, {'d_model': 288}, 0),
-    (2, 512, {'d_ff': 2048}, 0), (8, 512, {'d_ff': 1024}, 8), (2, 512, {'d_ff': 80}, 0)])
+    (2, 512, {'d_ff': 2048}, 2), (2, 512, {'d_ff': 4096}, 0), (8, 512, {'d_ff': 1024}, 8), (2, 512, {'d_ff': 80}, 0)])
 def test_dense_parts_one_a_core_where_the_width_divides(monkeypatch, cores, rows, change, parts):
   monkeypatch.setattr(kernel, '_cores', lambda: cores)
   d_model, d_ff, dtype = change.get('d_model', D), change.get('d_ff', 96), change.get('dtype', jnp.float32)
@@ -191,17 +195,18 @@ def test_dense_parts_one_a_core_where_the_width_divides(monkeypatch, cores, rows
   assert kernel.dense_parts(jnp.zeros((rows, d_model), dtype), *w, change.get('matmul', 'auto')) == parts
 
 
-def test_bf16_calls_match_the_f32_ffn_of_the_same_bf16_values():
+@pytest.mark.parametrize('d, f', WIDTHS)
+def test_bf16_calls_match_the_f32_ffn_of_the_same_bf16_values(d, f):
   """bf16 x, weights and dy (a run over two 64-row blocks, an empty expert, a run not a multiple of 8 rows):
   the output, dx and the weight gradients (in bf16) are the f32 FFN's of the same values to bf16 rounding (2% of
   the largest), and the dense FFN takes the bf16 calls too."""
   if not bf16_here():
     pytest.skip('no AVX512_BF16 here: no bf16 handlers')
-  w = ExpertWeights(*(jnp.asarray(a, jnp.bfloat16) for a in _weights(3, seed=6)))
+  w = ExpertWeights(*(jnp.asarray(a, jnp.bfloat16) for a in _weights(3, seed=6, d=d, f=f)))
   sizes_E = np.array([130, 0, 13], np.int32)
   N = int(sizes_E.sum())
   rng = np.random.default_rng(7)
-  x_ND, dy_ND = (jnp.asarray(rng.normal(size=(N, D)), jnp.bfloat16) for _ in range(2))
+  x_ND, dy_ND = (jnp.asarray(rng.normal(size=(N, d)), jnp.bfloat16) for _ in range(2))
   starts = np.concatenate([[0], np.cumsum(sizes_E)])
   f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
 
@@ -217,7 +222,7 @@ def test_bf16_calls_match_the_f32_ffn_of_the_same_bf16_values():
   assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(got))
   for g, r in zip(jax.tree.leaves(f32(got)), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, r, atol=0.02 * float(np.abs(r).max()), rtol=0.02)
-  parts = kernel.dense_parts(jnp.zeros((512, D), jnp.bfloat16), w.w_gate_EDF[0], w.w_up_EDF[0],
+  parts = kernel.dense_parts(jnp.zeros((512, d), jnp.bfloat16), w.w_gate_EDF[0], w.w_up_EDF[0],
                              w.w_down_EFD[0], 'auto')
   assert parts >= 1
 

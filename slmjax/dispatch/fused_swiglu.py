@@ -8,8 +8,8 @@ tile), so a dropless MoE step took 1.4-1.7x the dense step at d_model 32; with m
 d_model 256) the tiles' small products made the layer 2.2-2.3x a dense FFN of the same FLOPs. Interleaved A/B
 against the tiles (MoE / dense step or layer): the cpu ladder's dropless MoE 1.64 / 1.45 / 1.40 / 1.27 -> 1.17 /
 1.16 / 1.19 / 1.21 with the first kernels; bench_moe's fine layer 2.28 -> 1.44, its coarse one (8 experts of 512)
-1.11 -> 1.03; bench_train's mixtral-512 step 1110 -> 925 ms; mixtral-1024 (experts of 1024) a wash, so not taken
-there (swiglu_ffn.MAX_WIDTH).
+1.11 -> 1.03; bench_train's mixtral-512 step 1110 -> 925 ms; mixtral-1024 (experts of 1024) a wash with the first
+kernels, 0.83-0.88x with later ones (swiglu_ffn.MAX_WIDTH).
 
 Shape letters: slmjax/shapes.py (here X source rows, A, E, D, F, N rows sorted by expert plus slack).
 """
