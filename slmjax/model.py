@@ -149,7 +149,7 @@ def summarize_extras(cfg: ModelConfig, layer_extras: list[dict]) -> dict:
   # A term of weight 0 stays out of the loss (reported, not differentiated: XLA keeps a product by 0.0 and its
   # backward, since 0 * inf is nan).
   weighted = [w * means[k] for w, k in ((cfg.lb_loss_scale, 'lb_loss'), (cfg.z_loss_weight, 'z_loss')) if w]
-  aux = sum(weighted[1:], weighted[0]) if layer_extras and weighted else zero
+  aux = sum(weighted, zero)
   return {'aux_loss': aux, **means, 'moe_layers': layer_extras}
 
 
