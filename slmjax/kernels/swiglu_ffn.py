@@ -35,7 +35,8 @@ FLAGS = ('-O3', '-march=native')
 # figures). Width 1024 (2026-12-05, 2-core AVX512_BF16 EPYC): bench_train's mixtral-1024 step 0.83-0.85x in bf16,
 # 0.88x in f32 (experts of 1024 in the calls against grouped_ffn's tiles); a DenseFFN of d_ff 2048 (parts of 1024)
 # 0.80-0.87x XLA's dots in bf16, 0.93-0.94x in f32. Width 2048 (d_ff 4096): 1.08-1.15x XLA in f32, a wash in bf16,
-# so widths stop at 1024. Wider d_model is not measured (each thread keeps 3 d_model x width weights).
+# so widths stop at 1024. d_model 512 (DenseFFN, d_ff 2048): 1.07-1.22x XLA's dots in f32, a wash in bf16, so
+# d_model stops at 256.
 MAX_D_MODEL, MAX_WIDTH = 256, 1024
 # Fewest rows the dense FFN takes the calls for: measured from 2048 rows on; decode's few rows stay on XLA's dots
 # (the split copies the gate and up weights each call).
