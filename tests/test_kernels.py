@@ -1,6 +1,7 @@
 """slmjax/kernels/gemm.py: oneMKL's and oneDNN's GEMMs through the XLA FFI agree with XLA's dot (forward and
 gradients, bf16 and f32), a model with matmul='mkl' / 'onednn' trains like matmul='xla', and the fallback is one
-notice. A library's tests skip where the handlers cannot be built or it cannot be loaded (no g++, no `mkl` / `onednn-cpu-gomp` wheel, not CPU)."""
+notice. A library's tests skip where the handlers cannot be built or it cannot be loaded (no g++, no `mkl` /
+`onednn-cpu-gomp` wheel, not CPU)."""
 
 import jax
 import jax.numpy as jnp

@@ -2,9 +2,9 @@
 and backward on rows sorted by expert (slmjax/dispatch/fused_swiglu.py wraps them for the experts), and a dense
 SwiGLU FFN made of the same calls. f32, and bf16 where the CPU has bf16 dot units (AVX512_BF16: products at
 210-230 GFLOP/s a core here, against 105-116 for f32; activation and weight-gradient sums in f32, the gate / up
-activations kept for the backward in bf16). The weights are read in f32 either way: callers pass the f32 master weights uncast, the bf16 calls round them as
-they pack them, and their gradients leave in f32, so a bf16 step makes no bf16 copy of them and rounds no
-gradient.
+activations kept for the backward in bf16). The weights are read in f32 either way: callers pass the f32 master
+weights uncast, the bf16 calls round them as they pack them, and their gradients leave in f32, so a bf16 step
+makes no bf16 copy of them and rounds no gradient.
 
 The handlers need only g++: built at first use like the GEMM handlers (slmjax/kernels/gemm.py), with
 -march=native, and run on XLA's own intra-op threads, one expert at a time a thread. Where they cannot build or
