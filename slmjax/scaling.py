@@ -94,10 +94,11 @@ def _huber_objective(log_terms, log_loss):
   """
   # numpy's logaddexp ufunc, not scipy.special.logsumexp: the same values, without the array-API dispatch that
   # was half the time of every fit (a bootstrap runs thousands).
-  predicted = np.logaddexp.reduce(np.asarray(log_terms, dtype=float), axis=0)
+  log_terms = np.asarray(log_terms, dtype=float)
+  predicted = np.logaddexp.reduce(log_terms, axis=0)
   residual = predicted - log_loss
   d_residual = np.clip(residual, -HUBER_DELTA, HUBER_DELTA)
-  weights = np.exp(np.asarray(log_terms) - predicted)
+  weights = np.exp(log_terms - predicted)
   return float(np.sum(special.huber(HUBER_DELTA, residual))), d_residual * weights
 
 

@@ -93,8 +93,6 @@ ffi::Error Check(const Buf& q, const Buf& k, const Buf& v, Layout& s) {
   return ffi::Error::Success();
 }
 
-typedef uint16_t bf16;
-
 inline float ToFloat(float x) { return x; }
 inline float ToFloat(bf16 x) {
   const uint32_t u = static_cast<uint32_t>(x) << 16;
@@ -214,15 +212,6 @@ using In = ffi::Buffer<DT>;
 template <ffi::DataType DT>
 using Out = ffi::ResultBuffer<DT>;
 using F32 = ffi::Buffer<ffi::F32>;
-
-// The element type the handlers compute on for buffers of DT (bf16 as its 16 bits).
-template <ffi::DataType DT>
-using Elem = std::conditional_t<DT == ffi::DataType::F32, float, bf16>;
-
-template <ffi::DataType DT>
-const Elem<DT>* Data(const In<DT>& b) { return reinterpret_cast<const Elem<DT>*>(b.typed_data()); }
-template <ffi::DataType DT>
-Elem<DT>* Data(Out<DT>& b) { return reinterpret_cast<Elem<DT>*>(b->typed_data()); }
 
 template <ffi::DataType DT>
 ffi::Error ForwardCall(ffi::ThreadPool pool, In<DT> q, In<DT> k, In<DT> v, float scale, Out<DT> out,

@@ -1,6 +1,6 @@
 // The pieces slmjax's XLA:CPU FFI handlers share (swiglu_ffn.cc, attention.cc): one register-blocked f32 product
-// kernel, a transpose, exp on AVX-512 vectors, and tasks spread over XLA's intra-op threads. Each handler file
-// includes it once; slmjax/kernels/gemm.py's build keys its cache on this header too.
+// kernel, a transpose, exp on AVX-512 vectors, bf16 buffer access, per-thread scratch, and tasks spread over
+// XLA's intra-op threads. Each handler file includes it once; slmjax/kernels/gemm.py's build keys its cache on this header too.
 #pragma once
 
 #include <algorithm>
@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -16,6 +17,15 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+// bf16 as its 16 bits; a buffer's elements as the handlers compute on them (Data: f32 as float, bf16 as bf16).
+typedef uint16_t bf16;
+template <ffi::DataType DT>
+using Elem = std::conditional_t<DT == ffi::DataType::F32, float, bf16>;
+template <ffi::DataType DT>
+const Elem<DT>* Data(const ffi::Buffer<DT>& b) { return reinterpret_cast<const Elem<DT>*>(b.typed_data()); }
+template <ffi::DataType DT>
+Elem<DT>* Data(ffi::ResultBuffer<DT>& b) { return reinterpret_cast<Elem<DT>*>(b->typed_data()); }
 
 // L floats a vector (GCC vector extensions): one register. A type wider than the registers is kept in memory
 // (AVX2 with 16 floats: the fused FFN ran 13x slower than XLA's dots on an AVX2-only EPYC).

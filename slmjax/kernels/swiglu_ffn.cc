@@ -180,7 +180,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 // bf16 (as autocast keeps them: half the bytes written and read back, half the step's largest temporaries), weight
 // gradients summed and returned in f32. The dot units take K in pairs, so the B operand is packed [K / 2][N][2]
 // and the A operand read as 32-bit pairs along K.
-typedef uint16_t bf16;
 
 // dst = src rounded to bf16 (nearest even), `size` a multiple of 32.
 inline void Round(const float* src, int64_t size, bf16* dst) {
@@ -270,9 +269,8 @@ ffi::Error ForwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buff
   const int64_t E = w_up.dimensions()[0], F = w_up.dimensions()[2];
   const Runs runs(sizes.typed_data(), E);
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
-  const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
-  bf16* y_ND = reinterpret_cast<bf16*>(y->typed_data());
-  bf16 *gate_NF = reinterpret_cast<bf16*>(gate->typed_data()), *up_NF = reinterpret_cast<bf16*>(up->typed_data());
+  const bf16* xs = Data(x);
+  bf16 *y_ND = Data(y), *gate_NF = Data(gate), *up_NF = Data(up);
   runs.ZeroPast(y_ND, N, D), runs.ZeroPast(gate_NF, N, F), runs.ZeroPast(up_NF, N, F);
   ForEachExpert(pool, runs, [&](int64_t e) {
     if (runs.end[e] == runs.start[e]) return;
@@ -310,11 +308,8 @@ ffi::Error BackwardBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   const int64_t E = w_up.dimensions()[0], F = w_up.dimensions()[2];
   const Runs runs(sizes.typed_data(), E);
   if (runs.total > N) return ffi::Error::InvalidArgument("swiglu_ffn: more sorted rows than row_src holds");
-  const bf16* xs = reinterpret_cast<const bf16*>(x.typed_data());
-  const bf16* dys = reinterpret_cast<const bf16*>(dy.typed_data());
-  const bf16* gs = reinterpret_cast<const bf16*>(gate.typed_data());
-  const bf16* us = reinterpret_cast<const bf16*>(up.typed_data());
-  bf16* dx_ND = reinterpret_cast<bf16*>(dx->typed_data());
+  const bf16 *xs = Data(x), *dys = Data(dy), *gs = Data(gate), *us = Data(up);
+  bf16* dx_ND = Data(dx);
   runs.ZeroPast(dx_ND, N, D);
   ForEachExpert(pool, runs, [&](int64_t e) {
     float *dwg = dw_gate->typed_data() + e * D * F, *dwu = dw_up->typed_data() + e * D * F;
