@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from slmjax.dispatch.bits import as_bits, from_bits
+from slmjax.kernels import gather_sum
 
 
 def take_rows(src_ND: jax.Array, idx: jax.Array) -> jax.Array:
@@ -52,7 +53,9 @@ def _dispatch_rows_fwd(x_XD, tokens, dest_XA):
 
 def sum_rows(bufs: tuple[jax.Array, ...], dest_XA: jax.Array) -> jax.Array:
   """dx[t] = sum_a buf[dest[t, a]] over the concatenated segments `bufs` (zero where dest is past the end):
-  the cotangent of x for rows gathered from it, as a gather."""
+  the cotangent of x for rows gathered from it, as a gather (one buffer on CPU: one gather-sum call)."""
+  if len(bufs) == 1 and gather_sum.fits(bufs[0]):
+    return gather_sum.forward(bufs[0], jnp.ones(dest_XA.shape, jnp.float32), dest_XA)
   N = _rows(bufs)
   return sum(jnp.where((dest_XA[:, a] < N)[:, None], _take_segments(bufs, dest_XA[:, a]), 0)
              for a in range(dest_XA.shape[1]))
@@ -65,12 +68,20 @@ def _dispatch_rows_bwd(dest_XA, dbufs):
 dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
 
 
+def _one_call(ys: tuple[jax.Array, ...], weight_XA: jax.Array) -> bool:
+  """Whether combine_rows runs as gather-sum calls: one buffer, weights of its dtype, what the calls take."""
+  return len(ys) == 1 and weight_XA.dtype == ys[0].dtype and gather_sum.fits(ys[0])
+
+
 @jax.custom_vjp
 def combine_rows(ys: tuple[jax.Array, ...], weight_XA: jax.Array, dest_XA: jax.Array,
                  asgs: tuple[jax.Array, ...]) -> jax.Array:
   """y[t] = sum_a weight[t, a] * buf[dest[t, a]] over the concatenated buffer segments `ys`, zero where dest is
   past the end (dropped). `asgs` is the inverse map (flat assignment t * A + a held by each row of each segment,
-  X * A if empty), so the backward gathers instead of scatter-adding into the buffer."""
+  X * A if empty), so the backward gathers instead of scatter-adding into the buffer. One buffer on CPU: one
+  gather-sum call each way (slmjax/kernels/gather_sum.py)."""
+  if _one_call(ys, weight_XA):
+    return gather_sum.forward(ys[0], weight_XA, dest_XA)
   N = _rows(ys)
   return sum(jnp.where((dest_XA[:, a] < N)[:, None], _take_segments(ys, dest_XA[:, a]) * weight_XA[:, a, None], 0)
              for a in range(dest_XA.shape[1]))
@@ -82,6 +93,9 @@ def _combine_rows_fwd(ys, weight_XA, dest_XA, asgs):
 
 def _combine_rows_bwd(res, dy_XD):
   ys, weight_XA, dest_XA, asgs = res
+  if _one_call(ys, weight_XA):
+    dy_ND, dweight_XA = gather_sum.backward(ys[0], weight_XA, dest_XA, asgs[0], dy_XD)
+    return (dy_ND,), dweight_XA.astype(weight_XA.dtype), None, (None,)
   X, A = dest_XA.shape
   weight_N = weight_XA.reshape(-1)
   dys = tuple(take_rows(dy_XD, asg_N // A) * jnp.where(asg_N < X * A, take_rows(weight_N, asg_N), 0)[:, None]
