@@ -35,15 +35,7 @@ WIDTH = 32  # positions and head widths must be multiples of this (the product k
 def load() -> str | None:
   """Builds the handlers and registers their FFI targets once a process; None when ready, else why not (one
   line)."""
-  if jax.default_backend() != 'cpu':
-    return f'the attention call is for XLA:CPU, not {jax.default_backend()}'
-  try:
-    gemm.register(SOURCE, FLAGS, {f'SlmjaxAttention{call.capitalize()}{suffix}': _target(call, dtype)
-                                  for call in ('fwd', 'bwd')
-                                  for suffix, dtype in (('', jnp.float32), ('Bf16', jnp.bfloat16))})
-  except (OSError, RuntimeError) as e:
-    return f'cannot build the attention call: {e}'
-  return None
+  return gemm.load_calls(SOURCE, FLAGS, 'SlmjaxAttention', _target, 'the attention call')
 
 
 def fits(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float, window: int,

@@ -25,6 +25,7 @@ WIDTH = 16  # row widths must be multiples of this (one AVX-512 vector)
 
 
 def _target(call: str, dtype) -> str:
+  """The FFI target of `call` ('fwd' or 'bwd') for rows of `dtype` (f32 or bf16)."""
   return f'slmjax_gather_sum_{call}' + ('_bf16' if jnp.dtype(dtype) == jnp.bfloat16 else '')
 
 
@@ -32,15 +33,7 @@ def _target(call: str, dtype) -> str:
 def load() -> str | None:
   """Builds the handlers and registers their FFI targets once a process; None when ready, else why not (one
   line)."""
-  if jax.default_backend() != 'cpu':
-    return f'the gather-sum call is for XLA:CPU, not {jax.default_backend()}'
-  try:
-    gemm.register(SOURCE, FLAGS, {f'SlmjaxGatherSum{call.capitalize()}{suffix}': _target(call, dtype)
-                                  for call in ('fwd', 'bwd')
-                                  for suffix, dtype in (('', jnp.float32), ('Bf16', jnp.bfloat16))})
-  except (OSError, RuntimeError) as e:
-    return f'cannot build the gather-sum call: {e}'
-  return None
+  return gemm.load_calls(SOURCE, FLAGS, 'SlmjaxGatherSum', _target, 'the gather-sum call')
 
 
 def fits(src_ND: jax.Array) -> bool:

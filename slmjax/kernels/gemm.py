@@ -113,6 +113,21 @@ def register(source: pathlib.Path, flags: tuple[str, ...], handlers: dict[str, s
   return _registered & set(handlers.values())
 
 
+def load_calls(source: pathlib.Path, flags: tuple[str, ...], symbol: str, target, what: str) -> str | None:
+  """Builds `source` and registers its forward and backward handlers in f32 and bf16 (`{symbol}Fwd`,
+  `{symbol}FwdBf16`, `{symbol}Bwd`, `{symbol}BwdBf16`) as the FFI targets `target(call, dtype)` names; None when
+  ready, else why not (one line, naming `what`)."""
+  if jax.default_backend() != 'cpu':
+    return f'{what} is for XLA:CPU, not {jax.default_backend()}'
+  try:
+    register(source, flags, {f'{symbol}{call.capitalize()}{suffix}': target(call, dtype)
+                             for call in ('fwd', 'bwd')
+                             for suffix, dtype in (('', jnp.float32), ('Bf16', jnp.bfloat16))})
+  except (OSError, RuntimeError) as e:
+    return f'cannot build {what}: {e}'
+  return None
+
+
 def ffi_call(target: str, results):
   """jax.ffi.ffi_call of one of slmjax's handlers (registered by `load` or `register`): under jax.vmap it runs
   once per mapped element (the handlers take unbatched operands)."""
