@@ -20,7 +20,7 @@ from flax import nnx
 from slmjax.config import ModelConfig, TrainConfig
 from slmjax.model import abstract_model, balanced_router_biases, create_model
 from slmjax.moe import SelectionBias
-from slmjax.optim import make_optimizer
+from slmjax.optim import AdamW, make_optimizer, update_params
 
 
 def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig):
@@ -69,7 +69,7 @@ def loss_and_extras(model, batch_BT1: jax.Array) -> tuple[jax.Array, dict[str, j
   return loss, metrics, extras
 
 
-def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> Callable:
+def train_step_fn(graphdef: nnx.GraphDef, tx: AdamW | optax.GradientTransformation) -> Callable:
   """The pure (unjitted) train step `(state, opt_state, batch_BT1) -> (state, opt_state, metrics)`.
 
   The optimizer sees the nnx.Param part only. With balance=bias|both each MoE layer's selection bias then takes
@@ -85,13 +85,13 @@ def train_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation) -> C
       return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)), balanced_router_biases(model, extras))
 
     (_, (metrics, rest, biases)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    params, opt_state = update_params(tx, grads, opt_state, params)
     metrics['grad_norm'] = optax.tree.norm(grads)
-    return nnx.merge_state(optax.apply_updates(params, updates), rest, biases), opt_state, metrics
+    return nnx.merge_state(params, rest, biases), opt_state, metrics
   return step
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, **jit_kwargs) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, tx: AdamW | optax.GradientTransformation, **jit_kwargs) -> Callable:
   """The jitted train step; state and opt_state buffers are donated (use the returned ones)."""
   return jax.jit(train_step_fn(graphdef, tx), donate_argnums=(0, 1), **jit_kwargs)
 

@@ -13,7 +13,8 @@ from slmjax.config import TrainConfig
 def _grads(scale):
   rng = np.random.default_rng(0)
   return {'w': jnp.asarray(rng.standard_normal((64, 32)) * scale, jnp.float32),
-          'b': jnp.asarray(rng.standard_normal((32,)) * scale, jnp.float32)}
+          'b': jnp.asarray(rng.standard_normal((32,)) * scale, jnp.float32),
+          'c': jnp.asarray(rng.standard_normal((5, 3)) * scale, jnp.float32)}  # fewer than a vector's floats
 
 
 @pytest.mark.parametrize('scale', [1e-3, 10.0])  # global norm ~0.05 (untouched) and ~450 (clipped to 1)
@@ -40,3 +41,36 @@ def test_make_optimizer_clips_and_decays_matrices_only():
   _, state = tx.update(huge, tx.init(params), params)
   mu = optax.tree.get(state, 'mu')
   np.testing.assert_allclose(optax.tree.norm(mu), (1 - cfg.b1) * 1.0, rtol=1e-5)
+
+
+def _steps(cfg, params, grads_of, n, fused):
+  """n optimizer steps (update_params), the fused call ruled out or not; gradients from grads_of(step)."""
+  tx = optim.make_optimizer(cfg)
+  state = tx.init(params)
+  if not fused:
+    tx = optax.GradientTransformation(tx.init, tx.update)  # not make_optimizer's AdamW: optax's path
+  step = jax.jit(lambda g, s, p: optim.update_params(tx, g, s, p))
+  for i in range(n):
+    params, state = step(grads_of(i), state, params)
+  return params, state
+
+
+@pytest.mark.parametrize('schedule, clip_scale', [('cosine', 1e-3), ('wsd', 10.0)])  # unclipped / clipped
+def test_fused_step_matches_optax(schedule, clip_scale):
+  """The one-pass AdamW call against optax's chain over five steps: same parameters, moments and counts (within
+  an ulp or so: XLA may order a small array's operations differently), decay on matrices only."""
+  cfg = TrainConfig(steps=20, warmup=2, lr=1e-2, weight_decay=0.1, grad_clip=1.0, schedule=schedule)
+  params = jax.tree.map(lambda g: g * 30.0 + 0.5, _grads(1.0))
+  grads_of = lambda i: jax.tree.map(lambda g: g * (1 + i), _grads(clip_scale))
+  fused, fused_state = _steps(cfg, params, grads_of, 5, fused=True)
+  plain, plain_state = _steps(cfg, params, grads_of, 5, fused=False)
+  assert optim.fused_adamw.fits(*jax.tree.leaves(params))
+  for got, want in zip(jax.tree.leaves((fused, fused_state)), jax.tree.leaves((plain, plain_state))):
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-9)
+  assert not np.allclose(fused['w'], params['w'])  # the step moved the parameters
+
+
+def test_fused_step_only_for_f32_on_one_cpu_device():
+  assert not optim.fused_adamw.fits(jnp.zeros(4, jnp.bfloat16))
+  assert optim.fused_adamw.fits(jnp.zeros(4, jnp.float32)) == (optim.fused_adamw.load() is None)
