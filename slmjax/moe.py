@@ -15,6 +15,7 @@ from flax import nnx
 
 from slmjax.config import ModelConfig
 from slmjax.dispatch import ExpertWeights, get_dispatch
+from slmjax.kernels import router as router_call
 from slmjax.layers import DenseFFN, dtype_of, is_gated, make_param
 
 
@@ -162,6 +163,14 @@ def router_entropy(probs_XE: jax.Array) -> jax.Array:
   return jnp.mean(-jnp.sum(probs_XE * jnp.log(jnp.clip(probs_XE, 1e-30)), axis=-1))
 
 
+def router_logits(x_XD: jax.Array, w_DE: jax.Array) -> jax.Array:
+  """The router's logits x w in f32: one call each way on one CPU device (slmjax/kernels/router.py: no f32 copy
+  of a bf16 x, the weight gradient on every thread), XLA's f32 einsum elsewhere."""
+  if router_call.fits(x_XD, w_DE):
+    return router_call.logits(x_XD, w_DE)
+  return jnp.einsum('XD,DE->XE', x_XD.astype(jnp.float32), w_DE)
+
+
 def group_size_for(n_tokens: int, group_size: int) -> int:
   """Largest S <= group_size that divides n_tokens (so tokens split into whole groups without padding)."""
   size = min(group_size, n_tokens)
@@ -197,7 +206,7 @@ class MoEFFN(nnx.Module):
     dt = dtype_of(cfg.dtype)
     B, T, D = x_BTD.shape
     x_XD = x_BTD.reshape(B * T, D)
-    logits_XE = jnp.einsum('XD,DE->XE', x_XD.astype(jnp.float32), self.w_router_DE[...])
+    logits_XE = router_logits(x_XD, self.w_router_DE[...])
     routing = route(logits_XE, cfg.top_k, cfg.router, cfg.router_renormalize,
                     self.b_select_E[...] if cfg.router_bias else None, cfg.router_groups, cfg.router_topk_groups,
                     cfg.sparsemixer_eps)

@@ -14,24 +14,6 @@ namespace {
 
 constexpr int64_t ROWS_A_TASK = 256;  // rows a task takes: 4096-token calls make 16 tasks, enough for 2 threads
 
-typedef uint32_t VW __attribute__((vector_size(4 * L)));
-typedef uint16_t VH __attribute__((vector_size(2 * L), aligned(2)));  // L bf16, unaligned
-
-// L elements at p in f32.
-inline V Widen(const float* p) { return Load(p); }
-inline V Widen(const bf16* p) {
-  return reinterpret_cast<V>(__builtin_convertvector(*reinterpret_cast<const VH*>(p), VW) << 16);
-}
-
-// L elements at p = v, rounded to bf16 to nearest even as XLA's convert (NaN stays NaN).
-inline void Put(V v, float* p) { Store(p, v); }
-inline void Put(V v, bf16* p) {
-  const VW u = reinterpret_cast<VW>(v);
-  const VW rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const VW bits = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
-  *reinterpret_cast<VH*>(p) = __builtin_convertvector(bits, VH);
-}
-
 // body(r0, r1) over [0, rows) in tasks of ROWS_A_TASK rows, spread over XLA's threads.
 template <typename Body>
 void ForRows(ffi::ThreadPool& pool, int64_t rows, const Body& body) {

@@ -47,6 +47,25 @@ typedef float VU __attribute__((vector_size(4 * L), aligned(4)));  // unaligned 
 inline V Load(const float* p) { return *reinterpret_cast<const VU*>(p); }
 inline void Store(float* p, V v) { *reinterpret_cast<VU*>(p) = v; }
 
+// f32 or bf16 rows a vector at a time (gather_sum.cc, router.cc): bf16 widened and rounded on integer vectors.
+typedef uint32_t VW __attribute__((vector_size(4 * L)));
+typedef uint16_t VH __attribute__((vector_size(2 * L), aligned(2)));  // L bf16, unaligned
+
+// L elements at p in f32.
+inline V Widen(const float* p) { return Load(p); }
+inline V Widen(const bf16* p) {
+  return reinterpret_cast<V>(__builtin_convertvector(*reinterpret_cast<const VH*>(p), VW) << 16);
+}
+
+// L elements at p = v, rounded to bf16 to nearest even as XLA's convert (NaN stays NaN).
+inline void Put(V v, float* p) { Store(p, v); }
+inline void Put(V v, bf16* p) {
+  const VW u = reinterpret_cast<VW>(v);
+  const VW rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const VW bits = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
+  *reinterpret_cast<VH*>(p) = __builtin_convertvector(bits, VH);
+}
+
 // c[MR, NB] (+)= sum_k a(r, k) b[k, 0:NB] over K, a(r, k) = a[r * ar + k * ak]; b's rows ldb apart, c's ldc.
 // The accumulators stay in registers across k (8 x 32 measured 112 GFLOP/s a core here, 4 x 64 of scalar loops
 // the compiler vectorized 57-79).
