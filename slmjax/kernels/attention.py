@@ -28,6 +28,7 @@ from slmjax.kernels import gemm
 
 SOURCE = pathlib.Path(__file__).with_suffix('.cc')
 FLAGS = ('-O3', '-march=native')
+_target = functools.partial(gemm.call_target, 'attention')
 WIDTH = 32  # positions and head widths must be multiples of this (the product kernel's columns)
 
 
@@ -35,7 +36,7 @@ WIDTH = 32  # positions and head widths must be multiples of this (the product k
 def load() -> str | None:
   """Builds the handlers and registers their FFI targets once a process; None when ready, else why not (one
   line)."""
-  return gemm.load_calls(SOURCE, FLAGS, 'SlmjaxAttention', _target, 'the attention call')
+  return gemm.load_calls(SOURCE, FLAGS, 'attention', 'the attention call')
 
 
 def fits(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float, window: int,
@@ -49,11 +50,6 @@ def fits(q_BTKQZ: jax.Array, k_BUKZ: jax.Array, v_BUKY: jax.Array, cap: float, w
           and len({q_BTKQZ.dtype, k_BUKZ.dtype, v_BUKY.dtype}) == 1
           and q_BTKQZ.dtype in (jnp.float32, jnp.bfloat16)
           and gemm.on_one_cpu_device() and load() is None)
-
-
-def _target(call: str, dtype) -> str:
-  """The FFI target of `call` ('fwd' or 'bwd') for operands of `dtype` (f32 or bf16)."""
-  return f'slmjax_attention_{call}' + ('_bf16' if jnp.dtype(dtype) == jnp.bfloat16 else '')
 
 
 def _forward(q_BTKQZ, k_BUKZ, v_BUKY, scale):

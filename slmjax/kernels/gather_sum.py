@@ -21,19 +21,15 @@ from slmjax.kernels import gemm
 
 SOURCE = pathlib.Path(__file__).with_suffix('.cc')
 FLAGS = ('-O3', '-march=native')
+_target = functools.partial(gemm.call_target, 'gather_sum')
 WIDTH = 16  # row widths must be multiples of this (one AVX-512 vector)
-
-
-def _target(call: str, dtype) -> str:
-  """The FFI target of `call` ('fwd' or 'bwd') for rows of `dtype` (f32 or bf16)."""
-  return f'slmjax_gather_sum_{call}' + ('_bf16' if jnp.dtype(dtype) == jnp.bfloat16 else '')
 
 
 @functools.cache
 def load() -> str | None:
   """Builds the handlers and registers their FFI targets once a process; None when ready, else why not (one
   line)."""
-  return gemm.load_calls(SOURCE, FLAGS, 'SlmjaxGatherSum', _target, 'the gather-sum call')
+  return gemm.load_calls(SOURCE, FLAGS, 'gather_sum', 'the gather-sum call')
 
 
 def fits(src_ND: jax.Array) -> bool:

@@ -113,14 +113,20 @@ def register(source: pathlib.Path, flags: tuple[str, ...], handlers: dict[str, s
   return _registered & set(handlers.values())
 
 
-def load_calls(source: pathlib.Path, flags: tuple[str, ...], symbol: str, target, what: str) -> str | None:
-  """Builds `source` and registers its forward and backward handlers in f32 and bf16 (`{symbol}Fwd`,
-  `{symbol}FwdBf16`, `{symbol}Bwd`, `{symbol}BwdBf16`) as the FFI targets `target(call, dtype)` names; None when
-  ready, else why not (one line, naming `what`)."""
+def call_target(name: str, call: str, dtype) -> str:
+  """The FFI target of slmjax's `name` handlers' `call` ('fwd' or 'bwd') for operands of `dtype` (f32 or bf16)."""
+  return f'slmjax_{name}_{call}' + ('_bf16' if jnp.dtype(dtype) == jnp.bfloat16 else '')
+
+
+def load_calls(source: pathlib.Path, flags: tuple[str, ...], name: str, what: str) -> str | None:
+  """Builds `source` and registers its forward and backward handlers in f32 and bf16 (for `name` 'gather_sum':
+  SlmjaxGatherSumFwd, ...FwdBf16, ...Bwd, ...BwdBf16) as the FFI targets `call_target` names; None when ready,
+  else why not (one line, naming `what`)."""
   if jax.default_backend() != 'cpu':
     return f'{what} is for XLA:CPU, not {jax.default_backend()}'
+  symbol = 'Slmjax' + name.title().replace('_', '')
   try:
-    register(source, flags, {f'{symbol}{call.capitalize()}{suffix}': target(call, dtype)
+    register(source, flags, {f'{symbol}{call.capitalize()}{suffix}': call_target(name, call, dtype)
                              for call in ('fwd', 'bwd')
                              for suffix, dtype in (('', jnp.float32), ('Bf16', jnp.bfloat16))})
   except (OSError, RuntimeError) as e:

@@ -21,19 +21,15 @@ from slmjax.kernels import gemm
 
 SOURCE = pathlib.Path(__file__).with_suffix('.cc')
 FLAGS = ('-O3', '-march=native')
+_target = functools.partial(gemm.call_target, 'router')
 WIDTH = 16  # d_model must be a multiple of this
-
-
-def _target(call: str, dtype) -> str:
-  """The FFI target of `call` ('fwd' or 'bwd') for x of `dtype` (f32 or bf16)."""
-  return f'slmjax_router_{call}' + ('_bf16' if jnp.dtype(dtype) == jnp.bfloat16 else '')
 
 
 @functools.cache
 def load() -> str | None:
   """Builds the handlers and registers their FFI targets once a process; None when ready, else why not (one
   line)."""
-  return gemm.load_calls(SOURCE, FLAGS, 'SlmjaxRouter', _target, 'the router call')
+  return gemm.load_calls(SOURCE, FLAGS, 'router', 'the router call')
 
 
 def fits(x_XD: jax.Array, w_DE: jax.Array) -> bool:
