@@ -19,6 +19,12 @@ def built(tmp_path_factory):
   yield from built_in_temp_cache(tmp_path_factory, gather_sum.load, 'gather-sum call')
 
 
+@pytest.fixture(autouse=True)
+def small_f32_taken(monkeypatch):
+  """The calls taken for these small f32 operands too (by default f32 under MIN_F32_ELEMENTS stays in XLA)."""
+  monkeypatch.setattr(gather_sum, 'MIN_F32_ELEMENTS', 0)
+
+
 def _problem(dtype, seed=0):
   """Buffer rows, gates, and the maps between them: some assignments dropped (dest >= N), some rows empty."""
   rng = np.random.default_rng(seed)
@@ -73,13 +79,16 @@ def test_sum_rows_matches_xlas_gathers(dtype, monkeypatch):
   np.testing.assert_allclose(np.asarray(got[7], np.float32), one_row, rtol=1e-2)
 
 
-def test_taken_only_where_the_calls_run():
+def test_taken_only_where_the_calls_run(monkeypatch):
   ys = jnp.zeros((N, D), jnp.bfloat16)
   assert gather_sum.fits(ys)
   assert not gather_sum.fits(jnp.zeros((N, 24), jnp.float32))  # width not a multiple of 16
   assert not gather_sum.fits(jnp.zeros((N, D), jnp.float16))
   assert not rows._one_call((ys, ys), jnp.zeros((X, A), jnp.bfloat16))  # segments: XLA's gathers
   assert not rows._one_call((ys,), jnp.zeros((X, A), jnp.float32))  # weights of another dtype
+  monkeypatch.setattr(gather_sum, 'MIN_F32_ELEMENTS', 2 ** 17)  # the default: small f32 buffers stay in XLA
+  assert not gather_sum.fits(jnp.zeros((2048, 32))) and gather_sum.fits(jnp.zeros((4096, 32)))
+  assert gather_sum.fits(jnp.zeros((2048, 32), jnp.bfloat16))
 
 
 def test_wrong_width_is_refused_by_the_call():

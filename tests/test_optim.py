@@ -55,10 +55,13 @@ def _steps(cfg, params, grads_of, n, fused):
   return params, state
 
 
+@pytest.mark.parametrize('min_elements', [0, 10 ** 9])  # every parameter a call / every one in XLA
 @pytest.mark.parametrize('schedule, clip_scale', [('cosine', 1e-3), ('wsd', 10.0)])  # unclipped / clipped
-def test_fused_step_matches_optax(schedule, clip_scale):
-  """The one-pass AdamW call against optax's chain over five steps: same parameters, moments and counts (within
-  an ulp or so: XLA may order a small array's operations differently), decay on matrices only."""
+def test_fused_step_matches_optax(schedule, clip_scale, min_elements, monkeypatch):
+  """The one-pass AdamW step (a call, or its arithmetic in XLA for small parameters) against optax's chain over
+  five steps: same parameters, moments and counts (within an ulp or so: XLA may order a small array's operations
+  differently), decay on matrices only."""
+  monkeypatch.setattr(optim.fused_adamw, 'MIN_ELEMENTS', min_elements)
   cfg = TrainConfig(steps=20, warmup=2, lr=1e-2, weight_decay=0.1, grad_clip=1.0, schedule=schedule)
   params = jax.tree.map(lambda g: g * 30.0 + 0.5, _grads(1.0))
   grads_of = lambda i: jax.tree.map(lambda g: g * (1 + i), _grads(clip_scale))

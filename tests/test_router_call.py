@@ -17,6 +17,12 @@ def built(tmp_path_factory):
   yield from built_in_temp_cache(tmp_path_factory, router.load, 'router call')
 
 
+@pytest.fixture(autouse=True)
+def small_f32_taken(monkeypatch):
+  """The calls taken for these small f32 operands too (by default f32 under MIN_F32_ELEMENTS stays in XLA)."""
+  monkeypatch.setattr(router, 'MIN_F32_ELEMENTS', 0)
+
+
 def _value_and_grads(logits_fn, x_XD, w_DE, dlogits_XE):
   return jax.jit(jax.value_and_grad(lambda x, w: jnp.vdot(logits_fn(x, w), dlogits_XE), argnums=(0, 1)))(x_XD, w_DE)
 
@@ -47,6 +53,9 @@ def test_taken_only_where_the_calls_run(monkeypatch):
   assert not router.fits(jnp.zeros((4, 24)), jnp.zeros((24, 8)))  # width not a multiple of 16
   assert not router.fits(jnp.zeros((4, 32), jnp.float16), w_DE)
   assert not router.fits(jnp.zeros((4, 32)), w_DE.astype(jnp.bfloat16))
+  monkeypatch.setattr(router, 'MIN_F32_ELEMENTS', 2 ** 17)  # the default: small f32 products stay in XLA
+  assert not router.fits(jnp.zeros((2048, 32)), w_DE) and router.fits(jnp.zeros((4096, 32)), w_DE)
+  assert router.fits(jnp.zeros((2048, 32), jnp.bfloat16), w_DE)
   x_XD = jnp.ones((4, 32), jnp.bfloat16)
   assert 'slmjax_router_fwd_bf16' in jax.jit(moe.router_logits).lower(x_XD, w_DE).as_text()
   monkeypatch.setattr(router, 'fits', lambda *a: False)
