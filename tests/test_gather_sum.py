@@ -11,7 +11,7 @@ from slmjax.dispatch import rows
 from slmjax.kernels import gather_sum
 from own_kernels import built_in_temp_cache
 
-X, A, N, D = 96, 2, 240, 32
+X, A, N, D = 600, 3, 2000, 32  # over 256 rows: several tasks each way
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -75,8 +75,8 @@ def test_sum_rows_matches_xlas_gathers(dtype, monkeypatch):
   want = _traced_anew(rows.sum_rows)((ys,), dest_XA)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
   ys32 = np.asarray(ys, np.float32)
-  one_row = ys32[np.asarray(dest_XA[7, 0])]  # token 7's second assignment is dropped: its first row alone
-  np.testing.assert_allclose(np.asarray(got[7], np.float32), one_row, rtol=1e-2)
+  kept_rows = ys32[np.asarray(dest_XA[7, 0])] + ys32[np.asarray(dest_XA[7, 2])]  # its second one is dropped
+  np.testing.assert_allclose(np.asarray(got[7], np.float32), kept_rows, rtol=2e-2, atol=2e-2)
 
 
 def test_taken_only_where_the_calls_run(monkeypatch):

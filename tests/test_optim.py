@@ -8,13 +8,20 @@ import pytest
 
 from slmjax import optim
 from slmjax.config import TrainConfig
+from own_kernels import built_in_temp_cache
+
+
+@pytest.fixture(scope='module')
+def adamw_built(tmp_path_factory):
+  yield from built_in_temp_cache(tmp_path_factory, optim.fused_adamw.load, 'AdamW call')
 
 
 def _grads(scale):
   rng = np.random.default_rng(0)
   return {'w': jnp.asarray(rng.standard_normal((64, 32)) * scale, jnp.float32),
           'b': jnp.asarray(rng.standard_normal((32,)) * scale, jnp.float32),
-          'c': jnp.asarray(rng.standard_normal((5, 3)) * scale, jnp.float32)}  # fewer than a vector's floats
+          'c': jnp.asarray(rng.standard_normal((5, 7)) * scale, jnp.float32),  # a vector's floats and a tail
+          'd': jnp.asarray(rng.standard_normal((300, 250)) * scale, jnp.float32)}  # over one task of the call
 
 
 @pytest.mark.parametrize('scale', [1e-3, 10.0])  # global norm ~0.05 (untouched) and ~450 (clipped to 1)
@@ -57,7 +64,7 @@ def _steps(cfg, params, grads_of, n, fused):
 
 @pytest.mark.parametrize('min_elements', [0, 10 ** 9])  # every parameter a call / every one in XLA
 @pytest.mark.parametrize('schedule, clip_scale', [('cosine', 1e-3), ('wsd', 10.0)])  # unclipped / clipped
-def test_fused_step_matches_optax(schedule, clip_scale, min_elements, monkeypatch):
+def test_fused_step_matches_optax(schedule, clip_scale, min_elements, monkeypatch, adamw_built):
   """The one-pass AdamW step (a call, or its arithmetic in XLA for small parameters) against optax's chain over
   five steps: same parameters, moments and counts (within an ulp or so: XLA may order a small array's operations
   differently), decay on matrices only."""
@@ -68,12 +75,15 @@ def test_fused_step_matches_optax(schedule, clip_scale, min_elements, monkeypatc
   fused, fused_state = _steps(cfg, params, grads_of, 5, fused=True)
   plain, plain_state = _steps(cfg, params, grads_of, 5, fused=False)
   assert optim.fused_adamw.fits(*jax.tree.leaves(params))
+  tx = optim.make_optimizer(cfg)
+  lowered = jax.jit(lambda g, s, p: optim.update_params(tx, g, s, p)).lower(grads_of(0), tx.init(params), params)
+  assert lowered.as_text().count('slmjax_adamw') == (4 if min_elements == 0 else 0)  # each parameter a call, or none
   for got, want in zip(jax.tree.leaves((fused, fused_state)), jax.tree.leaves((plain, plain_state))):
     assert got.dtype == want.dtype
-    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-9)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-8)
   assert not np.allclose(fused['w'], params['w'])  # the step moved the parameters
 
 
-def test_fused_step_only_for_f32_on_one_cpu_device():
+def test_fused_step_only_for_f32_on_one_cpu_device(adamw_built):
   assert not optim.fused_adamw.fits(jnp.zeros(4, jnp.bfloat16))
   assert optim.fused_adamw.fits(jnp.zeros(4, jnp.float32)) == (optim.fused_adamw.load() is None)

@@ -47,6 +47,15 @@ def test_matches_xlas_einsum(dtype, D, E):
   np.testing.assert_allclose(got_dw, want_dw, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('X, E', [(0, 8), (16, 0)])
+def test_no_tokens_or_no_experts_give_zeros(X, E):
+  """Edge shapes `fits` lets through: no tokens (dw zero) and no experts (dx zero), not memory left unwritten."""
+  x_XD, w_DE = jnp.ones((X, 32), jnp.bfloat16), jnp.ones((32, E), jnp.float32)
+  logits_XE, vjp = jax.vjp(router.logits, x_XD, w_DE)
+  dx_XD, dw_DE = vjp(jnp.ones_like(logits_XE))
+  assert logits_XE.shape == (X, E) and not np.any(np.asarray(dx_XD, np.float32)) and not np.any(dw_DE)
+
+
 def test_taken_only_where_the_calls_run(monkeypatch):
   w_DE = jnp.zeros((32, 8), jnp.float32)
   assert router.fits(jnp.zeros((4, 32), jnp.bfloat16), w_DE)

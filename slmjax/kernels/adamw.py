@@ -32,11 +32,7 @@ def load() -> str | None:
   """Builds the handler and registers its FFI target once a process; None when ready, else why not (one line)."""
   if jax.default_backend() != 'cpu':
     return f'the AdamW call is for XLA:CPU, not {jax.default_backend()}'
-  try:
-    gemm.register(SOURCE, FLAGS, {'SlmjaxAdamw': TARGET})
-  except (OSError, RuntimeError) as e:
-    return f'cannot build the AdamW call: {e}'
-  return None
+  return gemm.register_all(SOURCE, FLAGS, {'SlmjaxAdamw': TARGET}, 'the AdamW call')
 
 
 def fits(*arrays: jax.Array) -> bool:

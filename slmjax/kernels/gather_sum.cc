@@ -1,8 +1,8 @@
 // XLA:CPU FFI handlers: the weighted gather-sum that combines a token's rows from a buffer of rows sorted by
 // expert, y[t] = sum_a w[t, a] src[dest[t, a]] (slmjax/dispatch/rows.py's combine_rows, and sum_rows with w = 1),
-// and its backward. XLA:CPU runs these as a gather of bf16 bits, a convert of the gathered [X, D] rows to f32 a
-// gather, and a multiply-add, each a pass of its own over [X, D] at a few GB/s; here one pass, f32 sums, bf16
-// rounded once. Rows are f32 or bf16 (the same code: bf16 widened and rounded on vectors), weights f32.
+// and its backward. XLA:CPU runs these as, for each of a token's A rows, a gather of bf16 bits and a convert of
+// the gathered [X, D] block to f32, then a multiply-add: passes of their own over [X, D] at a few GB/s; here one
+// pass, f32 sums, bf16 rounded once. Rows are f32 or bf16 (the same code: bf16 widened and rounded on vectors), weights f32.
 // Built by slmjax/kernels/gather_sum.py at first use with -O3 -march=native. Widths must be multiples of 16.
 #include <algorithm>
 #include <cstdint>

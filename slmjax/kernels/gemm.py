@@ -17,7 +17,8 @@ its plain products are as fast as oneDNN's or faster (0.95-1.06x at 4,096 rows, 
 1.1-2.6x slower a token with its products in oneDNN), and small products lose to the custom call's overhead. f32
 stays on XLA: oneDNN's x^T dy sped the llama step up 0-15% but slowed the cpu ladder's rungs 5-18%.
 
-`build` and `register` also compile and register slmjax's own handler libraries (swiglu_ffn.cc, attention.cc).
+`build` and `register` also compile and register slmjax's own handler libraries (swiglu_ffn.cc, attention.cc,
+gather_sum.cc, router.cc, adamw.cc).
 """
 
 from __future__ import annotations
@@ -125,12 +126,19 @@ def load_calls(source: pathlib.Path, flags: tuple[str, ...], name: str, what: st
   if jax.default_backend() != 'cpu':
     return f'{what} is for XLA:CPU, not {jax.default_backend()}'
   symbol = 'Slmjax' + name.title().replace('_', '')
+  handlers = {f'{symbol}{call.capitalize()}{suffix}': call_target(name, call, dtype)
+              for call in ('fwd', 'bwd') for suffix, dtype in (('', jnp.float32), ('Bf16', jnp.bfloat16))}
+  return register_all(source, flags, handlers, what)
+
+
+def register_all(source: pathlib.Path, flags: tuple[str, ...], handlers: dict[str, str], what: str) -> str | None:
+  """`register` of every handler in `handlers`; None when all are registered, else why not (one line)."""
   try:
-    register(source, flags, {f'{symbol}{call.capitalize()}{suffix}': call_target(name, call, dtype)
-                             for call in ('fwd', 'bwd')
-                             for suffix, dtype in (('', jnp.float32), ('Bf16', jnp.bfloat16))})
+    registered = register(source, flags, handlers)
   except (OSError, RuntimeError) as e:
     return f'cannot build {what}: {e}'
+  if missing := sorted(set(handlers.values()) - registered):
+    return f'{what}: {source.name} lacks the handlers of {", ".join(missing)}'
   return None
 
 

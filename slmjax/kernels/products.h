@@ -1,5 +1,5 @@
-// The pieces slmjax's XLA:CPU FFI handlers share (swiglu_ffn.cc, attention.cc, gather_sum.cc): one
-// register-blocked f32 product kernel, a transpose, exp on AVX-512 vectors, bf16 buffer access, per-thread scratch,
+// The pieces slmjax's XLA:CPU FFI handlers share (swiglu_ffn.cc, attention.cc, gather_sum.cc, router.cc,
+// adamw.cc): one register-blocked f32 product kernel, a transpose, exp on AVX-512 vectors, bf16 buffer access, per-thread scratch,
 // and tasks spread over XLA's intra-op threads. Each handler file includes it once; slmjax/kernels/gemm.py's build
 // keys its cache on this header too.
 #pragma once

@@ -65,15 +65,19 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<ffi::F3
   if (ffi::Error e = CheckShapes(D, w.dimensions()[0]); e.failure()) return e;
   std::vector<float> wT(E * D);
   Transpose(w.typed_data(), D, E, wT.data());
-  const int64_t tasks = Tasks(X);
-  std::vector<float> partial(tasks * E * D);  // each task's share of dw^T [E, D], summed after
+  // At most a few tasks a thread, each over an even share of the rows with its own dw^T [E, D] share (summed
+  // after): the shares' memory and their serial sum stay small however many tokens come.
+  const int64_t tasks = std::min(Tasks(X), 4 * std::max<int64_t>(1, pool.num_threads()));
+  const int64_t rows = tasks ? (X + tasks - 1) / tasks : 0;
+  std::vector<float> partial(std::max<int64_t>(tasks, 1) * E * D, 0.f);  // zero: dw for no tokens
+  if (E == 0) std::memset(Data(dx), 0, X * D * sizeof(Elem<DT>));
   const Elem<DT>* xs = Data(x);
   const float* dl = dlogits.typed_data();
   Elem<DT>* dxs = Data(dx);
   ForEach(pool, tasks, [&](int64_t task) {
-    const int64_t t0 = task * ROWS_A_TASK, t1 = std::min(X, t0 + ROWS_A_TASK);
+    const int64_t t0 = task * rows, t1 = std::min(X, t0 + rows);
     float* dwT = partial.data() + task * E * D;
-    float* dx_rows = Scratch::ForTask().Take<float>(ROWS_A_TASK * L);  // dx's column block in f32 across blocks
+    float* dx_rows = Scratch::ForTask().Take<float>(rows * L);  // dx's column block in f32 across blocks
     for (int64_t j = 0; j < D; j += L)  // a column block of dx and dw^T at a time, w^T's and dw^T's in registers
       for (int64_t e0 = 0; e0 < E; e0 += EB) {
         const int64_t n = std::min<int64_t>(EB, E - e0);
