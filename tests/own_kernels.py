@@ -1,4 +1,5 @@
-"""What the tests of slmjax's own FFI handlers share (tests/test_fused_swiglu.py, tests/test_attention_call.py)."""
+"""What the tests of slmjax's own FFI handlers share (tests/test_fused_swiglu.py, test_attention_call.py,
+test_gather_sum.py, test_router_call.py, test_optim.py)."""
 
 import pytest
 
@@ -11,3 +12,18 @@ def built_in_temp_cache(tmp_path_factory, load, what: str):
     if (reason := load()) is not None:
       pytest.skip(f'no {what} here: {reason}')
     yield
+
+
+def floor_call_fixtures(module, what: str):
+  """The two autouse fixtures of a call's tests whose module has a MIN_F32_ELEMENTS floor (gather_sum, router):
+  the handlers built in a temporary cache (the test module skipped where they cannot build), and the calls taken
+  for the tests' small f32 operands too. Assign both to module-level names."""
+  @pytest.fixture(scope='module', autouse=True)
+  def built(tmp_path_factory):
+    yield from built_in_temp_cache(tmp_path_factory, module.load, what)
+
+  @pytest.fixture(autouse=True)
+  def small_f32_taken(monkeypatch):
+    monkeypatch.setattr(module, 'MIN_F32_ELEMENTS', 0)
+
+  return built, small_f32_taken

@@ -9,20 +9,12 @@ import pytest
 
 from slmjax.dispatch import rows
 from slmjax.kernels import gather_sum
-from own_kernels import built_in_temp_cache
+from own_kernels import floor_call_fixtures
 
 X, A, N, D = 600, 3, 2000, 32  # over 256 rows: several tasks each way
 
 
-@pytest.fixture(scope='module', autouse=True)
-def built(tmp_path_factory):
-  yield from built_in_temp_cache(tmp_path_factory, gather_sum.load, 'gather-sum call')
-
-
-@pytest.fixture(autouse=True)
-def small_f32_taken(monkeypatch):
-  """The calls taken for these small f32 operands too (by default f32 under MIN_F32_ELEMENTS stays in XLA)."""
-  monkeypatch.setattr(gather_sum, 'MIN_F32_ELEMENTS', 0)
+built, small_f32_taken = floor_call_fixtures(gather_sum, 'gather-sum call')
 
 
 def _problem(dtype, seed=0):

@@ -9,18 +9,10 @@ import pytest
 
 from slmjax import moe
 from slmjax.kernels import router
-from own_kernels import built_in_temp_cache
+from own_kernels import floor_call_fixtures
 
 
-@pytest.fixture(scope='module', autouse=True)
-def built(tmp_path_factory):
-  yield from built_in_temp_cache(tmp_path_factory, router.load, 'router call')
-
-
-@pytest.fixture(autouse=True)
-def small_f32_taken(monkeypatch):
-  """The calls taken for these small f32 operands too (by default f32 under MIN_F32_ELEMENTS stays in XLA)."""
-  monkeypatch.setattr(router, 'MIN_F32_ELEMENTS', 0)
+built, small_f32_taken = floor_call_fixtures(router, 'router call')
 
 
 def _value_and_grads(logits_fn, x_XD, w_DE, dlogits_XE):
