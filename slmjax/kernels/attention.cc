@@ -93,34 +93,19 @@ ffi::Error Check(const Buf& q, const Buf& k, const Buf& v, Layout& s) {
   return ffi::Error::Success();
 }
 
-inline float ToFloat(float x) { return x; }
-inline float ToFloat(bf16 x) {
-  const uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline void FromFloat(float x, float* d) { *d = x; }
-// bf16 rounded to nearest even, as XLA's convert (NaN stays NaN).
-inline void FromFloat(float x, bf16* d) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  *d = (u & 0x7fffffffu) > 0x7f800000u ? static_cast<bf16>((u >> 16) | 0x40)
-                                       : static_cast<bf16>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
-// dst [rows, cols] (f32, contiguous) = src's rows, lds apart.
+// dst [rows, cols] (f32, contiguous) = src's rows, lds apart (bf16 widened: products.h's Widen; cols a multiple
+// of 32, as Check requires).
 template <typename In>
 inline void ReadRows(const In* src, int64_t rows, int64_t cols, int64_t lds, float* dst) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = ToFloat(src[r * lds + c]);
+    for (int64_t c = 0; c < cols; c += L) Store(dst + r * cols + c, Widen(src + r * lds + c));
 }
 
-// dst's rows, ldd apart = src [rows, cols] (f32), in dst's type.
+// dst's rows, ldd apart = src [rows, cols] (f32), in dst's type (bf16 rounded once: products.h's Put).
 template <typename Out>
 inline void WriteRows(const float* src, int64_t rows, int64_t cols, Out* dst, int64_t ldd) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) FromFloat(src[r * cols + c], dst + r * ldd + c);
+    for (int64_t c = 0; c < cols; c += L) Put(Load(src + r * cols + c), dst + r * ldd + c);
 }
 
 // Each task reads its operands into contiguous f32 copies (bf16 operands converted as they are read: no f32 copy

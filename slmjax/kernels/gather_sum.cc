@@ -2,8 +2,9 @@
 // expert, y[t] = sum_a w[t, a] src[dest[t, a]] (slmjax/dispatch/rows.py's combine_rows, and sum_rows with w = 1),
 // and its backward. XLA:CPU runs these as, for each of a token's A rows, a gather of bf16 bits and a convert of
 // the gathered [X, D] block to f32, then a multiply-add: passes of their own over [X, D] at a few GB/s; here one
-// pass, f32 sums, bf16 rounded once. Rows are f32 or bf16 (the same code: bf16 widened and rounded on vectors), weights f32.
-// Built by slmjax/kernels/gather_sum.py at first use with -O3 -march=native. Widths must be multiples of 16.
+// pass, f32 sums, bf16 rounded once. Rows are f32 or bf16 (the same code: bf16 widened and rounded on vectors),
+// weights f32. Built by slmjax/kernels/gather_sum.py at first use with -O3 -march=native. Widths must be
+// multiples of 16.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -11,15 +12,6 @@
 #include "products.h"
 
 namespace {
-
-constexpr int64_t ROWS_A_TASK = 256;  // rows a task takes: 4096-token calls make 16 tasks, enough for 2 threads
-
-// body(r0, r1) over [0, rows) in tasks of ROWS_A_TASK rows, spread over XLA's threads.
-template <typename Body>
-void ForRows(ffi::ThreadPool& pool, int64_t rows, const Body& body) {
-  ForEach(pool, (rows + ROWS_A_TASK - 1) / ROWS_A_TASK,
-          [&](int64_t i) { body(i * ROWS_A_TASK, std::min(rows, (i + 1) * ROWS_A_TASK)); });
-}
 
 ffi::Error CheckWidth(int64_t D) {
   if (D % 16) return ffi::Error::InvalidArgument("gather_sum: the row width must be a multiple of 16");
@@ -37,7 +29,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT> src, ffi::Buffer<ffi::F
   Elem<DT>* y = Data(out);
   const float* w = weight.typed_data();
   const int32_t* d = dest.typed_data();
-  ForRows(pool, X, [&](int64_t t0, int64_t t1) {
+  ForRows(pool, X, ROWS_A_TASK, [&](int64_t t0, int64_t t1) {
     float* acc = Scratch::ForTask().Take<float>(D);
     for (int64_t t = t0; t < t1; ++t) {
       std::memset(acc, 0, D * sizeof(float));

@@ -39,9 +39,8 @@ def load() -> str | None:
 def fits(src_ND: jax.Array) -> bool:
   """Whether the calls take rows src_ND: bf16, or f32 from MIN_F32_ELEMENTS on, of a width that is a multiple of
   WIDTH, on one CPU device, the handlers loaded."""
-  return (src_ND.ndim == 2 and src_ND.shape[1] % WIDTH == 0
-          and (src_ND.dtype == jnp.bfloat16 or (src_ND.dtype == jnp.float32 and src_ND.size >= MIN_F32_ELEMENTS))
-          and gemm.on_one_cpu_device() and load() is None)
+  return (src_ND.ndim == 2 and src_ND.shape[1] % WIDTH == 0 and gemm.row_call_pays(src_ND, MIN_F32_ELEMENTS)
+          and load() is None)
 
 
 def forward(src_ND: jax.Array, weight_XA: jax.Array, dest_XA: jax.Array) -> jax.Array:

@@ -123,8 +123,6 @@ def load_calls(source: pathlib.Path, flags: tuple[str, ...], name: str, what: st
   """Builds `source` and registers its forward and backward handlers in f32 and bf16 (for `name` 'gather_sum':
   SlmjaxGatherSumFwd, ...FwdBf16, ...Bwd, ...BwdBf16) as the FFI targets `call_target` names; None when ready,
   else why not (one line, naming `what`)."""
-  if jax.default_backend() != 'cpu':
-    return f'{what} is for XLA:CPU, not {jax.default_backend()}'
   symbol = 'Slmjax' + name.title().replace('_', '')
   handlers = {f'{symbol}{call.capitalize()}{suffix}': call_target(name, call, dtype)
               for call in ('fwd', 'bwd') for suffix, dtype in (('', jnp.float32), ('Bf16', jnp.bfloat16))}
@@ -132,7 +130,10 @@ def load_calls(source: pathlib.Path, flags: tuple[str, ...], name: str, what: st
 
 
 def register_all(source: pathlib.Path, flags: tuple[str, ...], handlers: dict[str, str], what: str) -> str | None:
-  """`register` of every handler in `handlers`; None when all are registered, else why not (one line)."""
+  """`register` of every handler in `handlers` (XLA:CPU only); None when all are registered, else why not (one
+  line, naming `what`)."""
+  if jax.default_backend() != 'cpu':
+    return f'{what} is for XLA:CPU, not {jax.default_backend()}'
   try:
     registered = register(source, flags, handlers)
   except (OSError, RuntimeError) as e:
@@ -140,6 +141,14 @@ def register_all(source: pathlib.Path, flags: tuple[str, ...], handlers: dict[st
   if missing := sorted(set(handlers.values()) - registered):
     return f'{what}: {source.name} lacks the handlers of {", ".join(missing)}'
   return None
+
+
+def row_call_pays(x: jax.Array, min_f32_elements: int) -> bool:
+  """Whether a row-wise call of slmjax's own (gather_sum, router) takes operand x: bf16 always (XLA:CPU converts
+  bf16 rows in passes of their own), f32 from `min_f32_elements` on (below it XLA's f32 ops cost less than a call),
+  on one CPU device."""
+  dtype_pays = x.dtype == jnp.bfloat16 or (x.dtype == jnp.float32 and x.size >= min_f32_elements)
+  return dtype_pays and on_one_cpu_device()
 
 
 def ffi_call(target: str, results):

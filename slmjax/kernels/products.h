@@ -1,7 +1,7 @@
 // The pieces slmjax's XLA:CPU FFI handlers share (swiglu_ffn.cc, attention.cc, gather_sum.cc, router.cc,
-// adamw.cc): one register-blocked f32 product kernel, a transpose, exp on AVX-512 vectors, bf16 buffer access, per-thread scratch,
-// and tasks spread over XLA's intra-op threads. Each handler file includes it once; slmjax/kernels/gemm.py's build
-// keys its cache on this header too.
+// adamw.cc): one register-blocked f32 product kernel, a transpose, exp on AVX-512 vectors, bf16 buffer access
+// (scalar and on vectors), per-thread scratch, and tasks spread over XLA's intra-op threads (by item or by rows).
+// Each handler file includes it once; slmjax/kernels/gemm.py's build keys its cache on this header too.
 #pragma once
 
 #include <algorithm>
@@ -179,6 +179,17 @@ void ForEach(ffi::ThreadPool& pool, int64_t E, const Body& body) {
   for (int64_t i = 1; i < std::min(pool.num_threads(), E); ++i) pool.Schedule([work] { work(); });
   for (int64_t e; (e = state->next.fetch_add(1)) < E;) body(e);
   while (state->active.load() > 0) std::this_thread::yield();
+}
+
+// Rows a task of a row-wise handler takes (gather_sum.cc, router.cc): a 4096-token call makes 16 tasks, enough for
+// two threads to finish together.
+constexpr int64_t ROWS_A_TASK = 256;
+
+// body(r0, r1) over [0, rows) in tasks of `per_task` rows, spread over XLA's threads (ForEach).
+template <typename Body>
+void ForRows(ffi::ThreadPool& pool, int64_t rows, int64_t per_task, const Body& body) {
+  ForEach(pool, (rows + per_task - 1) / per_task,
+          [&](int64_t i) { body(i * per_task, std::min(rows, (i + 1) * per_task)); });
 }
 
 // exp on 16 floats at a time (glibc's scalar expf was most of the SwiGLU forward's time), as Cephes' expf

@@ -12,7 +12,6 @@
 
 namespace {
 
-constexpr int64_t ROWS_A_TASK = 256;
 constexpr int64_t EB = 8;  // experts a pass of the forward
 
 inline float Sum(V v) {
@@ -20,8 +19,6 @@ inline float Sum(V v) {
   for (int l = 0; l < L; ++l) total += v[l];
   return total;
 }
-
-int64_t Tasks(int64_t X) { return (X + ROWS_A_TASK - 1) / ROWS_A_TASK; }
 
 ffi::Error CheckShapes(int64_t D, int64_t w_rows) {
   if (D % 16) return ffi::Error::InvalidArgument("router: d_model must be a multiple of 16");
@@ -38,9 +35,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<ffi::F32
   Transpose(w.typed_data(), D, E, wT.data());
   const Elem<DT>* xs = Data(x);
   float* out = logits->typed_data();
-  ForEach(pool, Tasks(X), [&](int64_t task) {
+  ForRows(pool, X, ROWS_A_TASK, [&](int64_t t0, int64_t t1) {
     float* row = Scratch::ForTask().Take<float>(D);
-    for (int64_t t = task * ROWS_A_TASK; t < std::min(X, (task + 1) * ROWS_A_TASK); ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
       for (int64_t j = 0; j < D; j += L) Store(row + j, Widen(xs + t * D + j));
       for (int64_t e0 = 0; e0 < E; e0 += EB) {  // EB experts' sums in registers: x's row read once for them
         const int64_t n = std::min<int64_t>(EB, E - e0);
@@ -67,16 +64,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<ffi::F3
   Transpose(w.typed_data(), D, E, wT.data());
   // At most a few tasks a thread, each over an even share of the rows with its own dw^T [E, D] share (summed
   // after): the shares' memory and their serial sum stay small however many tokens come.
-  const int64_t tasks = std::min(Tasks(X), 4 * std::max<int64_t>(1, pool.num_threads()));
-  const int64_t rows = tasks ? (X + tasks - 1) / tasks : 0;
+  const int64_t tasks = std::min((X + ROWS_A_TASK - 1) / ROWS_A_TASK, 4 * std::max<int64_t>(1, pool.num_threads()));
+  const int64_t rows = tasks ? (X + tasks - 1) / tasks : 1;
   std::vector<float> partial(std::max<int64_t>(tasks, 1) * E * D, 0.f);  // zero: dw for no tokens
   if (E == 0) std::memset(Data(dx), 0, X * D * sizeof(Elem<DT>));
   const Elem<DT>* xs = Data(x);
   const float* dl = dlogits.typed_data();
   Elem<DT>* dxs = Data(dx);
-  ForEach(pool, tasks, [&](int64_t task) {
-    const int64_t t0 = task * rows, t1 = std::min(X, t0 + rows);
-    float* dwT = partial.data() + task * E * D;
+  ForRows(pool, X, rows, [&](int64_t t0, int64_t t1) {
+    float* dwT = partial.data() + t0 / rows * E * D;
     float* dx_rows = Scratch::ForTask().Take<float>(rows * L);  // dx's column block in f32 across blocks
     for (int64_t j = 0; j < D; j += L)  // a column block of dx and dw^T at a time, w^T's and dw^T's in registers
       for (int64_t e0 = 0; e0 < E; e0 += EB) {

@@ -22,9 +22,7 @@ from slmjax.kernels import gemm
 SOURCE = pathlib.Path(__file__).with_suffix('.cc')
 FLAGS = ('-O3', '-march=native')
 _target = functools.partial(gemm.call_target, 'router')
-# f32 operands smaller than this stay in XLA (its f32 ops are cheap there): the cpu ladder's 32x2 dropless MoE step
-# (2048 x 32 rows) was 1.03x slower with the router and gather-sum calls in f32, 0.95x with them in bf16; 64x2
-# (2048 x 64) 0.99x in f32 (interleaved, 2 cores).
+# f32 operands smaller than this stay in XLA (measured with the gather-sum calls: gather_sum.MIN_F32_ELEMENTS).
 MIN_F32_ELEMENTS = 2 ** 17
 WIDTH = 16  # d_model must be a multiple of this
 
@@ -40,8 +38,7 @@ def fits(x_XD: jax.Array, w_DE: jax.Array) -> bool:
   """Whether the calls take this product: x bf16, or f32 from MIN_F32_ELEMENTS on, of a width that is a multiple
   of WIDTH, w f32, on one CPU device, the handlers loaded."""
   return (x_XD.ndim == 2 and x_XD.shape[1] % WIDTH == 0 and w_DE.dtype == jnp.float32
-          and (x_XD.dtype == jnp.bfloat16 or (x_XD.dtype == jnp.float32 and x_XD.size >= MIN_F32_ELEMENTS))
-          and gemm.on_one_cpu_device() and load() is None)
+          and gemm.row_call_pays(x_XD, MIN_F32_ELEMENTS) and load() is None)
 
 
 @jax.custom_vjp

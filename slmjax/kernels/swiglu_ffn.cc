@@ -191,10 +191,7 @@ inline void Round(const float* src, int64_t size, bf16* dst) {
 
 // dst[Padded(rows), width] = the first `rows` rows of src (bf16) in f32, then zeros; width a multiple of 16.
 inline void WidenBlock(const bf16* src, int rows, int64_t width, float* dst) {
-  for (int64_t i = 0; i < rows * width; i += L) {
-    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)));
-  }
+  for (int64_t i = 0; i < rows * width; i += L) Store(dst + i, Widen(src + i));
   std::memset(dst + rows * width, 0, (Padded(rows) - rows) * width * sizeof(float));
 }
 
